@@ -1,0 +1,374 @@
+//! `tern-primary`'s flags, with etcd's names and defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use url::Url;
+
+use crate::ConfigError;
+
+/// etcd's default quota: 2 GiB.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// etcd's `--max-request-bytes` default: 1.5 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 1536 * 1024;
+
+/// A voting member of a Tern cluster.
+///
+/// Every flag can also be a key of the same name in the TOML file given with
+/// `--config-file`; flags win over the file.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tern-primary", version, about, long_about = None)]
+pub struct PrimaryConfig {
+    /// TOML file whose keys are these flags' long names.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+
+    /// Human-readable name of this member.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+
+    /// Path to the data directory (default: `<name>.tern`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+
+    /// URLs to listen on for client traffic (gRPC and HTTP), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub listen_client_urls: Vec<Url>,
+
+    /// Client URLs advertised to the cluster and to clients.
+    #[arg(long, value_delimiter = ',', default_value = "http://localhost:2379")]
+    pub advertise_client_urls: Vec<Url>,
+
+    /// URLs to listen on for peer traffic.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2380")]
+    pub listen_peer_urls: Vec<Url>,
+
+    /// This member's peer URLs, advertised to the rest of the cluster.
+    #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: Vec<Url>,
+
+    /// Initial cluster configuration for bootstrapping: `name=peer-url,...`.
+    #[arg(long, default_value = "default=http://localhost:2380")]
+    pub initial_cluster: String,
+
+    /// `new` to bootstrap a new cluster, `existing` to join one.
+    #[arg(long, value_enum, default_value = "new")]
+    pub initial_cluster_state: ClusterState,
+
+    /// Token that makes cluster and member ids unique per cluster.
+    #[arg(long, default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+
+    /// Size at which the NOSPACE alarm is raised (0: the 2 GiB default).
+    #[arg(long, default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+
+    /// Largest client request accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: u32,
+
+    /// Most operations allowed in one transaction.
+    #[arg(long, default_value_t = 128)]
+    pub max_txn_ops: u32,
+
+    /// `periodic` (retention is a duration) or `revision` (a count).
+    #[arg(long, value_enum, default_value = "periodic")]
+    pub auto_compaction_mode: AutoCompactionMode,
+
+    /// History kept by auto-compaction; `0` turns it off. Periodic mode takes
+    /// a duration (`1h`, `30m`) or a bare number of hours.
+    #[arg(long, default_value = "0")]
+    pub auto_compaction_retention: String,
+
+    /// Extra URLs serving only /metrics and /health.
+    #[arg(long, value_delimiter = ',')]
+    pub listen_metrics_urls: Vec<Url>,
+
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_interval: u64,
+
+    /// Raft election timeout in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub election_timeout: u64,
+
+    /// Applied entries between Raft log compactions.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_count: u64,
+
+    /// Log level: error, warn, info, debug or trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Emit logs as JSON lines.
+    #[arg(long, action = ArgAction::Set, default_value_t = false)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AutoCompactionMode {
+    Periodic,
+    Revision,
+}
+
+/// The validated auto-compaction policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    Off,
+    /// Keep this much wall-clock time of history.
+    Periodic(Duration),
+    /// Keep this many revisions of history.
+    Revision(i64),
+}
+
+/// One entry of `--initial-cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialMember {
+    pub name: String,
+    pub peer_urls: Vec<Url>,
+}
+
+impl PrimaryConfig {
+    /// Parse flags (and the config file they name) and validate them.
+    pub fn load(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Self, ConfigError> {
+        let mut config: PrimaryConfig = crate::load(args)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that span several flags or need more than a type parse. Fills
+    /// in derived defaults the way etcd does.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(ConfigError::invalid("name", "", "must not be empty"));
+        }
+        if self.quota_backend_bytes == 0 {
+            self.quota_backend_bytes = DEFAULT_QUOTA_BACKEND_BYTES;
+        }
+        // etcd: a non-default name with the default cluster means "just me".
+        if self.initial_cluster == "default=http://localhost:2380" && self.name != "default" {
+            self.initial_cluster = self
+                .initial_advertise_peer_urls
+                .iter()
+                .map(|u| format!("{}={}", self.name, url_string(u)))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        let members = self.initial_members()?;
+        let me = members.iter().find(|m| m.name == self.name).ok_or_else(|| {
+            ConfigError::invalid(
+                "initial-cluster",
+                &self.initial_cluster,
+                format!("couldn't find local name \"{}\" in the initial cluster configuration", self.name),
+            )
+        })?;
+        let mut mine: Vec<String> = me.peer_urls.iter().map(url_string).collect();
+        let mut advertised: Vec<String> =
+            self.initial_advertise_peer_urls.iter().map(url_string).collect();
+        mine.sort();
+        advertised.sort();
+        if mine != advertised {
+            return Err(ConfigError::invalid(
+                "initial-advertise-peer-urls",
+                advertised.join(","),
+                format!("does not match --initial-cluster's URLs for \"{}\" ({})", self.name, mine.join(",")),
+            ));
+        }
+        for (key, urls) in [
+            ("listen-client-urls", &self.listen_client_urls),
+            ("advertise-client-urls", &self.advertise_client_urls),
+            ("listen-peer-urls", &self.listen_peer_urls),
+            ("initial-advertise-peer-urls", &self.initial_advertise_peer_urls),
+            ("listen-metrics-urls", &self.listen_metrics_urls),
+        ] {
+            check_urls(key, urls)?;
+        }
+        if self.listen_client_urls.is_empty() {
+            return Err(ConfigError::invalid("listen-client-urls", "", "at least one URL is required"));
+        }
+        if self.heartbeat_interval == 0 {
+            return Err(ConfigError::invalid("heartbeat-interval", 0, "must be positive"));
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(ConfigError::invalid(
+                "election-timeout",
+                self.election_timeout,
+                format!(
+                    "should be at least as 5 times as --heartbeat-interval ({})",
+                    self.heartbeat_interval
+                ),
+            ));
+        }
+        if self.max_request_bytes == 0 {
+            return Err(ConfigError::invalid("max-request-bytes", 0, "must be positive"));
+        }
+        if self.max_txn_ops == 0 {
+            return Err(ConfigError::invalid("max-txn-ops", 0, "must be positive"));
+        }
+        if self.snapshot_count == 0 {
+            return Err(ConfigError::invalid("snapshot-count", 0, "must be positive"));
+        }
+        self.auto_compaction()?;
+        Ok(())
+    }
+
+    /// The data directory, defaulting like etcd's `<name>.etcd`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.tern", self.name)))
+    }
+
+    /// `--initial-cluster` parsed; names may repeat to give several URLs.
+    pub fn initial_members(&self) -> Result<Vec<InitialMember>, ConfigError> {
+        let mut members: Vec<InitialMember> = Vec::new();
+        for part in self.initial_cluster.split(',').filter(|p| !p.trim().is_empty()) {
+            let (name, url) = part.split_once('=').ok_or_else(|| {
+                ConfigError::invalid("initial-cluster", &self.initial_cluster, format!("'{part}' is not name=url"))
+            })?;
+            let url = Url::parse(url.trim()).map_err(|e| {
+                ConfigError::invalid("initial-cluster", &self.initial_cluster, format!("'{url}': {e}"))
+            })?;
+            match members.iter_mut().find(|m| m.name == name) {
+                Some(m) => m.peer_urls.push(url),
+                None => members.push(InitialMember {
+                    name: name.trim().to_string(),
+                    peer_urls: vec![url],
+                }),
+            }
+        }
+        if members.is_empty() {
+            return Err(ConfigError::invalid("initial-cluster", &self.initial_cluster, "no members"));
+        }
+        Ok(members)
+    }
+
+    /// `--auto-compaction-mode` and `--auto-compaction-retention` together.
+    pub fn auto_compaction(&self) -> Result<AutoCompaction, ConfigError> {
+        let raw = self.auto_compaction_retention.trim();
+        let bad = |reason: &str| ConfigError::invalid("auto-compaction-retention", raw, reason);
+        match self.auto_compaction_mode {
+            AutoCompactionMode::Revision => {
+                let n: i64 = raw.parse().map_err(|_| bad("revision mode takes a whole number of revisions"))?;
+                match n {
+                    0 => Ok(AutoCompaction::Off),
+                    n if n > 0 => Ok(AutoCompaction::Revision(n)),
+                    _ => Err(bad("must not be negative")),
+                }
+            }
+            AutoCompactionMode::Periodic => {
+                // etcd: a bare number is hours; otherwise a Go-style duration.
+                let duration = match raw.parse::<u64>() {
+                    Ok(hours) => Duration::from_secs(hours * 3600),
+                    Err(_) => humantime::parse_duration(raw)
+                        .map_err(|_| bad("periodic mode takes a duration such as 1h or 30m, or a number of hours"))?,
+                };
+                if duration.is_zero() {
+                    Ok(AutoCompaction::Off)
+                } else {
+                    Ok(AutoCompaction::Periodic(duration))
+                }
+            }
+        }
+    }
+}
+
+/// A URL as etcd prints it: no trailing slash for an empty path.
+pub fn url_string(url: &Url) -> String {
+    let s = url.as_str();
+    if url.path() == "/" {
+        s.trim_end_matches('/').to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+fn check_urls(key: &'static str, urls: &[Url]) -> Result<(), ConfigError> {
+    for url in urls {
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(ConfigError::invalid(key, url, "URL scheme must be http or https"));
+        }
+        if url.host_str().is_none() || url.port_or_known_default().is_none() {
+            return Err(ConfigError::invalid(key, url, "URL must have a host and a port"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<PrimaryConfig, ConfigError> {
+        let mut all = vec!["tern-primary"];
+        all.extend_from_slice(args);
+        PrimaryConfig::load(all.into_iter().map(Into::into))
+    }
+
+    #[test]
+    fn defaults_are_etcds() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir(), PathBuf::from("default.tern"));
+        assert_eq!(c.listen_client_urls[0].as_str(), "http://127.0.0.1:2379/");
+        assert_eq!(c.quota_backend_bytes, DEFAULT_QUOTA_BACKEND_BYTES);
+        assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Off);
+        assert_eq!(c.initial_members().unwrap()[0].name, "default");
+    }
+
+    #[test]
+    fn name_without_cluster_becomes_single_member() {
+        let c = load(&["--name", "n1"]).unwrap();
+        assert_eq!(c.initial_cluster, "n1=http://localhost:2380");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = load(&["--quota-backend-bytes", "lots"]).unwrap_err().to_string();
+        assert!(e.contains("--quota-backend-bytes") && e.contains("lots"), "{e}");
+        let e = load(&["--auto-compaction-retention", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("--auto-compaction-retention") && e.contains("soon"), "{e}");
+        let e = load(&["--listen-client-urls", "ftp://127.0.0.1:1"]).unwrap_err().to_string();
+        assert!(e.contains("--listen-client-urls") && e.contains("ftp://"), "{e}");
+        let e = load(&["--name", "x", "--initial-cluster", "y=http://127.0.0.1:2380"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--initial-cluster") && e.contains("\"x\""), "{e}");
+        let e = load(&["--election-timeout", "100"]).unwrap_err().to_string();
+        assert!(e.contains("--election-timeout"), "{e}");
+    }
+
+    #[test]
+    fn retention_forms() {
+        let c = load(&["--auto-compaction-retention", "2"]).unwrap();
+        assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Periodic(Duration::from_secs(7200)));
+        let c = load(&["--auto-compaction-retention", "30m"]).unwrap();
+        assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Periodic(Duration::from_secs(1800)));
+        let c = load(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "100"]).unwrap();
+        assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Revision(100));
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("tern-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("primary.toml");
+        std::fs::write(&path, "name = \"filed\"\nsnapshot-count = 77\nmax-txn-ops = 5\n").unwrap();
+        let p = path.to_str().unwrap();
+        let c = load(&["--config-file", p, "--max-txn-ops", "9"]).unwrap();
+        assert_eq!(c.name, "filed");
+        assert_eq!(c.snapshot_count, 77);
+        assert_eq!(c.max_txn_ops, 9);
+        std::fs::write(&path, "snapshot-count = \"many\"\n").unwrap();
+        let e = load(&["--config-file", p]).unwrap_err().to_string();
+        assert!(e.contains("--snapshot-count") && e.contains("many"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

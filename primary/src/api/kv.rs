@@ -1,0 +1,223 @@
+//! The KV service: Range, Put, DeleteRange, Txn, Compact.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::apply::{self, ApplyResult};
+use crate::error::{apply_status, EtcdError};
+use crate::member::Member;
+use crate::mvcc::KeyRange;
+use crate::proto::etcdserverpb::{
+    kv_server::Kv, request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    TxnRequest, TxnResponse,
+};
+use crate::proto::ternpb::raft_request::Request as RaftReq;
+
+pub struct KvService {
+    member: Arc<Member>,
+}
+
+impl KvService {
+    pub fn new(member: Arc<Member>) -> Self {
+        KvService { member }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let r = request.into_inner();
+        check_range(&r)?;
+        if !r.serializable {
+            self.member.linearizable_barrier().await?;
+        }
+        let mut resp = self
+            .member
+            .read(move |conn, state| apply::range(conn, state, state.revision, &r).map_err(apply_status))
+            .await?;
+        self.member.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = request.into_inner();
+        check_put(&r)?;
+        self.check_size(&r)?;
+        self.member.check_quota(r.encoded_len()).await?;
+        match self.member.propose(RaftReq::Put(r)).await? {
+            ApplyResult::Put(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = request.into_inner();
+        if r.key.is_empty() {
+            return Err(EtcdError::EmptyKey.into());
+        }
+        self.check_size(&r)?;
+        match self.member.propose(RaftReq::DeleteRange(r)).await? {
+            ApplyResult::DeleteRange(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let r = request.into_inner();
+        check_txn(&r, self.member.limits.max_txn_ops)?;
+        self.check_size(&r)?;
+        if is_read_only(&r) {
+            // etcd serves read-only txns without a proposal; serializable
+            // only when every range asks for it.
+            if !all_serializable(&r) {
+                self.member.linearizable_barrier().await?;
+            }
+            let mut resp = self
+                .member
+                .read(move |conn, state| apply::read_only_txn(conn, state, &r).map_err(apply_status))
+                .await?;
+            self.member.fill(&mut resp.header);
+            return Ok(Response::new(resp));
+        }
+        self.member.check_quota(r.encoded_len()).await?;
+        match self.member.propose(RaftReq::Txn(r)).await? {
+            ApplyResult::Txn(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let r = request.into_inner();
+        match self.member.propose(RaftReq::Compaction(r)).await? {
+            ApplyResult::Compaction(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl KvService {
+    /// etcd refuses a proposal larger than `--max-request-bytes`.
+    fn check_size(&self, m: &impl Message) -> Result<(), Status> {
+        if m.encoded_len() > self.member.limits.max_request_bytes {
+            return Err(EtcdError::RequestTooLarge.into());
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn unexpected(result: ApplyResult) -> Status {
+    Status::internal(format!("unexpected apply result {result:?}"))
+}
+
+fn check_range(r: &RangeRequest) -> Result<(), Status> {
+    if r.key.is_empty() {
+        return Err(EtcdError::EmptyKey.into());
+    }
+    Ok(())
+}
+
+fn check_put(r: &PutRequest) -> Result<(), Status> {
+    if r.key.is_empty() {
+        return Err(EtcdError::EmptyKey.into());
+    }
+    if r.ignore_value && !r.value.is_empty() {
+        return Err(EtcdError::ValueProvided.into());
+    }
+    if r.ignore_lease && r.lease != 0 {
+        return Err(EtcdError::LeaseProvided.into());
+    }
+    Ok(())
+}
+
+/// etcd's checkTxnRequest and checkIntervals.
+fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), Status> {
+    if r.compare.len() > max_ops || r.success.len() > max_ops || r.failure.len() > max_ops {
+        return Err(EtcdError::TooManyOps.into());
+    }
+    for c in &r.compare {
+        if c.key.is_empty() {
+            return Err(EtcdError::EmptyKey.into());
+        }
+    }
+    for op in r.success.iter().chain(&r.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => check_range(r)?,
+            Some(request_op::Request::RequestPut(p)) => check_put(p)?,
+            Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => {
+                return Err(EtcdError::EmptyKey.into())
+            }
+            Some(request_op::Request::RequestTxn(t)) => check_txn(t, max_ops)?,
+            _ => {}
+        }
+    }
+    intervals(&r.success)?;
+    intervals(&r.failure)?;
+    Ok(())
+}
+
+/// Within one branch, a key may be put at most once and not also deleted.
+/// Returns the branch's delete ranges and put keys.
+fn intervals(ops: &[RequestOp]) -> Result<(Vec<KeyRange>, HashSet<Vec<u8>>), Status> {
+    let mut dels = Vec::new();
+    let mut puts = HashSet::new();
+    for op in ops {
+        match &op.request {
+            Some(request_op::Request::RequestDeleteRange(d)) => dels.push(KeyRange::new(&d.key, &d.range_end)),
+            Some(request_op::Request::RequestPut(p)) => {
+                if !puts.insert(p.key.clone()) {
+                    return Err(EtcdError::DuplicateKey.into());
+                }
+            }
+            Some(request_op::Request::RequestTxn(t)) => {
+                let (d1, p1) = intervals(&t.success)?;
+                let (d2, p2) = intervals(&t.failure)?;
+                for key in p1.iter().chain(&p2) {
+                    if puts.contains(key) {
+                        return Err(EtcdError::DuplicateKey.into());
+                    }
+                }
+                puts.extend(p1);
+                puts.extend(p2);
+                dels.extend(d1);
+                dels.extend(d2);
+            }
+            _ => {}
+        }
+    }
+    if puts.iter().any(|k| dels.iter().any(|d| d.contains(k))) {
+        return Err(EtcdError::DuplicateKey.into());
+    }
+    Ok((dels, puts))
+}
+
+fn is_read_only(r: &TxnRequest) -> bool {
+    r.success.iter().chain(&r.failure).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(t)) => is_read_only(t),
+        _ => false,
+    })
+}
+
+fn all_serializable(r: &TxnRequest) -> bool {
+    r.success.iter().chain(&r.failure).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(rr)) => rr.serializable,
+        Some(request_op::Request::RequestTxn(t)) => all_serializable(t),
+        _ => true,
+    })
+}

@@ -1,0 +1,135 @@
+//! The Lease service: Grant, Revoke, KeepAlive, TimeToLive, Leases.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::kv::unexpected;
+use crate::apply::ApplyResult;
+use crate::error::{mvcc_status, EtcdError};
+use crate::lease::MAX_LEASE_TTL;
+use crate::member::Member;
+use crate::mvcc::read;
+use crate::proto::etcdserverpb::{
+    lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use crate::proto::ternpb::raft_request::Request as RaftReq;
+
+pub struct LeaseService {
+    member: Arc<Member>,
+}
+
+impl LeaseService {
+    pub fn new(member: Arc<Member>) -> Self {
+        LeaseService { member }
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut r = request.into_inner();
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(EtcdError::LeaseTtlTooLarge.into());
+        }
+        if r.id == 0 {
+            // The proposer picks the id, so every member applies the same.
+            r.id = (self.member.next_id() & (i64::MAX as u64)) as i64;
+        }
+        self.member.check_quota(16).await?;
+        match self.member.propose(RaftReq::LeaseGrant(r)).await? {
+            ApplyResult::LeaseGrant(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.member.propose(RaftReq::LeaseRevoke(request.into_inner())).await? {
+            ApplyResult::LeaseRevoke(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let member = self.member.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = inbound.message().await {
+                // etcd answers an unknown lease with TTL 0, not an error.
+                let ttl = member.lessor.renew(r.id).unwrap_or(0);
+                let response = LeaseKeepAliveResponse {
+                    header: Some(member.header(0)),
+                    id: r.id,
+                    ttl,
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let r = request.into_inner();
+        self.member.linearizable_barrier().await?;
+        let Some(remaining) = self.member.lessor.remaining(r.id) else {
+            return Err(EtcdError::LeaseNotFound.into());
+        };
+        let (id, want_keys) = (r.id, r.keys);
+        let (granted, keys) = self
+            .member
+            .read(move |conn, _| {
+                let granted = read::lease_ttl(conn, id).map_err(mvcc_status)?;
+                let keys = if want_keys {
+                    read::lease_keys(conn, id).map_err(mvcc_status)?
+                } else {
+                    Vec::new()
+                };
+                Ok((granted, keys))
+            })
+            .await?;
+        let Some(granted) = granted else {
+            return Err(EtcdError::LeaseNotFound.into());
+        };
+        Ok(Response::new(LeaseTimeToLiveResponse {
+            header: Some(self.member.header(0)),
+            id: r.id,
+            ttl: remaining,
+            granted_ttl: granted,
+            keys,
+        }))
+    }
+
+    async fn lease_leases(&self, _request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.member.linearizable_barrier().await?;
+        let leases = self.member.read(|conn, _| read::leases(conn).map_err(mvcc_status)).await?;
+        Ok(Response::new(LeaseLeasesResponse {
+            header: Some(self.member.header(0)),
+            leases: leases.into_iter().map(|(id, _)| LeaseStatus { id }).collect(),
+        }))
+    }
+}

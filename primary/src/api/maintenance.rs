@@ -1,0 +1,208 @@
+//! The Maintenance service: Status, Snapshot, HashKV, Defragment, Alarm.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::kv::unexpected;
+use crate::apply::ApplyResult;
+use crate::error::{mvcc_status, EtcdError};
+use crate::member::Member;
+use crate::mvcc::{read, MvccStore};
+use crate::proto::etcdserverpb::{
+    maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
+    AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
+    HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
+    StatusRequest, StatusResponse,
+};
+use crate::proto::ternpb::raft_request::Request as RaftReq;
+
+/// etcd's snapshot chunk size.
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+/// The etcd API version Tern speaks; clients gate features on it.
+pub const ETCD_VERSION: &str = "3.4.23";
+
+pub struct MaintenanceService {
+    member: Arc<Member>,
+}
+
+impl MaintenanceService {
+    pub fn new(member: Arc<Member>) -> Self {
+        MaintenanceService { member }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        match self.member.propose(RaftReq::Alarm(request.into_inner())).await? {
+            ApplyResult::Alarm(mut resp) => {
+                self.member.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let status = &self.member.node.status;
+        let ((db_size, in_use), alarms) = self
+            .member
+            .read(|conn, _| {
+                let size = read::db_size(conn).map_err(mvcc_status)?;
+                let alarms = crate::mvcc::write::alarms(conn).map_err(mvcc_status)?;
+                Ok((size, alarms))
+            })
+            .await?;
+        let leader = status.leader();
+        let mut errors = Vec::new();
+        if leader == 0 {
+            errors.push(EtcdError::NoLeader.message().to_string());
+        }
+        for (member, alarm) in alarms {
+            let name = AlarmType::try_from(alarm).map_or("UNKNOWN".into(), |a| a.as_str_name().to_string());
+            errors.push(format!("memberID:{member} alarm:{name} "));
+        }
+        Ok(Response::new(StatusResponse {
+            header: Some(self.member.header(0)),
+            version: ETCD_VERSION.into(),
+            db_size: db_size + wal_size(&self.member.data_dir),
+            leader,
+            raft_index: status.commit_index.load(std::sync::atomic::Ordering::Acquire),
+            raft_term: status.term(),
+            raft_applied_index: status.applied_index.load(std::sync::atomic::Ordering::Acquire),
+            errors,
+            db_size_in_use: in_use,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        self.member.node.defragment().await.map_err(Status::internal)?;
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.member.header(0)),
+        }))
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let hash = self
+            .member
+            .read(|conn, state| read::hash(conn, state.revision).map_err(mvcc_status))
+            .await?;
+        Ok(Response::new(HashResponse {
+            header: Some(self.member.header(0)),
+            hash,
+        }))
+    }
+
+    async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let wanted = request.into_inner().revision;
+        let (hash, revision, compact_revision) = self
+            .member
+            .read(move |conn, state| {
+                let revision = if wanted <= 0 { state.revision } else { wanted };
+                if revision > state.revision {
+                    return Err(EtcdError::FutureRevision.into());
+                }
+                if revision < state.compact_revision {
+                    return Err(EtcdError::Compacted.into());
+                }
+                let hash = read::hash(conn, revision).map_err(mvcc_status)?;
+                Ok((hash, state.revision, state.compact_revision))
+            })
+            .await?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.member.header(revision)),
+            hash,
+            compact_revision,
+        }))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    /// A consistent copy of the state database, streamed in chunks and
+    /// followed by its sha256, as etcd streams its bbolt file.
+    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        let dir = tempfile::Builder::new()
+            .prefix("snapshot-")
+            .tempdir_in(&self.member.data_dir)
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        let path = dir.path().join("snapshot.db");
+        let dest = path.clone();
+        let source = self.member.data_dir.join("state.db");
+        tokio::task::spawn_blocking(move || MvccStore::copy(&source, &dest))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?
+            .map_err(mvcc_status)?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        let total = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?
+            .len();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            // The temporary directory lives until the stream is done.
+            let _dir = dir;
+            let mut sha = Sha256::new();
+            let mut sent = 0u64;
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+            while sent < total {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("snapshot: {e}")))).await;
+                        return;
+                    }
+                };
+                sent += n as u64;
+                sha.update(&buf[..n]);
+                let chunk = SnapshotResponse {
+                    header: None,
+                    remaining_bytes: total - sent,
+                    blob: buf[..n].to_vec(),
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx
+                .send(Ok(SnapshotResponse {
+                    header: None,
+                    remaining_bytes: 0,
+                    blob: sha.finalize().to_vec(),
+                }))
+                .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        let target = request.into_inner().target_id;
+        if target == self.member.member_id && self.member.node.status.leader() == target {
+            return Ok(Response::new(MoveLeaderResponse {
+                header: Some(self.member.header(0)),
+            }));
+        }
+        Err(EtcdError::MemberNotFound.into())
+    }
+}
+
+/// Bytes in the state database's WAL, counted in db size like etcd counts
+/// its whole file.
+fn wal_size(data_dir: &std::path::Path) -> i64 {
+    std::fs::metadata(data_dir.join("state.db-wal")).map_or(0, |m| m.len() as i64)
+}
+

@@ -1,0 +1,247 @@
+//! The Watch service: one bidirectional stream carrying many watchers.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::member::Member;
+use crate::mvcc::KeyRange;
+use crate::proto::etcdserverpb::{
+    watch_create_request::FilterType, watch_request, watch_server::Watch, WatchCreateRequest,
+    WatchRequest, WatchResponse,
+};
+use crate::watch::{StreamSink, StreamSource, WatchMessage, WatchSpec};
+
+pub struct WatchService {
+    member: Arc<Member>,
+}
+
+impl WatchService {
+    pub fn new(member: Arc<Member>) -> Self {
+        WatchService { member }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+        let inbound = request.into_inner();
+        let (out, rx) = mpsc::channel(64);
+        let (sink, source) = StreamSink::new();
+        let stream = ClientStream {
+            member: self.member.clone(),
+            sink,
+            watchers: HashMap::new(),
+            fragment: HashSet::new(),
+            next_id: 0,
+            out,
+        };
+        tokio::spawn(stream.run(inbound, source));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One client's watch stream: its watchers and the responses going out.
+struct ClientStream {
+    member: Arc<Member>,
+    sink: StreamSink,
+    /// watch id -> hub key.
+    watchers: HashMap<i64, u64>,
+    fragment: HashSet<i64>,
+    next_id: i64,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
+}
+
+impl ClientStream {
+    async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut source: StreamSource) {
+        loop {
+            tokio::select! {
+                request = inbound.message() => match request {
+                    Ok(Some(r)) => if !self.handle(r).await { break },
+                    Ok(None) | Err(_) => break,
+                },
+                message = source.recv() => match message {
+                    Some(m) => if !self.deliver(m).await { break },
+                    None => break,
+                },
+            }
+        }
+        for key in self.watchers.values() {
+            self.member.hub.cancel(*key);
+        }
+    }
+
+    async fn send(&self, response: WatchResponse) -> bool {
+        self.out.send(Ok(response)).await.is_ok()
+    }
+
+    async fn handle(&mut self, request: WatchRequest) -> bool {
+        match request.request_union {
+            Some(watch_request::RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(watch_request::RequestUnion::CancelRequest(c)) => {
+                if let Some(key) = self.watchers.remove(&c.watch_id) {
+                    self.member.hub.cancel(key);
+                    self.fragment.remove(&c.watch_id);
+                    return self
+                        .send(WatchResponse {
+                            header: Some(self.member.header(0)),
+                            watch_id: c.watch_id,
+                            canceled: true,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+                true
+            }
+            Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+                let revision = self.member.hub.published();
+                self.send(WatchResponse {
+                    header: Some(self.member.header(revision)),
+                    watch_id: -1,
+                    ..Default::default()
+                })
+                .await
+            }
+            None => true,
+        }
+    }
+
+    async fn create(&mut self, c: WatchCreateRequest) -> bool {
+        // etcd: an empty key means "\0", the smallest key.
+        let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
+        let watch_id = if c.watch_id == 0 {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        } else {
+            c.watch_id
+        };
+        if c.watch_id != 0 && self.watchers.contains_key(&watch_id) {
+            return self
+                .send(WatchResponse {
+                    header: Some(self.member.header(0)),
+                    watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        let spec = WatchSpec {
+            watch_id,
+            range: KeyRange::new(&key, &c.range_end),
+            start_revision: c.start_revision.max(0),
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            prev_kv: c.prev_kv,
+            progress_notify: c.progress_notify,
+        };
+        if let Ok(key) = self.member.hub.watch(spec, self.sink.clone()) {
+            self.watchers.insert(watch_id, key);
+            if c.fragment {
+                self.fragment.insert(watch_id);
+            }
+        }
+        true
+    }
+
+    async fn deliver(&mut self, message: WatchMessage) -> bool {
+        match message {
+            WatchMessage::Created { watch_id, revision } => {
+                self.send(WatchResponse {
+                    header: Some(self.member.header(revision)),
+                    watch_id,
+                    created: true,
+                    ..Default::default()
+                })
+                .await
+            }
+            WatchMessage::Compacted {
+                watch_id,
+                compact_revision,
+            } => {
+                self.watchers.remove(&watch_id);
+                self.send(WatchResponse {
+                    header: Some(self.member.header(0)),
+                    watch_id,
+                    compact_revision,
+                    canceled: true,
+                    ..Default::default()
+                })
+                .await
+            }
+            WatchMessage::Progress { watch_id, revision } => {
+                self.send(WatchResponse {
+                    header: Some(self.member.header(revision)),
+                    watch_id,
+                    ..Default::default()
+                })
+                .await
+            }
+            WatchMessage::Events {
+                watch_id,
+                revision,
+                events,
+            } => {
+                if !self.watchers.contains_key(&watch_id) {
+                    return true;
+                }
+                let response = WatchResponse {
+                    header: Some(self.member.header(revision)),
+                    watch_id,
+                    events,
+                    ..Default::default()
+                };
+                let limit = self.member.limits.max_request_bytes;
+                if !self.fragment.contains(&watch_id) || response.encoded_len() <= limit {
+                    return self.send(response).await;
+                }
+                for part in fragments(response, limit) {
+                    if !self.send(part).await {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+}
+
+/// Split a response into pieces under `limit` bytes (at least one event
+/// each); every piece but the last has `fragment` set, as etcd does.
+fn fragments(response: WatchResponse, limit: usize) -> Vec<WatchResponse> {
+    let mut parts = Vec::new();
+    let mut current = WatchResponse {
+        events: Vec::new(),
+        ..response.clone()
+    };
+    for event in response.events {
+        if !current.events.is_empty() && current.encoded_len() + event.encoded_len() + 8 > limit {
+            let next = WatchResponse {
+                events: Vec::new(),
+                ..current.clone()
+            };
+            parts.push(std::mem::replace(&mut current, next));
+        }
+        current.events.push(event);
+    }
+    parts.push(current);
+    let n = parts.len();
+    for (i, p) in parts.iter_mut().enumerate() {
+        p.fragment = i + 1 < n;
+    }
+    parts
+}

@@ -1,0 +1,451 @@
+//! etcd's request semantics over the MVCC store.
+//!
+//! [`Applier::apply`] executes a committed Raft entry inside a [`Batch`];
+//! [`range`] answers a RangeRequest over any connection, so a read served
+//! from the read pool and a read inside a Txn behave the same.
+
+use std::sync::Arc;
+
+use rusqlite::Connection;
+
+use crate::lease::Lessor;
+use crate::mvcc::{read, Batch, KeyRange, MvccError, RangeQuery, StoreState};
+use crate::proto::etcdserverpb::{
+    alarm_request::AlarmAction, compare, compare::CompareResult, compare::CompareTarget,
+    range_request::{SortOrder, SortTarget},
+    request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, Compare,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
+    TxnResponse,
+};
+use crate::proto::mvccpb::KeyValue;
+use crate::proto::ternpb::raft_request::Request;
+
+/// The outcome of one applied request, handed to the client that proposed it.
+#[derive(Debug, Clone)]
+pub enum ApplyResult {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    Alarm(AlarmResponse),
+}
+
+/// Why a committed request was refused. Every member refuses it the same
+/// way, because the decision depends only on the replicated state.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    #[error("lease already exists")]
+    LeaseExists,
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// The state database failed; the member cannot go on applying.
+    #[error("storage failure: {0}")]
+    Storage(rusqlite::Error),
+}
+
+impl From<MvccError> for ApplyError {
+    fn from(e: MvccError) -> Self {
+        match e {
+            MvccError::Compacted => ApplyError::Compacted,
+            MvccError::FutureRevision => ApplyError::FutureRevision,
+            MvccError::Sqlite(e) => ApplyError::Storage(e),
+        }
+    }
+}
+
+/// Applies committed requests; owned by the Raft thread.
+pub struct Applier {
+    lessor: Arc<Lessor>,
+    /// Mirrors "a NOSPACE alarm is raised", so the check costs no query.
+    nospace: bool,
+}
+
+impl Applier {
+    pub fn new(lessor: Arc<Lessor>, conn: &Connection) -> Result<Self, MvccError> {
+        let nospace = crate::mvcc::write::alarms(conn)?
+            .iter()
+            .any(|(_, a)| *a == AlarmType::Nospace as i32);
+        Ok(Applier { lessor, nospace })
+    }
+
+    pub fn apply(&mut self, b: &mut Batch<'_>, request: Request) -> Result<ApplyResult, ApplyError> {
+        match request {
+            Request::Put(p) => {
+                self.check_space()?;
+                put(b, &p).map(ApplyResult::Put)
+            }
+            Request::DeleteRange(d) => delete_range(b, &d).map(ApplyResult::DeleteRange),
+            Request::Txn(t) => {
+                if txn_writes(&t) {
+                    self.check_space()?;
+                }
+                txn(b, &t).map(ApplyResult::Txn)
+            }
+            Request::Compaction(c) => compact(b, &c).map(ApplyResult::Compaction),
+            Request::LeaseGrant(g) => {
+                self.check_space()?;
+                self.lease_grant(b, &g).map(ApplyResult::LeaseGrant)
+            }
+            Request::LeaseRevoke(r) => self.lease_revoke(b, &r).map(ApplyResult::LeaseRevoke),
+            Request::Alarm(a) => self.alarm(b, &a).map(ApplyResult::Alarm),
+        }
+    }
+
+    fn check_space(&self) -> Result<(), ApplyError> {
+        if self.nospace {
+            Err(ApplyError::NoSpace)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn lease_grant(&mut self, b: &mut Batch<'_>, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse, ApplyError> {
+        if b.lease_exists(g.id)? {
+            return Err(ApplyError::LeaseExists);
+        }
+        let ttl = g.ttl.max(self.lessor.min_ttl());
+        b.grant_lease(g.id, ttl)?;
+        self.lessor.grant(g.id, ttl);
+        Ok(LeaseGrantResponse {
+            header: Some(header(b.read_revision())),
+            id: g.id,
+            ttl,
+            error: String::new(),
+        })
+    }
+
+    fn lease_revoke(&mut self, b: &mut Batch<'_>, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, ApplyError> {
+        if !b.lease_exists(r.id)? {
+            return Err(ApplyError::LeaseNotFound);
+        }
+        b.revoke_lease(r.id)?;
+        self.lessor.revoke(r.id);
+        Ok(LeaseRevokeResponse {
+            header: Some(header(b.read_revision())),
+        })
+    }
+
+    fn alarm(&mut self, b: &mut Batch<'_>, a: &AlarmRequest) -> Result<AlarmResponse, ApplyError> {
+        let member = |m: u64, alarm: i32| AlarmMember { member_id: m, alarm };
+        let mut alarms = Vec::new();
+        match AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get) {
+            AlarmAction::Get => {
+                for (m, t) in b.alarms()? {
+                    if a.alarm == AlarmType::None as i32 || a.alarm == t {
+                        alarms.push(member(m, t));
+                    }
+                }
+            }
+            AlarmAction::Activate => {
+                if a.alarm != AlarmType::None as i32 {
+                    b.set_alarm(a.member_id, a.alarm, true)?;
+                    alarms.push(member(a.member_id, a.alarm));
+                }
+            }
+            AlarmAction::Deactivate => {
+                if b.set_alarm(a.member_id, a.alarm, false)? {
+                    alarms.push(member(a.member_id, a.alarm));
+                }
+            }
+        }
+        self.nospace = b.alarms()?.iter().any(|(_, t)| *t == AlarmType::Nospace as i32);
+        Ok(AlarmResponse {
+            header: Some(header(b.read_revision())),
+            alarms,
+        })
+    }
+}
+
+/// A header carrying only the revision; the API layer fills in the ids and
+/// the term, as etcd's does.
+pub fn header(revision: i64) -> ResponseHeader {
+    ResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}
+
+/// Whether a txn may write in either branch (for the NOSPACE check).
+fn txn_writes(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_)) => true,
+        Some(request_op::Request::RequestTxn(t)) => txn_writes(t),
+        _ => false,
+    })
+}
+
+/// Serve a RangeRequest against `conn` whose state is `state`.
+pub fn range(conn: &Connection, state: StoreState, current: i64, r: &RangeRequest) -> Result<RangeResponse, ApplyError> {
+    let revision = if r.revision <= 0 { current } else { r.revision };
+    if revision > current {
+        return Err(ApplyError::FutureRevision);
+    }
+    if revision < state.compact_revision {
+        return Err(ApplyError::Compacted);
+    }
+    let target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
+    let mut order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
+    if target != SortTarget::Key && order == SortOrder::None {
+        // etcd: results come key-ascending anyway, so another target
+        // without an order means ascending.
+        order = SortOrder::Ascend;
+    }
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
+    let sorted = order != SortOrder::None && !(target == SortTarget::Key && order == SortOrder::Ascend);
+    let limit = if sorted || filtered || r.limit <= 0 { 0 } else { r.limit + 1 };
+    let query = RangeQuery {
+        range: KeyRange::new(&r.key, &r.range_end),
+        revision,
+        limit,
+        count_only: r.count_only,
+        keys_only: r.keys_only && target != SortTarget::Value,
+    };
+    let result = read::range(conn, &query, current)?;
+    let mut kvs = result.kvs;
+    if filtered {
+        kvs.retain(|kv| {
+            (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
+                && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
+                && (r.min_create_revision == 0 || kv.create_revision >= r.min_create_revision)
+                && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
+        });
+    }
+    if sorted {
+        let key_of = |kv: &KeyValue| -> (i64, Vec<u8>) {
+            match target {
+                SortTarget::Key => (0, kv.key.clone()),
+                SortTarget::Version => (kv.version, Vec::new()),
+                SortTarget::Create => (kv.create_revision, Vec::new()),
+                SortTarget::Mod => (kv.mod_revision, Vec::new()),
+                SortTarget::Value => (0, kv.value.clone()),
+            }
+        };
+        kvs.sort_by_key(key_of);
+        if order == SortOrder::Descend {
+            kvs.reverse();
+        }
+    }
+    let mut more = false;
+    if r.limit > 0 && kvs.len() > r.limit as usize {
+        kvs.truncate(r.limit as usize);
+        more = true;
+    }
+    if r.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse {
+        header: Some(header(current)),
+        kvs,
+        more,
+        count: result.count,
+    })
+}
+
+fn put(b: &mut Batch<'_>, p: &PutRequest) -> Result<PutResponse, ApplyError> {
+    let existing = if p.ignore_value || p.ignore_lease || p.prev_kv {
+        read::get_live(b.conn(), &p.key)?
+    } else {
+        None
+    };
+    let (mut value, mut lease) = (p.value.as_slice(), p.lease);
+    if p.ignore_value || p.ignore_lease {
+        let prev = existing.as_ref().ok_or(ApplyError::KeyNotFound)?;
+        if p.ignore_value {
+            value = &prev.value;
+        }
+        if p.ignore_lease {
+            lease = prev.lease;
+        }
+    }
+    if lease != 0 && !b.lease_exists(lease)? {
+        return Err(ApplyError::LeaseNotFound);
+    }
+    let value = value.to_vec();
+    b.put(&p.key, &value, lease)?;
+    Ok(PutResponse {
+        header: Some(header(b.read_revision())),
+        prev_kv: if p.prev_kv { existing } else { None },
+    })
+}
+
+fn delete_range(b: &mut Batch<'_>, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, ApplyError> {
+    let deleted = b.delete_range(&KeyRange::new(&d.key, &d.range_end))?;
+    Ok(DeleteRangeResponse {
+        header: Some(header(b.read_revision())),
+        deleted: deleted.len() as i64,
+        prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+    })
+}
+
+fn compact(b: &mut Batch<'_>, c: &CompactionRequest) -> Result<CompactionResponse, ApplyError> {
+    let state = b.state();
+    if c.revision <= state.compact_revision {
+        return Err(ApplyError::Compacted);
+    }
+    if c.revision > state.revision {
+        return Err(ApplyError::FutureRevision);
+    }
+    b.compact(c.revision)?;
+    Ok(CompactionResponse {
+        header: Some(header(state.revision)),
+    })
+}
+
+fn txn(b: &mut Batch<'_>, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
+    // etcd decides every branch, nested ones included, on the state before
+    // the txn writes anything.
+    let mut path = Vec::new();
+    txn_path(b.conn(), t, &mut path)?;
+    let mut path = path.into_iter();
+    execute_txn(b, t, &mut path)
+}
+
+fn txn_path(conn: &Connection, t: &TxnRequest, path: &mut Vec<bool>) -> Result<(), ApplyError> {
+    let mut ok = true;
+    for c in &t.compare {
+        if !compare(conn, c)? {
+            ok = false;
+            break;
+        }
+    }
+    path.push(ok);
+    for op in if ok { &t.success } else { &t.failure } {
+        if let Some(request_op::Request::RequestTxn(nested)) = &op.request {
+            txn_path(conn, nested, path)?;
+        }
+    }
+    Ok(())
+}
+
+fn execute_txn(
+    b: &mut Batch<'_>,
+    t: &TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+) -> Result<TxnResponse, ApplyError> {
+    let succeeded = path.next().unwrap_or(false);
+    let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let response = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let state = b.state();
+                let current = b.read_revision();
+                response_op::Response::ResponseRange(range(b.conn(), state, current, r)?)
+            }
+            Some(request_op::Request::RequestPut(p)) => response_op::Response::ResponsePut(put(b, p)?),
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                response_op::Response::ResponseDeleteRange(delete_range(b, d)?)
+            }
+            Some(request_op::Request::RequestTxn(nested)) => {
+                response_op::Response::ResponseTxn(execute_txn(b, nested, path)?)
+            }
+            None => continue,
+        };
+        responses.push(ResponseOp {
+            response: Some(response),
+        });
+    }
+    Ok(TxnResponse {
+        header: Some(header(b.read_revision())),
+        succeeded,
+        responses,
+    })
+}
+
+/// A txn without writes, served from a read connection at `state`.
+pub fn read_only_txn(conn: &Connection, state: StoreState, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
+    let mut path = Vec::new();
+    txn_path(conn, t, &mut path)?;
+    read_only_branch(conn, state, t, &mut path.into_iter())
+}
+
+fn read_only_branch(
+    conn: &Connection,
+    state: StoreState,
+    t: &TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+) -> Result<TxnResponse, ApplyError> {
+    let succeeded = path.next().unwrap_or(false);
+    let mut responses = Vec::new();
+    for op in if succeeded { &t.success } else { &t.failure } {
+        let response = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                response_op::Response::ResponseRange(range(conn, state, state.revision, r)?)
+            }
+            Some(request_op::Request::RequestTxn(nested)) => {
+                response_op::Response::ResponseTxn(read_only_branch(conn, state, nested, path)?)
+            }
+            _ => continue,
+        };
+        responses.push(ResponseOp {
+            response: Some(response),
+        });
+    }
+    Ok(TxnResponse {
+        header: Some(header(state.revision)),
+        succeeded,
+        responses,
+    })
+}
+
+/// etcd's applyCompare: every key in the range must satisfy the compare; a
+/// VALUE compare on no key fails, other targets compare a zero KeyValue.
+fn compare(conn: &Connection, c: &Compare) -> Result<bool, ApplyError> {
+    let query = RangeQuery {
+        range: KeyRange::new(&c.key, &c.range_end),
+        revision: i64::MAX,
+        limit: 0,
+        count_only: false,
+        keys_only: false,
+    };
+    let kvs = read::range(conn, &query, i64::MAX)?.kvs;
+    let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    if kvs.is_empty() {
+        if target == CompareTarget::Value {
+            return Ok(false);
+        }
+        return Ok(compare_kv(c, target, &KeyValue::default()));
+    }
+    Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
+}
+
+fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ord = match (&c.target_union, target) {
+        (Some(compare::TargetUnion::Value(v)), CompareTarget::Value) => kv.value.as_slice().cmp(v.as_slice()),
+        (Some(compare::TargetUnion::Version(v)), CompareTarget::Version) => kv.version.cmp(v),
+        (Some(compare::TargetUnion::CreateRevision(v)), CompareTarget::Create) => kv.create_revision.cmp(v),
+        (Some(compare::TargetUnion::ModRevision(v)), CompareTarget::Mod) => kv.mod_revision.cmp(v),
+        (Some(compare::TargetUnion::Lease(v)), CompareTarget::Lease) => kv.lease.cmp(v),
+        // A union that does not match the target compares against zero,
+        // like etcd's generated getters do.
+        (_, CompareTarget::Value) => kv.value.as_slice().cmp(&[]),
+        (_, CompareTarget::Version) => kv.version.cmp(&0),
+        (_, CompareTarget::Create) => kv.create_revision.cmp(&0),
+        (_, CompareTarget::Mod) => kv.mod_revision.cmp(&0),
+        (_, CompareTarget::Lease) => kv.lease.cmp(&0),
+    };
+    match CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal) {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}

@@ -1,0 +1,103 @@
+//! Every error a client can see, with etcd's gRPC code and message, in one
+//! place (etcd's `rpctypes`), so every handler answers the same words.
+
+use tonic::{Code, Status};
+
+use crate::apply::ApplyError;
+use crate::mvcc::MvccError;
+use crate::raft::ProposeError;
+
+/// etcd's client-visible errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdError {
+    EmptyKey,
+    KeyNotFound,
+    ValueProvided,
+    LeaseProvided,
+    TooManyOps,
+    DuplicateKey,
+    Compacted,
+    FutureRevision,
+    NoSpace,
+    LeaseNotFound,
+    LeaseExists,
+    LeaseTtlTooLarge,
+    RequestTooLarge,
+    RequestTimeout,
+    NoLeader,
+    Stopped,
+    NotCapable,
+    MemberNotFound,
+    NotSupportedForLearner,
+}
+
+impl EtcdError {
+    pub fn code(self) -> Code {
+        use EtcdError::*;
+        match self {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | RequestTooLarge => {
+                Code::InvalidArgument
+            }
+            Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
+            NoSpace => Code::ResourceExhausted,
+            LeaseNotFound | MemberNotFound => Code::NotFound,
+            LeaseExists => Code::FailedPrecondition,
+            RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => Code::Unavailable,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        use EtcdError::*;
+        match self {
+            EmptyKey => "etcdserver: key is not provided",
+            KeyNotFound => "etcdserver: key not found",
+            ValueProvided => "etcdserver: value is provided",
+            LeaseProvided => "etcdserver: lease is provided",
+            TooManyOps => "etcdserver: too many operations in txn request",
+            DuplicateKey => "etcdserver: duplicate key given in txn request",
+            Compacted => "etcdserver: mvcc: required revision has been compacted",
+            FutureRevision => "etcdserver: mvcc: required revision is a future revision",
+            NoSpace => "etcdserver: mvcc: database space exceeded",
+            LeaseNotFound => "etcdserver: requested lease not found",
+            LeaseExists => "etcdserver: lease already exists",
+            LeaseTtlTooLarge => "etcdserver: too large lease TTL",
+            RequestTooLarge => "etcdserver: request is too large",
+            RequestTimeout => "etcdserver: request timed out",
+            NoLeader => "etcdserver: no leader",
+            Stopped => "etcdserver: server stopped",
+            NotCapable => "etcdserver: not capable",
+            MemberNotFound => "etcdserver: member not found",
+            NotSupportedForLearner => "etcdserver: rpc not supported for learner",
+        }
+    }
+}
+
+impl From<EtcdError> for Status {
+    fn from(e: EtcdError) -> Status {
+        Status::new(e.code(), e.message())
+    }
+}
+
+pub fn apply_status(e: ApplyError) -> Status {
+    match e {
+        ApplyError::LeaseNotFound => EtcdError::LeaseNotFound.into(),
+        ApplyError::LeaseExists => EtcdError::LeaseExists.into(),
+        ApplyError::KeyNotFound => EtcdError::KeyNotFound.into(),
+        ApplyError::NoSpace => EtcdError::NoSpace.into(),
+        ApplyError::Compacted => EtcdError::Compacted.into(),
+        ApplyError::FutureRevision => EtcdError::FutureRevision.into(),
+        ApplyError::Storage(e) => Status::internal(format!("etcdserver: storage failure: {e}")),
+    }
+}
+
+pub fn mvcc_status(e: MvccError) -> Status {
+    apply_status(e.into())
+}
+
+pub fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NoLeader => EtcdError::NoLeader.into(),
+        ProposeError::Stopped => EtcdError::Stopped.into(),
+        ProposeError::Apply(e) => apply_status(e),
+    }
+}

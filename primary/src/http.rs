@@ -1,0 +1,41 @@
+//! Plain HTTP endpoints beside gRPC: `/health` and `/metrics` (Prometheus).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::member::Member;
+
+pub fn router(member: Arc<Member>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(member)
+}
+
+/// etcd's /health: healthy when there is a leader and no alarm.
+async fn health(State(member): State<Arc<Member>>) -> impl IntoResponse {
+    let has_leader = member.node.status.leader() != 0;
+    let alarms = member
+        .read(|conn, _| crate::mvcc::write::alarms(conn).map_err(crate::error::mvcc_status))
+        .await
+        .unwrap_or_default();
+    let healthy = has_leader && alarms.is_empty();
+    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{{\"health\":\"{healthy}\"}}"),
+    )
+}
+
+async fn metrics(State(member): State<Arc<Member>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        member.metrics.render(),
+    )
+}

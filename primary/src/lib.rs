@@ -1,0 +1,56 @@
+//! Tern's voting member and the library the other programs share.
+//!
+//! # Layout
+//!
+//! A write flows in one direction: [`api`] (gRPC handlers: validate,
+//! translate) → [`member`] (propose and wait) → [`raft`] (the node thread:
+//! log, fsync, commit) → [`apply`] (etcd request semantics) → [`mvcc`]
+//! (revisions in SQLite) → [`watch`] (events to watchers). A linearizable
+//! read asks [`raft`] for a read index, then reads from the [`mvcc`] read
+//! pool; a serializable read goes straight to the pool.
+//!
+//! - [`proto`]: the etcd v3 API (`etcdserverpb`, `mvccpb`, `authpb`, written
+//!   from etcd's API reference, wire-identical) and Tern's Raft entry.
+//! - [`api`]: one module per etcd service; [`error`] maps every failure to
+//!   etcd's gRPC code and message.
+//! - [`member`]: what a running member owns; shared by all handlers.
+//! - [`raft`]: the node loop (`on_ready`) and the durable log.
+//! - [`apply`]: executes committed requests; also serves ranges.
+//! - [`mvcc`]: SQLite schema, writer, reads, history, hash.
+//! - [`lease`]: lease deadlines (the leader revokes expired leases via Raft).
+//! - [`watch`]: the watch hub (synced fan-out and history replay).
+//! - [`housekeeping`]: lease expiry, auto-compaction, size tracking.
+//! - [`http`]: `/health` and `/metrics`; [`metrics`]: etcd-named metrics.
+//! - [`identity`]: etcd-compatible member and cluster ids.
+//! - [`server`]: start-up and serving.
+
+pub mod api;
+pub mod apply;
+pub mod error;
+pub mod housekeeping;
+pub mod http;
+pub mod identity;
+pub mod lease;
+pub mod member;
+pub mod metrics;
+pub mod mvcc;
+pub mod raft;
+pub mod server;
+pub mod watch;
+
+/// Generated protobuf and gRPC code.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod ternpb {
+        tonic::include_proto!("ternpb");
+    }
+}

@@ -1,0 +1,191 @@
+//! What a running member owns, shared by every API service: the handle on
+//! the Raft thread, the read pool, the watch hub, the lessor, the member's
+//! identity and limits.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+
+use crate::apply::ApplyResult;
+use crate::error::{self, EtcdError};
+use crate::lease::Lessor;
+use crate::metrics::Metrics;
+use crate::mvcc::{read, MvccError, Reader, StoreState};
+use crate::proto::etcdserverpb::ResponseHeader;
+use crate::proto::ternpb::raft_request::Request;
+use crate::raft::NodeHandle;
+use crate::watch::WatchHub;
+
+/// etcd's default request timeout for a proposal to be applied.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// Client-facing limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub quota_backend_bytes: u64,
+}
+
+pub struct Member {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub name: String,
+    pub node: NodeHandle,
+    pub reader: Arc<Reader>,
+    pub hub: Arc<WatchHub>,
+    pub lessor: Arc<Lessor>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub data_dir: std::path::PathBuf,
+    /// Database file size, refreshed in the background for the quota check.
+    pub db_size: AtomicI64,
+    ids: IdGenerator,
+}
+
+impl Member {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cluster_id: u64,
+        member_id: u64,
+        name: String,
+        node: NodeHandle,
+        reader: Arc<Reader>,
+        hub: Arc<WatchHub>,
+        lessor: Arc<Lessor>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        data_dir: std::path::PathBuf,
+    ) -> Self {
+        Member {
+            cluster_id,
+            member_id,
+            name,
+            node,
+            reader,
+            hub,
+            lessor,
+            metrics,
+            limits,
+            data_dir,
+            db_size: AtomicI64::new(0),
+            ids: IdGenerator::new(member_id),
+        }
+    }
+
+    /// A new cluster-unique id (leases), etcd's way.
+    pub fn next_id(&self) -> u64 {
+        self.ids.next()
+    }
+
+    /// etcd's quota check: refuse a write that would take the database past
+    /// the quota, and raise the NOSPACE alarm through the log.
+    pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
+        let size = self.db_size.load(Ordering::Relaxed).max(0) as u64;
+        if size + cost as u64 <= self.limits.quota_backend_bytes {
+            return Ok(());
+        }
+        let alarm = crate::proto::etcdserverpb::AlarmRequest {
+            action: crate::proto::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: crate::proto::etcdserverpb::AlarmType::Nospace as i32,
+        };
+        let _ = self.propose(Request::Alarm(alarm)).await;
+        Err(EtcdError::NoSpace.into())
+    }
+
+    /// A header with the ids, the term and `revision` (0: the current one).
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision: if revision == 0 { self.node.status.revision() } else { revision },
+            raft_term: self.node.status.term(),
+        }
+    }
+
+    /// Fill a header produced by the apply layer, like etcd's `header.fill`.
+    pub fn fill(&self, header: &mut Option<ResponseHeader>) {
+        let revision = header.as_ref().map_or(0, |h| h.revision);
+        *header = Some(self.header(revision));
+    }
+
+    /// Propose through Raft and wait for the entry to be applied.
+    pub async fn propose(&self, request: Request) -> Result<ApplyResult, Status> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.node.propose(request)).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(e)) => Err(error::propose_status(e)),
+            Err(_) => Err(EtcdError::RequestTimeout.into()),
+        }
+    }
+
+    /// Wait until every write committed before now is applied locally.
+    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.node.read_index()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(error::propose_status(e)),
+            Err(_) => Err(EtcdError::RequestTimeout.into()),
+        }
+    }
+
+    /// Run a read on the pool, off the async runtime, in one SQLite read
+    /// transaction; `f` gets the store state of that snapshot.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, StoreState) -> Result<T, Status> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = None;
+            let r = reader.with(|conn| {
+                let state = StoreState {
+                    revision: read::meta(conn, "revision")?.max(1),
+                    compact_revision: read::meta(conn, "compact_revision")?,
+                    applied_index: read::meta(conn, "applied_index")? as u64,
+                    applied_term: read::meta(conn, "applied_term")? as u64,
+                };
+                out = Some(f(conn, state));
+                Ok::<_, MvccError>(())
+            });
+            match (r, out) {
+                (_, Some(result)) => result,
+                (Err(e), None) => Err(error::mvcc_status(e)),
+                (Ok(()), None) => Err(Status::internal("read produced no result")),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+    }
+
+    /// Database file size and bytes in use.
+    pub async fn db_size(&self) -> Result<(i64, i64), Status> {
+        self.read(|conn, _| read::db_size(conn).map_err(error::mvcc_status)).await
+    }
+}
+
+/// etcd's idutil generator: member id prefix, millisecond timestamp, counter;
+/// unique across members and restarts without coordination.
+struct IdGenerator {
+    prefix: u64,
+    suffix: AtomicU64,
+}
+
+impl IdGenerator {
+    fn new(member_id: u64) -> Self {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        IdGenerator {
+            prefix: (member_id & 0xffff) << 48,
+            suffix: AtomicU64::new((millis & ((1 << 40) - 1)) << 8),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let suffix = self.suffix.fetch_add(1, Ordering::Relaxed) + 1;
+        self.prefix | (suffix & ((1 << 48) - 1))
+    }
+}

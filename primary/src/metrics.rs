@@ -1,0 +1,79 @@
+//! Prometheus metrics, under etcd's names where the meaning is the same, so
+//! etcd's alert rules and dashboards work unchanged.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    registry: Registry,
+    pub has_leader: Gauge,
+    pub is_leader: Gauge,
+    pub leader_changes: Counter,
+    pub proposals_committed: Gauge,
+    pub proposals_applied: Counter,
+    pub proposals_pending: Gauge,
+    pub proposals_failed: Counter,
+    pub wal_fsync: Histogram,
+    pub backend_commit: Histogram,
+    pub db_total_size: Gauge,
+    pub db_in_use_size: Gauge,
+    pub quota_backend_bytes: Gauge,
+    pub current_revision: Gauge,
+    pub compact_revision: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            has_leader: Gauge::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            proposals_committed: Gauge::default(),
+            proposals_applied: Counter::default(),
+            proposals_pending: Gauge::default(),
+            proposals_failed: Counter::default(),
+            // etcd's buckets: 1 ms doubling to about 8 s.
+            wal_fsync: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            backend_commit: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            db_total_size: Gauge::default(),
+            db_in_use_size: Gauge::default(),
+            quota_backend_bytes: Gauge::default(),
+            current_revision: Gauge::default(),
+            compact_revision: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not.", m.has_leader.clone());
+        registry.register("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise.", m.is_leader.clone());
+        registry.register("etcd_server_leader_changes_seen", "The number of leader changes seen.", m.leader_changes.clone());
+        registry.register("etcd_server_proposals_committed_total", "The total number of consensus proposals committed.", m.proposals_committed.clone());
+        registry.register("etcd_server_proposals_applied", "The total number of consensus proposals applied.", m.proposals_applied.clone());
+        registry.register("etcd_server_proposals_pending", "The current number of pending proposals to commit.", m.proposals_pending.clone());
+        registry.register("etcd_server_proposals_failed", "The total number of failed proposals seen.", m.proposals_failed.clone());
+        registry.register("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", m.wal_fsync.clone());
+        registry.register("etcd_disk_backend_commit_duration_seconds", "The latency distributions of commit called by backend.", m.backend_commit.clone());
+        registry.register("etcd_mvcc_db_total_size_in_bytes", "Total size of the underlying database physically allocated in bytes.", m.db_total_size.clone());
+        registry.register("etcd_mvcc_db_total_size_in_use_in_bytes", "Total size of the underlying database logically in use in bytes.", m.db_in_use_size.clone());
+        registry.register("etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes.", m.quota_backend_bytes.clone());
+        registry.register("etcd_debugging_mvcc_current_revision", "The current revision of store.", m.current_revision.clone());
+        registry.register("etcd_debugging_mvcc_compact_revision", "The revision of the last compaction in store.", m.compact_revision.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,38 @@
+//! Multi-version key-value state in SQLite.
+//!
+//! Every change to a key writes a row into `kv_history` (key, mod revision,
+//! create revision, version, lease, value, tombstone flag) and updates the
+//! key's row in `kv_live`, which holds only keys that exist now. Reads at the
+//! current revision use `kv_live`; reads at older revisions, watch replay and
+//! HashKV use `kv_history`, which keeps every change until compaction.
+//!
+//! - [`schema`]: opening a database file, pragmas and tables.
+//! - [`write`]: [`MvccStore`], the single writer (owned by the Raft thread),
+//!   and [`Batch`], one SQLite transaction applying many Raft entries.
+//! - [`read`]: range queries and history scans over any connection, so the
+//!   writer (inside a transaction) and the read pool share one implementation.
+//!
+//! Why SQLite in WAL mode: a read transaction sees one consistent revision
+//! while the writer goes on, which is what linearizable reads, the snapshot
+//! stream and (later) learner backups need. The state file is written without
+//! fsync per transaction (`synchronous=NORMAL`): the Raft log is the
+//! durability boundary, and the applied index committed with the state makes
+//! replay after a crash exact.
+
+pub mod read;
+pub mod schema;
+pub mod write;
+
+pub use read::{KeyRange, RangeQuery, RangeResult, Reader};
+pub use write::{Batch, MvccStore, StoreState};
+
+/// What the MVCC layer can refuse; the API layer maps each to etcd's status.
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}

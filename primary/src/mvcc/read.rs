@@ -1,0 +1,322 @@
+//! Range queries and history scans.
+//!
+//! Every function takes a plain `&Connection`, so the writer (inside its
+//! transaction, seeing its own uncommitted changes, as etcd's write
+//! transactions do) and the read pool share one implementation.
+
+use rusqlite::{Connection, OptionalExtension, Row};
+
+use super::MvccError;
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+
+/// etcd's key/range_end pair, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRange {
+    /// `range_end` empty: exactly one key.
+    Single(Vec<u8>),
+    /// `range_end == "\0"`: every key >= `key`.
+    From(Vec<u8>),
+    /// `[start, end)`; empty when `end <= start`.
+    Between(Vec<u8>, Vec<u8>),
+}
+
+impl KeyRange {
+    pub fn new(key: &[u8], range_end: &[u8]) -> Self {
+        match range_end {
+            [] => KeyRange::Single(key.to_vec()),
+            [0] => KeyRange::From(key.to_vec()),
+            end => KeyRange::Between(key.to_vec(), end.to_vec()),
+        }
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        match self {
+            KeyRange::Single(k) => k.as_slice() == key,
+            KeyRange::From(start) => key >= start.as_slice(),
+            KeyRange::Between(start, end) => key >= start.as_slice() && key < end.as_slice(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, KeyRange::Between(s, e) if e <= s)
+    }
+
+    /// A SQL condition on column `col` with parameters ?1 and ?2.
+    fn condition(&self, col: &str) -> String {
+        match self {
+            KeyRange::Single(_) => format!("{col} = ?1"),
+            KeyRange::From(_) => format!("{col} >= ?1"),
+            KeyRange::Between(..) => format!("{col} >= ?1 AND {col} < ?2"),
+        }
+    }
+
+    fn params(&self) -> (&[u8], &[u8]) {
+        match self {
+            KeyRange::Single(k) | KeyRange::From(k) => (k, &[]),
+            KeyRange::Between(s, e) => (s, e),
+        }
+    }
+}
+
+/// What to read. `revision` is already resolved (never 0).
+#[derive(Debug, Clone)]
+pub struct RangeQuery {
+    pub range: KeyRange,
+    pub revision: i64,
+    /// 0: no limit. Only honoured in SQL; callers that sort or filter pass 0.
+    pub limit: i64,
+    pub count_only: bool,
+    pub keys_only: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// Keys in the range at that revision, whatever the limit.
+    pub count: i64,
+}
+
+const KV_COLUMNS: &str = "key, create_revision, mod_revision, version, lease, value";
+
+fn kv_from_row(row: &Row<'_>, keys_only: bool) -> rusqlite::Result<KeyValue> {
+    Ok(KeyValue {
+        key: row.get(0)?,
+        create_revision: row.get(1)?,
+        mod_revision: row.get(2)?,
+        version: row.get(3)?,
+        lease: row.get(4)?,
+        value: if keys_only { Vec::new() } else { row.get(5)? },
+    })
+}
+
+/// Read `query` at `query.revision`, where `current` is the store's revision
+/// (reads at it use the live table).
+pub fn range(conn: &Connection, query: &RangeQuery, current: i64) -> Result<RangeResult, MvccError> {
+    if query.range.is_empty() {
+        return Ok(RangeResult::default());
+    }
+    let (a, b) = query.range.params();
+    let at_head = query.revision >= current;
+    let source = if at_head {
+        format!("SELECT {KV_COLUMNS} FROM kv_live WHERE {}", query.range.condition("key"))
+    } else {
+        // Per key, the newest change at or before the revision, unless it
+        // is a deletion.
+        format!(
+            "SELECT {KV_COLUMNS} FROM kv_history h WHERE {} AND tombstone = 0 AND mod_revision = \
+             (SELECT max(mod_revision) FROM kv_history h2 WHERE h2.key = h.key AND h2.mod_revision <= ?3)",
+            query.range.condition("h.key")
+        )
+    };
+    let bind = |stmt: &mut rusqlite::Statement<'_>| -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(1, a)?;
+        if matches!(query.range, KeyRange::Between(..)) {
+            stmt.raw_bind_parameter(2, b)?;
+        }
+        if !at_head {
+            stmt.raw_bind_parameter(3, query.revision)?;
+        }
+        Ok(())
+    };
+    let count_sql = format!("SELECT count(*) FROM ({source})");
+    let mut stmt = conn.prepare_cached(&count_sql)?;
+    bind(&mut stmt)?;
+    let count: i64 = stmt.raw_query().next()?.map(|r| r.get(0)).transpose()?.unwrap_or(0);
+    if query.count_only || count == 0 {
+        return Ok(RangeResult { kvs: Vec::new(), count });
+    }
+    let mut sql = format!("{source} ORDER BY key");
+    if query.limit > 0 {
+        sql.push_str(&format!(" LIMIT {}", query.limit));
+    }
+    let mut stmt = conn.prepare_cached(&sql)?;
+    bind(&mut stmt)?;
+    let mut rows = stmt.raw_query();
+    let mut kvs = Vec::with_capacity(count.min(query.limit.max(0)).max(0) as usize);
+    while let Some(row) = rows.next()? {
+        kvs.push(kv_from_row(row, query.keys_only)?);
+    }
+    Ok(RangeResult { kvs, count })
+}
+
+/// The live row of one key, if it exists.
+pub fn get_live(conn: &Connection, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {KV_COLUMNS} FROM kv_live WHERE key = ?1"))?;
+    Ok(stmt.query_row([key], |r| kv_from_row(r, false)).optional()?)
+}
+
+/// Events with `from <= revision <= to` on keys in `range`, in revision
+/// order, at most `limit` of them (whole revisions are never split unless a
+/// single revision exceeds the limit). With `prev_kv`, each event carries
+/// the key's previous state.
+pub fn history(
+    conn: &Connection,
+    range: &KeyRange,
+    from: i64,
+    to: i64,
+    limit: usize,
+    prev_kv: bool,
+) -> Result<Vec<Event>, MvccError> {
+    if range.is_empty() || from > to {
+        return Ok(Vec::new());
+    }
+    let (a, b) = range.params();
+    let sql = format!(
+        "SELECT {KV_COLUMNS}, tombstone FROM kv_history WHERE mod_revision >= ?3 AND mod_revision <= ?4 AND {} \
+         ORDER BY mod_revision, sub LIMIT ?5",
+        range.condition("key")
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    stmt.raw_bind_parameter(1, a)?;
+    if matches!(range, KeyRange::Between(..)) {
+        stmt.raw_bind_parameter(2, b)?;
+    }
+    stmt.raw_bind_parameter(3, from)?;
+    stmt.raw_bind_parameter(4, to)?;
+    stmt.raw_bind_parameter(5, limit as i64 + 1)?;
+    let mut events = Vec::new();
+    let mut rows = stmt.raw_query();
+    while let Some(row) = rows.next()? {
+        let kv = kv_from_row(row, false)?;
+        let tombstone: bool = row.get(6)?;
+        events.push(if tombstone {
+            Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(KeyValue {
+                    key: kv.key,
+                    mod_revision: kv.mod_revision,
+                    ..Default::default()
+                }),
+                prev_kv: None,
+            }
+        } else {
+            Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            }
+        });
+    }
+    drop(rows);
+    if events.len() > limit {
+        // Drop the partial last revision so a caller resumes at its start.
+        let last = events.last().and_then(|e| e.kv.as_ref()).map_or(0, |kv| kv.mod_revision);
+        let first = events.first().and_then(|e| e.kv.as_ref()).map_or(0, |kv| kv.mod_revision);
+        if last != first {
+            events.retain(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision != last));
+        }
+    }
+    if prev_kv {
+        for event in &mut events {
+            if let Some(kv) = &event.kv {
+                event.prev_kv = previous(conn, &kv.key, kv.mod_revision)?;
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// The key's state just before `revision`, if it existed then.
+pub fn previous(conn: &Connection, key: &[u8], revision: i64) -> Result<Option<KeyValue>, MvccError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {KV_COLUMNS}, tombstone FROM kv_history WHERE key = ?1 AND mod_revision < ?2 \
+         ORDER BY mod_revision DESC LIMIT 1"
+    ))?;
+    let row = stmt
+        .query_row((key, revision), |r| Ok((kv_from_row(r, false)?, r.get::<_, bool>(6)?)))
+        .optional()?;
+    Ok(row.and_then(|(kv, tombstone)| (!tombstone).then_some(kv)))
+}
+
+/// HashKV: a CRC32 over every stored change at or before `revision`, in
+/// revision order. Two members with the same history (and the same
+/// compaction) agree; any divergence in keys, values or metadata shows.
+pub fn hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, mod_revision, sub, create_revision, version, lease, value, tombstone \
+         FROM kv_history WHERE mod_revision <= ?1 ORDER BY mod_revision, sub",
+    )?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut rows = stmt.query([revision])?;
+    while let Some(row) = rows.next()? {
+        let key: Vec<u8> = row.get(0)?;
+        let value: Vec<u8> = row.get(6)?;
+        hasher.update(&(key.len() as u64).to_be_bytes());
+        hasher.update(&key);
+        for i in [1, 2, 3, 4, 5, 7] {
+            hasher.update(&row.get::<_, i64>(i)?.to_be_bytes());
+        }
+        hasher.update(&(value.len() as u64).to_be_bytes());
+        hasher.update(&value);
+    }
+    Ok(hasher.finalize())
+}
+
+/// Keys attached to a lease.
+pub fn lease_keys(conn: &Connection, lease: i64) -> Result<Vec<Vec<u8>>, MvccError> {
+    let mut stmt = conn.prepare_cached("SELECT key FROM kv_live WHERE lease = ?1 ORDER BY key")?;
+    let keys = stmt.query_map([lease], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(keys)
+}
+
+/// Granted leases: (id, ttl).
+pub fn leases(conn: &Connection) -> Result<Vec<(i64, i64)>, MvccError> {
+    let mut stmt = conn.prepare_cached("SELECT id, ttl FROM leases ORDER BY id")?;
+    let leases = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    Ok(leases)
+}
+
+pub fn lease_ttl(conn: &Connection, lease: i64) -> Result<Option<i64>, MvccError> {
+    let mut stmt = conn.prepare_cached("SELECT ttl FROM leases WHERE id = ?1")?;
+    Ok(stmt.query_row([lease], |r| r.get(0)).optional()?)
+}
+
+/// A `meta` value, 0 if unset.
+pub fn meta(conn: &Connection, name: &str) -> Result<i64, MvccError> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?;
+    Ok(stmt.query_row([name], |r| r.get(0)).optional()?.unwrap_or(0))
+}
+
+/// Bytes the database file uses, and bytes in use (excluding free pages).
+pub fn db_size(conn: &Connection) -> Result<(i64, i64), MvccError> {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok((pages * page_size, (pages - free) * page_size))
+}
+
+/// A pool of read-only connections; reads never queue behind the writer.
+pub struct Reader {
+    path: std::path::PathBuf,
+    idle: std::sync::Mutex<Vec<Connection>>,
+}
+
+impl Reader {
+    pub fn new(path: &std::path::Path) -> Self {
+        Reader {
+            path: path.to_path_buf(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Run `f` on a pooled connection inside one read transaction, so
+    /// everything `f` reads comes from one consistent revision.
+    pub fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, MvccError>) -> Result<T, MvccError> {
+        let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => super::schema::open_reader(&self.path)?,
+        };
+        let result = {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
+            let r = f(&tx);
+            tx.finish()?;
+            r
+        };
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < 16 {
+            idle.push(conn);
+        }
+        result
+    }
+}

@@ -1,0 +1,364 @@
+//! The single writer: applies changes at new revisions.
+//!
+//! Only the Raft thread holds an [`MvccStore`]. It opens one [`Batch`] (one
+//! SQLite transaction) per group of committed entries, so a burst of
+//! proposals costs one commit. Within a batch each entry is its own revision;
+//! [`Batch::entry`] wraps one in a savepoint so a failing request (a txn
+//! naming an unknown lease, say) leaves no trace while its neighbours stay.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::read::{self, KeyRange};
+use super::MvccError;
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+
+/// The counters kept in `meta`, mirrored in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreState {
+    /// The store revision; etcd starts an empty store at 1.
+    pub revision: i64,
+    pub compact_revision: i64,
+    pub applied_index: u64,
+    pub applied_term: u64,
+}
+
+pub struct MvccStore {
+    conn: Connection,
+    state: StoreState,
+}
+
+impl MvccStore {
+    pub fn open(path: &Path) -> Result<Self, MvccError> {
+        let conn = super::schema::open(path)?;
+        let state = StoreState {
+            revision: read::meta(&conn, "revision")?.max(1),
+            compact_revision: read::meta(&conn, "compact_revision")?,
+            applied_index: read::meta(&conn, "applied_index")? as u64,
+            applied_term: read::meta(&conn, "applied_term")? as u64,
+        };
+        Ok(MvccStore { conn, state })
+    }
+
+    pub fn state(&self) -> StoreState {
+        self.state
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Start applying a group of entries.
+    pub fn batch(&mut self) -> Result<Batch<'_>, MvccError> {
+        let tx = self.conn.transaction()?;
+        Ok(Batch {
+            state: self.state,
+            target: &mut self.state,
+            tx,
+            events: Vec::new(),
+            changed: false,
+            sub: 0,
+        })
+    }
+
+    /// Make every committed transaction durable: a checkpoint fsyncs the
+    /// WAL before copying it back (and the database after), so after this
+    /// the applied index is on disk and the Raft log before it can go.
+    /// PASSIVE never waits for readers; frames it cannot copy yet are
+    /// already durable in the synced WAL.
+    pub fn checkpoint(&self) -> Result<(), MvccError> {
+        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Rebuild the file without free pages (etcd's defragment).
+    pub fn vacuum(&self) -> Result<(), MvccError> {
+        self.conn.execute_batch("VACUUM")?;
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Write a consistent copy of the database at `source` to `dest` while
+    /// the writer goes on: `VACUUM INTO` reads inside one read transaction,
+    /// so the copy holds exactly one revision.
+    pub fn copy(source: &Path, dest: &Path) -> Result<(), MvccError> {
+        let conn = super::schema::open_reader(source)?;
+        conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Set a `meta` value outside any batch (bootstrap ids).
+    pub fn set_meta(&self, name: &str, value: i64) -> Result<(), MvccError> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)", (name, value))?;
+        Ok(())
+    }
+}
+
+/// One SQLite transaction applying many entries.
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+    /// Working copy; written to `target` only on commit.
+    state: StoreState,
+    target: &'a mut StoreState,
+    /// Changes of the whole batch, in revision order, with `prev_kv` filled.
+    events: Vec<Event>,
+    /// Whether the entry being applied has changed anything yet.
+    changed: bool,
+    sub: i64,
+}
+
+impl Batch<'_> {
+    pub fn state(&self) -> StoreState {
+        self.state
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.tx
+    }
+
+    /// Apply one entry: `f` runs inside a savepoint; on error its changes
+    /// are rolled back and the error returned. Either way the entry counts
+    /// as applied at `index`.
+    pub fn entry<T>(
+        &mut self,
+        index: u64,
+        term: u64,
+        f: impl FnOnce(&mut Self) -> Result<T, super::super::apply::ApplyError>,
+    ) -> Result<T, super::super::apply::ApplyError> {
+        self.tx.execute_batch("SAVEPOINT entry").map_err(MvccError::from)?;
+        let saved = (self.state, self.events.len());
+        self.changed = false;
+        self.sub = 0;
+        let result = f(self);
+        match &result {
+            Ok(_) => {
+                self.tx.execute_batch("RELEASE entry").map_err(MvccError::from)?;
+                if self.changed {
+                    self.state.revision += 1;
+                }
+            }
+            Err(_) => {
+                self.tx
+                    .execute_batch("ROLLBACK TO entry; RELEASE entry")
+                    .map_err(MvccError::from)?;
+                self.state = saved.0;
+                self.events.truncate(saved.1);
+            }
+        }
+        self.changed = false;
+        self.state.applied_index = index;
+        self.state.applied_term = term;
+        result
+    }
+
+    /// Mark an entry that changes nothing (a conf change, an empty entry).
+    pub fn skip(&mut self, index: u64, term: u64) {
+        self.state.applied_index = index;
+        self.state.applied_term = term;
+    }
+
+    /// The revision reads inside the current entry see: etcd's
+    /// `beginRev`, plus one once this entry has changed something.
+    pub fn read_revision(&self) -> i64 {
+        self.state.revision + i64::from(self.changed)
+    }
+
+    /// The revision the current entry writes at.
+    pub fn write_revision(&self) -> i64 {
+        self.state.revision + 1
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<Option<KeyValue>, MvccError> {
+        let prev = read::get_live(&self.tx, key)?;
+        let rev = self.write_revision();
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            value: value.to_vec(),
+            lease,
+        };
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
+            )?
+            .execute((&kv.key, rev, self.sub, kv.create_revision, kv.version, lease, &kv.value))?;
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO kv_live (key, create_revision, mod_revision, version, lease, value) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute((&kv.key, kv.create_revision, rev, kv.version, lease, &kv.value))?;
+        self.sub += 1;
+        self.changed = true;
+        self.events.push(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv),
+            prev_kv: prev.clone(),
+        });
+        Ok(prev)
+    }
+
+    /// Delete every live key in `range`; returns what was deleted.
+    pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>, MvccError> {
+        let query = read::RangeQuery {
+            range: range.clone(),
+            revision: i64::MAX,
+            limit: 0,
+            count_only: false,
+            keys_only: false,
+        };
+        let doomed = read::range(&self.tx, &query, i64::MAX)?.kvs;
+        for kv in &doomed {
+            self.delete_key(kv)?;
+        }
+        Ok(doomed)
+    }
+
+    fn delete_key(&mut self, prev: &KeyValue) -> Result<(), MvccError> {
+        let rev = self.write_revision();
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
+                 VALUES (?1, ?2, ?3, 0, 0, 0, x'', 1)",
+            )?
+            .execute((&prev.key, rev, self.sub))?;
+        self.tx
+            .prepare_cached("DELETE FROM kv_live WHERE key = ?1")?
+            .execute([&prev.key])?;
+        self.sub += 1;
+        self.changed = true;
+        self.events.push(Event {
+            r#type: EventType::Delete as i32,
+            kv: Some(KeyValue {
+                key: prev.key.clone(),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: Some(prev.clone()),
+        });
+        Ok(())
+    }
+
+    /// Drop history before `revision`: per key, keep the newest change at
+    /// or before it (unless a deletion) and everything after.
+    pub fn compact(&mut self, revision: i64) -> Result<(), MvccError> {
+        self.tx.execute(
+            "DELETE FROM kv_history WHERE mod_revision < ?1 AND (tombstone = 1 OR mod_revision < \
+             (SELECT max(h2.mod_revision) FROM kv_history h2 WHERE h2.key = kv_history.key AND h2.mod_revision <= ?1))",
+            [revision],
+        )?;
+        self.state.compact_revision = revision;
+        Ok(())
+    }
+
+    pub fn grant_lease(&mut self, id: i64, ttl: i64) -> Result<(), MvccError> {
+        self.tx.execute("INSERT INTO leases (id, ttl) VALUES (?1, ?2)", (id, ttl))?;
+        Ok(())
+    }
+
+    pub fn lease_exists(&self, id: i64) -> Result<bool, MvccError> {
+        Ok(read::lease_ttl(&self.tx, id)?.is_some())
+    }
+
+    /// Remove a lease and delete its keys in this entry's revision.
+    pub fn revoke_lease(&mut self, id: i64) -> Result<(), MvccError> {
+        for key in read::lease_keys(&self.tx, id)? {
+            if let Some(kv) = read::get_live(&self.tx, &key)? {
+                self.delete_key(&kv)?;
+            }
+        }
+        self.tx.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn set_alarm(&mut self, member: u64, alarm: i32, active: bool) -> Result<bool, MvccError> {
+        let n = if active {
+            self.tx.execute(
+                "INSERT OR IGNORE INTO alarms (member_id, alarm) VALUES (?1, ?2)",
+                (member as i64, alarm),
+            )?
+        } else {
+            self.tx
+                .execute("DELETE FROM alarms WHERE member_id = ?1 AND alarm = ?2", (member as i64, alarm))?
+        };
+        Ok(n > 0)
+    }
+
+    pub fn alarms(&self) -> Result<Vec<(u64, i32)>, MvccError> {
+        alarms(&self.tx)
+    }
+
+    /// Commit the batch; returns the events it produced, in order.
+    pub fn commit(self) -> Result<Vec<Event>, MvccError> {
+        let s = self.state;
+        {
+            let mut stmt = self
+                .tx
+                .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+            stmt.execute(("revision", s.revision))?;
+            stmt.execute(("compact_revision", s.compact_revision))?;
+            stmt.execute(("applied_index", s.applied_index as i64))?;
+            stmt.execute(("applied_term", s.applied_term as i64))?;
+        }
+        self.tx.commit()?;
+        *self.target = s;
+        Ok(self.events)
+    }
+}
+
+/// Raised alarms: (member id, alarm type).
+pub fn alarms(conn: &Connection) -> Result<Vec<(u64, i32)>, MvccError> {
+    let mut stmt = conn.prepare_cached("SELECT member_id, alarm FROM alarms ORDER BY member_id, alarm")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Stored membership: (id, name, peer urls, client urls, learner).
+pub type MemberRow = (u64, String, Vec<String>, Vec<String>, bool);
+
+pub fn members(conn: &Connection) -> Result<Vec<MemberRow>, MvccError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, name, peer_urls, client_urls, is_learner FROM members ORDER BY id")?;
+    let rows = stmt
+        .query_map([], |r| {
+            let peers: String = r.get(2)?;
+            let clients: String = r.get(3)?;
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get(1)?,
+                serde_json::from_str(&peers).unwrap_or_default(),
+                serde_json::from_str(&clients).unwrap_or_default(),
+                r.get(4)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+pub fn upsert_member(conn: &Connection, m: &MemberRow) -> Result<(), MvccError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO members (id, name, peer_urls, client_urls, is_learner) VALUES (?1, ?2, ?3, ?4, ?5)",
+        (
+            m.0 as i64,
+            &m.1,
+            serde_json::to_string(&m.2).unwrap_or_default(),
+            serde_json::to_string(&m.3).unwrap_or_default(),
+            m.4,
+        ),
+    )?;
+    Ok(())
+}
+
+pub fn has_members(conn: &Connection) -> Result<bool, MvccError> {
+    Ok(conn
+        .query_row("SELECT 1 FROM members LIMIT 1", [], |_| Ok(()))
+        .optional()?
+        .is_some())
+}

@@ -1,0 +1,13 @@
+//! Consensus: the Raft node loop and its durable log.
+//!
+//! - [`node`]: [`RaftNode`], one thread that owns the raft-rs `RawNode`, the
+//!   log and the MVCC writer, and runs the `on_ready` loop; [`NodeHandle`]
+//!   is how the async side proposes, waits for read indexes and reads
+//!   status.
+//! - [`log_store`]: [`LogStore`], the fsynced Raft log (raft-rs `Storage`).
+
+pub mod log_store;
+pub mod node;
+
+pub use log_store::LogStore;
+pub use node::{NodeHandle, NodeStatus, ProposeError, RaftNode};

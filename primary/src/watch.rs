@@ -1,0 +1,369 @@
+//! Watchers: live fan-out of applied events and replay of history.
+//!
+//! A watcher is *synced* when it has seen every published revision; the
+//! Raft thread hands each applied batch's events to [`WatchHub::publish`],
+//! which forwards them to synced watchers under the hub lock. A watcher
+//! that starts in the past, or whose stream falls too far behind, is
+//! *unsynced*: the sync task replays its events from `kv_history` until it
+//! reaches the published revision, then marks it synced under the same lock.
+//! Because publishing and that switch both happen under the lock, and the
+//! state is committed before its events are published, no event is lost or
+//! sent twice (etcd's synced/unsynced design).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::mvcc::{read, KeyRange, Reader};
+use crate::proto::mvccpb::{event::EventType, Event};
+
+/// Messages queued per stream before its watchers fall back to replay.
+const STREAM_BACKLOG: usize = 1024;
+/// Events read from history per replay step.
+const REPLAY_BATCH: usize = 1000;
+/// etcd's default progress notification interval.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
+
+/// What the hub sends to a client's watch stream.
+#[derive(Debug)]
+pub enum WatchMessage {
+    /// Events for one watcher; `revision` is the header revision.
+    Events {
+        watch_id: i64,
+        revision: i64,
+        events: Vec<Event>,
+    },
+    /// The watcher's start revision was compacted away; it is gone.
+    Compacted { watch_id: i64, compact_revision: i64 },
+    /// The watcher was created (sent before any of its events).
+    Created { watch_id: i64, revision: i64 },
+    /// A progress notification: nothing happened up to `revision`.
+    Progress { watch_id: i64, revision: i64 },
+}
+
+/// A stream's end of the hub: where its watchers' messages go.
+#[derive(Clone)]
+pub struct StreamSink {
+    tx: mpsc::UnboundedSender<WatchMessage>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StreamSink {
+    pub fn new() -> (Self, StreamSource) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            StreamSink {
+                tx,
+                queued: queued.clone(),
+            },
+            StreamSource { rx, queued },
+        )
+    }
+
+    fn send(&self, m: WatchMessage) -> Result<(), ()> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(m).map_err(|_| ())
+    }
+
+    fn backlogged(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= STREAM_BACKLOG
+    }
+}
+
+pub struct StreamSource {
+    rx: mpsc::UnboundedReceiver<WatchMessage>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StreamSource {
+    pub async fn recv(&mut self) -> Option<WatchMessage> {
+        let m = self.rx.recv().await;
+        if m.is_some() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        m
+    }
+}
+
+/// What a client asked to watch.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    pub watch_id: i64,
+    pub range: KeyRange,
+    /// 0: from the next revision.
+    pub start_revision: i64,
+    pub no_put: bool,
+    pub no_delete: bool,
+    pub prev_kv: bool,
+    pub progress_notify: bool,
+}
+
+struct Watcher {
+    spec: WatchSpec,
+    sink: StreamSink,
+    next_rev: i64,
+    synced: bool,
+    last_sent: Instant,
+}
+
+impl Watcher {
+    fn wants(&self, e: &Event) -> bool {
+        let key = e.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
+        let is_put = e.r#type == EventType::Put as i32;
+        self.spec.range.contains(key) && !(is_put && self.spec.no_put) && !(!is_put && self.spec.no_delete)
+    }
+
+    fn select(&self, events: &[Event]) -> Vec<Event> {
+        events
+            .iter()
+            .filter(|e| self.wants(e) && e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= self.next_rev))
+            .map(|e| {
+                let mut e = e.clone();
+                if !self.spec.prev_kv {
+                    e.prev_kv = None;
+                }
+                e
+            })
+            .collect()
+    }
+}
+
+struct HubState {
+    published: i64,
+    compacted: i64,
+    next_key: u64,
+    watchers: HashMap<u64, Watcher>,
+}
+
+pub struct WatchHub {
+    state: Mutex<HubState>,
+    reader: Arc<Reader>,
+    wake: Notify,
+}
+
+/// Refusal to create a watcher.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchError {
+    Compacted(i64),
+}
+
+impl WatchHub {
+    pub fn new(reader: Arc<Reader>, revision: i64, compacted: i64) -> Arc<Self> {
+        Arc::new(WatchHub {
+            state: Mutex::new(HubState {
+                published: revision,
+                compacted,
+                next_key: 1,
+                watchers: HashMap::new(),
+            }),
+            reader,
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn published(&self) -> i64 {
+        self.lock().published
+    }
+
+    /// Register a watcher; queues its `Created` message first. Returns the
+    /// hub key used to cancel it.
+    pub fn watch(&self, spec: WatchSpec, sink: StreamSink) -> Result<u64, WatchError> {
+        let mut st = self.lock();
+        if spec.start_revision != 0 && spec.start_revision < st.compacted {
+            let _ = sink.send(WatchMessage::Created {
+                watch_id: spec.watch_id,
+                revision: st.published,
+            });
+            let _ = sink.send(WatchMessage::Compacted {
+                watch_id: spec.watch_id,
+                compact_revision: st.compacted,
+            });
+            return Err(WatchError::Compacted(st.compacted));
+        }
+        let next_rev = if spec.start_revision == 0 {
+            st.published + 1
+        } else {
+            spec.start_revision
+        };
+        let synced = next_rev > st.published;
+        let _ = sink.send(WatchMessage::Created {
+            watch_id: spec.watch_id,
+            revision: st.published,
+        });
+        let key = st.next_key;
+        st.next_key += 1;
+        st.watchers.insert(
+            key,
+            Watcher {
+                spec,
+                sink,
+                next_rev,
+                synced,
+                last_sent: Instant::now(),
+            },
+        );
+        drop(st);
+        if !synced {
+            self.wake.notify_one();
+        }
+        Ok(key)
+    }
+
+    pub fn cancel(&self, key: u64) {
+        self.lock().watchers.remove(&key);
+    }
+
+    /// Called by the Raft thread after a batch is committed: `events` are
+    /// that batch's changes, `revision` the store revision after it.
+    pub fn publish(&self, events: &[Event], revision: i64) {
+        let mut st = self.lock();
+        let mut fell_behind = false;
+        st.watchers.retain(|_, w| {
+            if !w.synced {
+                return true;
+            }
+            let selected = w.select(events);
+            if selected.is_empty() {
+                w.next_rev = revision + 1;
+                return true;
+            }
+            if w.sink.backlogged() {
+                w.synced = false;
+                fell_behind = true;
+                return true;
+            }
+            let sent = w.sink.send(WatchMessage::Events {
+                watch_id: w.spec.watch_id,
+                revision,
+                events: selected,
+            });
+            w.next_rev = revision + 1;
+            w.last_sent = Instant::now();
+            sent.is_ok()
+        });
+        st.published = revision;
+        drop(st);
+        if fell_behind {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn set_compacted(&self, revision: i64) {
+        self.lock().compacted = revision;
+    }
+
+    /// Replays history to unsynced watchers and sends progress
+    /// notifications; runs until the process ends.
+    pub async fn run_sync(self: Arc<Self>) {
+        let mut progress_due = Instant::now() + PROGRESS_INTERVAL;
+        loop {
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.wake.notified()).await;
+            let more = match tokio::task::spawn_blocking({
+                let hub = self.clone();
+                move || hub.sync_step()
+            })
+            .await
+            {
+                Ok(Ok(more)) => more,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "watch replay failed");
+                    false
+                }
+                Err(_) => false,
+            };
+            if more {
+                self.wake.notify_one();
+            }
+            if Instant::now() >= progress_due {
+                self.send_progress();
+                progress_due = Instant::now() + PROGRESS_INTERVAL;
+            }
+        }
+    }
+
+    /// One replay round over every unsynced watcher; true if some still lag.
+    fn sync_step(&self) -> Result<bool, crate::mvcc::MvccError> {
+        let pending: Vec<(u64, WatchSpec, i64, i64)> = {
+            let mut st = self.lock();
+            let (published, compacted) = (st.published, st.compacted);
+            let mut out = Vec::new();
+            st.watchers.retain(|key, w| {
+                if w.synced || w.sink.backlogged() {
+                    return true;
+                }
+                if w.next_rev < compacted {
+                    let _ = w.sink.send(WatchMessage::Compacted {
+                        watch_id: w.spec.watch_id,
+                        compact_revision: compacted,
+                    });
+                    return false;
+                }
+                out.push((*key, w.spec.clone(), w.next_rev, published));
+                true
+            });
+            out
+        };
+        let mut lagging = false;
+        for (key, spec, from, to) in pending {
+            let events = self
+                .reader
+                .with(|conn| read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv))?;
+            let complete = events.len() <= REPLAY_BATCH;
+            let reached = if complete {
+                to
+            } else {
+                events.last().and_then(|e| e.kv.as_ref()).map_or(to, |kv| kv.mod_revision)
+            };
+            let mut st = self.lock();
+            let published = st.published;
+            let Some(w) = st.watchers.get_mut(&key) else { continue };
+            if w.next_rev != from {
+                continue;
+            }
+            let selected: Vec<Event> = events.iter().filter(|e| w.wants(e)).cloned().collect();
+            if !selected.is_empty() {
+                let revision = selected.last().and_then(|e| e.kv.as_ref()).map_or(reached, |kv| kv.mod_revision);
+                if w.sink
+                    .send(WatchMessage::Events {
+                        watch_id: w.spec.watch_id,
+                        revision: revision.max(reached),
+                        events: selected,
+                    })
+                    .is_err()
+                {
+                    st.watchers.remove(&key);
+                    continue;
+                }
+                w.last_sent = Instant::now();
+            }
+            w.next_rev = reached + 1;
+            if w.next_rev > published {
+                w.synced = true;
+            } else {
+                lagging = true;
+            }
+        }
+        Ok(lagging)
+    }
+
+    fn send_progress(&self) {
+        let st = self.lock();
+        let now = Instant::now();
+        for w in st.watchers.values() {
+            if w.spec.progress_notify && w.synced && now.duration_since(w.last_sent) >= PROGRESS_INTERVAL {
+                let _ = w.sink.send(WatchMessage::Progress {
+                    watch_id: w.spec.watch_id,
+                    revision: st.published,
+                });
+            }
+        }
+    }
+}
