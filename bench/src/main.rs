@@ -1,1 +1,470 @@
-fn main() {}
+//! `tern-bench`: runs the same gRPC load against a real etcd and against
+//! tern-primary, one at a time on loopback, and prints one markdown table
+//! comparing them.
+//!
+//! - [`servers`]: starting, probing and killing the two processes.
+//! - [`load`]: the workloads (puts, gets, watch delivery, bulk load).
+//! - [`report`]: the table.
+
+mod load;
+mod report;
+mod servers;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+use load::{Budget, Pool, Settings, WatchLoad};
+use report::{Header, Metric, Unit};
+use servers::{Binaries, Server, System};
+
+/// Largest txn etcd accepts by default (`--max-txn-ops`); Tern has the same.
+const MAX_TXN_OPS: u64 = 128;
+/// Key numbers have seven digits (see `load::key`).
+const MAX_KEYS: u64 = 10_000_000;
+/// Pause between the last write and reading RSS, so memory freed right after
+/// the load (request buffers, Go's background GC) is not counted.
+const RSS_SETTLE: Duration = Duration::from_secs(1);
+
+/// Benchmark tern-primary against etcd with identical client load.
+///
+/// The defaults take about three minutes on a 2-core machine.
+#[derive(Debug, Parser)]
+#[command(name = "tern-bench", version, about)]
+struct Args {
+    /// The etcd executable.
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd_bin: PathBuf,
+    /// The tern-primary executable [default: next to this executable].
+    #[arg(long)]
+    tern_bin: Option<PathBuf>,
+    /// How long each put and get step runs.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Issue exactly this many requests per put and get step instead of
+    /// running for --duration.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Concurrent clients of each put step, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    put_clients: Vec<usize>,
+    /// Concurrent clients of the get steps.
+    #[arg(long, default_value_t = 64)]
+    get_clients: usize,
+    /// Distinct keys written before, and read by, the get steps.
+    #[arg(long, default_value_t = 10_000)]
+    get_keys: u64,
+    /// gRPC connections shared round-robin by the clients.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Bytes per value (keys are always 8 bytes).
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Watchers on the watched prefix.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// Watch streams the watchers are spread over.
+    #[arg(long, default_value_t = 4)]
+    watch_streams: usize,
+    /// Puts under the watched prefix; each watcher must receive all of them.
+    #[arg(long, default_value_t = 5_000)]
+    watch_puts: u64,
+    /// Concurrent clients issuing those puts.
+    #[arg(long, default_value_t = 16)]
+    watch_put_clients: usize,
+    /// Longest the watch delivery may take before the run fails.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    watch_timeout: Duration,
+    /// Keys written (to a fresh server) before measuring RSS.
+    #[arg(long, default_value_t = 1_000_000)]
+    rss_keys: u64,
+    /// Puts per txn when writing those keys.
+    #[arg(long, default_value_t = 100)]
+    rss_txn_ops: u64,
+    /// Concurrent clients writing those keys.
+    #[arg(long, default_value_t = 16)]
+    rss_clients: usize,
+    /// A request unanswered for this long counts as an error.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+}
+
+impl Args {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.put_clients.is_empty(),
+            "--put-clients needs at least one value"
+        );
+        ensure!(
+            self.put_clients.iter().all(|&c| c > 0),
+            "--put-clients values must be positive"
+        );
+        ensure!(self.get_clients > 0, "--get-clients must be positive");
+        ensure!(self.connections > 0, "--connections must be positive");
+        ensure!(self.watchers > 0, "--watchers must be positive");
+        ensure!(
+            self.watch_put_clients > 0,
+            "--watch-put-clients must be positive"
+        );
+        ensure!(self.rss_clients > 0, "--rss-clients must be positive");
+        ensure!(
+            (1..=MAX_TXN_OPS).contains(&self.rss_txn_ops),
+            "--rss-txn-ops must be between 1 and {MAX_TXN_OPS} (etcd's default --max-txn-ops)"
+        );
+        for (flag, keys) in [
+            ("--get-keys", self.get_keys),
+            ("--watch-puts", self.watch_puts),
+            ("--rss-keys", self.rss_keys),
+        ] {
+            ensure!(
+                (1..=MAX_KEYS).contains(&keys),
+                "{flag} must be between 1 and {MAX_KEYS} (8-byte keys)"
+            );
+        }
+        if let Some(n) = self.requests {
+            ensure!(n > 0, "--requests must be positive");
+        }
+        Ok(())
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            budget: match self.requests {
+                Some(n) => Budget::Requests(n),
+                None => Budget::Time(self.duration),
+            },
+            value_size: self.value_size,
+            request_timeout: self.request_timeout,
+        }
+    }
+
+    fn binaries(&self) -> Result<Binaries> {
+        let tern = match &self.tern_bin {
+            Some(path) => path.clone(),
+            // `cargo build --release` puts both binaries in target/release.
+            None => std::env::current_exe()
+                .context("locating this executable")?
+                .with_file_name("tern-primary"),
+        };
+        ensure!(
+            tern.is_file(),
+            "tern-primary not found at {}: build it with `cargo build --release -p tern-primary` or pass --tern-bin",
+            tern.display()
+        );
+        ensure!(
+            self.etcd_bin.is_file(),
+            "etcd not found at {}: install etcd-server or pass --etcd-bin",
+            self.etcd_bin.display()
+        );
+        Ok(Binaries {
+            etcd: self.etcd_bin.clone(),
+            tern,
+        })
+    }
+
+    /// The load in words, for the table's header.
+    fn describe(&self) -> String {
+        let step = match self.requests {
+            Some(n) => format!("{n} requests"),
+            None => format!("{:?}", self.duration),
+        };
+        format!(
+            "{step} per put/get step; 8-byte keys, {}-byte values; up to {} connections; \
+             gets over {} keys; watch: {} watchers on {} streams, {} puts from {} clients, \
+             timed from the first put to the last event received; \
+             RSS on a fresh server after {} keys in txns of {} from {} clients",
+            self.value_size,
+            self.connections,
+            self.get_keys,
+            self.watchers,
+            self.watch_streams,
+            self.watch_puts,
+            self.watch_put_clients,
+            self.rss_keys,
+            self.rss_txn_ops,
+            self.rss_clients
+        )
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    args.validate()?;
+    let bins = args.binaries()?;
+    // SIGINT or SIGTERM drops `run`, and with it the running server, whose
+    // Drop kills it; without this the server would outlive the benchmark.
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    tokio::select! {
+        result = run(&args, &bins) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT)"),
+        _ = terminate.recv() => bail!("terminated (SIGTERM)"),
+    }
+}
+
+async fn run(args: &Args, bins: &Binaries) -> Result<()> {
+    let started = Instant::now();
+    let header = Header {
+        date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        etcd_version: version(&bins.etcd)?,
+        tern_version: version(&bins.tern)?,
+        load: args.describe(),
+    };
+    // One system at a time, so neither competes with the other for the CPU.
+    let etcd = bench_system(System::Etcd, args, bins).await?;
+    let tern = bench_system(System::Tern, args, bins).await?;
+    print!("{}", report::render(&header, &etcd, &tern)?);
+    eprintln!("benchmark took {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Every workload against one system, in the order the table lists them.
+async fn bench_system(system: System, args: &Args, bins: &Binaries) -> Result<Vec<Metric>> {
+    let mut metrics = Vec::new();
+    let mut errors = 0;
+    eprintln!("[{system}] starting");
+    {
+        let mut server = Server::start(system, bins).await?;
+        errors += throughput_workloads(&mut server, args, &mut metrics).await?;
+        // Dropping the server here kills it before the next one starts.
+    }
+    // A fresh server, so RSS reflects the loaded keys and not the history
+    // the workloads above left behind.
+    eprintln!("[{system}] restarting for the RSS measurement");
+    let mut server = Server::start(system, bins).await?;
+    errors += rss_workload(&mut server, args, &mut metrics).await?;
+    metrics.push(Metric::new(
+        "request errors (all steps)",
+        Unit::Count,
+        errors as f64,
+    ));
+    Ok(metrics)
+}
+
+/// Puts, gets and watch delivery; appends their rows and returns the number
+/// of failed requests.
+async fn throughput_workloads(
+    server: &mut Server,
+    args: &Args,
+    metrics: &mut Vec<Metric>,
+) -> Result<u64> {
+    let system = server.system();
+    let settings = args.settings();
+    let mut errors = 0;
+    let pool = Pool::connect(server.url(), args.connections).await?;
+
+    for &clients in &args.put_clients {
+        let what = format!("put {clients} {}", plural(clients, "client"));
+        let r = step(server, &what, load::puts(&pool, clients, &settings)).await?;
+        progress(system, &what, &r);
+        errors += r.errors;
+        metrics.push(Metric::new(
+            format!("{what} (req/s)"),
+            Unit::Rate,
+            r.per_second(),
+        ));
+        metrics.push(Metric::new(
+            format!("{what} p50 (ms)"),
+            Unit::Millis,
+            r.percentile_ms(0.5),
+        ));
+        metrics.push(Metric::new(
+            format!("{what} p99 (ms)"),
+            Unit::Millis,
+            r.percentile_ms(0.99),
+        ));
+    }
+
+    let get_keys = load::prepare_gets(&pool, args.get_keys, &settings);
+    step(server, "writing the get keys", get_keys).await?;
+    for (serializable, kind) in [(false, "linearizable"), (true, "serializable")] {
+        let what = format!(
+            "{kind} get, {} {}",
+            args.get_clients,
+            plural(args.get_clients, "client")
+        );
+        let gets = load::gets(
+            &pool,
+            args.get_clients,
+            args.get_keys,
+            serializable,
+            &settings,
+        );
+        let r = step(server, &what, gets).await?;
+        progress(system, &what, &r);
+        errors += r.errors;
+        metrics.push(Metric::new(
+            format!("{what} (req/s)"),
+            Unit::Rate,
+            r.per_second(),
+        ));
+    }
+
+    let watch = WatchLoad {
+        watchers: args.watchers,
+        streams: args.watch_streams,
+        puts: args.watch_puts,
+        put_clients: args.watch_put_clients,
+        timeout: args.watch_timeout,
+    };
+    let what = format!(
+        "watch delivery, {} {}",
+        args.watchers,
+        plural(args.watchers, "watcher")
+    );
+    let w = step(
+        server,
+        &what,
+        load::watch_delivery(&pool, &watch, &settings),
+    )
+    .await?;
+    eprintln!(
+        "[{system}] {what}: {} events in {:.2?} = {:.0} events/s",
+        w.events,
+        w.elapsed,
+        w.events_per_second()
+    );
+    metrics.push(Metric::new(
+        format!("{what} (events/s)"),
+        Unit::Rate,
+        w.events_per_second(),
+    ));
+    Ok(errors)
+}
+
+/// Loads `--rss-keys` keys, then reads the server's RSS; appends the rows
+/// and returns the number of failed txns.
+async fn rss_workload(server: &mut Server, args: &Args, metrics: &mut Vec<Metric>) -> Result<u64> {
+    let system = server.system();
+    let settings = args.settings();
+    let pool = Pool::connect(server.url(), args.connections).await?;
+    let keys = count_label(args.rss_keys);
+    let what = format!("load {keys} keys, txns of {}", args.rss_txn_ops);
+    let bulk = load::load_keys(
+        &pool,
+        load::RSS_PREFIX,
+        args.rss_keys,
+        args.rss_txn_ops,
+        args.rss_clients,
+        &settings,
+    );
+    let r = step(server, &what, bulk).await?;
+    progress(system, &what, &r);
+    // Only the last txn may hold fewer than --rss-txn-ops keys.
+    let keys_written = (r.ops * args.rss_txn_ops).min(args.rss_keys);
+    let keys_per_second = keys_written as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    tokio::time::sleep(RSS_SETTLE).await;
+    let rss_mib = server.rss_bytes()? as f64 / (1024.0 * 1024.0);
+    eprintln!("[{system}] RSS after {keys} keys: {rss_mib:.1} MiB");
+    metrics.push(Metric::new(
+        format!("{what} (keys/s)"),
+        Unit::Rate,
+        keys_per_second,
+    ));
+    metrics.push(Metric::new(
+        format!("RSS after {keys} keys (MiB)"),
+        Unit::MiB,
+        rss_mib,
+    ));
+    Ok(r.errors)
+}
+
+/// Awaits one workload; on failure says which server and step, and why: a
+/// crash if the process died, else the workload's error and the log's end.
+async fn step<T>(
+    server: &mut Server,
+    what: &str,
+    workload: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let result = workload.await;
+    server.ensure_running()?;
+    result.with_context(|| {
+        format!(
+            "{} {what} failed; last lines of its log:\n{}",
+            server.system(),
+            server.log_tail(15)
+        )
+    })
+}
+
+fn progress(system: System, what: &str, r: &load::StepResult) {
+    eprintln!(
+        "[{system}] {what}: {} ok in {:.2?} = {:.0}/s, p50 {:.3} ms, p99 {:.3} ms",
+        r.ops,
+        r.elapsed,
+        r.per_second(),
+        r.percentile_ms(0.5),
+        r.percentile_ms(0.99)
+    );
+    if r.errors > 0 {
+        eprintln!(
+            "[{system}] {what}: {} errors, first: {}",
+            r.errors,
+            r.first_error.as_deref().unwrap_or("?")
+        );
+    }
+}
+
+/// The first line of `<bin> --version`.
+fn version(bin: &std::path::Path) -> Result<String> {
+    let output = Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", bin.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text
+        .lines()
+        .next()
+        .unwrap_or("unknown version")
+        .trim()
+        .to_string())
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        word.to_string()
+    } else {
+        format!("{word}s")
+    }
+}
+
+/// 1000000 -> "1M", 50000 -> "50k"; anything else as is.
+fn count_label(n: u64) -> String {
+    // Trimming zeros off the decimal string avoids `%` arithmetic whose
+    // clippy-preferred form (`is_multiple_of`) is newer than our MSRV.
+    let digits = n.to_string();
+    if let Some(millions) = digits.strip_suffix("000000").filter(|m| !m.is_empty()) {
+        format!("{millions}M")
+    } else if let Some(thousands) = digits.strip_suffix("000").filter(|k| !k.is_empty()) {
+        format!("{thousands}k")
+    } else {
+        digits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_labels() {
+        assert_eq!(count_label(1_000_000), "1M");
+        assert_eq!(count_label(20_000), "20k");
+        assert_eq!(count_label(1_500_000), "1500k");
+        assert_eq!(count_label(1_234), "1234");
+        assert_eq!(count_label(0), "0");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let args = Args::parse_from(["tern-bench"]);
+        args.validate().expect("the defaults pass validation");
+        assert_eq!(args.put_clients, [1, 16, 256]);
+    }
+}

@@ -84,7 +84,7 @@ impl Applier {
         match request {
             Request::Put(p) => {
                 self.check_space()?;
-                put(b, &p).map(ApplyResult::Put)
+                put(b, &p, false).map(ApplyResult::Put)
             }
             Request::DeleteRange(d) => delete_range(b, &d).map(ApplyResult::DeleteRange),
             Request::Txn(t) => {
@@ -235,9 +235,12 @@ pub fn range(conn: &Connection, state: StoreState, current: i64, r: &RangeReques
                 SortTarget::Value => (0, kv.value.clone()),
             }
         };
-        kvs.sort_by_key(key_of);
+        // Stable either way, so equal sort keys stay in key order (what
+        // etcd's sort gives for small results).
         if order == SortOrder::Descend {
-            kvs.reverse();
+            kvs.sort_by(|a, b| key_of(b).cmp(&key_of(a)));
+        } else {
+            kvs.sort_by_key(key_of);
         }
     }
     let mut more = false;
@@ -258,7 +261,13 @@ pub fn range(conn: &Connection, state: StoreState, current: i64, r: &RangeReques
     })
 }
 
-fn put(b: &mut Batch<'_>, p: &PutRequest) -> Result<PutResponse, ApplyError> {
+/// A Put; `checked` means a Txn already validated it against the state
+/// before the txn (etcd's checkRequestPut), otherwise the lease is looked up
+/// first and the key second, in etcd's order for a plain Put.
+fn put(b: &mut Batch<'_>, p: &PutRequest, checked: bool) -> Result<PutResponse, ApplyError> {
+    if !checked && p.lease != 0 && !b.lease_exists(p.lease)? {
+        return Err(ApplyError::LeaseNotFound);
+    }
     let existing = if p.ignore_value || p.ignore_lease || p.prev_kv {
         read::get_live(b.conn(), &p.key)?
     } else {
@@ -273,9 +282,6 @@ fn put(b: &mut Batch<'_>, p: &PutRequest) -> Result<PutResponse, ApplyError> {
         if p.ignore_lease {
             lease = prev.lease;
         }
-    }
-    if lease != 0 && !b.lease_exists(lease)? {
-        return Err(ApplyError::LeaseNotFound);
     }
     let value = value.to_vec();
     b.put(&p.key, &value, lease)?;
@@ -313,8 +319,45 @@ fn txn(b: &mut Batch<'_>, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
     // the txn writes anything.
     let mut path = Vec::new();
     txn_path(b.conn(), t, &mut path)?;
+    check_txn(b.conn(), b.state(), t, &mut path.iter().copied())?;
     let mut path = path.into_iter();
-    execute_txn(b, t, &mut path)
+    let mut response = execute_txn(b, t, &mut path)?;
+    response.header = Some(header(b.read_revision()));
+    Ok(response)
+}
+
+/// etcd's checkRequests: before anything is written, every request on the
+/// chosen path is checked against the state before the txn.
+fn check_txn(
+    conn: &Connection,
+    state: StoreState,
+    t: &TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+) -> Result<(), ApplyError> {
+    let succeeded = path.next().unwrap_or(false);
+    for op in if succeeded { &t.success } else { &t.failure } {
+        match &op.request {
+            Some(request_op::Request::RequestPut(p)) => {
+                if (p.ignore_value || p.ignore_lease) && read::get_live(conn, &p.key)?.is_none() {
+                    return Err(ApplyError::KeyNotFound);
+                }
+                if p.lease != 0 && read::lease_ttl(conn, p.lease)?.is_none() {
+                    return Err(ApplyError::LeaseNotFound);
+                }
+            }
+            Some(request_op::Request::RequestRange(r)) if r.revision != 0 => {
+                if r.revision > state.revision {
+                    return Err(ApplyError::FutureRevision);
+                }
+                if r.revision < state.compact_revision {
+                    return Err(ApplyError::Compacted);
+                }
+            }
+            Some(request_op::Request::RequestTxn(nested)) => check_txn(conn, state, nested, path)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn txn_path(conn: &Connection, t: &TxnRequest, path: &mut Vec<bool>) -> Result<(), ApplyError> {
@@ -349,7 +392,7 @@ fn execute_txn(
                 let current = b.read_revision();
                 response_op::Response::ResponseRange(range(b.conn(), state, current, r)?)
             }
-            Some(request_op::Request::RequestPut(p)) => response_op::Response::ResponsePut(put(b, p)?),
+            Some(request_op::Request::RequestPut(p)) => response_op::Response::ResponsePut(put(b, p, true)?),
             Some(request_op::Request::RequestDeleteRange(d)) => {
                 response_op::Response::ResponseDeleteRange(delete_range(b, d)?)
             }
@@ -362,8 +405,10 @@ fn execute_txn(
             response: Some(response),
         });
     }
+    // Nested responses carry an empty header, as etcd's do; the caller
+    // sets the outer one.
     Ok(TxnResponse {
-        header: Some(header(b.read_revision())),
+        header: Some(ResponseHeader::default()),
         succeeded,
         responses,
     })
@@ -373,7 +418,9 @@ fn execute_txn(
 pub fn read_only_txn(conn: &Connection, state: StoreState, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
     let mut path = Vec::new();
     txn_path(conn, t, &mut path)?;
-    read_only_branch(conn, state, t, &mut path.into_iter())
+    let mut response = read_only_branch(conn, state, t, &mut path.into_iter())?;
+    response.header = Some(header(state.revision));
+    Ok(response)
 }
 
 fn read_only_branch(
@@ -399,7 +446,7 @@ fn read_only_branch(
         });
     }
     Ok(TxnResponse {
-        header: Some(header(state.revision)),
+        header: Some(ResponseHeader::default()),
         succeeded,
         responses,
     })

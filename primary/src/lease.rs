@@ -60,12 +60,16 @@ impl Lessor {
         Some(lease.ttl)
     }
 
-    /// Seconds left (rounded up like etcd), or None if unknown.
+    /// Whole seconds left (truncated, as etcd reports them), or None if
+    /// unknown.
     pub fn remaining(&self, id: i64) -> Option<i64> {
         let map = self.map();
         let lease = map.get(&id)?;
-        let left = lease.deadline.saturating_duration_since(Instant::now());
-        Some(left.as_millis().div_ceil(1000) as i64)
+        Some(lease.deadline.saturating_duration_since(Instant::now()).as_secs() as i64)
+    }
+
+    pub fn deadline(&self, id: i64) -> Option<Instant> {
+        self.map().get(&id).map(|l| l.deadline)
     }
 
     /// Leases past their deadline (the leader proposes their revocation).
@@ -114,7 +118,7 @@ mod tests {
         assert_eq!(l.expired(), vec![7]);
         l.grant(8, 60);
         assert_eq!(l.renew(8), Some(60));
-        assert_eq!(l.remaining(8), Some(60));
+        assert_eq!(l.remaining(8), Some(59));
         assert_eq!(l.renew(9), None);
         l.revoke(8);
         assert_eq!(l.remaining(8), None);

@@ -106,6 +106,14 @@ impl Member {
         }
     }
 
+    /// etcd's cluster service answers without a revision.
+    pub fn header_without_revision(&self) -> ResponseHeader {
+        ResponseHeader {
+            revision: 0,
+            ..self.header(0)
+        }
+    }
+
     /// Fill a header produced by the apply layer, like etcd's `header.fill`.
     pub fn fill(&self, header: &mut Option<ResponseHeader>) {
         let revision = header.as_ref().map_or(0, |h| h.revision);

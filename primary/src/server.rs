@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tern_config::{primary::url_string, PrimaryConfig};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 
 use crate::identity;
@@ -150,6 +149,7 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
 
     let router = crate::api::routes(member.clone())
         .into_axum_router()
+        .layer(axum::middleware::map_response(crate::api::etcd_oversize_status))
         .merge(crate::http::router(member.clone()));
     let mut servers = tokio::task::JoinSet::new();
     for url in &config.listen_client_urls {
@@ -163,9 +163,13 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         servers.spawn(
             tonic::transport::Server::builder()
                 .accept_http1(true)
-                .tcp_nodelay(true)
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal()),
+                // serve_with_incoming ignores the builder's nodelay, and
+                // without it small responses wait for the peer's delayed ACK.
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown_signal(),
+                ),
         );
     }
     for url in &config.listen_metrics_urls {

@@ -313,15 +313,9 @@ impl WatchHub {
         };
         let mut lagging = false;
         for (key, spec, from, to) in pending {
-            let events = self
+            let (events, reached) = self
                 .reader
                 .with(|conn| read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv))?;
-            let complete = events.len() <= REPLAY_BATCH;
-            let reached = if complete {
-                to
-            } else {
-                events.last().and_then(|e| e.kv.as_ref()).map_or(to, |kv| kv.mod_revision)
-            };
             let mut st = self.lock();
             let published = st.published;
             let Some(w) = st.watchers.get_mut(&key) else { continue };

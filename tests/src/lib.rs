@@ -1,1 +1,323 @@
-//! Support code for the cross-process tests.
+//! Support for the cross-process tests: start a real `tern-primary` or a
+//! real etcd on loopback, run `etcdctl`, and talk gRPC to either.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves
+//! nothing running.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tern_primary::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
+use tonic::transport::Channel;
+
+/// A binary built from this workspace, next to the test executable's
+/// directory (`target/<profile>/`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago (for etcd, which needs its ports up
+/// front). tern-primary binds port 0 itself and reports what it got.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A running tern-primary.
+pub struct Tern {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub endpoint: String,
+    args: Vec<String>,
+    /// Keeps a temporary data dir alive as long as the member.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Tern {
+    /// Start a member on a fresh temporary data dir.
+    pub fn start(extra: &[&str]) -> Tern {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data_dir = temp.path().join("member.tern");
+        let mut t = Tern::start_in(&data_dir, extra);
+        t._temp = Some(temp);
+        t
+    }
+
+    /// Start a member on `data_dir` (created if missing).
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Tern {
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        if !extra.iter().any(|a| a.starts_with("--listen-client-urls")) {
+            args.push("--listen-client-urls".into());
+            args.push("http://127.0.0.1:0".into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, endpoint) = spawn_tern(&args);
+        let t = Tern {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            endpoint,
+            args,
+            _temp: None,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn wait_ready(&self) {
+        wait_serving(&self.endpoint);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.endpoint)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same data dir and flags (a new port if it was 0).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, endpoint) = spawn_tern(&self.args);
+        self.child = Some(child);
+        self.endpoint = endpoint;
+        self.wait_ready();
+    }
+
+    pub async fn kv(&self) -> KvClient<Channel> {
+        KvClient::new(channel(&self.endpoint).await)
+    }
+}
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Spawn tern-primary and wait for the address it serves on.
+fn spawn_tern(args: &[String]) -> (Child, String) {
+    let mut child = Command::new(workspace_bin("tern-primary"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tern-primary");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(rest) = line.split("serving client traffic address=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(Ok(addr));
+                    sent = true;
+                    continue;
+                }
+            }
+            if std::env::var_os("TERN_TEST_LOGS").is_some() {
+                eprintln!("[tern] {line}");
+            }
+            if !sent && (line.contains("ERROR") || line.starts_with("error")) {
+                let _ = tx.send(Err(line.clone()));
+            }
+        }
+        let _ = tx.send(Err("tern-primary exited before serving".into()));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(addr)) => (child, addr),
+        Ok(Err(e)) => {
+            let _ = child.kill();
+            panic!("tern-primary failed to start: {e}")
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("tern-primary did not report its address within 30 s")
+        }
+    }
+}
+
+/// Poll until a serializable Range succeeds and a leader exists.
+fn wait_serving(endpoint: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = etcdctl(endpoint, &["endpoint", "health"], None);
+        if out.code == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{endpoint} not healthy within 30 s");
+}
+
+pub async fn channel(endpoint: &str) -> Channel {
+    Channel::from_shared(format!("http://{endpoint}"))
+        .expect("endpoint uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// A real etcd 3.4 (Debian `etcd-server`) with the default member identity,
+/// so its ids equal tern-primary's defaults.
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let peer = free_port();
+        let endpoint = format!("127.0.0.1:{port}");
+        let child = Command::new("etcd")
+            .args([
+                "--data-dir",
+                &dir.path().join("etcd").display().to_string(),
+                "--listen-client-urls",
+                &format!("http://{endpoint}"),
+                "--advertise-client-urls",
+                &format!("http://{endpoint}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd (apt-get install etcd-server)");
+        wait_serving(&endpoint);
+        Etcd {
+            child,
+            endpoint,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What etcdctl printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// The `Error: ...` line etcdctl ends with on failure (retry warnings
+    /// before it carry timestamps and differ run to run).
+    pub fn error_line(&self) -> String {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("Error:"))
+            .last()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Run etcdctl (API v3) against `endpoint`.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().expect("spawn etcdctl (apt-get install etcd-client)");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().expect("stdin piped");
+        pipe.write_all(input.as_bytes()).expect("write etcdctl stdin");
+    }
+    let out = child.wait_with_output().expect("etcdctl output");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run a long-running etcdctl command (watch, keep-alive) for `for_how_long`
+/// and return what it printed by then.
+pub fn etcdctl_for(endpoint: &str, args: &[&str], for_how_long: Duration) -> Output {
+    let child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn etcdctl");
+    std::thread::sleep(for_how_long);
+    // SAFETY: plain kill(2) on a child we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().expect("etcdctl output");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Read one key through gRPC (serializable), for checks after a crash.
+pub async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<Vec<u8>> {
+    let resp = kv
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    resp.kvs.into_iter().next().map(|kv| kv.value)
+}

@@ -54,7 +54,7 @@ impl Cluster for ClusterService {
             })
             .collect();
         Ok(Response::new(MemberListResponse {
-            header: Some(self.member.header(0)),
+            header: Some(self.member.header_without_revision()),
             members,
         }))
     }

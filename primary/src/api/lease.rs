@@ -96,8 +96,15 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
         self.member.linearizable_barrier().await?;
+        // etcd answers an unknown (or expired) lease with TTL -1, not an error.
+        let expired = LeaseTimeToLiveResponse {
+            header: Some(self.member.header(0)),
+            id: r.id,
+            ttl: -1,
+            ..Default::default()
+        };
         let Some(remaining) = self.member.lessor.remaining(r.id) else {
-            return Err(EtcdError::LeaseNotFound.into());
+            return Ok(Response::new(expired));
         };
         let (id, want_keys) = (r.id, r.keys);
         let (granted, keys) = self
@@ -113,7 +120,7 @@ impl Lease for LeaseService {
             })
             .await?;
         let Some(granted) = granted else {
-            return Err(EtcdError::LeaseNotFound.into());
+            return Ok(Response::new(expired));
         };
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: Some(self.member.header(0)),
@@ -126,7 +133,10 @@ impl Lease for LeaseService {
 
     async fn lease_leases(&self, _request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.member.linearizable_barrier().await?;
-        let leases = self.member.read(|conn, _| read::leases(conn).map_err(mvcc_status)).await?;
+        let mut leases = self.member.read(|conn, _| read::leases(conn).map_err(mvcc_status)).await?;
+        // etcd lists leases soonest expiry first.
+        let lessor = &self.member.lessor;
+        leases.sort_by_key(|(id, _)| (lessor.deadline(*id), *id));
         Ok(Response::new(LeaseLeasesResponse {
             header: Some(self.member.header(0)),
             leases: leases.into_iter().map(|(id, _)| LeaseStatus { id }).collect(),

@@ -20,6 +20,33 @@ use crate::proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 
+/// grpc-go (and so etcd) answers an oversized request with
+/// RESOURCE_EXHAUSTED "grpc: received message larger than max (N vs. M)";
+/// tonic says OUT_OF_RANGE in other words. Clients match on the code, so
+/// rewrite tonic's answer (always a trailers-only response) into etcd's.
+pub async fn etcd_oversize_status(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("11") {
+        return response;
+    }
+    let Some(message) = headers.get("grpc-message").and_then(|v| v.to_str().ok()) else {
+        return response;
+    };
+    let message = percent_encoding::percent_decode_str(message).decode_utf8_lossy();
+    let Some(rest) = message.strip_prefix("Error, decoded message length too large: found ") else {
+        return response;
+    };
+    let numbers: Vec<&str> = rest.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).collect();
+    if let [found, limit] = numbers[..] {
+        let text = format!("grpc: received message larger than max ({found} vs. {limit})");
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
+}
+
 /// gRPC overhead etcd allows on top of `--max-request-bytes`.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 

@@ -23,6 +23,9 @@ pub mod read;
 pub mod schema;
 pub mod write;
 
+#[cfg(test)]
+mod model_tests;
+
 pub use read::{KeyRange, RangeQuery, RangeResult, Reader};
 pub use write::{Batch, MvccStore, StoreState};
 

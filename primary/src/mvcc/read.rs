@@ -146,9 +146,10 @@ pub fn get_live(conn: &Connection, key: &[u8]) -> Result<Option<KeyValue>, MvccE
 }
 
 /// Events with `from <= revision <= to` on keys in `range`, in revision
-/// order, at most `limit` of them (whole revisions are never split unless a
-/// single revision exceeds the limit). With `prev_kv`, each event carries
-/// the key's previous state.
+/// order, in whole revisions: about `limit` of them, more only when a single
+/// revision holds more. With `prev_kv`, each event carries the key's
+/// previous state. Returns the events and the last revision they cover
+/// (`to` when everything up to it was read).
 pub fn history(
     conn: &Connection,
     range: &KeyRange,
@@ -156,10 +157,43 @@ pub fn history(
     to: i64,
     limit: usize,
     prev_kv: bool,
-) -> Result<Vec<Event>, MvccError> {
+) -> Result<(Vec<Event>, i64), MvccError> {
     if range.is_empty() || from > to {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), to));
     }
+    let mut events = history_rows(conn, range, from, to, Some(limit + 1))?;
+    let mut reached = to;
+    if events.len() > limit {
+        let revision_of = |e: &Event| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        let first = events.first().map_or(from, revision_of);
+        let last = events.last().map_or(to, revision_of);
+        if first == last {
+            // One revision larger than the limit: take all of it.
+            events = history_rows(conn, range, first, first, None)?;
+            reached = first;
+        } else {
+            // Drop the partial last revision; the caller resumes at it.
+            events.retain(|e| revision_of(e) != last);
+            reached = last - 1;
+        }
+    }
+    if prev_kv {
+        for event in &mut events {
+            if let Some(kv) = &event.kv {
+                event.prev_kv = previous(conn, &kv.key, kv.mod_revision)?;
+            }
+        }
+    }
+    Ok((events, reached))
+}
+
+fn history_rows(
+    conn: &Connection,
+    range: &KeyRange,
+    from: i64,
+    to: i64,
+    limit: Option<usize>,
+) -> Result<Vec<Event>, MvccError> {
     let (a, b) = range.params();
     let sql = format!(
         "SELECT {KV_COLUMNS}, tombstone FROM kv_history WHERE mod_revision >= ?3 AND mod_revision <= ?4 AND {} \
@@ -173,7 +207,7 @@ pub fn history(
     }
     stmt.raw_bind_parameter(3, from)?;
     stmt.raw_bind_parameter(4, to)?;
-    stmt.raw_bind_parameter(5, limit as i64 + 1)?;
+    stmt.raw_bind_parameter(5, limit.map_or(-1, |l| l as i64))?;
     let mut events = Vec::new();
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next()? {
@@ -196,22 +230,6 @@ pub fn history(
                 prev_kv: None,
             }
         });
-    }
-    drop(rows);
-    if events.len() > limit {
-        // Drop the partial last revision so a caller resumes at its start.
-        let last = events.last().and_then(|e| e.kv.as_ref()).map_or(0, |kv| kv.mod_revision);
-        let first = events.first().and_then(|e| e.kv.as_ref()).map_or(0, |kv| kv.mod_revision);
-        if last != first {
-            events.retain(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision != last));
-        }
-    }
-    if prev_kv {
-        for event in &mut events {
-            if let Some(kv) = &event.kv {
-                event.prev_kv = previous(conn, &kv.key, kv.mod_revision)?;
-            }
-        }
     }
     Ok(events)
 }

@@ -1,0 +1,226 @@
+//! Starting and stopping the two servers under test.
+//!
+//! Each server is a child process on 127.0.0.1 with a fresh temporary data
+//! directory. The [`Server`] guard kills the process and removes the
+//! directory when it is dropped, so an error (or Ctrl-C, which drops the
+//! running future) never leaves a server behind.
+
+use std::fmt;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+use tern_primary::proto::etcdserverpb::kv_client::KvClient;
+use tern_primary::proto::etcdserverpb::RangeRequest;
+use tonic::transport::Endpoint;
+
+/// How long a server may take from spawn to answering its first Range.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which implementation a server is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    Etcd,
+    Tern,
+}
+
+impl fmt::Display for System {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            System::Etcd => "etcd",
+            System::Tern => "tern",
+        })
+    }
+}
+
+/// The two executables to benchmark.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub tern: PathBuf,
+}
+
+impl Binaries {
+    fn path(&self, system: System) -> &Path {
+        match system {
+            System::Etcd => &self.etcd,
+            System::Tern => &self.tern,
+        }
+    }
+}
+
+/// A running server. Dropping it kills the process and deletes its data.
+pub struct Server {
+    system: System,
+    child: Child,
+    /// The gRPC endpoint, `http://127.0.0.1:<port>`.
+    url: String,
+    log_path: PathBuf,
+    // Removed after `Drop::drop` has killed the process that writes to it.
+    _dir: TempDir,
+}
+
+impl Server {
+    /// Spawns `system` on free loopback ports and waits until it serves a
+    /// Range, so the first measured request never races start-up.
+    pub async fn start(system: System, bins: &Binaries) -> Result<Server> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-bench-{system}-"))
+            .tempdir()
+            .context("creating a temporary directory for the server")?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join("server.log");
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log_err = log.try_clone().context("duplicating the log file handle")?;
+
+        let client_port = free_port()?;
+        let url = format!("http://127.0.0.1:{client_port}");
+        let bin = bins.path(system);
+        let mut cmd = Command::new(bin);
+        cmd.arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen-client-urls")
+            .arg(&url);
+        if system == System::Etcd {
+            // etcd binds its peer port even as a single member; a fresh one
+            // keeps it off the default 2380, which may be in use.
+            let peer_port = free_port()?;
+            cmd.arg("--advertise-client-urls")
+                .arg(&url)
+                .arg("--listen-peer-urls")
+                .arg(format!("http://127.0.0.1:{peer_port}"));
+        }
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {system} from {}", bin.display()))?;
+
+        let mut server = Server {
+            system,
+            child,
+            url,
+            log_path,
+            _dir: dir,
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    pub fn system(&self) -> System {
+        self.system
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails, with the end of the server's log, if the process has exited.
+    /// Checked between workloads so a crash is reported as a crash rather
+    /// than as a table full of errors.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!(
+                "{} exited unexpectedly ({status}); last lines of {}:\n{}",
+                self.system,
+                self.log_path.display(),
+                self.log_tail(20)
+            ),
+            Err(e) => Err(e).context(format!("checking whether {} is running", self.system)),
+        }
+    }
+
+    /// Resident set size of the server process, from /proc/<pid>/status.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .with_context(|| format!("no VmRSS line in {path}"))?;
+        // The line reads "VmRSS:   123456 kB".
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("cannot parse {line:?} in {path}"))?;
+        Ok(kib * 1024)
+    }
+
+    /// The last `n` lines of the server's log, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        match std::fs::read_to_string(&self.log_path) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(n)..].join("\n")
+            }
+            Err(e) => format!("(cannot read log: {e})"),
+        }
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let endpoint = Endpoint::from_shared(self.url.clone())
+            .context("building the readiness endpoint")?
+            .connect_timeout(Duration::from_secs(1));
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            self.ensure_running()?;
+            match probe(&endpoint).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = format!("{e:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "{} did not answer a Range within {READY_TIMEOUT:?} (last error: {last_error}); last lines of {}:\n{}",
+            self.system,
+            self.log_path.display(),
+            self.log_tail(20)
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGKILL: the data is thrown away, so a graceful stop buys nothing.
+        // Errors mean the process is already gone, which is what we want.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One Range with a short timeout: the server is up when this succeeds.
+async fn probe(endpoint: &Endpoint) -> Result<()> {
+    let channel = endpoint.connect().await.context("connecting")?;
+    let mut kv = KvClient::new(channel);
+    let request = RangeRequest {
+        key: b"bench-ready".to_vec(),
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(1), kv.range(request))
+        .await
+        .context("Range timed out")?
+        .context("Range failed")?;
+    Ok(())
+}
+
+/// A port that was free a moment ago. The kernel may hand it out again
+/// before the server binds it, but on an otherwise idle loopback that race
+/// is rare, and a lost race shows up as a clear start-up error.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port())
+}

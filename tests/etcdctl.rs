@@ -1,0 +1,305 @@
+//! etcdctl sessions run side by side against a real etcd 3.4 and
+//! tern-primary: the same commands, in the same order, must print the same
+//! thing. Only what legitimately differs between two servers is normalized
+//! (the endpoint address, elapsed times, database sizes and Raft indexes).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tern_primary::proto::etcdserverpb::{lease_client::LeaseClient, LeaseGrantRequest};
+use tern_tests::{channel, etcdctl, etcdctl_for, free_port, Etcd, Output, Tern};
+
+struct Pair {
+    etcd: Etcd,
+    tern: Tern,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let tern = Tern::start(&[
+            &format!("--listen-client-urls={url}"),
+            &format!("--advertise-client-urls={url}"),
+        ]);
+        Pair {
+            etcd: Etcd::start(),
+            tern,
+        }
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> (Output, Output) {
+        let e = normalize(etcdctl(&self.etcd.endpoint, args, stdin), &self.etcd.endpoint);
+        let t = normalize(etcdctl(&self.tern.endpoint, args, stdin), &self.tern.endpoint);
+        (e, t)
+    }
+
+    /// Run on both and require the same exit code, stdout and error line.
+    fn same(&self, args: &[&str]) -> Output {
+        self.same_stdin(args, None)
+    }
+
+    fn same_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let (e, t) = self.run(args, stdin);
+        assert_eq!(
+            (e.code, &e.stdout, e.error_line()),
+            (t.code, &t.stdout, t.error_line()),
+            "etcdctl {args:?}: etcd (left) and tern (right) differ"
+        );
+        t
+    }
+
+    /// Grant the same lease id on both (etcdctl cannot choose an id).
+    async fn grant(&self, id: i64, ttl: i64) {
+        for endpoint in [&self.etcd.endpoint, &self.tern.endpoint] {
+            LeaseClient::new(channel(endpoint).await)
+                .lease_grant(LeaseGrantRequest { ttl, id })
+                .await
+                .expect("lease grant");
+        }
+    }
+}
+
+fn normalize(mut out: Output, endpoint: &str) -> Output {
+    for text in [&mut out.stdout, &mut out.stderr] {
+        *text = text.replace(endpoint, "ENDPOINT");
+        if let Some(at) = text.find("took = ") {
+            let end = text[at..].find('\n').map_or(text.len(), |n| at + n);
+            text.replace_range(at..end, "took = T");
+        }
+    }
+    out
+}
+
+fn session_put(p: &Pair) {
+    for (k, v) in [("foo", "bar"), ("foo2", "bar2"), ("foo3", "bar3"), ("k1", "v1"), ("k2", "v2"), ("a", "1")] {
+        assert_eq!(p.same(&["put", k, v]).stdout, "OK\n");
+    }
+}
+
+#[test]
+fn get_forms_match_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    p.same(&["put", "foo", "bar-again"]);
+    let out = p.same(&["get", "foo"]);
+    assert_eq!(out.stdout, "foo\nbar-again\n");
+    for args in [
+        &["get", "foo", "-w", "json"][..],
+        &["get", "foo", "-w", "fields"],
+        &["get", "--prefix", "foo"],
+        &["get", "foo", "foo3"],
+        &["get", "--from-key", "foo2"],
+        &["get", "--from-key", "", "--keys-only"],
+        &["get", "--prefix", "foo", "--limit", "1", "-w", "json"],
+        &["get", "--prefix", "--limit=1", "-w", "json", ""],
+        &["get", "--rev", "2", "foo2"],
+        &["get", "--rev", "3", "--prefix", "foo"],
+        &["get", "--rev", "7", "foo", "-w", "json"],
+        &["get", "--prefix", "foo", "--sort-by=MODIFY", "--order=DESCEND"],
+        &["get", "--prefix", "foo", "--sort-by=VALUE", "--order=ASCEND", "--keys-only"],
+        &["get", "--prefix", "foo", "--sort-by=CREATE"],
+        &["get", "--prefix", "foo", "--sort-by=VERSION", "--order=DESCEND", "-w", "json"],
+        &["get", "--prefix", "foo", "--order=DESCEND"],
+        &["get", "foo", "--print-value-only"],
+        &["get", "--prefix", "k", "--keys-only"],
+        &["get", "--consistency=s", "foo"],
+        &["get", "missing"],
+        &["get", "missing", "-w", "json"],
+        &["get", "--rev", "100", "foo"],
+    ] {
+        p.same(args);
+    }
+}
+
+#[test]
+fn put_and_del_match_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    for args in [
+        &["put", "--prev-kv", "foo", "baz"][..],
+        &["put", "--prev-kv", "newkey", "x", "-w", "json"],
+        &["put", "--ignore-value", "foo"],
+        &["get", "foo", "-w", "json"],
+        &["put", "--ignore-value", "nokey"],
+        &["put", "--ignore-lease", "foo", "v"],
+        &["put", "--lease=99", "foo", "v"],
+        &["del", "foo2", "--prev-kv"],
+        &["del", "--prefix", "k"],
+        &["del", "nothing"],
+        &["del", "--from-key", "foo", "-w", "json"],
+        &["get", "--from-key", ""],
+        &["del", "--prefix", "", "--prev-kv", "-w", "json"],
+        &["get", "--from-key", "", "-w", "json"],
+    ] {
+        p.same(args);
+    }
+}
+
+#[test]
+fn txn_matches_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    let scripts = [
+        "value(\"foo\") = \"bar\"\n\nput foo baz\nget foo\n\nput foo nope\n\n",
+        "value(\"foo\") = \"bar\"\n\nput foo again\n\nput foo failed\nget foo\n\n",
+        "mod(\"foo\") > \"0\"\nversion(\"k1\") = \"1\"\n\ndel k1\nget --prefix k\n\nput x y\n\n",
+        "create(\"missing\") = \"0\"\n\nput missing now\n\n\n",
+        "value(\"missing2\") != \"x\"\n\nput a b\n\nput a c\n\n",
+        "\n\nget foo\nget a\n\n\n",
+    ];
+    for script in scripts {
+        p.same_stdin(&["txn"], Some(script));
+        p.same_stdin(&["txn", "-w", "json"], Some(script));
+    }
+    p.same(&["get", "--from-key", "", "-w", "json"]);
+}
+
+#[test]
+fn compaction_matches_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    p.same(&["put", "foo", "v2"]);
+    p.same(&["compaction", "5"]);
+    p.same(&["get", "--rev", "4", "foo"]);
+    p.same(&["get", "--rev", "5", "--prefix", "foo"]);
+    p.same(&["compaction", "3"]);
+    p.same(&["compaction", "100"]);
+    p.same(&["compaction", "--physical", "6"]);
+    p.same(&["get", "--from-key", "", "-w", "json"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_match_etcd() {
+    let p = Pair::start();
+    p.grant(0x1234, 100).await;
+    p.grant(0x99, 200).await;
+    p.same(&["lease", "list"]);
+    p.same(&["put", "--lease=1234", "lk", "lv"]);
+    p.same(&["put", "--lease=1234", "lk2", "lv2"]);
+    p.same(&["get", "lk", "-w", "json"]);
+    // Remaining seconds depend on timing; everything else must match.
+    let (e, t) = p.run(&["lease", "timetolive", "1234", "--keys"], None);
+    assert_eq!(strip_remaining(&e.stdout), strip_remaining(&t.stdout));
+    assert!(t.stdout.contains("attached keys([lk lk2])"), "{}", t.stdout);
+    p.same(&["lease", "keep-alive", "--once", "1234"]);
+    p.same(&["lease", "revoke", "1234"]);
+    p.same(&["get", "lk"]);
+    p.same(&["lease", "timetolive", "1234"]);
+    p.same(&["lease", "revoke", "1234"]);
+    p.same(&["lease", "keep-alive", "--once", "1234"]);
+    p.same(&["lease", "list"]);
+    p.same(&["get", "--from-key", "", "-w", "json"]);
+}
+
+fn strip_remaining(s: &str) -> String {
+    match (s.find("remaining("), s.find("s), attached")) {
+        (Some(a), Some(b)) if a < b => format!("{}{}", &s[..a], &s[b..]),
+        _ => s.to_string(),
+    }
+}
+
+#[test]
+fn short_lease_expires_and_deletes_keys() {
+    let t = Tern::start(&[]);
+    let grant = etcdctl(&t.endpoint, &["lease", "grant", "2"], None);
+    let id = grant.stdout.split_whitespace().nth(1).expect("lease id").to_string();
+    assert_eq!(etcdctl(&t.endpoint, &["put", "--lease", &id, "eph", "x"], None).stdout, "OK\n");
+    assert_eq!(etcdctl(&t.endpoint, &["get", "eph", "--print-value-only"], None).stdout, "x\n");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(etcdctl(&t.endpoint, &["get", "eph"], None).stdout, "");
+    let ttl = etcdctl(&t.endpoint, &["lease", "timetolive", &id], None);
+    assert_eq!(ttl.stdout, format!("lease {id} already expired\n"));
+}
+
+#[test]
+fn watch_matches_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    p.same(&["put", "foo", "v2"]);
+    p.same(&["del", "foo2"]);
+    for args in [
+        &["watch", "--rev", "2", "--prefix", "foo"][..],
+        &["watch", "--rev", "2", "--prev-kv", "foo"],
+        &["watch", "--rev", "1", "foo", "-w", "json"],
+        &["watch", "--rev", "3", "foo2", "foo4"],
+    ] {
+        let e = normalize(etcdctl_for(&p.etcd.endpoint, args, Duration::from_millis(1500)), &p.etcd.endpoint);
+        let t = normalize(etcdctl_for(&p.tern.endpoint, args, Duration::from_millis(1500)), &p.tern.endpoint);
+        assert_eq!(e.stdout, t.stdout, "etcdctl {args:?}");
+    }
+    p.same(&["compaction", "4"]);
+    let args = ["watch", "--rev", "2", "foo"];
+    let e = etcdctl_for(&p.etcd.endpoint, &args, Duration::from_millis(1500));
+    let t = etcdctl_for(&p.tern.endpoint, &args, Duration::from_millis(1500));
+    assert_eq!(e.stdout, t.stdout);
+    assert_eq!(e.error_line(), t.error_line());
+}
+
+#[test]
+fn live_watch_sees_new_events() {
+    let t = Tern::start(&[]);
+    let endpoint = t.endpoint.clone();
+    let watcher = std::thread::spawn(move || {
+        etcdctl_for(&endpoint, &["watch", "--prefix", "live/"], Duration::from_millis(2500))
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    etcdctl(&t.endpoint, &["put", "live/a", "1"], None);
+    etcdctl(&t.endpoint, &["del", "live/a"], None);
+    etcdctl(&t.endpoint, &["put", "other", "1"], None);
+    let out = watcher.join().expect("watcher");
+    assert_eq!(out.stdout, "PUT\nlive/a\n1\nDELETE\nlive/a\n\n");
+}
+
+#[test]
+fn cluster_and_maintenance_match_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    p.same(&["member", "list"]);
+    p.same(&["member", "list", "-w", "json"]);
+    p.same(&["member", "list", "-w", "table"]);
+    p.same(&["endpoint", "health"]);
+    p.same(&["endpoint", "health", "-w", "json"]);
+    p.same(&["alarm", "list"]);
+    p.same(&["defrag"]);
+    let (e, t) = p.run(&["endpoint", "status", "-w", "json"], None);
+    assert_eq!(status_fields(&e.stdout), status_fields(&t.stdout));
+    let (e, t) = p.run(&["endpoint", "status", "-w", "table"], None);
+    assert_eq!(e.stdout.lines().nth(1), t.stdout.lines().nth(1), "table header");
+    assert_eq!(e.code, t.code);
+    let (e, t) = p.run(&["endpoint", "hashkv", "-w", "json"], None);
+    assert_eq!(e.code, 0);
+    assert_eq!(t.code, 0, "{}", t.stderr);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("snap.db");
+    let out = etcdctl(&p.tern.endpoint, &["snapshot", "save", &path.display().to_string()], None);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, format!("Snapshot saved at {}\n", path.display()));
+    let bytes = std::fs::read(&path).expect("snapshot file");
+    assert!(bytes.starts_with(b"SQLite format 3\0"), "snapshot is an SQLite database");
+}
+
+/// Endpoint status without the figures that differ between engines.
+fn status_fields(json: &str) -> Value {
+    let mut v: Value = serde_json::from_str(json).expect("status json");
+    for entry in v.as_array_mut().expect("array") {
+        let status = entry.get_mut("Status").expect("Status");
+        for field in ["dbSize", "dbSizeInUse", "raftIndex", "raftAppliedIndex"] {
+            let present = status.get(field).is_some();
+            status[field] = Value::Bool(present);
+        }
+    }
+    v
+}
+
+#[test]
+fn oversized_and_bad_requests_match_etcd() {
+    let p = Pair::start();
+    let big = "x".repeat(1024 * 1024 + 600 * 1024);
+    p.same_stdin(&["put", "big"], Some(&big));
+    let fits = "y".repeat(1024 * 1024);
+    p.same_stdin(&["put", "fits"], Some(&fits));
+    p.same(&["get", "fits", "--keys-only"]);
+    p.same(&["lease", "timetolive", "abcd"]);
+    p.same(&["lease", "revoke", "abcd"]);
+}

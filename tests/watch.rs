@@ -1,0 +1,184 @@
+//! Watch streams over gRPC, side by side with etcd: many watchers on one
+//! stream, history replay, filters, prev_kv, cancel, compaction, progress
+//! requests. Responses are compared per watcher (their interleaving across
+//! watchers may legitimately differ).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tern_primary::proto::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_create_request::FilterType,
+    watch_request::RequestUnion, CompactionRequest, DeleteRangeRequest, PutRequest,
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+};
+use tern_tests::{channel, Etcd, Tern};
+use tokio::sync::mpsc;
+use tokio_stream_shim::ReceiverStream;
+
+mod tokio_stream_shim {
+    //! A tiny Stream over an mpsc receiver, enough to feed tonic.
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    pub struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+    impl<T> tokio_stream::Stream for ReceiverStream<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
+
+fn create(key: &str, range_end: &str, start: i64) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: key.as_bytes().to_vec(),
+        range_end: range_end.as_bytes().to_vec(),
+        start_revision: start,
+        ..Default::default()
+    }
+}
+
+fn req(u: RequestUnion) -> WatchRequest {
+    WatchRequest { request_union: Some(u) }
+}
+
+async fn put(kv: &mut KvClient<tonic::transport::Channel>, k: &str, v: &str) {
+    kv.put(PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("put");
+}
+
+/// Run the scripted session against one server; responses by watch id.
+async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
+    let ch = channel(endpoint).await;
+    let mut kv = KvClient::new(ch.clone());
+    for (k, v) in [("w/a", "1"), ("w/b", "2"), ("w/a", "3"), ("x", "4")] {
+        put(&mut kv, k, v).await;
+    }
+    kv.delete_range(DeleteRangeRequest {
+        key: "w/b".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    let (tx, rx) = mpsc::channel(16);
+    let mut inbound = WatchClient::new(ch.clone())
+        .watch(ReceiverStream(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut all = create("w/", "w0", 1);
+    all.prev_kv = true;
+    tx.send(req(RequestUnion::CreateRequest(all))).await.expect("send");
+    let mut no_put = create("w/a", "", 2);
+    no_put.filters = vec![FilterType::Noput as i32];
+    tx.send(req(RequestUnion::CreateRequest(no_put))).await.expect("send");
+    let mut no_delete = create("w/", "w0", 0);
+    no_delete.filters = vec![FilterType::Nodelete as i32];
+    tx.send(req(RequestUnion::CreateRequest(no_delete))).await.expect("send");
+    tx.send(req(RequestUnion::CreateRequest(create("\0", "\0", 4)))).await.expect("send");
+    let mut explicit = create("x", "", 0);
+    explicit.watch_id = 42;
+    tx.send(req(RequestUnion::CreateRequest(explicit.clone()))).await.expect("send");
+    tx.send(req(RequestUnion::CreateRequest(explicit))).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    put(&mut kv, "w/c", "5").await;
+    kv.delete_range(DeleteRangeRequest {
+        key: "w/a".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    put(&mut kv, "x", "6").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 1 })))
+        .await
+        .expect("send");
+    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 77 })))
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    put(&mut kv, "w/a", "7").await;
+    kv.compact(CompactionRequest {
+        revision: 5,
+        physical: true,
+    })
+    .await
+    .expect("compact");
+    tx.send(req(RequestUnion::CreateRequest(create("w/", "w0", 2)))).await.expect("send");
+    tx.send(req(RequestUnion::ProgressRequest(WatchProgressRequest {}))).await.expect("send");
+    let mut by_id: BTreeMap<i64, Vec<WatchResponse>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Ok(Some(mut r))) = tokio::time::timeout_at(deadline, inbound.message()).await {
+        // Ids and terms are compared elsewhere; raft terms may differ.
+        if let Some(h) = r.header.as_mut() {
+            h.raft_term = 0;
+        }
+        by_id.entry(r.watch_id).or_default().push(r);
+    }
+    by_id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_session_matches_etcd() {
+    let etcd = Etcd::start();
+    let tern = Tern::start(&[]);
+    let expected = session(&etcd.endpoint).await;
+    let actual = session(&tern.endpoint).await;
+    assert!(expected.len() >= 6, "etcd answered for every watcher: {expected:?}");
+    for (id, e) in &expected {
+        assert_eq!(Some(e), actual.get(id), "watch id {id}: etcd (left) vs tern (right)");
+    }
+    assert_eq!(expected.len(), actual.len());
+}
+
+/// A slow reader falls back to history replay and still sees every event
+/// exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_watcher_gets_every_event_once() {
+    let tern = Tern::start(&[]);
+    let ch = channel(&tern.endpoint).await;
+    let (tx, rx) = mpsc::channel(4);
+    let mut inbound = WatchClient::new(ch.clone())
+        .watch(ReceiverStream(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    tx.send(req(RequestUnion::CreateRequest(create("s/", "s0", 0)))).await.expect("send");
+    let created = inbound.message().await.expect("created").expect("created");
+    assert!(created.created);
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let ch = ch.clone();
+            tokio::spawn(async move {
+                let mut kv = KvClient::new(ch);
+                for n in 0..400 {
+                    put(&mut kv, &format!("s/{w}/{n}"), "v").await;
+                }
+            })
+        })
+        .collect();
+    // Read nothing until the writers are done, so the stream backs up.
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let mut revisions = Vec::new();
+    while revisions.len() < 3200 {
+        let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("events keep coming")
+            .expect("stream ok")
+            .expect("stream open");
+        revisions.extend(r.events.iter().map(|e| e.kv.as_ref().expect("kv").mod_revision));
+    }
+    assert_eq!(revisions.len(), 3200);
+    let mut sorted = revisions.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, revisions, "in order, no duplicates");
+    assert_eq!(revisions.first(), Some(&2));
+    assert_eq!(revisions.last(), Some(&3201));
+}
