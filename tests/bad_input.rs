@@ -1,12 +1,12 @@
 //! Bad requests get etcd's gRPC code and message, never a panic: each is
 //! sent to a real etcd and to tern-primary and the answers compared.
 
-use tern_primary::proto::etcdserverpb::{
-    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, Compare,
-    CompactionRequest, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest, LeaseRevokeRequest,
-    PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
 use tern_primary::proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tern_primary::proto::etcdserverpb::{
+    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, CompactionRequest,
+    Compare, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest,
+    RangeRequest, RequestOp, TxnRequest,
+};
 use tern_tests::{channel, Etcd, Tern};
 use tonic::transport::Channel;
 
@@ -14,7 +14,8 @@ use tonic::transport::Channel;
 type Seen = Result<(), (tonic::Code, String)>;
 
 fn seen<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Seen {
-    r.map(|_| ()).map_err(|s| (s.code(), s.message().to_string()))
+    r.map(|_| ())
+        .map_err(|s| (s.code(), s.message().to_string()))
 }
 
 struct Clients {
@@ -42,7 +43,10 @@ fn put(key: &[u8], value: Vec<u8>) -> PutRequest {
 
 fn put_op(key: &str) -> RequestOp {
     RequestOp {
-        request: Some(request_op::Request::RequestPut(put(key.as_bytes(), b"v".to_vec()))),
+        request: Some(request_op::Request::RequestPut(put(
+            key.as_bytes(),
+            b"v".to_vec(),
+        ))),
     }
 }
 
@@ -53,18 +57,44 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
     for v in ["1", "2", "3"] {
         seen(c.kv.put(put(b"k", v.as_bytes().to_vec())).await).expect("setup put");
     }
-    seen(c.kv.compact(CompactionRequest { revision: 3, physical: true }).await).expect("setup compact");
+    seen(
+        c.kv.compact(CompactionRequest {
+            revision: 3,
+            physical: true,
+        })
+        .await,
+    )
+    .expect("setup compact");
 
-    out.push(("put empty key", seen(c.kv.put(put(b"", b"v".to_vec())).await)));
-    out.push(("range empty key", seen(c.kv.range(RangeRequest::default()).await)));
+    out.push((
+        "put empty key",
+        seen(c.kv.put(put(b"", b"v".to_vec())).await),
+    ));
+    out.push((
+        "range empty key",
+        seen(c.kv.range(RangeRequest::default()).await),
+    ));
     out.push((
         "delete empty key",
         seen(c.kv.delete_range(DeleteRangeRequest::default()).await),
     ));
-    out.push(("value over limit", seen(c.kv.put(put(b"big", vec![7u8; 1_600_000])).await)));
-    out.push(("value at limit", seen(c.kv.put(put(b"fits", vec![7u8; 1_500_000])).await)));
-    out.push(("value far over limit", seen(c.kv.put(put(b"huge", vec![7u8; 3_000_000])).await).map_err(|(code, _)| (code, String::new()))));
-    out.push(("key over limit", seen(c.kv.put(put(&vec![b'k'; 1_600_000], b"v".to_vec())).await)));
+    out.push((
+        "value over limit",
+        seen(c.kv.put(put(b"big", vec![7u8; 1_600_000])).await),
+    ));
+    out.push((
+        "value at limit",
+        seen(c.kv.put(put(b"fits", vec![7u8; 1_500_000])).await),
+    ));
+    out.push((
+        "value far over limit",
+        seen(c.kv.put(put(b"huge", vec![7u8; 3_000_000])).await)
+            .map_err(|(code, _)| (code, String::new())),
+    ));
+    out.push((
+        "key over limit",
+        seen(c.kv.put(put(&vec![b'k'; 1_600_000], b"v".to_vec())).await),
+    ));
     out.push((
         "range end before key",
         seen(
@@ -79,10 +109,25 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
     let many: Vec<RequestOp> = (0..129).map(|i| put_op(&format!("t{i}"))).collect();
     out.push((
         "129 txn ops",
-        seen(c.kv.txn(TxnRequest { success: many, ..Default::default() }).await),
+        seen(
+            c.kv.txn(TxnRequest {
+                success: many,
+                ..Default::default()
+            })
+            .await,
+        ),
     ));
     let fine: Vec<RequestOp> = (0..128).map(|i| put_op(&format!("t{i}"))).collect();
-    out.push(("128 txn ops", seen(c.kv.txn(TxnRequest { success: fine, ..Default::default() }).await)));
+    out.push((
+        "128 txn ops",
+        seen(
+            c.kv.txn(TxnRequest {
+                success: fine,
+                ..Default::default()
+            })
+            .await,
+        ),
+    ));
     out.push((
         "duplicate key in txn",
         seen(
@@ -100,11 +145,13 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
                 success: vec![
                     put_op("e"),
                     RequestOp {
-                        request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                            key: b"a".to_vec(),
-                            range_end: b"z".to_vec(),
-                            ..Default::default()
-                        })),
+                        request: Some(request_op::Request::RequestDeleteRange(
+                            DeleteRangeRequest {
+                                key: b"a".to_vec(),
+                                range_end: b"z".to_vec(),
+                                ..Default::default()
+                            },
+                        )),
                     },
                 ],
                 ..Default::default()
@@ -198,18 +245,37 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
         revision: 2,
         ..Default::default()
     };
-    out.push(("range compacted revision", seen(c.kv.range(compacted).await)));
+    out.push((
+        "range compacted revision",
+        seen(c.kv.range(compacted).await),
+    ));
     out.push((
         "compact compacted revision",
-        seen(c.kv.compact(CompactionRequest { revision: 2, physical: false }).await),
+        seen(
+            c.kv.compact(CompactionRequest {
+                revision: 2,
+                physical: false,
+            })
+            .await,
+        ),
     ));
     out.push((
         "compact future revision",
-        seen(c.kv.compact(CompactionRequest { revision: 1000, physical: false }).await),
+        seen(
+            c.kv.compact(CompactionRequest {
+                revision: 1000,
+                physical: false,
+            })
+            .await,
+        ),
     ));
     out.push((
         "hashkv future revision",
-        seen(c.maintenance.hash_kv(HashKvRequest { revision: 1000 }).await),
+        seen(
+            c.maintenance
+                .hash_kv(HashKvRequest { revision: 1000 })
+                .await,
+        ),
     ));
     out.push((
         "hashkv compacted revision",
@@ -221,12 +287,28 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
     ));
     out.push((
         "lease ttl too large",
-        seen(c.lease.lease_grant(LeaseGrantRequest { ttl: 9_000_000_001, id: 0 }).await),
+        seen(
+            c.lease
+                .lease_grant(LeaseGrantRequest {
+                    ttl: 9_000_000_001,
+                    id: 0,
+                })
+                .await,
+        ),
     ));
-    seen(c.lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 55 }).await).expect("grant");
+    seen(
+        c.lease
+            .lease_grant(LeaseGrantRequest { ttl: 60, id: 55 })
+            .await,
+    )
+    .expect("grant");
     out.push((
         "grant existing lease id",
-        seen(c.lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 55 }).await),
+        seen(
+            c.lease
+                .lease_grant(LeaseGrantRequest { ttl: 60, id: 55 })
+                .await,
+        ),
     ));
     out
 }

@@ -72,9 +72,17 @@ async fn acknowledged_writes_survive_sigkill() {
             })
             .collect();
         let acked = acked.lock().expect("lock");
-        assert!(acked.len() > cycle * 10, "the load made progress: {} acked", acked.len());
+        assert!(
+            acked.len() > cycle * 10,
+            "the load made progress: {} acked",
+            acked.len()
+        );
         for (key, value) in acked.iter() {
-            assert_eq!(stored.get(key), Some(value), "cycle {cycle}: acknowledged {key} lost");
+            assert_eq!(
+                stored.get(key),
+                Some(value),
+                "cycle {cycle}: acknowledged {key} lost"
+            );
         }
     }
 }

@@ -29,8 +29,14 @@ impl Pair {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> (Output, Output) {
-        let e = normalize(etcdctl(&self.etcd.endpoint, args, stdin), &self.etcd.endpoint);
-        let t = normalize(etcdctl(&self.tern.endpoint, args, stdin), &self.tern.endpoint);
+        let e = normalize(
+            etcdctl(&self.etcd.endpoint, args, stdin),
+            &self.etcd.endpoint,
+        );
+        let t = normalize(
+            etcdctl(&self.tern.endpoint, args, stdin),
+            &self.tern.endpoint,
+        );
         (e, t)
     }
 
@@ -67,12 +73,24 @@ fn normalize(mut out: Output, endpoint: &str) -> Output {
             let end = text[at..].find('\n').map_or(text.len(), |n| at + n);
             text.replace_range(at..end, "took = T");
         }
+        if let Some(at) = text.find("\"took\":\"") {
+            let start = at + 8;
+            let end = text[start..].find('"').map_or(text.len(), |n| start + n);
+            text.replace_range(start..end, "T");
+        }
     }
     out
 }
 
 fn session_put(p: &Pair) {
-    for (k, v) in [("foo", "bar"), ("foo2", "bar2"), ("foo3", "bar3"), ("k1", "v1"), ("k2", "v2"), ("a", "1")] {
+    for (k, v) in [
+        ("foo", "bar"),
+        ("foo2", "bar2"),
+        ("foo3", "bar3"),
+        ("k1", "v1"),
+        ("k2", "v2"),
+        ("a", "1"),
+    ] {
         assert_eq!(p.same(&["put", k, v]).stdout, "OK\n");
     }
 }
@@ -96,10 +114,31 @@ fn get_forms_match_etcd() {
         &["get", "--rev", "2", "foo2"],
         &["get", "--rev", "3", "--prefix", "foo"],
         &["get", "--rev", "7", "foo", "-w", "json"],
-        &["get", "--prefix", "foo", "--sort-by=MODIFY", "--order=DESCEND"],
-        &["get", "--prefix", "foo", "--sort-by=VALUE", "--order=ASCEND", "--keys-only"],
+        &[
+            "get",
+            "--prefix",
+            "foo",
+            "--sort-by=MODIFY",
+            "--order=DESCEND",
+        ],
+        &[
+            "get",
+            "--prefix",
+            "foo",
+            "--sort-by=VALUE",
+            "--order=ASCEND",
+            "--keys-only",
+        ],
         &["get", "--prefix", "foo", "--sort-by=CREATE"],
-        &["get", "--prefix", "foo", "--sort-by=VERSION", "--order=DESCEND", "-w", "json"],
+        &[
+            "get",
+            "--prefix",
+            "foo",
+            "--sort-by=VERSION",
+            "--order=DESCEND",
+            "-w",
+            "json",
+        ],
         &["get", "--prefix", "foo", "--order=DESCEND"],
         &["get", "foo", "--print-value-only"],
         &["get", "--prefix", "k", "--keys-only"],
@@ -203,9 +242,20 @@ fn strip_remaining(s: &str) -> String {
 fn short_lease_expires_and_deletes_keys() {
     let t = Tern::start(&[]);
     let grant = etcdctl(&t.endpoint, &["lease", "grant", "2"], None);
-    let id = grant.stdout.split_whitespace().nth(1).expect("lease id").to_string();
-    assert_eq!(etcdctl(&t.endpoint, &["put", "--lease", &id, "eph", "x"], None).stdout, "OK\n");
-    assert_eq!(etcdctl(&t.endpoint, &["get", "eph", "--print-value-only"], None).stdout, "x\n");
+    let id = grant
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    assert_eq!(
+        etcdctl(&t.endpoint, &["put", "--lease", &id, "eph", "x"], None).stdout,
+        "OK\n"
+    );
+    assert_eq!(
+        etcdctl(&t.endpoint, &["get", "eph", "--print-value-only"], None).stdout,
+        "x\n"
+    );
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(etcdctl(&t.endpoint, &["get", "eph"], None).stdout, "");
     let ttl = etcdctl(&t.endpoint, &["lease", "timetolive", &id], None);
@@ -224,8 +274,14 @@ fn watch_matches_etcd() {
         &["watch", "--rev", "1", "foo", "-w", "json"],
         &["watch", "--rev", "3", "foo2", "foo4"],
     ] {
-        let e = normalize(etcdctl_for(&p.etcd.endpoint, args, Duration::from_millis(1500)), &p.etcd.endpoint);
-        let t = normalize(etcdctl_for(&p.tern.endpoint, args, Duration::from_millis(1500)), &p.tern.endpoint);
+        let e = normalize(
+            etcdctl_for(&p.etcd.endpoint, args, Duration::from_millis(1500)),
+            &p.etcd.endpoint,
+        );
+        let t = normalize(
+            etcdctl_for(&p.tern.endpoint, args, Duration::from_millis(1500)),
+            &p.tern.endpoint,
+        );
         assert_eq!(e.stdout, t.stdout, "etcdctl {args:?}");
     }
     p.same(&["compaction", "4"]);
@@ -241,7 +297,11 @@ fn live_watch_sees_new_events() {
     let t = Tern::start(&[]);
     let endpoint = t.endpoint.clone();
     let watcher = std::thread::spawn(move || {
-        etcdctl_for(&endpoint, &["watch", "--prefix", "live/"], Duration::from_millis(2500))
+        etcdctl_for(
+            &endpoint,
+            &["watch", "--prefix", "live/"],
+            Duration::from_millis(2500),
+        )
     });
     std::thread::sleep(Duration::from_millis(800));
     etcdctl(&t.endpoint, &["put", "live/a", "1"], None);
@@ -265,18 +325,32 @@ fn cluster_and_maintenance_match_etcd() {
     let (e, t) = p.run(&["endpoint", "status", "-w", "json"], None);
     assert_eq!(status_fields(&e.stdout), status_fields(&t.stdout));
     let (e, t) = p.run(&["endpoint", "status", "-w", "table"], None);
-    assert_eq!(e.stdout.lines().nth(1), t.stdout.lines().nth(1), "table header");
+    assert_eq!(
+        e.stdout.lines().nth(1),
+        t.stdout.lines().nth(1),
+        "table header"
+    );
     assert_eq!(e.code, t.code);
     let (e, t) = p.run(&["endpoint", "hashkv", "-w", "json"], None);
     assert_eq!(e.code, 0);
     assert_eq!(t.code, 0, "{}", t.stderr);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("snap.db");
-    let out = etcdctl(&p.tern.endpoint, &["snapshot", "save", &path.display().to_string()], None);
+    let out = etcdctl(
+        &p.tern.endpoint,
+        &["snapshot", "save", &path.display().to_string()],
+        None,
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(out.stdout, format!("Snapshot saved at {}\n", path.display()));
+    assert_eq!(
+        out.stdout,
+        format!("Snapshot saved at {}\n", path.display())
+    );
     let bytes = std::fs::read(&path).expect("snapshot file");
-    assert!(bytes.starts_with(b"SQLite format 3\0"), "snapshot is an SQLite database");
+    assert!(
+        bytes.starts_with(b"SQLite format 3\0"),
+        "snapshot is an SQLite database"
+    );
 }
 
 /// Endpoint status without the figures that differ between engines.

@@ -6,7 +6,10 @@ use std::process::Command;
 use tern_tests::{etcdctl, workspace_bin, Tern};
 
 fn refused(args: &[&str]) -> String {
-    let out = Command::new(workspace_bin("tern-primary")).args(args).output().expect("run tern-primary");
+    let out = Command::new(workspace_bin("tern-primary"))
+        .args(args)
+        .output()
+        .expect("run tern-primary");
     assert_ne!(out.status.code(), Some(0), "{args:?} should be refused");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -16,13 +19,25 @@ fn bad_values_stop_startup_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().join("d").display().to_string();
     let e = refused(&["--data-dir", &d, "--quota-backend-bytes", "lots"]);
-    assert!(e.contains("--quota-backend-bytes") && e.contains("lots"), "{e}");
+    assert!(
+        e.contains("--quota-backend-bytes") && e.contains("lots"),
+        "{e}"
+    );
     let e = refused(&["--data-dir", &d, "--listen-client-urls", "unix:///x"]);
-    assert!(e.contains("--listen-client-urls") && e.contains("unix:///x"), "{e}");
+    assert!(
+        e.contains("--listen-client-urls") && e.contains("unix:///x"),
+        "{e}"
+    );
     let e = refused(&["--data-dir", &d, "--auto-compaction-retention", "often"]);
-    assert!(e.contains("--auto-compaction-retention") && e.contains("often"), "{e}");
+    assert!(
+        e.contains("--auto-compaction-retention") && e.contains("often"),
+        "{e}"
+    );
     let e = refused(&["--data-dir", &d, "--initial-cluster-state", "maybe"]);
-    assert!(e.contains("--initial-cluster-state") && e.contains("maybe"), "{e}");
+    assert!(
+        e.contains("--initial-cluster-state") && e.contains("maybe"),
+        "{e}"
+    );
     let config = dir.path().join("tern.toml");
     std::fs::write(&config, "name = \"x\"\nsnapshot-cuont = 5\n").expect("write config");
     let e = refused(&["--config-file", &config.display().to_string()]);
@@ -36,26 +51,46 @@ fn config_file_is_read() {
     let data = dir.path().join("data.tern");
     std::fs::write(
         &config,
-        format!("name = \"filed\"\ndata-dir = \"{}\"\nmax-txn-ops = 2\n", data.display()),
+        format!(
+            "name = \"filed\"\ndata-dir = \"{}\"\nmax-txn-ops = 2\n",
+            data.display()
+        ),
     )
     .expect("write config");
     let t = Tern::start_in(&data, &["--config-file", &config.display().to_string()]);
     let out = etcdctl(&t.endpoint, &["member", "list"], None);
     assert!(out.stdout.contains(", filed, "), "{}", out.stdout);
-    let txn = etcdctl(&t.endpoint, &["txn"], Some("\n\nput a 1\nput b 2\nput c 3\n\n\n"));
-    assert!(txn.stderr.contains("too many operations in txn request"), "{}", txn.stderr);
+    let txn = etcdctl(
+        &t.endpoint,
+        &["txn"],
+        Some("\n\nput a 1\nput b 2\nput c 3\n\n\n"),
+    );
+    assert!(
+        txn.stderr.contains("too many operations in txn request"),
+        "{}",
+        txn.stderr
+    );
 }
 
 #[test]
 fn data_survives_restart_and_dir_is_locked() {
     let mut t = Tern::start(&[]);
     for i in 0..20 {
-        etcdctl(&t.endpoint, &["put", &format!("k{i}"), &format!("v{i}")], None);
+        etcdctl(
+            &t.endpoint,
+            &["put", &format!("k{i}"), &format!("v{i}")],
+            None,
+        );
     }
     etcdctl(&t.endpoint, &["del", "k3"], None);
     let before = etcdctl(&t.endpoint, &["get", "--prefix", "k", "-w", "json"], None).stdout;
     // A second process on the same data dir is refused.
-    let e = refused(&["--data-dir", &t.data_dir.display().to_string(), "--listen-client-urls", "http://127.0.0.1:0"]);
+    let e = refused(&[
+        "--data-dir",
+        &t.data_dir.display().to_string(),
+        "--listen-client-urls",
+        "http://127.0.0.1:0",
+    ]);
     assert!(e.contains("in use by another process"), "{e}");
     t.restart();
     let after = etcdctl(&t.endpoint, &["get", "--prefix", "k", "-w", "json"], None).stdout;
@@ -63,5 +98,8 @@ fn data_survives_restart_and_dir_is_locked() {
     let strip = |s: &str| s.split("\"kvs\"").nth(1).unwrap_or("").to_string();
     assert_eq!(strip(&before), strip(&after));
     let rev = etcdctl(&t.endpoint, &["put", "k100", "x", "-w", "json"], None).stdout;
-    assert!(rev.contains("\"revision\":23"), "revisions continue after restart: {rev}");
+    assert!(
+        rev.contains("\"revision\":23"),
+        "revisions continue after restart: {rev}"
+    );
 }

@@ -13,20 +13,7 @@ use tern_primary::proto::etcdserverpb::{
 };
 use tern_tests::{channel, Etcd, Tern};
 use tokio::sync::mpsc;
-use tokio_stream_shim::ReceiverStream;
-
-mod tokio_stream_shim {
-    //! A tiny Stream over an mpsc receiver, enough to feed tonic.
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    pub struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
-    impl<T> tokio_stream::Stream for ReceiverStream<T> {
-        type Item = T;
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-            self.0.poll_recv(cx)
-        }
-    }
-}
+use tokio_stream::wrappers::ReceiverStream;
 
 fn create(key: &str, range_end: &str, start: i64) -> WatchCreateRequest {
     WatchCreateRequest {
@@ -38,7 +25,9 @@ fn create(key: &str, range_end: &str, start: i64) -> WatchCreateRequest {
 }
 
 fn req(u: RequestUnion) -> WatchRequest {
-    WatchRequest { request_union: Some(u) }
+    WatchRequest {
+        request_union: Some(u),
+    }
 }
 
 async fn put(kv: &mut KvClient<tonic::transport::Channel>, k: &str, v: &str) {
@@ -65,25 +54,39 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     .await
     .expect("delete");
     let (tx, rx) = mpsc::channel(16);
+    let mut all = create("w/", "w0", 1);
+    all.prev_kv = true;
+    tx.send(req(RequestUnion::CreateRequest(all)))
+        .await
+        .expect("send");
+    let mut no_put = create("w/a", "", 2);
+    no_put.filters = vec![FilterType::Noput as i32];
+    tx.send(req(RequestUnion::CreateRequest(no_put)))
+        .await
+        .expect("send");
+    let mut no_delete = create("w/", "w0", 0);
+    no_delete.filters = vec![FilterType::Nodelete as i32];
+    tx.send(req(RequestUnion::CreateRequest(no_delete)))
+        .await
+        .expect("send");
+    tx.send(req(RequestUnion::CreateRequest(create("\0", "\0", 4))))
+        .await
+        .expect("send");
+    let mut explicit = create("x", "", 0);
+    explicit.watch_id = 42;
+    tx.send(req(RequestUnion::CreateRequest(explicit.clone())))
+        .await
+        .expect("send");
+    tx.send(req(RequestUnion::CreateRequest(explicit)))
+        .await
+        .expect("send");
+    // grpc-go sends response headers with the first message, so the
+    // requests must be queued before waiting for the stream to open.
     let mut inbound = WatchClient::new(ch.clone())
-        .watch(ReceiverStream(rx))
+        .watch(ReceiverStream::new(rx))
         .await
         .expect("watch")
         .into_inner();
-    let mut all = create("w/", "w0", 1);
-    all.prev_kv = true;
-    tx.send(req(RequestUnion::CreateRequest(all))).await.expect("send");
-    let mut no_put = create("w/a", "", 2);
-    no_put.filters = vec![FilterType::Noput as i32];
-    tx.send(req(RequestUnion::CreateRequest(no_put))).await.expect("send");
-    let mut no_delete = create("w/", "w0", 0);
-    no_delete.filters = vec![FilterType::Nodelete as i32];
-    tx.send(req(RequestUnion::CreateRequest(no_delete))).await.expect("send");
-    tx.send(req(RequestUnion::CreateRequest(create("\0", "\0", 4)))).await.expect("send");
-    let mut explicit = create("x", "", 0);
-    explicit.watch_id = 42;
-    tx.send(req(RequestUnion::CreateRequest(explicit.clone()))).await.expect("send");
-    tx.send(req(RequestUnion::CreateRequest(explicit))).await.expect("send");
     tokio::time::sleep(Duration::from_millis(500)).await;
     put(&mut kv, "w/c", "5").await;
     kv.delete_range(DeleteRangeRequest {
@@ -94,12 +97,16 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     .expect("delete");
     put(&mut kv, "x", "6").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 1 })))
-        .await
-        .expect("send");
-    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 77 })))
-        .await
-        .expect("send");
+    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: 1,
+    })))
+    .await
+    .expect("send");
+    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: 77,
+    })))
+    .await
+    .expect("send");
     tokio::time::sleep(Duration::from_millis(300)).await;
     put(&mut kv, "w/a", "7").await;
     kv.compact(CompactionRequest {
@@ -108,8 +115,12 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     })
     .await
     .expect("compact");
-    tx.send(req(RequestUnion::CreateRequest(create("w/", "w0", 2)))).await.expect("send");
-    tx.send(req(RequestUnion::ProgressRequest(WatchProgressRequest {}))).await.expect("send");
+    tx.send(req(RequestUnion::CreateRequest(create("w/", "w0", 2))))
+        .await
+        .expect("send");
+    tx.send(req(RequestUnion::ProgressRequest(WatchProgressRequest {})))
+        .await
+        .expect("send");
     let mut by_id: BTreeMap<i64, Vec<WatchResponse>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     while let Ok(Ok(Some(mut r))) = tokio::time::timeout_at(deadline, inbound.message()).await {
@@ -128,9 +139,16 @@ async fn watch_session_matches_etcd() {
     let tern = Tern::start(&[]);
     let expected = session(&etcd.endpoint).await;
     let actual = session(&tern.endpoint).await;
-    assert!(expected.len() >= 6, "etcd answered for every watcher: {expected:?}");
+    assert!(
+        expected.len() >= 6,
+        "etcd answered for every watcher: {expected:?}"
+    );
     for (id, e) in &expected {
-        assert_eq!(Some(e), actual.get(id), "watch id {id}: etcd (left) vs tern (right)");
+        assert_eq!(
+            Some(e),
+            actual.get(id),
+            "watch id {id}: etcd (left) vs tern (right)"
+        );
     }
     assert_eq!(expected.len(), actual.len());
 }
@@ -143,11 +161,13 @@ async fn slow_watcher_gets_every_event_once() {
     let ch = channel(&tern.endpoint).await;
     let (tx, rx) = mpsc::channel(4);
     let mut inbound = WatchClient::new(ch.clone())
-        .watch(ReceiverStream(rx))
+        .watch(ReceiverStream::new(rx))
         .await
         .expect("watch")
         .into_inner();
-    tx.send(req(RequestUnion::CreateRequest(create("s/", "s0", 0)))).await.expect("send");
+    tx.send(req(RequestUnion::CreateRequest(create("s/", "s0", 0))))
+        .await
+        .expect("send");
     let created = inbound.message().await.expect("created").expect("created");
     assert!(created.created);
     let writers: Vec<_> = (0..8)
@@ -172,7 +192,11 @@ async fn slow_watcher_gets_every_event_once() {
             .expect("events keep coming")
             .expect("stream ok")
             .expect("stream open");
-        revisions.extend(r.events.iter().map(|e| e.kv.as_ref().expect("kv").mod_revision));
+        revisions.extend(
+            r.events
+                .iter()
+                .map(|e| e.kv.as_ref().expect("kv").mod_revision),
+        );
     }
     assert_eq!(revisions.len(), 3200);
     let mut sorted = revisions.clone();

@@ -62,13 +62,15 @@ pub fn file_args(path: &str, known_flags: &[String]) -> Result<Vec<String>, Conf
 }
 
 fn toml_args(path: &str, text: &str, known_flags: &[String]) -> Result<Vec<String>, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Toml {
-        path: path.to_string(),
-        message: e.to_string(),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Toml {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
     let mut out = Vec::new();
     for (key, value) in table {
-        if !known_flags.iter().any(|k| *k == key) {
+        if !known_flags.contains(&key) {
             return Err(ConfigError::UnknownKey {
                 path: path.to_string(),
                 key,
@@ -107,10 +109,15 @@ mod tests {
     use super::*;
 
     fn known() -> Vec<String> {
-        ["name", "listen-client-urls", "client-cert-auth", "quota-backend-bytes"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "name",
+            "listen-client-urls",
+            "client-cert-auth",
+            "quota-backend-bytes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     #[test]
@@ -143,6 +150,8 @@ mod tests {
     #[test]
     fn bad_toml_names_the_file() {
         let err = toml_args("t.toml", "name = \n", &known()).unwrap_err();
-        assert!(err.to_string().starts_with("config file t.toml is not valid TOML"));
+        assert!(err
+            .to_string()
+            .starts_with("config file t.toml is not valid TOML"));
     }
 }

@@ -15,9 +15,7 @@ pub mod file;
 pub mod primary;
 
 pub use file::load;
-pub use primary::{
-    AutoCompaction, AutoCompactionMode, ClusterState, InitialMember, PrimaryConfig,
-};
+pub use primary::{AutoCompaction, AutoCompactionMode, ClusterState, InitialMember, PrimaryConfig};
 
 /// Why a configuration was refused. Every variant names the offending key.
 #[derive(Debug, thiserror::Error)]

@@ -162,39 +162,63 @@ impl PrimaryConfig {
                 .join(",");
         }
         let members = self.initial_members()?;
-        let me = members.iter().find(|m| m.name == self.name).ok_or_else(|| {
-            ConfigError::invalid(
-                "initial-cluster",
-                &self.initial_cluster,
-                format!("couldn't find local name \"{}\" in the initial cluster configuration", self.name),
-            )
-        })?;
+        let me = members
+            .iter()
+            .find(|m| m.name == self.name)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "initial-cluster",
+                    &self.initial_cluster,
+                    format!(
+                        "couldn't find local name \"{}\" in the initial cluster configuration",
+                        self.name
+                    ),
+                )
+            })?;
         let mut mine: Vec<String> = me.peer_urls.iter().map(url_string).collect();
-        let mut advertised: Vec<String> =
-            self.initial_advertise_peer_urls.iter().map(url_string).collect();
+        let mut advertised: Vec<String> = self
+            .initial_advertise_peer_urls
+            .iter()
+            .map(url_string)
+            .collect();
         mine.sort();
         advertised.sort();
         if mine != advertised {
             return Err(ConfigError::invalid(
                 "initial-advertise-peer-urls",
                 advertised.join(","),
-                format!("does not match --initial-cluster's URLs for \"{}\" ({})", self.name, mine.join(",")),
+                format!(
+                    "does not match --initial-cluster's URLs for \"{}\" ({})",
+                    self.name,
+                    mine.join(",")
+                ),
             ));
         }
         for (key, urls) in [
             ("listen-client-urls", &self.listen_client_urls),
             ("advertise-client-urls", &self.advertise_client_urls),
             ("listen-peer-urls", &self.listen_peer_urls),
-            ("initial-advertise-peer-urls", &self.initial_advertise_peer_urls),
+            (
+                "initial-advertise-peer-urls",
+                &self.initial_advertise_peer_urls,
+            ),
             ("listen-metrics-urls", &self.listen_metrics_urls),
         ] {
             check_urls(key, urls)?;
         }
         if self.listen_client_urls.is_empty() {
-            return Err(ConfigError::invalid("listen-client-urls", "", "at least one URL is required"));
+            return Err(ConfigError::invalid(
+                "listen-client-urls",
+                "",
+                "at least one URL is required",
+            ));
         }
         if self.heartbeat_interval == 0 {
-            return Err(ConfigError::invalid("heartbeat-interval", 0, "must be positive"));
+            return Err(ConfigError::invalid(
+                "heartbeat-interval",
+                0,
+                "must be positive",
+            ));
         }
         if self.election_timeout < 5 * self.heartbeat_interval {
             return Err(ConfigError::invalid(
@@ -207,13 +231,21 @@ impl PrimaryConfig {
             ));
         }
         if self.max_request_bytes == 0 {
-            return Err(ConfigError::invalid("max-request-bytes", 0, "must be positive"));
+            return Err(ConfigError::invalid(
+                "max-request-bytes",
+                0,
+                "must be positive",
+            ));
         }
         if self.max_txn_ops == 0 {
             return Err(ConfigError::invalid("max-txn-ops", 0, "must be positive"));
         }
         if self.snapshot_count == 0 {
-            return Err(ConfigError::invalid("snapshot-count", 0, "must be positive"));
+            return Err(ConfigError::invalid(
+                "snapshot-count",
+                0,
+                "must be positive",
+            ));
         }
         self.auto_compaction()?;
         Ok(())
@@ -229,12 +261,24 @@ impl PrimaryConfig {
     /// `--initial-cluster` parsed; names may repeat to give several URLs.
     pub fn initial_members(&self) -> Result<Vec<InitialMember>, ConfigError> {
         let mut members: Vec<InitialMember> = Vec::new();
-        for part in self.initial_cluster.split(',').filter(|p| !p.trim().is_empty()) {
+        for part in self
+            .initial_cluster
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+        {
             let (name, url) = part.split_once('=').ok_or_else(|| {
-                ConfigError::invalid("initial-cluster", &self.initial_cluster, format!("'{part}' is not name=url"))
+                ConfigError::invalid(
+                    "initial-cluster",
+                    &self.initial_cluster,
+                    format!("'{part}' is not name=url"),
+                )
             })?;
             let url = Url::parse(url.trim()).map_err(|e| {
-                ConfigError::invalid("initial-cluster", &self.initial_cluster, format!("'{url}': {e}"))
+                ConfigError::invalid(
+                    "initial-cluster",
+                    &self.initial_cluster,
+                    format!("'{url}': {e}"),
+                )
             })?;
             match members.iter_mut().find(|m| m.name == name) {
                 Some(m) => m.peer_urls.push(url),
@@ -245,7 +289,11 @@ impl PrimaryConfig {
             }
         }
         if members.is_empty() {
-            return Err(ConfigError::invalid("initial-cluster", &self.initial_cluster, "no members"));
+            return Err(ConfigError::invalid(
+                "initial-cluster",
+                &self.initial_cluster,
+                "no members",
+            ));
         }
         Ok(members)
     }
@@ -256,7 +304,9 @@ impl PrimaryConfig {
         let bad = |reason: &str| ConfigError::invalid("auto-compaction-retention", raw, reason);
         match self.auto_compaction_mode {
             AutoCompactionMode::Revision => {
-                let n: i64 = raw.parse().map_err(|_| bad("revision mode takes a whole number of revisions"))?;
+                let n: i64 = raw
+                    .parse()
+                    .map_err(|_| bad("revision mode takes a whole number of revisions"))?;
                 match n {
                     0 => Ok(AutoCompaction::Off),
                     n if n > 0 => Ok(AutoCompaction::Revision(n)),
@@ -293,10 +343,18 @@ pub fn url_string(url: &Url) -> String {
 fn check_urls(key: &'static str, urls: &[Url]) -> Result<(), ConfigError> {
     for url in urls {
         if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(ConfigError::invalid(key, url, "URL scheme must be http or https"));
+            return Err(ConfigError::invalid(
+                key,
+                url,
+                "URL scheme must be http or https",
+            ));
         }
         if url.host_str().is_none() || url.port_or_known_default().is_none() {
-            return Err(ConfigError::invalid(key, url, "URL must have a host and a port"));
+            return Err(ConfigError::invalid(
+                key,
+                url,
+                "URL must have a host and a port",
+            ));
         }
     }
     Ok(())
@@ -331,27 +389,64 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = load(&["--quota-backend-bytes", "lots"]).unwrap_err().to_string();
-        assert!(e.contains("--quota-backend-bytes") && e.contains("lots"), "{e}");
-        let e = load(&["--auto-compaction-retention", "soon"]).unwrap_err().to_string();
-        assert!(e.contains("--auto-compaction-retention") && e.contains("soon"), "{e}");
-        let e = load(&["--listen-client-urls", "ftp://127.0.0.1:1"]).unwrap_err().to_string();
-        assert!(e.contains("--listen-client-urls") && e.contains("ftp://"), "{e}");
-        let e = load(&["--name", "x", "--initial-cluster", "y=http://127.0.0.1:2380"])
+        let e = load(&["--quota-backend-bytes", "lots"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--initial-cluster") && e.contains("\"x\""), "{e}");
-        let e = load(&["--election-timeout", "100"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--quota-backend-bytes") && e.contains("lots"),
+            "{e}"
+        );
+        let e = load(&["--auto-compaction-retention", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--auto-compaction-retention") && e.contains("soon"),
+            "{e}"
+        );
+        let e = load(&["--listen-client-urls", "ftp://127.0.0.1:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--listen-client-urls") && e.contains("ftp://"),
+            "{e}"
+        );
+        let e = load(&[
+            "--name",
+            "x",
+            "--initial-cluster",
+            "y=http://127.0.0.1:2380",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--initial-cluster") && e.contains("\"x\""),
+            "{e}"
+        );
+        let e = load(&["--election-timeout", "100"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--election-timeout"), "{e}");
     }
 
     #[test]
     fn retention_forms() {
         let c = load(&["--auto-compaction-retention", "2"]).unwrap();
-        assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Periodic(Duration::from_secs(7200)));
+        assert_eq!(
+            c.auto_compaction().unwrap(),
+            AutoCompaction::Periodic(Duration::from_secs(7200))
+        );
         let c = load(&["--auto-compaction-retention", "30m"]).unwrap();
-        assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Periodic(Duration::from_secs(1800)));
-        let c = load(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "100"]).unwrap();
+        assert_eq!(
+            c.auto_compaction().unwrap(),
+            AutoCompaction::Periodic(Duration::from_secs(1800))
+        );
+        let c = load(&[
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "100",
+        ])
+        .unwrap();
         assert_eq!(c.auto_compaction().unwrap(), AutoCompaction::Revision(100));
     }
 
@@ -360,7 +455,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tern-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("primary.toml");
-        std::fs::write(&path, "name = \"filed\"\nsnapshot-count = 77\nmax-txn-ops = 5\n").unwrap();
+        std::fs::write(
+            &path,
+            "name = \"filed\"\nsnapshot-count = 77\nmax-txn-ops = 5\n",
+        )
+        .unwrap();
         let p = path.to_str().unwrap();
         let c = load(&["--config-file", p, "--max-txn-ops", "9"]).unwrap();
         assert_eq!(c.name, "filed");

@@ -11,10 +11,13 @@ use rusqlite::Connection;
 use crate::lease::Lessor;
 use crate::mvcc::{read, Batch, KeyRange, MvccError, RangeQuery, StoreState};
 use crate::proto::etcdserverpb::{
-    alarm_request::AlarmAction, compare, compare::CompareResult, compare::CompareTarget,
+    alarm_request::AlarmAction,
+    compare,
+    compare::CompareResult,
+    compare::CompareTarget,
     range_request::{SortOrder, SortTarget},
-    request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, Compare,
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
     LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest,
     TxnResponse,
@@ -80,7 +83,11 @@ impl Applier {
         Ok(Applier { lessor, nospace })
     }
 
-    pub fn apply(&mut self, b: &mut Batch<'_>, request: Request) -> Result<ApplyResult, ApplyError> {
+    pub fn apply(
+        &mut self,
+        b: &mut Batch<'_>,
+        request: Request,
+    ) -> Result<ApplyResult, ApplyError> {
         match request {
             Request::Put(p) => {
                 self.check_space()?;
@@ -111,7 +118,11 @@ impl Applier {
         }
     }
 
-    fn lease_grant(&mut self, b: &mut Batch<'_>, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse, ApplyError> {
+    fn lease_grant(
+        &mut self,
+        b: &mut Batch<'_>,
+        g: &LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, ApplyError> {
         if b.lease_exists(g.id)? {
             return Err(ApplyError::LeaseExists);
         }
@@ -126,7 +137,11 @@ impl Applier {
         })
     }
 
-    fn lease_revoke(&mut self, b: &mut Batch<'_>, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, ApplyError> {
+    fn lease_revoke(
+        &mut self,
+        b: &mut Batch<'_>,
+        r: &LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse, ApplyError> {
         if !b.lease_exists(r.id)? {
             return Err(ApplyError::LeaseNotFound);
         }
@@ -138,7 +153,10 @@ impl Applier {
     }
 
     fn alarm(&mut self, b: &mut Batch<'_>, a: &AlarmRequest) -> Result<AlarmResponse, ApplyError> {
-        let member = |m: u64, alarm: i32| AlarmMember { member_id: m, alarm };
+        let member = |m: u64, alarm: i32| AlarmMember {
+            member_id: m,
+            alarm,
+        };
         let mut alarms = Vec::new();
         match AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get) {
             AlarmAction::Get => {
@@ -160,7 +178,10 @@ impl Applier {
                 }
             }
         }
-        self.nospace = b.alarms()?.iter().any(|(_, t)| *t == AlarmType::Nospace as i32);
+        self.nospace = b
+            .alarms()?
+            .iter()
+            .any(|(_, t)| *t == AlarmType::Nospace as i32);
         Ok(AlarmResponse {
             header: Some(header(b.read_revision())),
             alarms,
@@ -179,15 +200,23 @@ pub fn header(revision: i64) -> ResponseHeader {
 
 /// Whether a txn may write in either branch (for the NOSPACE check).
 fn txn_writes(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).any(|op| match &op.request {
-        Some(request_op::Request::RequestPut(_)) => true,
-        Some(request_op::Request::RequestTxn(t)) => txn_writes(t),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_)) => true,
+            Some(request_op::Request::RequestTxn(t)) => txn_writes(t),
+            _ => false,
+        })
 }
 
 /// Serve a RangeRequest against `conn` whose state is `state`.
-pub fn range(conn: &Connection, state: StoreState, current: i64, r: &RangeRequest) -> Result<RangeResponse, ApplyError> {
+pub fn range(
+    conn: &Connection,
+    state: StoreState,
+    current: i64,
+    r: &RangeRequest,
+) -> Result<RangeResponse, ApplyError> {
     let revision = if r.revision <= 0 { current } else { r.revision };
     if revision > current {
         return Err(ApplyError::FutureRevision);
@@ -206,8 +235,13 @@ pub fn range(conn: &Connection, state: StoreState, current: i64, r: &RangeReques
         || r.max_mod_revision != 0
         || r.min_create_revision != 0
         || r.max_create_revision != 0;
-    let sorted = order != SortOrder::None && !(target == SortTarget::Key && order == SortOrder::Ascend);
-    let limit = if sorted || filtered || r.limit <= 0 { 0 } else { r.limit + 1 };
+    let sorted =
+        order != SortOrder::None && !(target == SortTarget::Key && order == SortOrder::Ascend);
+    let limit = if sorted || filtered || r.limit <= 0 {
+        0
+    } else {
+        r.limit + 1
+    };
     let query = RangeQuery {
         range: KeyRange::new(&r.key, &r.range_end),
         revision,
@@ -238,7 +272,7 @@ pub fn range(conn: &Connection, state: StoreState, current: i64, r: &RangeReques
         // Stable either way, so equal sort keys stay in key order (what
         // etcd's sort gives for small results).
         if order == SortOrder::Descend {
-            kvs.sort_by(|a, b| key_of(b).cmp(&key_of(a)));
+            kvs.sort_by_key(|kv| std::cmp::Reverse(key_of(kv)));
         } else {
             kvs.sort_by_key(key_of);
         }
@@ -291,7 +325,10 @@ fn put(b: &mut Batch<'_>, p: &PutRequest, checked: bool) -> Result<PutResponse, 
     })
 }
 
-fn delete_range(b: &mut Batch<'_>, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, ApplyError> {
+fn delete_range(
+    b: &mut Batch<'_>,
+    d: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, ApplyError> {
     let deleted = b.delete_range(&KeyRange::new(&d.key, &d.range_end))?;
     Ok(DeleteRangeResponse {
         header: Some(header(b.read_revision())),
@@ -392,7 +429,9 @@ fn execute_txn(
                 let current = b.read_revision();
                 response_op::Response::ResponseRange(range(b.conn(), state, current, r)?)
             }
-            Some(request_op::Request::RequestPut(p)) => response_op::Response::ResponsePut(put(b, p, true)?),
+            Some(request_op::Request::RequestPut(p)) => {
+                response_op::Response::ResponsePut(put(b, p, true)?)
+            }
             Some(request_op::Request::RequestDeleteRange(d)) => {
                 response_op::Response::ResponseDeleteRange(delete_range(b, d)?)
             }
@@ -415,7 +454,11 @@ fn execute_txn(
 }
 
 /// A txn without writes, served from a read connection at `state`.
-pub fn read_only_txn(conn: &Connection, state: StoreState, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
+pub fn read_only_txn(
+    conn: &Connection,
+    state: StoreState,
+    t: &TxnRequest,
+) -> Result<TxnResponse, ApplyError> {
     let mut path = Vec::new();
     txn_path(conn, t, &mut path)?;
     let mut response = read_only_branch(conn, state, t, &mut path.into_iter())?;
@@ -476,9 +519,13 @@ fn compare(conn: &Connection, c: &Compare) -> Result<bool, ApplyError> {
 fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
     let ord = match (&c.target_union, target) {
-        (Some(compare::TargetUnion::Value(v)), CompareTarget::Value) => kv.value.as_slice().cmp(v.as_slice()),
+        (Some(compare::TargetUnion::Value(v)), CompareTarget::Value) => {
+            kv.value.as_slice().cmp(v.as_slice())
+        }
         (Some(compare::TargetUnion::Version(v)), CompareTarget::Version) => kv.version.cmp(v),
-        (Some(compare::TargetUnion::CreateRevision(v)), CompareTarget::Create) => kv.create_revision.cmp(v),
+        (Some(compare::TargetUnion::CreateRevision(v)), CompareTarget::Create) => {
+            kv.create_revision.cmp(v)
+        }
         (Some(compare::TargetUnion::ModRevision(v)), CompareTarget::Mod) => kv.mod_revision.cmp(v),
         (Some(compare::TargetUnion::Lease(v)), CompareTarget::Lease) => kv.lease.cmp(v),
         // A union that does not match the target compares against zero,

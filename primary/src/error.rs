@@ -35,14 +35,15 @@ impl EtcdError {
     pub fn code(self) -> Code {
         use EtcdError::*;
         match self {
-            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | RequestTooLarge => {
-                Code::InvalidArgument
-            }
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
             LeaseExists => Code::FailedPrecondition,
-            RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => Code::Unavailable,
+            RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => {
+                Code::Unavailable
+            }
         }
     }
 

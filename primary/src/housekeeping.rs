@@ -25,7 +25,10 @@ pub async fn expire_leases(member: Arc<Member>) {
             member.lessor.postpone(id, Duration::from_secs(3));
             let m = member.clone();
             tokio::spawn(async move {
-                if let Err(e) = m.propose(Request::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                if let Err(e) = m
+                    .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+                    .await
+                {
                     tracing::debug!(lease = id, error = %e, "expired lease revoke failed");
                 }
             });
@@ -58,7 +61,12 @@ pub async fn track_size(member: Arc<Member>) {
 pub async fn auto_compact(member: Arc<Member>, policy: AutoCompaction) {
     let (interval, retention) = match policy {
         AutoCompaction::Off => return,
-        AutoCompaction::Periodic(d) => ((d / 10).min(Duration::from_secs(3600)).max(Duration::from_secs(1)), d),
+        AutoCompaction::Periodic(d) => (
+            (d / 10)
+                .min(Duration::from_secs(3600))
+                .max(Duration::from_secs(1)),
+            d,
+        ),
         AutoCompaction::Revision(_) => (Duration::from_secs(300), Duration::ZERO),
     };
     let mut seen: VecDeque<(Instant, i64)> = VecDeque::new();

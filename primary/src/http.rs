@@ -25,7 +25,11 @@ async fn health(State(member): State<Arc<Member>>) -> impl IntoResponse {
         .await
         .unwrap_or_default();
     let healthy = has_leader && alarms.is_empty();
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -35,7 +39,10 @@ async fn health(State(member): State<Arc<Member>>) -> impl IntoResponse {
 
 async fn metrics(State(member): State<Arc<Member>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         member.metrics.render(),
     )
 }

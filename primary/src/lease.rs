@@ -45,7 +45,13 @@ impl Lessor {
 
     /// Track a lease with a full TTL from now.
     pub fn grant(&self, id: i64, ttl: i64) {
-        self.map().insert(id, Lease { ttl, deadline: deadline(ttl) });
+        self.map().insert(
+            id,
+            Lease {
+                ttl,
+                deadline: deadline(ttl),
+            },
+        );
     }
 
     pub fn revoke(&self, id: i64) {
@@ -65,7 +71,12 @@ impl Lessor {
     pub fn remaining(&self, id: i64) -> Option<i64> {
         let map = self.map();
         let lease = map.get(&id)?;
-        Some(lease.deadline.saturating_duration_since(Instant::now()).as_secs() as i64)
+        Some(
+            lease
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs() as i64,
+        )
     }
 
     pub fn deadline(&self, id: i64) -> Option<Instant> {

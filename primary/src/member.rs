@@ -101,7 +101,11 @@ impl Member {
         ResponseHeader {
             cluster_id: self.cluster_id,
             member_id: self.member_id,
-            revision: if revision == 0 { self.node.status.revision() } else { revision },
+            revision: if revision == 0 {
+                self.node.status.revision()
+            } else {
+                revision
+            },
             raft_term: self.node.status.term(),
         }
     }
@@ -170,7 +174,8 @@ impl Member {
 
     /// Database file size and bytes in use.
     pub async fn db_size(&self) -> Result<(i64, i64), Status> {
-        self.read(|conn, _| read::db_size(conn).map_err(error::mvcc_status)).await
+        self.read(|conn, _| read::db_size(conn).map_err(error::mvcc_status))
+            .await
     }
 }
 

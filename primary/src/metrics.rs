@@ -46,20 +46,76 @@ impl Metrics {
             compact_revision: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not.", m.has_leader.clone());
-        registry.register("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise.", m.is_leader.clone());
-        registry.register("etcd_server_leader_changes_seen", "The number of leader changes seen.", m.leader_changes.clone());
-        registry.register("etcd_server_proposals_committed_total", "The total number of consensus proposals committed.", m.proposals_committed.clone());
-        registry.register("etcd_server_proposals_applied", "The total number of consensus proposals applied.", m.proposals_applied.clone());
-        registry.register("etcd_server_proposals_pending", "The current number of pending proposals to commit.", m.proposals_pending.clone());
-        registry.register("etcd_server_proposals_failed", "The total number of failed proposals seen.", m.proposals_failed.clone());
-        registry.register("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", m.wal_fsync.clone());
-        registry.register("etcd_disk_backend_commit_duration_seconds", "The latency distributions of commit called by backend.", m.backend_commit.clone());
-        registry.register("etcd_mvcc_db_total_size_in_bytes", "Total size of the underlying database physically allocated in bytes.", m.db_total_size.clone());
-        registry.register("etcd_mvcc_db_total_size_in_use_in_bytes", "Total size of the underlying database logically in use in bytes.", m.db_in_use_size.clone());
-        registry.register("etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes.", m.quota_backend_bytes.clone());
-        registry.register("etcd_debugging_mvcc_current_revision", "The current revision of store.", m.current_revision.clone());
-        registry.register("etcd_debugging_mvcc_compact_revision", "The revision of the last compaction in store.", m.compact_revision.clone());
+        registry.register(
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            m.has_leader.clone(),
+        );
+        registry.register(
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "etcd_server_leader_changes_seen",
+            "The number of leader changes seen.",
+            m.leader_changes.clone(),
+        );
+        registry.register(
+            "etcd_server_proposals_committed_total",
+            "The total number of consensus proposals committed.",
+            m.proposals_committed.clone(),
+        );
+        registry.register(
+            "etcd_server_proposals_applied",
+            "The total number of consensus proposals applied.",
+            m.proposals_applied.clone(),
+        );
+        registry.register(
+            "etcd_server_proposals_pending",
+            "The current number of pending proposals to commit.",
+            m.proposals_pending.clone(),
+        );
+        registry.register(
+            "etcd_server_proposals_failed",
+            "The total number of failed proposals seen.",
+            m.proposals_failed.clone(),
+        );
+        registry.register(
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL.",
+            m.wal_fsync.clone(),
+        );
+        registry.register(
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
+            m.backend_commit.clone(),
+        );
+        registry.register(
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+            m.db_total_size.clone(),
+        );
+        registry.register(
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "Total size of the underlying database logically in use in bytes.",
+            m.db_in_use_size.clone(),
+        );
+        registry.register(
+            "etcd_server_quota_backend_bytes",
+            "Current backend storage quota size in bytes.",
+            m.quota_backend_bytes.clone(),
+        );
+        registry.register(
+            "etcd_debugging_mvcc_current_revision",
+            "The current revision of store.",
+            m.current_revision.clone(),
+        );
+        registry.register(
+            "etcd_debugging_mvcc_compact_revision",
+            "The revision of the last compaction in store.",
+            m.compact_revision.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -23,7 +23,10 @@ use crate::watch::WatchHub;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("data dir {0} is in use by another process")]
     Locked(String),
     #[error("state database: {0}")]
@@ -34,8 +37,14 @@ pub enum StartError {
     Node(#[from] crate::raft::node::NodeError),
     #[error("cannot listen on {url}: {source}")]
     Listen { url: String, source: std::io::Error },
-    #[error("data dir {dir} belongs to member {stored:x}, but the flags describe member {configured:x}")]
-    WrongMember { dir: String, stored: u64, configured: u64 },
+    #[error(
+        "data dir {dir} belongs to member {stored:x}, but the flags describe member {configured:x}"
+    )]
+    WrongMember {
+        dir: String,
+        stored: u64,
+        configured: u64,
+    },
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -85,12 +94,19 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         let cluster_id = identity::cluster_id(&voters);
         for (id, m) in &ids {
             let clients = if *id == member_id {
-                config.advertise_client_urls.iter().map(url_string).collect()
+                config
+                    .advertise_client_urls
+                    .iter()
+                    .map(url_string)
+                    .collect()
             } else {
                 Vec::new()
             };
             let peers = m.peer_urls.iter().map(url_string).collect();
-            write::upsert_member(store.connection(), &(*id, m.name.clone(), peers, clients, false))?;
+            write::upsert_member(
+                store.connection(),
+                &(*id, m.name.clone(), peers, clients, false),
+            )?;
         }
         store.set_meta("cluster_id", cluster_id as i64)?;
         store.set_meta("member_id", member_id as i64)?;
@@ -101,7 +117,11 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         .into_iter()
         .find(|m| m.0 == member_id);
     if let Some(me) = me.as_mut() {
-        me.3 = config.advertise_client_urls.iter().map(url_string).collect();
+        me.3 = config
+            .advertise_client_urls
+            .iter()
+            .map(url_string)
+            .collect();
         write::upsert_member(store.connection(), me)?;
     }
 
@@ -114,7 +134,9 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
     let state = store.state();
     let hub = WatchHub::new(reader.clone(), state.revision, state.compact_revision);
     let metrics = Arc::new(Metrics::new());
-    metrics.quota_backend_bytes.set(config.quota_backend_bytes as i64);
+    metrics
+        .quota_backend_bytes
+        .set(config.quota_backend_bytes as i64);
 
     let node_config = NodeConfig {
         id: member_id,
@@ -122,7 +144,14 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         election_ticks: (config.election_timeout / config.heartbeat_interval) as usize,
         snapshot_count: config.snapshot_count,
     };
-    let (node, handle) = RaftNode::new(node_config, log, store, hub.clone(), lessor.clone(), metrics.clone())?;
+    let (node, handle) = RaftNode::new(
+        node_config,
+        log,
+        store,
+        hub.clone(),
+        lessor.clone(),
+        metrics.clone(),
+    )?;
     node.start();
 
     let member = Arc::new(Member::new(
@@ -144,12 +173,16 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
     tokio::spawn(hub.run_sync());
     tokio::spawn(crate::housekeeping::expire_leases(member.clone()));
     tokio::spawn(crate::housekeeping::track_size(member.clone()));
-    let policy = config.auto_compaction().unwrap_or(tern_config::AutoCompaction::Off);
+    let policy = config
+        .auto_compaction()
+        .unwrap_or(tern_config::AutoCompaction::Off);
     tokio::spawn(crate::housekeeping::auto_compact(member.clone(), policy));
 
     let router = crate::api::routes(member.clone())
         .into_axum_router()
-        .layer(axum::middleware::map_response(crate::api::etcd_oversize_status))
+        .layer(axum::middleware::map_response(
+            crate::api::etcd_oversize_status,
+        ))
         .merge(crate::http::router(member.clone()));
     let mut servers = tokio::task::JoinSet::new();
     for url in &config.listen_client_urls {
@@ -178,7 +211,10 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         tracing::info!(address = ?address, "serving metrics");
         let app = crate::http::router(member.clone());
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+            {
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
@@ -201,14 +237,20 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
 }
 
 async fn bind(url: &url::Url) -> Result<TcpListener, StartError> {
-    let host = url.host_str().unwrap_or("127.0.0.1").trim_matches(|c| c == '[' || c == ']');
+    let host = url
+        .host_str()
+        .unwrap_or("127.0.0.1")
+        .trim_matches(|c| c == '[' || c == ']');
     let port = url.port_or_known_default().unwrap_or(2379);
     let addr = format!("{host}:{port}");
     let listen_err = |source| StartError::Listen {
         url: url.to_string(),
         source,
     };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&addr).await.map_err(listen_err)?.collect();
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&addr)
+        .await
+        .map_err(listen_err)?
+        .collect();
     let first = addrs
         .iter()
         .find(|a| a.is_ipv4())

@@ -37,7 +37,10 @@ pub enum WatchMessage {
         events: Vec<Event>,
     },
     /// The watcher's start revision was compacted away; it is gone.
-    Compacted { watch_id: i64, compact_revision: i64 },
+    Compacted {
+        watch_id: i64,
+        compact_revision: i64,
+    },
     /// The watcher was created (sent before any of its events).
     Created { watch_id: i64, revision: i64 },
     /// A progress notification: nothing happened up to `revision`.
@@ -114,13 +117,23 @@ impl Watcher {
     fn wants(&self, e: &Event) -> bool {
         let key = e.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
         let is_put = e.r#type == EventType::Put as i32;
-        self.spec.range.contains(key) && !(is_put && self.spec.no_put) && !(!is_put && self.spec.no_delete)
+        let filtered = if is_put {
+            self.spec.no_put
+        } else {
+            self.spec.no_delete
+        };
+        self.spec.range.contains(key) && !filtered
     }
 
     fn select(&self, events: &[Event]) -> Vec<Event> {
         events
             .iter()
-            .filter(|e| self.wants(e) && e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= self.next_rev))
+            .filter(|e| {
+                self.wants(e)
+                    && e.kv
+                        .as_ref()
+                        .is_some_and(|kv| kv.mod_revision >= self.next_rev)
+            })
             .map(|e| {
                 let mut e = e.clone();
                 if !self.spec.prev_kv {
@@ -313,18 +326,23 @@ impl WatchHub {
         };
         let mut lagging = false;
         for (key, spec, from, to) in pending {
-            let (events, reached) = self
-                .reader
-                .with(|conn| read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv))?;
+            let (events, reached) = self.reader.with(|conn| {
+                read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv)
+            })?;
             let mut st = self.lock();
             let published = st.published;
-            let Some(w) = st.watchers.get_mut(&key) else { continue };
+            let Some(w) = st.watchers.get_mut(&key) else {
+                continue;
+            };
             if w.next_rev != from {
                 continue;
             }
             let selected: Vec<Event> = events.iter().filter(|e| w.wants(e)).cloned().collect();
             if !selected.is_empty() {
-                let revision = selected.last().and_then(|e| e.kv.as_ref()).map_or(reached, |kv| kv.mod_revision);
+                let revision = selected
+                    .last()
+                    .and_then(|e| e.kv.as_ref())
+                    .map_or(reached, |kv| kv.mod_revision);
                 if w.sink
                     .send(WatchMessage::Events {
                         watch_id: w.spec.watch_id,
@@ -352,7 +370,10 @@ impl WatchHub {
         let st = self.lock();
         let now = Instant::now();
         for w in st.watchers.values() {
-            if w.spec.progress_notify && w.synced && now.duration_since(w.last_sent) >= PROGRESS_INTERVAL {
+            if w.spec.progress_notify
+                && w.synced
+                && now.duration_since(w.last_sent) >= PROGRESS_INTERVAL
+            {
                 let _ = w.sink.send(WatchMessage::Progress {
                     watch_id: w.spec.watch_id,
                     revision: st.published,

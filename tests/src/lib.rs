@@ -251,8 +251,7 @@ impl Output {
     pub fn error_line(&self) -> String {
         self.stderr
             .lines()
-            .filter(|l| l.starts_with("Error:"))
-            .last()
+            .rfind(|l| l.starts_with("Error:"))
             .unwrap_or("")
             .to_string()
     }
@@ -268,12 +267,19 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().expect("spawn etcdctl (apt-get install etcd-client)");
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let mut child = cmd
+        .spawn()
+        .expect("spawn etcdctl (apt-get install etcd-client)");
     if let Some(input) = stdin {
         use std::io::Write;
         let mut pipe = child.stdin.take().expect("stdin piped");
-        pipe.write_all(input.as_bytes()).expect("write etcdctl stdin");
+        pipe.write_all(input.as_bytes())
+            .expect("write etcdctl stdin");
     }
     let out = child.wait_with_output().expect("etcdctl output");
     Output {

@@ -29,7 +29,10 @@ impl KvService {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
         let r = request.into_inner();
         check_range(&r)?;
         if !r.serializable {
@@ -37,7 +40,9 @@ impl Kv for KvService {
         }
         let mut resp = self
             .member
-            .read(move |conn, state| apply::range(conn, state, state.revision, &r).map_err(apply_status))
+            .read(move |conn, state| {
+                apply::range(conn, state, state.revision, &r).map_err(apply_status)
+            })
             .await?;
         self.member.fill(&mut resp.header);
         Ok(Response::new(resp))
@@ -57,7 +62,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = request.into_inner();
         if r.key.is_empty() {
             return Err(EtcdError::EmptyKey.into());
@@ -84,7 +92,9 @@ impl Kv for KvService {
             }
             let mut resp = self
                 .member
-                .read(move |conn, state| apply::read_only_txn(conn, state, &r).map_err(apply_status))
+                .read(move |conn, state| {
+                    apply::read_only_txn(conn, state, &r).map_err(apply_status)
+                })
                 .await?;
             self.member.fill(&mut resp.header);
             return Ok(Response::new(resp));
@@ -99,7 +109,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
         let r = request.into_inner();
         match self.member.propose(RaftReq::Compaction(r)).await? {
             ApplyResult::Compaction(mut resp) => {
@@ -178,11 +191,11 @@ fn intervals(ops: &[RequestOp]) -> Result<(Vec<KeyRange>, HashSet<Vec<u8>>), Sta
     let mut puts = HashSet::new();
     for op in ops {
         match &op.request {
-            Some(request_op::Request::RequestDeleteRange(d)) => dels.push(KeyRange::new(&d.key, &d.range_end)),
-            Some(request_op::Request::RequestPut(p)) => {
-                if !puts.insert(p.key.clone()) {
-                    return Err(EtcdError::DuplicateKey.into());
-                }
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                dels.push(KeyRange::new(&d.key, &d.range_end))
+            }
+            Some(request_op::Request::RequestPut(p)) if !puts.insert(p.key.clone()) => {
+                return Err(EtcdError::DuplicateKey.into());
             }
             Some(request_op::Request::RequestTxn(t)) => {
                 let (d1, p1) = intervals(&t.success)?;
@@ -207,17 +220,23 @@ fn intervals(ops: &[RequestOp]) -> Result<(Vec<KeyRange>, HashSet<Vec<u8>>), Sta
 }
 
 fn is_read_only(r: &TxnRequest) -> bool {
-    r.success.iter().chain(&r.failure).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(_)) | None => true,
-        Some(request_op::Request::RequestTxn(t)) => is_read_only(t),
-        _ => false,
-    })
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) | None => true,
+            Some(request_op::Request::RequestTxn(t)) => is_read_only(t),
+            _ => false,
+        })
 }
 
 fn all_serializable(r: &TxnRequest) -> bool {
-    r.success.iter().chain(&r.failure).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(rr)) => rr.serializable,
-        Some(request_op::Request::RequestTxn(t)) => all_serializable(t),
-        _ => true,
-    })
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(rr)) => rr.serializable,
+            Some(request_op::Request::RequestTxn(t)) => all_serializable(t),
+            _ => true,
+        })
 }

@@ -35,7 +35,10 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut r = request.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge.into());
@@ -54,8 +57,15 @@ impl Lease for LeaseService {
         }
     }
 
-    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self.member.propose(RaftReq::LeaseRevoke(request.into_inner())).await? {
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self
+            .member
+            .propose(RaftReq::LeaseRevoke(request.into_inner()))
+            .await?
+        {
             ApplyResult::LeaseRevoke(mut resp) => {
                 self.member.fill(&mut resp.header);
                 Ok(Response::new(resp))
@@ -131,15 +141,24 @@ impl Lease for LeaseService {
         }))
     }
 
-    async fn lease_leases(&self, _request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(
+        &self,
+        _request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.member.linearizable_barrier().await?;
-        let mut leases = self.member.read(|conn, _| read::leases(conn).map_err(mvcc_status)).await?;
+        let mut leases = self
+            .member
+            .read(|conn, _| read::leases(conn).map_err(mvcc_status))
+            .await?;
         // etcd lists leases soonest expiry first.
         let lessor = &self.member.lessor;
         leases.sort_by_key(|(id, _)| (lessor.deadline(*id), *id));
         Ok(Response::new(LeaseLeasesResponse {
             header: Some(self.member.header(0)),
-            leases: leases.into_iter().map(|(id, _)| LeaseStatus { id }).collect(),
+            leases: leases
+                .into_iter()
+                .map(|(id, _)| LeaseStatus { id })
+                .collect(),
         }))
     }
 }

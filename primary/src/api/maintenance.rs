@@ -16,10 +16,10 @@ use crate::error::{mvcc_status, EtcdError};
 use crate::member::Member;
 use crate::mvcc::{read, MvccStore};
 use crate::proto::etcdserverpb::{
-    maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
-    AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
-    HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
-    StatusRequest, StatusResponse,
+    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
+    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use crate::proto::ternpb::raft_request::Request as RaftReq;
 
@@ -43,8 +43,15 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        match self.member.propose(RaftReq::Alarm(request.into_inner())).await? {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        match self
+            .member
+            .propose(RaftReq::Alarm(request.into_inner()))
+            .await?
+        {
             ApplyResult::Alarm(mut resp) => {
                 self.member.fill(&mut resp.header);
                 Ok(Response::new(resp))
@@ -69,7 +76,8 @@ impl Maintenance for MaintenanceService {
             errors.push(EtcdError::NoLeader.message().to_string());
         }
         for (member, alarm) in alarms {
-            let name = AlarmType::try_from(alarm).map_or("UNKNOWN".into(), |a| a.as_str_name().to_string());
+            let name = AlarmType::try_from(alarm)
+                .map_or("UNKNOWN".into(), |a| a.as_str_name().to_string());
             errors.push(format!("memberID:{member} alarm:{name} "));
         }
         Ok(Response::new(StatusResponse {
@@ -77,17 +85,28 @@ impl Maintenance for MaintenanceService {
             version: ETCD_VERSION.into(),
             db_size: db_size + wal_size(&self.member.data_dir),
             leader,
-            raft_index: status.commit_index.load(std::sync::atomic::Ordering::Acquire),
+            raft_index: status
+                .commit_index
+                .load(std::sync::atomic::Ordering::Acquire),
             raft_term: status.term(),
-            raft_applied_index: status.applied_index.load(std::sync::atomic::Ordering::Acquire),
+            raft_applied_index: status
+                .applied_index
+                .load(std::sync::atomic::Ordering::Acquire),
             errors,
             db_size_in_use: in_use,
             is_learner: false,
         }))
     }
 
-    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        self.member.node.defragment().await.map_err(Status::internal)?;
+    async fn defragment(
+        &self,
+        _: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        self.member
+            .node
+            .defragment()
+            .await
+            .map_err(Status::internal)?;
         Ok(Response::new(DefragmentResponse {
             header: Some(self.member.header(0)),
         }))
@@ -104,7 +123,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
         let wanted = request.into_inner().revision;
         let (hash, revision, compact_revision) = self
             .member
@@ -131,7 +153,10 @@ impl Maintenance for MaintenanceService {
 
     /// A consistent copy of the state database, streamed in chunks and
     /// followed by its sha256, as etcd streams its bbolt file.
-    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
         let dir = tempfile::Builder::new()
             .prefix("snapshot-")
             .tempdir_in(&self.member.data_dir)
@@ -163,7 +188,9 @@ impl Maintenance for MaintenanceService {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("snapshot: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(format!("snapshot: {e}"))))
+                            .await;
                         return;
                     }
                 };
@@ -189,7 +216,10 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(
+        &self,
+        request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
         let target = request.into_inner().target_id;
         if target == self.member.member_id && self.member.node.status.leader() == target {
             return Ok(Response::new(MoveLeaderResponse {
@@ -205,4 +235,3 @@ impl Maintenance for MaintenanceService {
 fn wal_size(data_dir: &std::path::Path) -> i64 {
     std::fs::metadata(data_dir.join("state.db-wal")).map_or(0, |m| m.len() as i64)
 }
-

@@ -24,7 +24,9 @@ use crate::proto::etcdserverpb::{
 /// RESOURCE_EXHAUSTED "grpc: received message larger than max (N vs. M)";
 /// tonic says OUT_OF_RANGE in other words. Clients match on the code, so
 /// rewrite tonic's answer (always a trailers-only response) into etcd's.
-pub async fn etcd_oversize_status(mut response: axum::response::Response) -> axum::response::Response {
+pub async fn etcd_oversize_status(
+    mut response: axum::response::Response,
+) -> axum::response::Response {
     let headers = response.headers_mut();
     if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("11") {
         return response;
@@ -36,7 +38,10 @@ pub async fn etcd_oversize_status(mut response: axum::response::Response) -> axu
     let Some(rest) = message.strip_prefix("Error, decoded message length too large: found ") else {
         return response;
     };
-    let numbers: Vec<&str> = rest.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).collect();
+    let numbers: Vec<&str> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .collect();
     if let [found, limit] = numbers[..] {
         let text = format!("grpc: received message larger than max ({found} vs. {limit})");
         if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
@@ -63,8 +68,13 @@ pub fn routes(member: Arc<Member>) -> Routes {
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX),
     )
-    .add_service(LeaseServer::new(lease::LeaseService::new(member.clone())).max_decoding_message_size(max))
-    .add_service(ClusterServer::new(cluster::ClusterService::new(member.clone())).max_decoding_message_size(max))
+    .add_service(
+        LeaseServer::new(lease::LeaseService::new(member.clone())).max_decoding_message_size(max),
+    )
+    .add_service(
+        ClusterServer::new(cluster::ClusterService::new(member.clone()))
+            .max_decoding_message_size(max),
+    )
     .add_service(
         MaintenanceServer::new(maintenance::MaintenanceService::new(member))
             .max_decoding_message_size(max)

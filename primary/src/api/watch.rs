@@ -34,7 +34,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 impl Watch for WatchService {
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(64);
         let (sink, source) = StreamSink::new();
@@ -118,7 +121,11 @@ impl ClientStream {
 
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
         // etcd: an empty key means "\0", the smallest key.
-        let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
+        let key = if c.key.is_empty() {
+            vec![0]
+        } else {
+            c.key.clone()
+        };
         let watch_id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
                 self.next_id += 1;
@@ -129,10 +136,11 @@ impl ClientStream {
             c.watch_id
         };
         if c.watch_id != 0 && self.watchers.contains_key(&watch_id) {
+            // etcd reports the refused watcher with id -1.
             return self
                 .send(WatchResponse {
                     header: Some(self.member.header(0)),
-                    watch_id,
+                    watch_id: -1,
                     created: true,
                     canceled: true,
                     cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
@@ -174,8 +182,9 @@ impl ClientStream {
                 compact_revision,
             } => {
                 self.watchers.remove(&watch_id);
+                // etcd's compaction notice carries no revision.
                 self.send(WatchResponse {
-                    header: Some(self.member.header(0)),
+                    header: Some(self.member.header_without_revision()),
                     watch_id,
                     compact_revision,
                     canceled: true,

@@ -1199,14 +1199,32 @@ impl Harness {
             fits = end;
         }
         if fits == full.len() {
-            prop_assert_eq!(&got[..], &full[..], "history [{}, {}] limit {}", from, to, limit);
+            prop_assert_eq!(
+                &got[..],
+                &full[..],
+                "history [{}, {}] limit {}",
+                from,
+                to,
+                limit
+            );
             prop_assert_eq!(reached, to);
         } else if fits > 0 {
-            prop_assert_eq!(&got[..], &full[..fits], "history [{}, {}] limit {}", from, to, limit);
+            prop_assert_eq!(
+                &got[..],
+                &full[..fits],
+                "history [{}, {}] limit {}",
+                from,
+                to,
+                limit
+            );
             prop_assert_eq!(reached, rev(&full[fits]) - 1);
         } else {
             // A first revision larger than the limit comes whole, alone.
-            let first: Vec<Event> = full.iter().take_while(|e| rev(e) == rev(&full[0])).cloned().collect();
+            let first: Vec<Event> = full
+                .iter()
+                .take_while(|e| rev(e) == rev(&full[0]))
+                .cloned()
+                .collect();
             prop_assert_eq!(&got, &first, "history [{}, {}] limit {}", from, to, limit);
             prop_assert_eq!(reached, rev(&full[0]));
         }

@@ -91,14 +91,21 @@ fn kv_from_row(row: &Row<'_>, keys_only: bool) -> rusqlite::Result<KeyValue> {
 
 /// Read `query` at `query.revision`, where `current` is the store's revision
 /// (reads at it use the live table).
-pub fn range(conn: &Connection, query: &RangeQuery, current: i64) -> Result<RangeResult, MvccError> {
+pub fn range(
+    conn: &Connection,
+    query: &RangeQuery,
+    current: i64,
+) -> Result<RangeResult, MvccError> {
     if query.range.is_empty() {
         return Ok(RangeResult::default());
     }
     let (a, b) = query.range.params();
     let at_head = query.revision >= current;
     let source = if at_head {
-        format!("SELECT {KV_COLUMNS} FROM kv_live WHERE {}", query.range.condition("key"))
+        format!(
+            "SELECT {KV_COLUMNS} FROM kv_live WHERE {}",
+            query.range.condition("key")
+        )
     } else {
         // Per key, the newest change at or before the revision, unless it
         // is a deletion.
@@ -121,9 +128,17 @@ pub fn range(conn: &Connection, query: &RangeQuery, current: i64) -> Result<Rang
     let count_sql = format!("SELECT count(*) FROM ({source})");
     let mut stmt = conn.prepare_cached(&count_sql)?;
     bind(&mut stmt)?;
-    let count: i64 = stmt.raw_query().next()?.map(|r| r.get(0)).transpose()?.unwrap_or(0);
+    let count: i64 = stmt
+        .raw_query()
+        .next()?
+        .map(|r| r.get(0))
+        .transpose()?
+        .unwrap_or(0);
     if query.count_only || count == 0 {
-        return Ok(RangeResult { kvs: Vec::new(), count });
+        return Ok(RangeResult {
+            kvs: Vec::new(),
+            count,
+        });
     }
     let mut sql = format!("{source} ORDER BY key");
     if query.limit > 0 {
@@ -141,8 +156,11 @@ pub fn range(conn: &Connection, query: &RangeQuery, current: i64) -> Result<Rang
 
 /// The live row of one key, if it exists.
 pub fn get_live(conn: &Connection, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {KV_COLUMNS} FROM kv_live WHERE key = ?1"))?;
-    Ok(stmt.query_row([key], |r| kv_from_row(r, false)).optional()?)
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {KV_COLUMNS} FROM kv_live WHERE key = ?1"))?;
+    Ok(stmt
+        .query_row([key], |r| kv_from_row(r, false))
+        .optional()?)
 }
 
 /// Events with `from <= revision <= to` on keys in `range`, in revision
@@ -235,13 +253,19 @@ fn history_rows(
 }
 
 /// The key's state just before `revision`, if it existed then.
-pub fn previous(conn: &Connection, key: &[u8], revision: i64) -> Result<Option<KeyValue>, MvccError> {
+pub fn previous(
+    conn: &Connection,
+    key: &[u8],
+    revision: i64,
+) -> Result<Option<KeyValue>, MvccError> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {KV_COLUMNS}, tombstone FROM kv_history WHERE key = ?1 AND mod_revision < ?2 \
          ORDER BY mod_revision DESC LIMIT 1"
     ))?;
     let row = stmt
-        .query_row((key, revision), |r| Ok((kv_from_row(r, false)?, r.get::<_, bool>(6)?)))
+        .query_row((key, revision), |r| {
+            Ok((kv_from_row(r, false)?, r.get::<_, bool>(6)?))
+        })
         .optional()?;
     Ok(row.and_then(|(kv, tombstone)| (!tombstone).then_some(kv)))
 }
@@ -273,14 +297,18 @@ pub fn hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> {
 /// Keys attached to a lease.
 pub fn lease_keys(conn: &Connection, lease: i64) -> Result<Vec<Vec<u8>>, MvccError> {
     let mut stmt = conn.prepare_cached("SELECT key FROM kv_live WHERE lease = ?1 ORDER BY key")?;
-    let keys = stmt.query_map([lease], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let keys = stmt
+        .query_map([lease], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
     Ok(keys)
 }
 
 /// Granted leases: (id, ttl).
 pub fn leases(conn: &Connection) -> Result<Vec<(i64, i64)>, MvccError> {
     let mut stmt = conn.prepare_cached("SELECT id, ttl FROM leases ORDER BY id")?;
-    let leases = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    let leases = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     Ok(leases)
 }
 
@@ -292,7 +320,10 @@ pub fn lease_ttl(conn: &Connection, lease: i64) -> Result<Option<i64>, MvccError
 /// A `meta` value, 0 if unset.
 pub fn meta(conn: &Connection, name: &str) -> Result<i64, MvccError> {
     let mut stmt = conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?;
-    Ok(stmt.query_row([name], |r| r.get(0)).optional()?.unwrap_or(0))
+    Ok(stmt
+        .query_row([name], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
 }
 
 /// Bytes the database file uses, and bytes in use (excluding free pages).
@@ -319,7 +350,10 @@ impl Reader {
 
     /// Run `f` on a pooled connection inside one read transaction, so
     /// everything `f` reads comes from one consistent revision.
-    pub fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, MvccError>) -> Result<T, MvccError> {
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, MvccError>,
+    ) -> Result<T, MvccError> {
         let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut conn = match conn {
             Some(c) => c,

@@ -77,7 +77,8 @@ pub fn open(path: &Path) -> Result<Connection, MvccError> {
     configure(&conn)?;
     conn.execute_batch(TABLES)?;
     {
-        let mut about = conn.prepare("INSERT OR REPLACE INTO about (topic, text) VALUES (?1, ?2)")?;
+        let mut about =
+            conn.prepare("INSERT OR REPLACE INTO about (topic, text) VALUES (?1, ?2)")?;
         for (topic, text) in ABOUT {
             about.execute((topic, text))?;
         }

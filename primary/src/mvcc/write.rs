@@ -68,14 +68,16 @@ impl MvccStore {
     /// PASSIVE never waits for readers; frames it cannot copy yet are
     /// already durable in the synced WAL.
     pub fn checkpoint(&self) -> Result<(), MvccError> {
-        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
 
     /// Rebuild the file without free pages (etcd's defragment).
     pub fn vacuum(&self) -> Result<(), MvccError> {
         self.conn.execute_batch("VACUUM")?;
-        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
     }
 
@@ -90,8 +92,10 @@ impl MvccStore {
 
     /// Set a `meta` value outside any batch (bootstrap ids).
     pub fn set_meta(&self, name: &str, value: i64) -> Result<(), MvccError> {
-        self.conn
-            .execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)", (name, value))?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)",
+            (name, value),
+        )?;
         Ok(())
     }
 }
@@ -127,14 +131,18 @@ impl Batch<'_> {
         term: u64,
         f: impl FnOnce(&mut Self) -> Result<T, super::super::apply::ApplyError>,
     ) -> Result<T, super::super::apply::ApplyError> {
-        self.tx.execute_batch("SAVEPOINT entry").map_err(MvccError::from)?;
+        self.tx
+            .execute_batch("SAVEPOINT entry")
+            .map_err(MvccError::from)?;
         let saved = (self.state, self.events.len());
         self.changed = false;
         self.sub = 0;
         let result = f(self);
         match &result {
             Ok(_) => {
-                self.tx.execute_batch("RELEASE entry").map_err(MvccError::from)?;
+                self.tx
+                    .execute_batch("RELEASE entry")
+                    .map_err(MvccError::from)?;
                 if self.changed {
                     self.state.revision += 1;
                 }
@@ -170,7 +178,12 @@ impl Batch<'_> {
         self.state.revision + 1
     }
 
-    pub fn put(&mut self, key: &[u8], value: &[u8], lease: i64) -> Result<Option<KeyValue>, MvccError> {
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<KeyValue>, MvccError> {
         let prev = read::get_live(&self.tx, key)?;
         let rev = self.write_revision();
         let kv = KeyValue {
@@ -257,7 +270,8 @@ impl Batch<'_> {
     }
 
     pub fn grant_lease(&mut self, id: i64, ttl: i64) -> Result<(), MvccError> {
-        self.tx.execute("INSERT INTO leases (id, ttl) VALUES (?1, ?2)", (id, ttl))?;
+        self.tx
+            .execute("INSERT INTO leases (id, ttl) VALUES (?1, ?2)", (id, ttl))?;
         Ok(())
     }
 
@@ -283,8 +297,10 @@ impl Batch<'_> {
                 (member as i64, alarm),
             )?
         } else {
-            self.tx
-                .execute("DELETE FROM alarms WHERE member_id = ?1 AND alarm = ?2", (member as i64, alarm))?
+            self.tx.execute(
+                "DELETE FROM alarms WHERE member_id = ?1 AND alarm = ?2",
+                (member as i64, alarm),
+            )?
         };
         Ok(n > 0)
     }
@@ -313,7 +329,8 @@ impl Batch<'_> {
 
 /// Raised alarms: (member id, alarm type).
 pub fn alarms(conn: &Connection) -> Result<Vec<(u64, i32)>, MvccError> {
-    let mut stmt = conn.prepare_cached("SELECT member_id, alarm FROM alarms ORDER BY member_id, alarm")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT member_id, alarm FROM alarms ORDER BY member_id, alarm")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
@@ -324,8 +341,9 @@ pub fn alarms(conn: &Connection) -> Result<Vec<(u64, i32)>, MvccError> {
 pub type MemberRow = (u64, String, Vec<String>, Vec<String>, bool);
 
 pub fn members(conn: &Connection) -> Result<Vec<MemberRow>, MvccError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT id, name, peer_urls, client_urls, is_learner FROM members ORDER BY id")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, name, peer_urls, client_urls, is_learner FROM members ORDER BY id",
+    )?;
     let rows = stmt
         .query_map([], |r| {
             let peers: String = r.get(2)?;

@@ -53,25 +53,27 @@ impl LogStore {
         )?;
         // A new log starts at term 1, as etcd's bootstrap entries do, so a
         // new member leads at term 2 like etcd's.
-        let hard_state: HardState = load(&conn, "hard_state")?.unwrap_or_else(|| {
-            let mut hs = HardState::default();
-            hs.term = 1;
-            hs
+        let hard_state: HardState = load(&conn, "hard_state")?.unwrap_or_else(|| HardState {
+            term: 1,
+            ..Default::default()
         });
         let snapshot: SnapshotMetadata = load(&conn, "snapshot")?.unwrap_or_default();
         let conf_state = match load::<ConfState>(&conn, "conf_state")? {
             Some(cs) => cs,
             None => {
-                let mut cs = ConfState::default();
-                cs.voters = voters.to_vec();
-                cs.learners = learners.to_vec();
+                let cs = ConfState {
+                    voters: voters.to_vec(),
+                    learners: learners.to_vec(),
+                    ..Default::default()
+                };
                 store(&conn, "conf_state", &cs)?;
                 cs
             }
         };
         let mut entries = Vec::new();
         {
-            let mut stmt = conn.prepare("SELECT idx, entry FROM entries WHERE idx > ?1 ORDER BY idx")?;
+            let mut stmt =
+                conn.prepare("SELECT idx, entry FROM entries WHERE idx > ?1 ORDER BY idx")?;
             let mut rows = stmt.query([snapshot.index as i64])?;
             let mut expected = snapshot.index + 1;
             while let Some(row) = rows.next()? {
@@ -118,7 +120,11 @@ impl LogStore {
 
     /// Append `entries` (replacing any conflicting suffix) and record
     /// `hard_state`, in one fsynced transaction.
-    pub fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), LogError> {
+    pub fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), LogError> {
         if entries.is_empty() && hard_state.is_none() {
             return Ok(());
         }
@@ -168,10 +174,12 @@ impl LogStore {
             return Ok(());
         }
         let term = self.term(index).unwrap_or(0);
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(self.conf_state.clone());
+        let meta = SnapshotMetadata {
+            index,
+            term,
+            conf_state: Some(self.conf_state.clone()).into(),
+            ..Default::default()
+        };
         let tx = self.conn.transaction()?;
         store(&tx, "snapshot", &meta)?;
         tx.execute("DELETE FROM entries WHERE idx <= ?1", [index as i64])?;
@@ -194,7 +202,9 @@ impl LogStore {
 
 fn load<M: protobuf::Message>(conn: &Connection, name: &str) -> Result<Option<M>, LogError> {
     let bytes: Option<Vec<u8>> = conn
-        .query_row("SELECT value FROM state WHERE name = ?1", [name], |r| r.get(0))
+        .query_row("SELECT value FROM state WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
         .optional()?;
     bytes
         .map(|b| {
@@ -211,13 +221,19 @@ fn store<M: protobuf::Message>(conn: &Connection, name: &str, m: &M) -> Result<(
         what: name.to_string(),
         source,
     })?;
-    conn.execute("INSERT OR REPLACE INTO state (name, value) VALUES (?1, ?2)", (name, bytes))?;
+    conn.execute(
+        "INSERT OR REPLACE INTO state (name, value) VALUES (?1, ?2)",
+        (name, bytes),
+    )?;
     Ok(())
 }
 
 impl Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -264,7 +280,9 @@ impl Storage for LogStore {
     /// Sending the state to a follower that is too far behind arrives with
     /// the peer transport; a single member never asks for it.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
@@ -273,11 +291,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8].into();
-        e
+        Entry {
+            index,
+            term,
+            data: vec![index as u8].into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -285,10 +304,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.db");
         let mut log = LogStore::open(&path, &[1], &[]).unwrap();
-        let mut hs = HardState::default();
-        hs.term = 2;
-        hs.commit = 2;
-        log.persist(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs)).unwrap();
+        let hs = HardState {
+            term: 2,
+            commit: 2,
+            ..Default::default()
+        };
+        log.persist(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs))
+            .unwrap();
         log.persist(&[entry(3, 2), entry(4, 2)], None).unwrap();
         assert_eq!(log.term(3).unwrap(), 2);
         drop(log);
@@ -300,10 +322,17 @@ mod tests {
         log.compact(2).unwrap();
         assert_eq!(log.first_index().unwrap(), 3);
         assert_eq!(log.term(2).unwrap(), 1);
-        assert!(log.entries(1, 3, None, GetEntriesContext::empty(false)).is_err());
+        assert!(log
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .is_err());
         drop(log);
         let log = LogStore::open(&path, &[1], &[]).unwrap();
         assert_eq!(log.first_index().unwrap(), 3);
-        assert_eq!(log.entries(3, 5, None, GetEntriesContext::empty(false)).unwrap().len(), 2);
+        assert_eq!(
+            log.entries(3, 5, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

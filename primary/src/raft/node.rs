@@ -28,7 +28,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use super::log_store::{LogError, LogStore};
-use crate::apply::{ApplyError, ApplyResult, Applier};
+use crate::apply::{Applier, ApplyError, ApplyResult};
 use crate::lease::Lessor;
 use crate::metrics::Metrics;
 use crate::mvcc::{MvccError, MvccStore};
@@ -60,9 +60,13 @@ pub enum NodeMsg {
     },
     /// Linearizable read barrier: replies once the state machine has applied
     /// everything committed when the read arrived.
-    ReadIndex { reply: oneshot::Sender<Result<(), ProposeError>> },
+    ReadIndex {
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
     /// Rebuild the state file (etcd's defragment); blocks writes meanwhile.
-    Defragment { reply: oneshot::Sender<Result<(), String>> },
+    Defragment {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Raft and store counters the API reads without asking the thread.
@@ -212,8 +216,12 @@ impl RaftNode {
         let (tx, rx) = crossbeam_channel::unbounded();
         let status = Arc::new(NodeStatus::default());
         status.revision.store(state.revision, Ordering::Release);
-        status.compact_revision.store(state.compact_revision, Ordering::Release);
-        status.applied_index.store(state.applied_index, Ordering::Release);
+        status
+            .compact_revision
+            .store(state.compact_revision, Ordering::Release);
+        status
+            .applied_index
+            .store(state.applied_index, Ordering::Release);
         let handle = NodeHandle {
             tx,
             status: status.clone(),
@@ -363,11 +371,11 @@ impl RaftNode {
             }
         }
         let started = Instant::now();
-        self.raw
-            .mut_store()
-            .persist(ready.entries(), ready.hs())?;
+        self.raw.mut_store().persist(ready.entries(), ready.hs())?;
         if !ready.entries().is_empty() || ready.hs().is_some() {
-            self.metrics.wal_fsync.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .wal_fsync
+                .observe(started.elapsed().as_secs_f64());
         }
         self.status
             .last_index
@@ -393,7 +401,10 @@ impl RaftNode {
     /// Peer messages; a lone voter has nobody to send to.
     fn send(&mut self, messages: Vec<Message>) {
         if !messages.is_empty() {
-            tracing::trace!(count = messages.len(), "no peer transport; dropping messages");
+            tracing::trace!(
+                count = messages.len(),
+                "no peer transport; dropping messages"
+            );
         }
     }
 
@@ -407,8 +418,12 @@ impl RaftNode {
             self.metrics.leader_changes.inc();
             tracing::info!(leader = format!("{leader:x}"), term, "leader elected");
         }
-        self.metrics.has_leader.set(i64::from(leader != raft::INVALID_ID));
-        self.metrics.is_leader.set(i64::from(role == StateRole::Leader));
+        self.metrics
+            .has_leader
+            .set(i64::from(leader != raft::INVALID_ID));
+        self.metrics
+            .is_leader
+            .set(i64::from(role == StateRole::Leader));
         if role == StateRole::Leader && self.role != StateRole::Leader {
             self.lessor.refresh_all();
         }
@@ -473,15 +488,21 @@ impl RaftNode {
             self.hub.set_compacted(state.compact_revision);
         }
         self.hub.publish(&events, state.revision);
-        self.status.revision.store(state.revision, Ordering::Release);
+        self.status
+            .revision
+            .store(state.revision, Ordering::Release);
         self.status
             .compact_revision
             .store(state.compact_revision, Ordering::Release);
         self.status
             .applied_index
             .store(state.applied_index, Ordering::Release);
-        self.metrics.backend_commit.observe(started.elapsed().as_secs_f64());
-        self.metrics.proposals_committed.set(state.applied_index as i64);
+        self.metrics
+            .backend_commit
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .proposals_committed
+            .set(state.applied_index as i64);
         for (reply, result) in replies {
             let _ = reply.send(result);
         }
