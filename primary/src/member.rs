@@ -153,12 +153,7 @@ impl Member {
         tokio::task::spawn_blocking(move || {
             let mut out = None;
             let r = reader.with(|conn| {
-                let state = StoreState {
-                    revision: read::meta(conn, "revision")?.max(1),
-                    compact_revision: read::meta(conn, "compact_revision")?,
-                    applied_index: read::meta(conn, "applied_index")? as u64,
-                    applied_term: read::meta(conn, "applied_term")? as u64,
-                };
+                let state = read::store_state(conn)?;
                 out = Some(f(conn, state));
                 Ok::<_, MvccError>(())
             });

@@ -317,6 +317,28 @@ pub fn lease_ttl(conn: &Connection, lease: i64) -> Result<Option<i64>, MvccError
     Ok(stmt.query_row([lease], |r| r.get(0)).optional()?)
 }
 
+/// The store counters as of this connection's snapshot, in one query.
+pub fn store_state(conn: &Connection) -> Result<super::StoreState, MvccError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term')",
+    )?;
+    let mut state = super::StoreState::default();
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let value: i64 = row.get(1)?;
+        match row.get_ref(0)?.as_str().unwrap_or("") {
+            "revision" => state.revision = value,
+            "compact_revision" => state.compact_revision = value,
+            "applied_index" => state.applied_index = value as u64,
+            "applied_term" => state.applied_term = value as u64,
+            _ => {}
+        }
+    }
+    // etcd starts an empty store at revision 1.
+    state.revision = state.revision.max(1);
+    Ok(state)
+}
+
 /// A `meta` value, 0 if unset.
 pub fn meta(conn: &Connection, name: &str) -> Result<i64, MvccError> {
     let mut stmt = conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?;

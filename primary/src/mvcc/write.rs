@@ -32,12 +32,7 @@ pub struct MvccStore {
 impl MvccStore {
     pub fn open(path: &Path) -> Result<Self, MvccError> {
         let conn = super::schema::open(path)?;
-        let state = StoreState {
-            revision: read::meta(&conn, "revision")?.max(1),
-            compact_revision: read::meta(&conn, "compact_revision")?,
-            applied_index: read::meta(&conn, "applied_index")? as u64,
-            applied_term: read::meta(&conn, "applied_term")? as u64,
-        };
+        let state = read::store_state(&conn)?;
         Ok(MvccStore { conn, state })
     }
 
@@ -129,28 +124,23 @@ impl Batch<'_> {
         &mut self,
         index: u64,
         term: u64,
-        f: impl FnOnce(&mut Self) -> Result<T, super::super::apply::ApplyError>,
-    ) -> Result<T, super::super::apply::ApplyError> {
-        self.tx
-            .execute_batch("SAVEPOINT entry")
-            .map_err(MvccError::from)?;
+        f: impl FnOnce(&mut Self) -> Result<T, crate::apply::ApplyError>,
+    ) -> Result<T, crate::apply::ApplyError> {
+        self.exec_cached("SAVEPOINT entry")?;
         let saved = (self.state, self.events.len());
         self.changed = false;
         self.sub = 0;
         let result = f(self);
         match &result {
             Ok(_) => {
-                self.tx
-                    .execute_batch("RELEASE entry")
-                    .map_err(MvccError::from)?;
+                self.exec_cached("RELEASE entry")?;
                 if self.changed {
                     self.state.revision += 1;
                 }
             }
             Err(_) => {
-                self.tx
-                    .execute_batch("ROLLBACK TO entry; RELEASE entry")
-                    .map_err(MvccError::from)?;
+                self.exec_cached("ROLLBACK TO entry")?;
+                self.exec_cached("RELEASE entry")?;
                 self.state = saved.0;
                 self.events.truncate(saved.1);
             }
@@ -159,6 +149,13 @@ impl Batch<'_> {
         self.state.applied_index = index;
         self.state.applied_term = term;
         result
+    }
+
+    /// Run a parameterless statement through the statement cache: these
+    /// run once per entry, so parsing them each time shows.
+    fn exec_cached(&self, sql: &str) -> Result<(), MvccError> {
+        self.tx.prepare_cached(sql)?.execute([])?;
+        Ok(())
     }
 
     /// Mark an entry that changes nothing (a conf change, an empty entry).
