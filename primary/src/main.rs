@@ -1,6 +1,11 @@
 //! `tern-primary`: flags -> config -> run. Nothing else.
 
 use tern_config::PrimaryConfig;
+
+/// Requests allocate on one thread and free on another (handler, Raft
+/// thread, watch streams); mimalloc handles that far better than glibc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {

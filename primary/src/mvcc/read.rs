@@ -356,6 +356,9 @@ pub fn db_size(conn: &Connection) -> Result<(i64, i64), MvccError> {
     Ok((pages * page_size, (pages - free) * page_size))
 }
 
+/// Idle read connections kept for reuse.
+const MAX_IDLE_READERS: usize = 256;
+
 /// A pool of read-only connections; reads never queue behind the writer.
 pub struct Reader {
     path: std::path::PathBuf,
@@ -388,7 +391,9 @@ impl Reader {
             r
         };
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < 16 {
+        // Keep as many connections as reads ever ran at once (bounded by
+        // the blocking pool): reopening one costs more than the read.
+        if idle.len() < MAX_IDLE_READERS {
             idle.push(conn);
         }
         result

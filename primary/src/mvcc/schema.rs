@@ -9,7 +9,7 @@ use rusqlite::Connection;
 
 use super::MvccError;
 
-/// Bumped whenever a table changes meaning.
+/// Bumped whenever a table changes meaning or layout.
 pub const FORMAT_VERSION: i64 = 1;
 
 const TABLES: &str = r#"
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS kv_live (
     version         INTEGER NOT NULL,
     lease           INTEGER NOT NULL,
     value           BLOB    NOT NULL
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS kv_live_by_lease ON kv_live (lease) WHERE lease != 0;
 CREATE TABLE IF NOT EXISTS leases (
     id  INTEGER PRIMARY KEY,

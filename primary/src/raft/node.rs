@@ -163,8 +163,9 @@ pub struct RaftNode {
     seq: u64,
     /// Proposals in the log, waiting for their entry to apply.
     waiting: HashMap<u64, Reply>,
-    /// Proposals that raft refused for want of a leader; retried each turn.
-    held: Vec<(Request, Reply)>,
+    /// Proposals waiting for a leader (sequence, encoded entry, reply);
+    /// retried each turn.
+    held: Vec<(u64, Vec<u8>, Reply)>,
     /// Reads that arrived since the last read index request.
     reads_next: Vec<ReadReply>,
     /// Read index requests in flight, by context.
@@ -305,23 +306,28 @@ impl RaftNode {
     }
 
     fn propose(&mut self, request: Request, reply: Reply) {
-        if self.raw.raft.leader_id == raft::INVALID_ID {
-            self.held.push((request, reply));
-            return;
-        }
         self.seq += 1;
         let data = RaftRequest {
             origin: self.config.id,
             seq: self.seq,
-            request: Some(request.clone()),
+            request: Some(request),
         }
         .encode_to_vec();
+        self.propose_encoded(self.seq, data, reply);
+    }
+
+    fn propose_encoded(&mut self, seq: u64, data: Vec<u8>, reply: Reply) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            self.held.push((seq, data, reply));
+            return;
+        }
+        // raft-rs takes the data by value and drops it on refusal; a copy is
+        // kept only while there is no leader, the one case that retries.
         match self.raw.propose(vec![], data) {
             Ok(()) => {
                 self.metrics.proposals_pending.inc();
-                self.waiting.insert(self.seq, reply);
+                self.waiting.insert(seq, reply);
             }
-            Err(raft::Error::ProposalDropped) => self.held.push((request, reply)),
             Err(e) => {
                 tracing::warn!(error = %e, "proposal refused");
                 self.metrics.proposals_failed.inc();
@@ -334,9 +340,9 @@ impl RaftNode {
         if self.held.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
             return;
         }
-        for (request, reply) in std::mem::take(&mut self.held) {
+        for (seq, data, reply) in std::mem::take(&mut self.held) {
             if !reply.is_closed() {
-                self.propose(request, reply);
+                self.propose_encoded(seq, data, reply);
             }
         }
     }
