@@ -37,6 +37,39 @@ pub enum ApplyResult {
     Alarm(AlarmResponse),
 }
 
+/// A response type that a proposal produces, so handlers can ask for the
+/// type they expect instead of matching on [`ApplyResult`].
+pub trait Applied: Sized {
+    fn from_result(result: ApplyResult) -> Option<Self>;
+    fn header_mut(&mut self) -> &mut Option<ResponseHeader>;
+}
+
+macro_rules! applied {
+    ($($variant:ident => $response:ty),* $(,)?) => {$(
+        impl Applied for $response {
+            fn from_result(result: ApplyResult) -> Option<Self> {
+                match result {
+                    ApplyResult::$variant(r) => Some(r),
+                    _ => None,
+                }
+            }
+            fn header_mut(&mut self) -> &mut Option<ResponseHeader> {
+                &mut self.header
+            }
+        }
+    )*};
+}
+
+applied! {
+    Put => PutResponse,
+    DeleteRange => DeleteRangeResponse,
+    Txn => TxnResponse,
+    Compaction => CompactionResponse,
+    LeaseGrant => LeaseGrantResponse,
+    LeaseRevoke => LeaseRevokeResponse,
+    Alarm => AlarmResponse,
+}
+
 /// Why a committed request was refused. Every member refuses it the same
 /// way, because the decision depends only on the replicated state.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
-use crate::apply::ApplyResult;
+use crate::apply::{Applied, ApplyResult};
 use crate::error::{self, EtcdError};
 use crate::lease::Lessor;
 use crate::metrics::Metrics;
@@ -131,6 +131,16 @@ impl Member {
             Ok(Err(e)) => Err(error::propose_status(e)),
             Err(_) => Err(EtcdError::RequestTimeout.into()),
         }
+    }
+
+    /// Propose and return the response type the request produces, with its
+    /// header filled in.
+    pub async fn propose_for<T: Applied>(&self, request: Request) -> Result<T, Status> {
+        let result = self.propose(request).await?;
+        let mut response = T::from_result(result)
+            .ok_or_else(|| Status::internal("apply produced a response of another kind"))?;
+        self.fill(response.header_mut());
+        Ok(response)
     }
 
     /// Wait until every write committed before now is applied locally.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::apply::{self, ApplyResult};
+use crate::apply;
 use crate::error::{apply_status, EtcdError};
 use crate::member::Member;
 use crate::mvcc::KeyRange;
@@ -53,13 +53,9 @@ impl Kv for KvService {
         check_put(&r)?;
         self.check_size(&r)?;
         self.member.check_quota(r.encoded_len()).await?;
-        match self.member.propose(RaftReq::Put(r)).await? {
-            ApplyResult::Put(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member.propose_for(RaftReq::Put(r)).await?,
+        ))
     }
 
     async fn delete_range(
@@ -71,13 +67,9 @@ impl Kv for KvService {
             return Err(EtcdError::EmptyKey.into());
         }
         self.check_size(&r)?;
-        match self.member.propose(RaftReq::DeleteRange(r)).await? {
-            ApplyResult::DeleteRange(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member.propose_for(RaftReq::DeleteRange(r)).await?,
+        ))
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
@@ -100,13 +92,9 @@ impl Kv for KvService {
             return Ok(Response::new(resp));
         }
         self.member.check_quota(r.encoded_len()).await?;
-        match self.member.propose(RaftReq::Txn(r)).await? {
-            ApplyResult::Txn(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member.propose_for(RaftReq::Txn(r)).await?,
+        ))
     }
 
     async fn compact(
@@ -114,13 +102,9 @@ impl Kv for KvService {
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let r = request.into_inner();
-        match self.member.propose(RaftReq::Compaction(r)).await? {
-            ApplyResult::Compaction(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member.propose_for(RaftReq::Compaction(r)).await?,
+        ))
     }
 }
 
@@ -132,10 +116,6 @@ impl KvService {
         }
         Ok(())
     }
-}
-
-pub(crate) fn unexpected(result: ApplyResult) -> Status {
-    Status::internal(format!("unexpected apply result {result:?}"))
 }
 
 fn check_range(r: &RangeRequest) -> Result<(), Status> {

@@ -8,8 +8,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::kv::unexpected;
-use crate::apply::ApplyResult;
 use crate::error::{mvcc_status, EtcdError};
 use crate::lease::MAX_LEASE_TTL;
 use crate::member::Member;
@@ -48,30 +46,20 @@ impl Lease for LeaseService {
             r.id = (self.member.next_id() & (i64::MAX as u64)) as i64;
         }
         self.member.check_quota(16).await?;
-        match self.member.propose(RaftReq::LeaseGrant(r)).await? {
-            ApplyResult::LeaseGrant(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member.propose_for(RaftReq::LeaseGrant(r)).await?,
+        ))
     }
 
     async fn lease_revoke(
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self
-            .member
-            .propose(RaftReq::LeaseRevoke(request.into_inner()))
-            .await?
-        {
-            ApplyResult::LeaseRevoke(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member
+                .propose_for(RaftReq::LeaseRevoke(request.into_inner()))
+                .await?,
+        ))
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;

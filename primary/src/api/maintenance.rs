@@ -10,8 +10,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::kv::unexpected;
-use crate::apply::ApplyResult;
 use crate::error::{mvcc_status, EtcdError};
 use crate::member::Member;
 use crate::mvcc::{read, MvccStore};
@@ -47,17 +45,11 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        match self
-            .member
-            .propose(RaftReq::Alarm(request.into_inner()))
-            .await?
-        {
-            ApplyResult::Alarm(mut resp) => {
-                self.member.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.member
+                .propose_for(RaftReq::Alarm(request.into_inner()))
+                .await?,
+        ))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
