@@ -38,6 +38,13 @@ fn bad_values_stop_startup_naming_the_key() {
         e.contains("--initial-cluster-state") && e.contains("maybe"),
         "{e}"
     );
+    let e = refused(&[
+        "--data-dir",
+        &d,
+        "--initial-cluster",
+        "default=http://localhost:2380,b=http://127.0.0.1:2381",
+    ]);
+    assert!(e.contains("single-member"), "{e}");
     let config = dir.path().join("tern.toml");
     std::fs::write(&config, "name = \"x\"\nsnapshot-cuont = 5\n").expect("write config");
     let e = refused(&["--config-file", &config.display().to_string()]);

@@ -45,6 +45,8 @@ pub enum StartError {
         stored: u64,
         configured: u64,
     },
+    #[error("{0}")]
+    NotYet(String),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -77,6 +79,17 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         .map(|(id, _)| *id)
         .unwrap_or_default();
     let voters: Vec<u64> = ids.iter().map(|(id, _)| *id).collect();
+    // Without the peer transport a second member could never be reached and
+    // the cluster would sit without a leader; say so instead.
+    if voters.len() > 1 || config.initial_cluster_state == tern_config::ClusterState::Existing {
+        return Err(StartError::NotYet(format!(
+            "--initial-cluster names {} members and --initial-cluster-state is {:?}: \
+             this build runs single-member clusters only (replication is not built yet)",
+            voters.len(),
+            config.initial_cluster_state
+        )));
+    }
+    remove_stale_snapshots(&data_dir);
 
     let state_path = data_dir.join("state.db");
     let store = MvccStore::open(&state_path)?;
@@ -258,6 +271,21 @@ async fn bind(url: &url::Url) -> Result<TcpListener, StartError> {
         .copied()
         .ok_or_else(|| listen_err(std::io::Error::other("host resolves to no address")))?;
     TcpListener::bind(first).await.map_err(listen_err)
+}
+
+/// Snapshot streams stage their copy in `snapshot-*` directories under the
+/// data dir; a crash mid-stream leaves one behind.
+fn remove_stale_snapshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("snapshot-") {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale snapshot");
+            }
+        }
+    }
 }
 
 /// One process per data dir: two members writing one log would corrupt it.

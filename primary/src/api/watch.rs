@@ -254,3 +254,38 @@ fn fragments(response: WatchResponse, limit: usize) -> Vec<WatchResponse> {
     }
     parts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::mvccpb::{Event, KeyValue};
+
+    #[test]
+    fn fragments_stay_under_the_limit_and_flag_all_but_the_last() {
+        let events: Vec<Event> = (0..50)
+            .map(|i| Event {
+                kv: Some(KeyValue {
+                    key: format!("k{i}").into_bytes(),
+                    value: vec![b'v'; 100],
+                    mod_revision: 7,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let response = WatchResponse {
+            watch_id: 3,
+            events: events.clone(),
+            ..Default::default()
+        };
+        let parts = fragments(response, 1000);
+        assert!(parts.len() > 1);
+        assert!(parts
+            .iter()
+            .all(|p| p.encoded_len() <= 1000 && p.watch_id == 3));
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
+        assert!(!parts[parts.len() - 1].fragment);
+        let joined: Vec<Event> = parts.into_iter().flat_map(|p| p.events).collect();
+        assert_eq!(joined, events);
+    }
+}
