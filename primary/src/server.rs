@@ -81,7 +81,9 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
     let voters: Vec<u64> = ids.iter().map(|(id, _)| *id).collect();
     // Without the peer transport a second member could never be reached and
     // the cluster would sit without a leader; say so instead.
-    if voters.len() > 1 || config.initial_cluster_state == tern_config::ClusterState::Existing {
+    let joining = config.initial_cluster_state == tern_config::ClusterState::Existing
+        && !data_dir.join("state.db").exists();
+    if voters.len() > 1 || joining {
         return Err(StartError::NotYet(format!(
             "--initial-cluster names {} members and --initial-cluster-state is {:?}: \
              this build runs single-member clusters only (replication is not built yet)",
