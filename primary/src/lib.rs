@@ -16,7 +16,9 @@
 //! - [`member`]: what a running member owns; shared by all handlers.
 //! - [`raft`]: the node loop (`on_ready`) and the durable log.
 //! - [`apply`]: executes committed requests; also serves ranges.
-//! - [`mvcc`]: SQLite schema, writer, reads, history, hash.
+//! - [`mvcc`]: SQLite schema, writer, reads, history, hash, and the etcd
+//!   backend layout the Snapshot RPC streams.
+//! - [`bbolt`]: a bulk-load writer of bbolt files (etcd's backend format).
 //! - [`lease`]: lease deadlines (the leader revokes expired leases via Raft).
 //! - [`watch`]: the watch hub (synced fan-out and history replay).
 //! - [`housekeeping`]: lease expiry, auto-compaction, size tracking.
@@ -26,6 +28,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod bbolt;
 pub mod error;
 pub mod housekeeping;
 pub mod http;

@@ -202,13 +202,26 @@ pub struct Etcd {
 impl Etcd {
     pub fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("etcd");
+        Etcd::spawn(&data_dir, dir)
+    }
+
+    /// Start on an existing data dir (one `etcdctl snapshot restore` made,
+    /// say), which must stay alive as long as the server.
+    pub fn start_in(data_dir: &Path) -> Etcd {
+        // Only holds the handle's place; the data dir is the caller's.
+        let dir = tempfile::tempdir().expect("tempdir");
+        Etcd::spawn(data_dir, dir)
+    }
+
+    fn spawn(data_dir: &Path, dir: tempfile::TempDir) -> Etcd {
         let port = free_port();
         let peer = free_port();
         let endpoint = format!("127.0.0.1:{port}");
         let child = Command::new("etcd")
             .args([
                 "--data-dir",
-                &dir.path().join("etcd").display().to_string(),
+                &data_dir.display().to_string(),
                 "--listen-client-urls",
                 &format!("http://{endpoint}"),
                 "--advertise-client-urls",

@@ -12,7 +12,8 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{mvcc_status, EtcdError};
 use crate::member::Member;
-use crate::mvcc::{read, MvccStore};
+use crate::mvcc::etcd_snapshot::write_etcd_snapshot;
+use crate::mvcc::{read, schema};
 use crate::proto::etcdserverpb::{
     maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
     DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
@@ -143,8 +144,10 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    /// A consistent copy of the state database, streamed in chunks and
-    /// followed by its sha256, as etcd streams its bbolt file.
+    /// The state as an etcd 3.4 bbolt backend, written from one SQLite read
+    /// transaction (one revision) and streamed in chunks followed by its
+    /// sha256, as etcd streams its bbolt file; `etcdctl snapshot restore`
+    /// reads it like etcd's.
     async fn snapshot(
         &self,
         _: Request<SnapshotRequest>,
@@ -156,10 +159,17 @@ impl Maintenance for MaintenanceService {
         let path = dir.path().join("snapshot.db");
         let dest = path.clone();
         let source = self.member.data_dir.join("state.db");
-        tokio::task::spawn_blocking(move || MvccStore::copy(&source, &dest))
-            .await
-            .map_err(|e| Status::internal(format!("snapshot: {e}")))?
-            .map_err(mvcc_status)?;
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let mut conn = schema::open_reader(&source).map_err(mvcc_status)?;
+            // Deferred: the snapshot of the database is fixed at the first
+            // read, and every bucket is read inside it.
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)
+                .map_err(|e| mvcc_status(e.into()))?;
+            write_etcd_snapshot(&tx, &dest).map_err(|e| Status::internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot: {e}")))??;
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| Status::internal(format!("snapshot: {e}")))?;

@@ -11,6 +11,8 @@
 //!   and [`Batch`], one SQLite transaction applying many Raft entries.
 //! - [`read`]: range queries and history scans over any connection, so the
 //!   writer (inside a transaction) and the read pool share one implementation.
+//! - [`etcd_snapshot`]: the state as etcd 3.4's bbolt backend, for the
+//!   Snapshot RPC.
 //!
 //! Why SQLite in WAL mode: a read transaction sees one consistent revision
 //! while the writer goes on, which is what linearizable reads, the snapshot
@@ -19,6 +21,7 @@
 //! durability boundary, and the applied index committed with the state makes
 //! replay after a crash exact.
 
+pub mod etcd_snapshot;
 pub mod read;
 pub mod schema;
 pub mod write;
