@@ -68,12 +68,13 @@ impl MvccStore {
         Ok(())
     }
 
-    /// Rebuild the file without free pages (etcd's defragment).
+    /// Rebuild the file without free pages (etcd's defragment). The
+    /// checkpoint after it is PASSIVE: this runs on the Raft thread, and a
+    /// TRUNCATE checkpoint would wait for readers (a snapshot stream, say)
+    /// while every write waits for it.
     pub fn vacuum(&self) -> Result<(), MvccError> {
         self.conn.execute_batch("VACUUM")?;
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        Ok(())
+        self.checkpoint()
     }
 
     /// Write a consistent copy of the database at `source` to `dest` while
