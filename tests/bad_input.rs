@@ -159,6 +159,64 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
             .await,
         ),
     ));
+    let nested = |success: Vec<RequestOp>, failure: Vec<RequestOp>| RequestOp {
+        request: Some(request_op::Request::RequestTxn(TxnRequest {
+            success,
+            failure,
+            ..Default::default()
+        })),
+    };
+    let delete_op = |key: &str| RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(
+            DeleteRangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            },
+        )),
+    };
+    out.push((
+        "nested txn: put in one branch, delete in the other",
+        seen(
+            c.kv.txn(TxnRequest {
+                success: vec![nested(vec![put_op("n")], vec![delete_op("n")])],
+                ..Default::default()
+            })
+            .await,
+        ),
+    ));
+    out.push((
+        "nested txn: same put in both branches",
+        seen(
+            c.kv.txn(TxnRequest {
+                success: vec![nested(vec![put_op("n")], vec![put_op("n")])],
+                ..Default::default()
+            })
+            .await,
+        ),
+    ));
+    out.push((
+        "nested txn put under an outer delete",
+        seen(
+            c.kv.txn(TxnRequest {
+                success: vec![delete_op("n"), nested(vec![put_op("n")], vec![])],
+                ..Default::default()
+            })
+            .await,
+        ),
+    ));
+    out.push((
+        "two nested txns putting one key",
+        seen(
+            c.kv.txn(TxnRequest {
+                success: vec![
+                    nested(vec![put_op("n")], vec![]),
+                    nested(vec![put_op("n")], vec![]),
+                ],
+                ..Default::default()
+            })
+            .await,
+        ),
+    ));
     out.push((
         "txn compare empty key",
         seen(

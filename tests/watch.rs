@@ -72,6 +72,10 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     tx.send(req(RequestUnion::CreateRequest(create("\0", "\0", 4))))
         .await
         .expect("send");
+    // Starts in the future: nothing before revision 9 may arrive.
+    tx.send(req(RequestUnion::CreateRequest(create("w/", "w0", 9))))
+        .await
+        .expect("send");
     let mut explicit = create("x", "", 0);
     explicit.watch_id = 42;
     tx.send(req(RequestUnion::CreateRequest(explicit.clone())))

@@ -273,7 +273,7 @@ pub fn range(
     let limit = if sorted || filtered || r.limit <= 0 {
         0
     } else {
-        r.limit + 1
+        r.limit.saturating_add(1)
     };
     let query = RangeQuery {
         range: KeyRange::new(&r.key, &r.range_end),

@@ -23,6 +23,9 @@ pub struct Lessor {
 struct Lease {
     ttl: i64,
     deadline: Instant,
+    /// Expired, with its revoke proposed: no longer renewable (etcd answers
+    /// KeepAlive on such a lease as not found).
+    revoking: bool,
 }
 
 impl Lessor {
@@ -50,6 +53,7 @@ impl Lessor {
             Lease {
                 ttl,
                 deadline: deadline(ttl),
+                revoking: false,
             },
         );
     }
@@ -62,6 +66,9 @@ impl Lessor {
     pub fn renew(&self, id: i64) -> Option<i64> {
         let mut map = self.map();
         let lease = map.get_mut(&id)?;
+        if lease.revoking || lease.deadline <= Instant::now() {
+            return None;
+        }
         lease.deadline = deadline(lease.ttl);
         Some(lease.ttl)
     }
@@ -97,6 +104,7 @@ impl Lessor {
     pub fn refresh_all(&self) {
         for lease in self.map().values_mut() {
             lease.deadline = deadline(lease.ttl);
+            lease.revoking = false;
         }
     }
 
@@ -105,6 +113,7 @@ impl Lessor {
     pub fn postpone(&self, id: i64, by: Duration) {
         if let Some(lease) = self.map().get_mut(&id) {
             lease.deadline = Instant::now() + by;
+            lease.revoking = true;
         }
     }
 }
@@ -127,6 +136,10 @@ mod tests {
         let l = Lessor::new(Duration::from_millis(1000));
         l.grant(7, 0);
         assert_eq!(l.expired(), vec![7]);
+        assert_eq!(l.renew(7), None, "an expired lease cannot be renewed");
+        l.grant(6, 60);
+        l.postpone(6, Duration::from_secs(3));
+        assert_eq!(l.renew(6), None, "a lease being revoked cannot be renewed");
         l.grant(8, 60);
         assert_eq!(l.renew(8), Some(60));
         assert_eq!(l.remaining(8), Some(59));

@@ -107,6 +107,12 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         read::meta(store.connection(), "cluster_id")? as u64
     } else {
         let cluster_id = identity::cluster_id(&voters);
+        // One transaction: a crash mid-bootstrap must leave either nothing
+        // or everything, or the next start would see members but no ids.
+        let tx = store
+            .connection()
+            .unchecked_transaction()
+            .map_err(crate::mvcc::MvccError::from)?;
         for (id, m) in &ids {
             let clients = if *id == member_id {
                 config
@@ -118,13 +124,11 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
                 Vec::new()
             };
             let peers = m.peer_urls.iter().map(url_string).collect();
-            write::upsert_member(
-                store.connection(),
-                &(*id, m.name.clone(), peers, clients, false),
-            )?;
+            write::upsert_member(&tx, &(*id, m.name.clone(), peers, clients, false))?;
         }
-        store.set_meta("cluster_id", cluster_id as i64)?;
-        store.set_meta("member_id", member_id as i64)?;
+        write::set_meta(&tx, "cluster_id", cluster_id as i64)?;
+        write::set_meta(&tx, "member_id", member_id as i64)?;
+        tx.commit().map_err(crate::mvcc::MvccError::from)?;
         cluster_id
     };
     // Client URLs may change between restarts, like etcd's publish.

@@ -27,24 +27,32 @@ const REPLAY_BATCH: usize = 1000;
 /// etcd's default progress notification interval.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
 
-/// What the hub sends to a client's watch stream.
+/// What the hub sends to a client's watch stream. `key` is the hub's key of
+/// the watcher (0 for one never registered), so a stream that reused a
+/// watch id drops messages still queued for the watcher it cancelled.
 #[derive(Debug)]
 pub enum WatchMessage {
     /// Events for one watcher; `revision` is the header revision.
     Events {
+        key: u64,
         watch_id: i64,
         revision: i64,
         events: Vec<Event>,
     },
     /// The watcher's start revision was compacted away; it is gone.
     Compacted {
+        key: u64,
         watch_id: i64,
         compact_revision: i64,
     },
     /// The watcher was created (sent before any of its events).
     Created { watch_id: i64, revision: i64 },
     /// A progress notification: nothing happened up to `revision`.
-    Progress { watch_id: i64, revision: i64 },
+    Progress {
+        key: u64,
+        watch_id: i64,
+        revision: i64,
+    },
 }
 
 /// A stream's end of the hub: where its watchers' messages go.
@@ -196,6 +204,7 @@ impl WatchHub {
                 revision: st.published,
             });
             let _ = sink.send(WatchMessage::Compacted {
+                key: 0,
                 watch_id: spec.watch_id,
                 compact_revision: st.compacted,
             });
@@ -239,13 +248,14 @@ impl WatchHub {
     pub fn publish(&self, events: &[Event], revision: i64) {
         let mut st = self.lock();
         let mut fell_behind = false;
-        st.watchers.retain(|_, w| {
+        st.watchers.retain(|key, w| {
             if !w.synced {
                 return true;
             }
             let selected = w.select(events);
             if selected.is_empty() {
-                w.next_rev = revision + 1;
+                // Never backwards: a watcher may start in the future.
+                w.next_rev = w.next_rev.max(revision + 1);
                 return true;
             }
             if w.sink.backlogged() {
@@ -254,6 +264,7 @@ impl WatchHub {
                 return true;
             }
             let sent = w.sink.send(WatchMessage::Events {
+                key: *key,
                 watch_id: w.spec.watch_id,
                 revision,
                 events: selected,
@@ -314,6 +325,7 @@ impl WatchHub {
                 }
                 if w.next_rev < compacted {
                     let _ = w.sink.send(WatchMessage::Compacted {
+                        key: *key,
                         watch_id: w.spec.watch_id,
                         compact_revision: compacted,
                     });
@@ -326,8 +338,15 @@ impl WatchHub {
         };
         let mut lagging = false;
         for (key, spec, from, to) in pending {
-            let (events, reached) = self.reader.with(|conn| {
-                read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv)
+            // The compaction check and the history read share one read
+            // transaction: a compaction committed in between would
+            // otherwise delete rows this replay then silently skips.
+            let replay = self.reader.with(|conn| {
+                let compacted = read::store_state(conn)?.compact_revision;
+                if from < compacted {
+                    return Ok(Err(compacted));
+                }
+                read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv).map(Ok)
             })?;
             let mut st = self.lock();
             let published = st.published;
@@ -337,6 +356,18 @@ impl WatchHub {
             if w.next_rev != from {
                 continue;
             }
+            let (events, reached) = match replay {
+                Ok(found) => found,
+                Err(compact_revision) => {
+                    let _ = w.sink.send(WatchMessage::Compacted {
+                        key,
+                        watch_id: w.spec.watch_id,
+                        compact_revision,
+                    });
+                    st.watchers.remove(&key);
+                    continue;
+                }
+            };
             let selected: Vec<Event> = events.iter().filter(|e| w.wants(e)).cloned().collect();
             if !selected.is_empty() {
                 let revision = selected
@@ -345,6 +376,7 @@ impl WatchHub {
                     .map_or(reached, |kv| kv.mod_revision);
                 if w.sink
                     .send(WatchMessage::Events {
+                        key,
                         watch_id: w.spec.watch_id,
                         revision: revision.max(reached),
                         events: selected,
@@ -369,12 +401,13 @@ impl WatchHub {
     fn send_progress(&self) {
         let st = self.lock();
         let now = Instant::now();
-        for w in st.watchers.values() {
+        for (key, w) in &st.watchers {
             if w.spec.progress_notify
                 && w.synced
                 && now.duration_since(w.last_sent) >= PROGRESS_INTERVAL
             {
                 let _ = w.sink.send(WatchMessage::Progress {
+                    key: *key,
                     watch_id: w.spec.watch_id,
                     revision: st.published,
                 });

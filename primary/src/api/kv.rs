@@ -74,7 +74,7 @@ impl Kv for KvService {
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let r = request.into_inner();
-        check_txn(&r, self.member.limits.max_txn_ops)?;
+        check_txn(&r, self.member.limits.max_txn_ops, 0)?;
         self.check_size(&r)?;
         if is_read_only(&r) {
             // etcd serves read-only txns without a proposal; serializable
@@ -139,7 +139,17 @@ fn check_put(r: &PutRequest) -> Result<(), Status> {
 }
 
 /// etcd's checkTxnRequest and checkIntervals.
-fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), Status> {
+/// Nested txns deeper than this are refused: protobuf decoding has a
+/// recursion limit, and a txn that decoded here must decode again when the
+/// log entry is applied.
+const MAX_TXN_DEPTH: usize = 32;
+
+fn check_txn(r: &TxnRequest, max_ops: usize, depth: usize) -> Result<(), Status> {
+    if depth > MAX_TXN_DEPTH {
+        return Err(Status::invalid_argument(
+            "etcdserver: txn nesting is too deep",
+        ));
+    }
     if r.compare.len() > max_ops || r.success.len() > max_ops || r.failure.len() > max_ops {
         return Err(EtcdError::TooManyOps.into());
     }
@@ -155,7 +165,7 @@ fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), Status> {
             Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => {
                 return Err(EtcdError::EmptyKey.into())
             }
-            Some(request_op::Request::RequestTxn(t)) => check_txn(t, max_ops)?,
+            Some(request_op::Request::RequestTxn(t)) => check_txn(t, max_ops, depth + 1)?,
             _ => {}
         }
     }
@@ -164,39 +174,54 @@ fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), Status> {
     Ok(())
 }
 
-/// Within one branch, a key may be put at most once and not also deleted.
-/// Returns the branch's delete ranges and put keys.
-fn intervals(ops: &[RequestOp]) -> Result<(Vec<KeyRange>, HashSet<Vec<u8>>), Status> {
-    let mut dels = Vec::new();
-    let mut puts = HashSet::new();
-    for op in ops {
-        match &op.request {
+/// etcd's checkIntervals for one list of ops: a key may be put at most once
+/// and not also deleted. A nested txn's two branches are exclusive, so the
+/// same key put in both, or put in one and deleted in the other, is fine.
+/// Returns the puts and the delete ranges of the list.
+fn intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>), Status> {
+    let duplicate = || Status::from(EtcdError::DuplicateKey);
+    // This level's deletes first, so nested puts are checked against them.
+    let mut dels: Vec<KeyRange> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
             Some(request_op::Request::RequestDeleteRange(d)) => {
-                dels.push(KeyRange::new(&d.key, &d.range_end))
+                Some(KeyRange::new(&d.key, &d.range_end))
             }
-            Some(request_op::Request::RequestPut(p)) if !puts.insert(p.key.clone()) => {
-                return Err(EtcdError::DuplicateKey.into());
+            _ => None,
+        })
+        .collect();
+    let deleted = |dels: &[KeyRange], key: &[u8]| dels.iter().any(|d| d.contains(key));
+    let mut puts: HashSet<Vec<u8>> = HashSet::new();
+    for op in ops {
+        let Some(request_op::Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
+        let (puts_then, dels_then) = intervals(&t.success)?;
+        let (puts_else, dels_else) = intervals(&t.failure)?;
+        for key in &puts_then {
+            if puts.contains(key) || deleted(&dels, key) {
+                return Err(duplicate());
             }
-            Some(request_op::Request::RequestTxn(t)) => {
-                let (d1, p1) = intervals(&t.success)?;
-                let (d2, p2) = intervals(&t.failure)?;
-                for key in p1.iter().chain(&p2) {
-                    if puts.contains(key) {
-                        return Err(EtcdError::DuplicateKey.into());
-                    }
-                }
-                puts.extend(p1);
-                puts.extend(p2);
-                dels.extend(d1);
-                dels.extend(d2);
+        }
+        puts.extend(puts_then.iter().cloned());
+        for key in puts_else {
+            if (puts.contains(&key) && !puts_then.contains(&key)) || deleted(&dels, &key) {
+                return Err(duplicate());
             }
-            _ => {}
+            puts.insert(key);
+        }
+        dels.extend(dels_then);
+        dels.extend(dels_else);
+    }
+    for op in ops {
+        if let Some(request_op::Request::RequestPut(p)) = &op.request {
+            if puts.contains(&p.key) || deleted(&dels, &p.key) {
+                return Err(duplicate());
+            }
+            puts.insert(p.key.clone());
         }
     }
-    if puts.iter().any(|k| dels.iter().any(|d| d.contains(k))) {
-        return Err(EtcdError::DuplicateKey.into());
-    }
-    Ok((dels, puts))
+    Ok((puts, dels))
 }
 
 fn is_read_only(r: &TxnRequest) -> bool {

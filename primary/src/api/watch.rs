@@ -166,6 +166,12 @@ impl ClientStream {
         true
     }
 
+    /// Whether `key` is still the watcher behind `watch_id` (not one that
+    /// was cancelled and whose id was reused).
+    fn current(&self, watch_id: i64, key: u64) -> bool {
+        self.watchers.get(&watch_id) == Some(&key)
+    }
+
     async fn deliver(&mut self, message: WatchMessage) -> bool {
         match message {
             WatchMessage::Created { watch_id, revision } => {
@@ -178,10 +184,16 @@ impl ClientStream {
                 .await
             }
             WatchMessage::Compacted {
+                key,
                 watch_id,
                 compact_revision,
             } => {
-                self.watchers.remove(&watch_id);
+                if key != 0 {
+                    if !self.current(watch_id, key) {
+                        return true;
+                    }
+                    self.watchers.remove(&watch_id);
+                }
                 // etcd's compaction notice carries no revision.
                 self.send(WatchResponse {
                     header: Some(self.member.header_without_revision()),
@@ -192,7 +204,14 @@ impl ClientStream {
                 })
                 .await
             }
-            WatchMessage::Progress { watch_id, revision } => {
+            WatchMessage::Progress {
+                key,
+                watch_id,
+                revision,
+            } => {
+                if !self.current(watch_id, key) {
+                    return true;
+                }
                 self.send(WatchResponse {
                     header: Some(self.member.header(revision)),
                     watch_id,
@@ -201,11 +220,12 @@ impl ClientStream {
                 .await
             }
             WatchMessage::Events {
+                key,
                 watch_id,
                 revision,
                 events,
             } => {
-                if !self.watchers.contains_key(&watch_id) {
+                if !self.current(watch_id, key) {
                     return true;
                 }
                 let response = WatchResponse {

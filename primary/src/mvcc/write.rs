@@ -85,15 +85,6 @@ impl MvccStore {
         conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
         Ok(())
     }
-
-    /// Set a `meta` value outside any batch (bootstrap ids).
-    pub fn set_meta(&self, name: &str, value: i64) -> Result<(), MvccError> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)",
-            (name, value),
-        )?;
-        Ok(())
-    }
 }
 
 /// One SQLite transaction applying many entries.
@@ -368,6 +359,15 @@ pub fn upsert_member(conn: &Connection, m: &MemberRow) -> Result<(), MvccError> 
             serde_json::to_string(&m.3).unwrap_or_default(),
             m.4,
         ),
+    )?;
+    Ok(())
+}
+
+/// Set a `meta` value outside any batch (bootstrap ids).
+pub fn set_meta(conn: &Connection, name: &str, value: i64) -> Result<(), MvccError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)",
+        (name, value),
     )?;
     Ok(())
 }

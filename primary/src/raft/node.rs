@@ -238,7 +238,7 @@ impl RaftNode {
                 metrics,
                 status,
                 rx,
-                seq: 0,
+                seq: boot_sequence(),
                 waiting: HashMap::new(),
                 held: Vec::new(),
                 reads_next: Vec::new(),
@@ -564,3 +564,13 @@ impl RaftNode {
 }
 
 use raft::Storage as _;
+
+/// Where this boot's proposal numbers start. Entries proposed before a crash
+/// can be replayed after the restart; numbering from the clock (in
+/// microseconds, far above any one boot's proposal count) keeps a new
+/// request from being matched with an old entry's result.
+fn boot_sequence() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
