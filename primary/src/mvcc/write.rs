@@ -76,15 +76,6 @@ impl MvccStore {
         self.conn.execute_batch("VACUUM")?;
         self.checkpoint()
     }
-
-    /// Write a consistent copy of the database at `source` to `dest` while
-    /// the writer goes on: `VACUUM INTO` reads inside one read transaction,
-    /// so the copy holds exactly one revision.
-    pub fn copy(source: &Path, dest: &Path) -> Result<(), MvccError> {
-        let conn = super::schema::open_reader(source)?;
-        conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
-        Ok(())
-    }
 }
 
 /// One SQLite transaction applying many entries.
