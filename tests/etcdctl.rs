@@ -435,3 +435,27 @@ fn oversized_and_bad_requests_match_etcd() {
     p.same(&["lease", "timetolive", "abcd"]);
     p.same(&["lease", "revoke", "abcd"]);
 }
+
+/// etcdctl 3.4 sends per-endpoint maintenance calls (endpoint status,
+/// hashkv, defrag, and every `--cluster` call) with the HTTP/2 `:authority`
+/// set to the whole endpoint URL when it has a scheme (`http://host:port`).
+/// grpc-go accepts that; Rust's h2 rejects it as malformed (PROTOCOL_ERROR),
+/// and h2 has no option to relax it (hyperium/h2#525).
+#[test]
+#[ignore = "known incompatibility: h2 rejects etcdctl 3.4's ':authority: http://host:port' (hyperium/h2#525); needs a patched h2 or an HPACK-rewriting shim"]
+fn endpoints_with_a_scheme_match_etcd() {
+    let p = Pair::start();
+    session_put(&p);
+    let e = format!("http://{}", p.etcd.endpoint);
+    let t = format!("http://{}", p.tern.endpoint);
+    for args in [
+        &["endpoint", "hashkv"][..],
+        &["defrag"],
+        &["endpoint", "status", "--cluster"],
+    ] {
+        let on_etcd = etcdctl(&e, args, None);
+        let on_tern = etcdctl(&t, args, None);
+        assert_eq!(on_etcd.code, 0, "{args:?} on etcd: {}", on_etcd.stderr);
+        assert_eq!(on_tern.code, 0, "{args:?} on tern: {}", on_tern.stderr);
+    }
+}
