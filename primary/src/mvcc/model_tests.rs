@@ -1122,6 +1122,12 @@ impl Harness {
 
         // A watcher replaying the batch's revisions (those still readable).
         let from = (before + 1).max(self.model.compact);
+        self.check_history(from, current)
+    }
+
+    /// Unlimited history over [from, to], with and without prev_kv, must
+    /// equal the model's.
+    fn check_history(&self, from: i64, to: i64) -> Result<(), TestCaseError> {
         for prev_kv in [false, true] {
             let got = self
                 .reader
@@ -1130,7 +1136,7 @@ impl Harness {
                         conn,
                         &KeyRange::From(Vec::new()),
                         from,
-                        current,
+                        to,
                         1 << 20,
                         prev_kv,
                     )
@@ -1139,10 +1145,10 @@ impl Harness {
                 .expect("history");
             prop_assert_eq!(
                 got,
-                self.model.history(from, current, prev_kv),
+                self.model.history(from, to, prev_kv),
                 "history [{}, {}] prev_kv={}",
                 from,
-                current,
+                to,
                 prev_kv
             );
         }
@@ -1261,29 +1267,7 @@ impl Harness {
                 );
             }
         }
-        let from = self.model.compact.max(1);
-        for prev_kv in [false, true] {
-            let got = self
-                .reader
-                .with(|conn| {
-                    read::history(
-                        conn,
-                        &KeyRange::From(Vec::new()),
-                        from,
-                        current,
-                        1 << 20,
-                        prev_kv,
-                    )
-                    .map(|(events, _)| events)
-                })
-                .expect("history");
-            prop_assert_eq!(
-                got,
-                self.model.history(from, current, prev_kv),
-                "whole history, prev_kv={}",
-                prev_kv
-            );
-        }
+        self.check_history(self.model.compact.max(1), current)?;
         let leases = self.read(Via::Pool, read::leases).expect("leases");
         let expected: Vec<(i64, i64)> = self
             .model
