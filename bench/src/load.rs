@@ -229,15 +229,26 @@ fn value(size: usize) -> Arc<Vec<u8>> {
 
 /// Single-key puts from `clients` concurrent clients.
 pub async fn puts(pool: &Pool, clients: usize, settings: &Settings) -> Result<StepResult> {
+    puts_under(pool, clients, settings.budget, PUT_PREFIX, settings).await
+}
+
+/// Single-key puts under `prefix`, within `budget`.
+async fn puts_under(
+    pool: &Pool,
+    clients: usize,
+    budget: Budget,
+    prefix: u8,
+    settings: &Settings,
+) -> Result<StepResult> {
     let value = value(settings.value_size);
     run_clients(
         pool,
         clients,
-        settings.budget,
+        budget,
         settings.request_timeout,
         move |mut kv, seq| {
             let request = PutRequest {
-                key: key(PUT_PREFIX, seq),
+                key: key(prefix, seq),
                 value: value.to_vec(),
                 ..Default::default()
             };
@@ -374,20 +385,12 @@ pub async fn watch_delivery(
 
     // Every watcher is created before the first put, so each must see them all.
     let start = Instant::now();
-    let value = value(settings.value_size);
-    let put_result = run_clients(
+    let put_result = puts_under(
         pool,
         load.put_clients,
         Budget::Requests(load.puts),
-        settings.request_timeout,
-        move |mut kv, seq| {
-            let request = PutRequest {
-                key: key(WATCH_PREFIX, seq),
-                value: value.to_vec(),
-                ..Default::default()
-            };
-            async move { kv.put(request).await.map(drop) }
-        },
+        WATCH_PREFIX,
+        settings,
     )
     .await?;
     if put_result.errors > 0 {
