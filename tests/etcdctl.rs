@@ -217,9 +217,13 @@ async fn leases_match_etcd() {
     p.same(&["put", "--lease=1234", "lk", "lv"]);
     p.same(&["put", "--lease=1234", "lk2", "lv2"]);
     p.same(&["get", "lk", "-w", "json"]);
-    // Remaining seconds depend on timing; everything else must match.
+    // Remaining seconds depend on timing, and etcd lists attached keys in Go
+    // map order (random); everything else must match.
     let (e, t) = p.run(&["lease", "timetolive", "1234", "--keys"], None);
-    assert_eq!(strip_remaining(&e.stdout), strip_remaining(&t.stdout));
+    assert_eq!(
+        sort_attached_keys(&strip_remaining(&e.stdout)),
+        sort_attached_keys(&strip_remaining(&t.stdout))
+    );
     assert!(t.stdout.contains("attached keys([lk lk2])"), "{}", t.stdout);
     p.same(&["lease", "keep-alive", "--once", "1234"]);
     p.same(&["lease", "revoke", "1234"]);
@@ -229,6 +233,21 @@ async fn leases_match_etcd() {
     p.same(&["lease", "keep-alive", "--once", "1234"]);
     p.same(&["lease", "list"]);
     p.same(&["get", "--from-key", "", "-w", "json"]);
+}
+
+/// Sorts the names inside `attached keys([...])` so Go's random map order
+/// does not matter.
+fn sort_attached_keys(s: &str) -> String {
+    let Some(start) = s.find("attached keys([") else {
+        return s.to_string();
+    };
+    let open = start + "attached keys([".len();
+    let Some(len) = s[open..].find("])") else {
+        return s.to_string();
+    };
+    let mut keys: Vec<&str> = s[open..open + len].split(' ').collect();
+    keys.sort_unstable();
+    format!("{}{}{}", &s[..open], keys.join(" "), &s[open + len..])
 }
 
 fn strip_remaining(s: &str) -> String {
