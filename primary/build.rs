@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/authpb/auth.proto",
         "proto/etcdserverpb/rpc.proto",
         "proto/ternpb/raft_request.proto",
+        "proto/ternpb/peer.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

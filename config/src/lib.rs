@@ -4,6 +4,8 @@
 //!
 //! - [`primary`]: [`PrimaryConfig`], every flag of `tern-primary`, with etcd's
 //!   names and defaults, and the checks that span several flags.
+//! - [`learner`]: [`LearnerConfig`], `tern-learner`'s flags: a member's,
+//!   plus (later) its backup settings.
 //! - [`file`]: the TOML loader. A config file is not a second schema: each
 //!   top-level key is turned into the flag of the same name and handed to clap
 //!   before the command-line flags, so a flag always wins over the file and a
@@ -12,9 +14,11 @@
 //! - [`ConfigError`]: what stops start-up, always naming the key and value.
 
 pub mod file;
+pub mod learner;
 pub mod primary;
 
 pub use file::load;
+pub use learner::LearnerConfig;
 pub use primary::{AutoCompaction, AutoCompactionMode, ClusterState, InitialMember, PrimaryConfig};
 
 /// Why a configuration was refused. Every variant names the offending key.

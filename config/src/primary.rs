@@ -56,6 +56,12 @@ pub struct PrimaryConfig {
     #[arg(long, value_enum, default_value = "new")]
     pub initial_cluster_state: ClusterState,
 
+    /// Disaster takeover: restart this member's data (a learner's, say) as a
+    /// new single-voter cluster keeping every revision it applied; the
+    /// other members are dropped from the member list.
+    #[arg(long, action = ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub force_new_cluster: bool,
+
     /// Token that makes cluster and member ids unique per cluster.
     #[arg(long, default_value = "etcd-cluster")]
     pub initial_cluster_token: String,

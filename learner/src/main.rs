@@ -1,10 +1,16 @@
-//! `tern-learner`: the non-voting cross-region member.
-//!
-//! Not built yet: replication (issue "Replication") and backups (issue
-//! "Off-site backups") land here. Until then the binary refuses to start, so
-//! nobody mistakes it for a working standby.
+//! `tern-learner`: the non-voting, cross-region member. It runs the same
+//! member code as `tern-primary` but only ever joins as a Raft learner
+//! (added first with `etcdctl member add <name> --learner`): it tails the
+//! leader's log into its own state and serves serializable reads and
+//! watches; everything else gets etcd's learner error.
 
-fn main() {
-    eprintln!("tern-learner: not implemented yet; see README.md (Roadmap)");
-    std::process::exit(2);
+use tern_config::LearnerConfig;
+use tern_primary::server::Role;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let config = LearnerConfig::load(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    tern_primary::launch::launch(config.member, Role::Learner)
 }

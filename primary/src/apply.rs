@@ -35,6 +35,9 @@ pub enum ApplyResult {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     Alarm(AlarmResponse),
+    /// A membership change (configuration change or peer URL update) took
+    /// effect; the member list after it.
+    Membership(Vec<crate::mvcc::write::MemberRow>),
 }
 
 /// A response type that a proposal produces, so handlers can ask for the
@@ -86,6 +89,8 @@ pub enum ApplyError {
     Compacted,
     #[error("mvcc: required revision is a future revision")]
     FutureRevision,
+    #[error("member not found")]
+    MemberNotFound,
     /// The state database failed; the member cannot go on applying.
     #[error("storage failure: {0}")]
     Storage(rusqlite::Error),
@@ -99,6 +104,39 @@ impl From<MvccError> for ApplyError {
             MvccError::Sqlite(e) => ApplyError::Storage(e),
         }
     }
+}
+
+/// etcd's MemberUpdate: new peer URLs for a member, no Raft change.
+fn member_update(
+    b: &mut Batch<'_>,
+    u: &crate::proto::etcdserverpb::MemberUpdateRequest,
+) -> Result<Vec<crate::mvcc::write::MemberRow>, ApplyError> {
+    use crate::mvcc::write::{members, upsert_member};
+    let mut all = members(b.conn())?;
+    let m = all
+        .iter_mut()
+        .find(|m| m.0 == u.id)
+        .ok_or(ApplyError::MemberNotFound)?;
+    m.2 = u.peer_ur_ls.clone();
+    upsert_member(b.conn(), m)?;
+    Ok(all)
+}
+
+/// etcd's publish: a starting member's name and client URLs.
+fn member_attributes(
+    b: &mut Batch<'_>,
+    a: &crate::proto::ternpb::MemberAttributes,
+) -> Result<Vec<crate::mvcc::write::MemberRow>, ApplyError> {
+    use crate::mvcc::write::{members, upsert_member};
+    let mut all = members(b.conn())?;
+    let m = all
+        .iter_mut()
+        .find(|m| m.0 == a.id)
+        .ok_or(ApplyError::MemberNotFound)?;
+    m.1 = a.name.clone();
+    m.3 = a.client_urls.clone();
+    upsert_member(b.conn(), m)?;
+    Ok(all)
 }
 
 /// Applies committed requests; owned by the Raft thread.
@@ -140,6 +178,8 @@ impl Applier {
             }
             Request::LeaseRevoke(r) => self.lease_revoke(b, &r).map(ApplyResult::LeaseRevoke),
             Request::Alarm(a) => self.alarm(b, &a).map(ApplyResult::Alarm),
+            Request::MemberUpdate(u) => member_update(b, &u).map(ApplyResult::Membership),
+            Request::MemberAttributes(a) => member_attributes(b, &a).map(ApplyResult::Membership),
         }
     }
 

@@ -29,6 +29,12 @@ pub enum EtcdError {
     NotCapable,
     MemberNotFound,
     NotSupportedForLearner,
+    PeerUrlExist,
+    MemberBadUrls,
+    MemberNotLearner,
+    LearnerNotReady,
+    TooManyLearners,
+    NotLeader,
 }
 
 impl EtcdError {
@@ -40,7 +46,9 @@ impl EtcdError {
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExists => Code::FailedPrecondition,
+            LeaseExists | PeerUrlExist | MemberNotLearner | LearnerNotReady | TooManyLearners
+            | NotLeader => Code::FailedPrecondition,
+            MemberBadUrls => Code::InvalidArgument,
             RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => {
                 Code::Unavailable
             }
@@ -69,6 +77,14 @@ impl EtcdError {
             NotCapable => "etcdserver: not capable",
             MemberNotFound => "etcdserver: member not found",
             NotSupportedForLearner => "etcdserver: rpc not supported for learner",
+            PeerUrlExist => "etcdserver: Peer URLs already exists",
+            MemberBadUrls => "etcdserver: given member URLs are invalid",
+            MemberNotLearner => "etcdserver: can only promote a learner member",
+            LearnerNotReady => {
+                "etcdserver: can only promote a learner member which is in sync with leader"
+            }
+            TooManyLearners => "etcdserver: too many learner members in cluster",
+            NotLeader => "etcdserver: not leader",
         }
     }
 }
@@ -87,6 +103,7 @@ pub fn apply_status(e: ApplyError) -> Status {
         ApplyError::NoSpace => EtcdError::NoSpace.into(),
         ApplyError::Compacted => EtcdError::Compacted.into(),
         ApplyError::FutureRevision => EtcdError::FutureRevision.into(),
+        ApplyError::MemberNotFound => EtcdError::MemberNotFound.into(),
         ApplyError::Storage(e) => Status::internal(format!("etcdserver: storage failure: {e}")),
     }
 }

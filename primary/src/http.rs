@@ -38,6 +38,20 @@ async fn health(State(member): State<Arc<Member>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(member): State<Arc<Member>>) -> impl IntoResponse {
+    // Replication gauges are read from the node's status at scrape time.
+    let status = &member.node.status;
+    let m = &member.metrics;
+    let (lag_entries, lag_time) = status.lag();
+    m.is_learner.set(i64::from(status.is_learner()));
+    m.applied_index.set(status.applied_index() as i64);
+    m.current_revision.set(status.revision());
+    m.leader_commit.set(
+        status
+            .leader_commit
+            .load(std::sync::atomic::Ordering::Acquire) as i64,
+    );
+    m.lag_entries.set(lag_entries as i64);
+    m.lag_seconds.set(lag_time.as_secs_f64());
     (
         [(
             header::CONTENT_TYPE,

@@ -58,6 +58,23 @@ impl Lessor {
         );
     }
 
+    /// Track exactly `leases` (id, TTL), each with a full TTL from now
+    /// (after the state was replaced by a snapshot).
+    pub fn reset(&self, leases: &[(i64, i64)]) {
+        let mut map = self.map();
+        map.clear();
+        for (id, ttl) in leases {
+            map.insert(
+                *id,
+                Lease {
+                    ttl: *ttl,
+                    deadline: deadline(*ttl),
+                    revoking: false,
+                },
+            );
+        }
+    }
+
     pub fn revoke(&self, id: i64) {
         self.map().remove(&id);
     }

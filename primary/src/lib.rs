@@ -14,6 +14,7 @@
 //! - [`api`]: one module per etcd service; [`error`] maps every failure to
 //!   etcd's gRPC code and message.
 //! - [`member`]: what a running member owns; shared by all handlers.
+//! - [`forward`]: requests a follower sends on to the leader.
 //! - [`raft`]: the node loop (`on_ready`) and the durable log.
 //! - [`apply`]: executes committed requests; also serves ranges.
 //! - [`mvcc`]: SQLite schema, writer, reads, history, hash, and the etcd
@@ -24,15 +25,18 @@
 //! - [`housekeeping`]: lease expiry, auto-compaction, size tracking.
 //! - [`http`]: `/health` and `/metrics`; [`metrics`]: etcd-named metrics.
 //! - [`identity`]: etcd-compatible member and cluster ids.
-//! - [`server`]: start-up and serving.
+//! - [`server`]: start-up (bootstrap, join, disaster takeover) and serving;
+//!   [`launch`]: logging and runtime for the binaries.
 
 pub mod api;
 pub mod apply;
 pub mod bbolt;
 pub mod error;
+pub mod forward;
 pub mod housekeeping;
 pub mod http;
 pub mod identity;
+pub mod launch;
 pub mod lease;
 pub mod member;
 pub mod metrics;

@@ -43,6 +43,7 @@ pub struct Member {
     /// Database file size, refreshed in the background for the quota check.
     pub db_size: AtomicI64,
     ids: IdGenerator,
+    leader_link: crate::forward::LeaderLink,
 }
 
 impl Member {
@@ -72,7 +73,46 @@ impl Member {
             data_dir,
             db_size: AtomicI64::new(0),
             ids: IdGenerator::new(member_id),
+            leader_link: Default::default(),
         }
+    }
+
+    /// Whether this member leads the cluster now.
+    pub fn is_leader(&self) -> bool {
+        self.node.status.leader() == self.member_id
+    }
+
+    /// etcd's learner check: a learner serves only serializable reads and
+    /// Status (and Watch, which etcd cannot do there).
+    pub fn refuse_if_learner(&self) -> Result<(), Status> {
+        if self.node.status.is_learner() {
+            Err(EtcdError::NotSupportedForLearner.into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A channel to the current leader's client URL, for requests only the
+    /// leader can answer.
+    pub async fn leader_channel(&self) -> Result<tonic::transport::Channel, Status> {
+        let leader = self.node.status.leader();
+        if leader == 0 {
+            return Err(EtcdError::NoLeader.into());
+        }
+        let row = self
+            .read(move |conn, _| {
+                Ok(crate::mvcc::write::members(conn)
+                    .map_err(error::mvcc_status)?
+                    .into_iter()
+                    .find(|m| m.0 == leader))
+            })
+            .await?;
+        self.leader_link.channel(leader, row).await
+    }
+
+    /// After a forwarded request failed: reconnect next time.
+    pub fn forget_leader_channel(&self) {
+        self.leader_link.forget();
     }
 
     /// A new cluster-unique id (leases), etcd's way.

@@ -23,6 +23,11 @@ pub struct Metrics {
     pub quota_backend_bytes: Gauge,
     pub current_revision: Gauge,
     pub compact_revision: Gauge,
+    pub is_learner: Gauge,
+    pub applied_index: Gauge,
+    pub leader_commit: Gauge,
+    pub lag_entries: Gauge,
+    pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -44,6 +49,11 @@ impl Metrics {
             quota_backend_bytes: Gauge::default(),
             current_revision: Gauge::default(),
             compact_revision: Gauge::default(),
+            is_learner: Gauge::default(),
+            applied_index: Gauge::default(),
+            leader_commit: Gauge::default(),
+            lag_entries: Gauge::default(),
+            lag_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -115,6 +125,31 @@ impl Metrics {
             "etcd_debugging_mvcc_compact_revision",
             "The revision of the last compaction in store.",
             m.compact_revision.clone(),
+        );
+        registry.register(
+            "etcd_server_is_learner",
+            "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            m.is_learner.clone(),
+        );
+        registry.register(
+            "tern_raft_applied_index",
+            "The last Raft index applied to this member's state.",
+            m.applied_index.clone(),
+        );
+        registry.register(
+            "tern_raft_leader_commit_index",
+            "The highest commit index the leader has reported to this member.",
+            m.leader_commit.clone(),
+        );
+        registry.register(
+            "tern_replication_lag_entries",
+            "Entries the leader has committed that this member has not applied.",
+            m.lag_entries.clone(),
+        );
+        registry.register(
+            "tern_replication_lag_seconds",
+            "How long this member has been behind the leader's commit index (0 when caught up).",
+            m.lag_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

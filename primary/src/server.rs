@@ -16,9 +16,14 @@ use crate::lease::Lessor;
 use crate::member::{Limits, Member};
 use crate::metrics::Metrics;
 use crate::mvcc::{read, write, MvccStore, Reader};
+use crate::proto::ternpb::peer_server::PeerServer;
 use crate::raft::node::NodeConfig;
+use crate::raft::peer_service::PeerService;
+use crate::raft::snapshot::Snapshots;
+use crate::raft::transport::{CONNECTION_WINDOW, MAX_PEER_MESSAGE, STREAM_WINDOW};
 use crate::raft::{LogStore, RaftNode};
 use crate::watch::WatchHub;
+use raft::eraftpb::ConfState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -46,13 +51,28 @@ pub enum StartError {
         configured: u64,
     },
     #[error("{0}")]
-    NotYet(String),
+    Bootstrap(String),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
+/// What kind of member a process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `tern-primary`: bootstraps or joins as a voter (or as a learner
+    /// added with `member add --learner`).
+    Primary,
+    /// `tern-learner`: joins only as a learner.
+    Learner,
+}
+
 /// Run a member until SIGINT or SIGTERM.
 pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
+    run_as(config, Role::Primary).await
+}
+
+/// Run a member of the given role until SIGINT or SIGTERM.
+pub async fn run_as(config: PrimaryConfig, role: Role) -> Result<(), StartError> {
     let data_dir = config.data_dir();
     let dir_err = |source| StartError::DataDir {
         path: data_dir.display().to_string(),
@@ -60,91 +80,67 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
     };
     std::fs::create_dir_all(&data_dir).map_err(dir_err)?;
     let _lock = lock_data_dir(&data_dir)?;
-
-    let initial = config.initial_members().map_err(|e| StartError::DataDir {
-        path: data_dir.display().to_string(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let token = &config.initial_cluster_token;
-    let ids: Vec<(u64, &tern_config::InitialMember)> = initial
-        .iter()
-        .map(|m| {
-            let urls: Vec<String> = m.peer_urls.iter().map(url_string).collect();
-            (identity::member_id(&urls, token, None), m)
-        })
-        .collect();
-    let member_id = ids
-        .iter()
-        .find(|(_, m)| m.name == config.name)
-        .map(|(id, _)| *id)
-        .unwrap_or_default();
-    let voters: Vec<u64> = ids.iter().map(|(id, _)| *id).collect();
-    // Without the peer transport a second member could never be reached and
-    // the cluster would sit without a leader; say so instead.
-    let joining = config.initial_cluster_state == tern_config::ClusterState::Existing
-        && !data_dir.join("state.db").exists();
-    if voters.len() > 1 || joining {
-        return Err(StartError::NotYet(format!(
-            "--initial-cluster names {} members and --initial-cluster-state is {:?}: \
-             this build runs single-member clusters only (replication is not built yet)",
-            voters.len(),
-            config.initial_cluster_state
-        )));
-    }
     remove_stale_snapshots(&data_dir);
 
     let state_path = data_dir.join("state.db");
     let store = MvccStore::open(&state_path)?;
-    let cluster_id = if write::has_members(store.connection())? {
+    let fresh = !write::has_members(store.connection())?;
+    let (member_id, cluster_id, bootstrap) = if !fresh {
         let stored = read::meta(store.connection(), "member_id")? as u64;
-        if stored != member_id {
-            return Err(StartError::WrongMember {
-                dir: data_dir.display().to_string(),
-                stored,
-                configured: member_id,
-            });
+        let cluster_id = read::meta(store.connection(), "cluster_id")? as u64;
+        if config.initial_cluster_state == tern_config::ClusterState::New
+            && !config.force_new_cluster
+        {
+            let (configured, _) = initial_ids(&config)?;
+            if configured != stored {
+                return Err(StartError::WrongMember {
+                    dir: data_dir.display().to_string(),
+                    stored,
+                    configured,
+                });
+            }
         }
-        read::meta(store.connection(), "cluster_id")? as u64
-    } else {
+        (stored, cluster_id, None)
+    } else if config.force_new_cluster {
+        return Err(StartError::Bootstrap(format!(
+            "--force-new-cluster needs an existing data dir, and {} holds no member",
+            data_dir.display()
+        )));
+    } else if config.initial_cluster_state == tern_config::ClusterState::New {
+        if role == Role::Learner {
+            return Err(StartError::Bootstrap(
+                "a learner joins an existing cluster: add it with `etcdctl member add <name> \
+                 --learner --peer-urls=<url>` and start it with --initial-cluster-state existing"
+                    .into(),
+            ));
+        }
+        let (member_id, ids) = initial_ids(&config)?;
+        let voters: Vec<u64> = ids.iter().map(|(id, _)| *id).collect();
         let cluster_id = identity::cluster_id(&voters);
-        // One transaction: a crash mid-bootstrap must leave either nothing
-        // or everything, or the next start would see members but no ids.
-        let tx = store
-            .connection()
-            .unchecked_transaction()
-            .map_err(crate::mvcc::MvccError::from)?;
-        for (id, m) in &ids {
-            let clients = if *id == member_id {
-                config
-                    .advertise_client_urls
-                    .iter()
-                    .map(url_string)
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let peers = m.peer_urls.iter().map(url_string).collect();
-            write::upsert_member(&tx, &(*id, m.name.clone(), peers, clients, false))?;
-        }
-        write::set_meta(&tx, "cluster_id", cluster_id as i64)?;
-        write::set_meta(&tx, "member_id", member_id as i64)?;
-        tx.commit().map_err(crate::mvcc::MvccError::from)?;
-        cluster_id
-    };
-    // Client URLs may change between restarts, like etcd's publish.
-    let mut me = write::members(store.connection())?
-        .into_iter()
-        .find(|m| m.0 == member_id);
-    if let Some(me) = me.as_mut() {
-        me.3 = config
-            .advertise_client_urls
-            .iter()
-            .map(url_string)
+        // Client URLs arrive through the log when each member publishes
+        // them, so every member lists the same thing.
+        let rows: Vec<write::MemberRow> = ids
+            .into_iter()
+            .map(|(id, (name, peers))| (id, name, peers, Vec::new(), false))
             .collect();
-        write::upsert_member(store.connection(), me)?;
+        bootstrap_state(&store, member_id, cluster_id, &rows, true)?;
+        let conf = ConfState {
+            voters,
+            ..Default::default()
+        };
+        (member_id, cluster_id, Some(conf))
+    } else {
+        let (member_id, cluster_id, rows) = join_existing(&config, role).await?;
+        bootstrap_state(&store, member_id, cluster_id, &rows, false)?;
+        (member_id, cluster_id, None)
+    };
+    drop(store);
+    let mut store = MvccStore::open(&state_path)?;
+    let mut log = LogStore::open(&data_dir.join("raft.db"), bootstrap.as_ref())?;
+    if config.force_new_cluster {
+        take_over(&mut store, &mut log, member_id)?;
     }
 
-    let log = LogStore::open(&data_dir.join("raft.db"), &voters, &[])?;
     let lessor = Arc::new(Lessor::new(Duration::from_millis(config.election_timeout)));
     for (id, ttl) in read::leases(store.connection())? {
         lessor.grant(id, ttl);
@@ -157,6 +153,7 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         .quota_backend_bytes
         .set(config.quota_backend_bytes as i64);
 
+    let snapshots = Snapshots::open(&data_dir).map_err(dir_err)?;
     let node_config = NodeConfig {
         id: member_id,
         tick: Duration::from_millis(config.heartbeat_interval),
@@ -170,6 +167,8 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         hub.clone(),
         lessor.clone(),
         metrics.clone(),
+        snapshots.clone(),
+        tokio::runtime::Handle::current(),
     )?;
     node.start();
 
@@ -197,27 +196,39 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         .unwrap_or(tern_config::AutoCompaction::Off);
     tokio::spawn(crate::housekeeping::auto_compact(member.clone(), policy));
 
+    let client_urls: Vec<String> = config
+        .advertise_client_urls
+        .iter()
+        .map(url_string)
+        .collect();
+
     let router = crate::api::routes(member.clone())
         .into_axum_router()
         .layer(axum::middleware::map_response(
             crate::api::etcd_oversize_status,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            member.clone(),
+            crate::api::learner_gate,
+        ))
         .merge(crate::http::router(member.clone()));
     let mut servers = tokio::task::JoinSet::new();
-    for url in &config.listen_client_urls {
+    for url in &config.listen_peer_urls {
         let listener = bind(url).await?;
         let address = listener.local_addr().map_err(|source| StartError::Listen {
             url: url.to_string(),
             source,
         })?;
-        tracing::info!(%address, "serving client traffic");
-        let routes = Routes::from(router.clone());
+        tracing::info!(%address, "serving peer traffic");
+        let peer = PeerServer::new(PeerService::new(member.clone(), snapshots.clone()))
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
         servers.spawn(
             tonic::transport::Server::builder()
-                .accept_http1(true)
-                .add_routes(routes)
-                // serve_with_incoming ignores the builder's nodelay, and
-                // without it small responses wait for the peer's delayed ACK.
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                .add_service(peer)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     shutdown_signal(),
@@ -238,6 +249,37 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
             }
         });
     }
+    let mut client_listeners = Vec::new();
+    for url in &config.listen_client_urls {
+        let listener = bind(url).await?;
+        let address = listener.local_addr().map_err(|source| StartError::Listen {
+            url: url.to_string(),
+            source,
+        })?;
+        tracing::info!(%address, "serving client traffic");
+        client_listeners.push(listener);
+    }
+    // Like etcd, answer clients only once this member's name and client
+    // URLs are in the replicated member list; connections wait in the
+    // listen backlog meanwhile.
+    tokio::select! {
+        _ = publish(member.clone(), config.name.clone(), client_urls) => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    for listener in client_listeners {
+        let routes = Routes::from(router.clone());
+        servers.spawn(
+            tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(routes)
+                // serve_with_incoming ignores the builder's nodelay, and
+                // without it small responses wait for the peer's delayed ACK.
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown_signal(),
+                ),
+        );
+    }
     tracing::info!(
         name = %config.name,
         member_id = format!("{member_id:x}"),
@@ -252,6 +294,241 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
         }
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// etcd's publish: put this member's name and client URLs in the
+/// replicated member list (once per change), retrying until a leader
+/// commits it.
+async fn publish(member: Arc<Member>, name: String, client_urls: Vec<String>) {
+    loop {
+        let id = member.member_id;
+        let stored = member
+            .read(move |conn, _| {
+                Ok(write::members(conn)
+                    .map_err(crate::error::mvcc_status)?
+                    .into_iter()
+                    .find(|m| m.0 == id))
+            })
+            .await;
+        if let Ok(Some(row)) = &stored {
+            if row.1 == name && row.3 == client_urls {
+                return;
+            }
+        }
+        let request = crate::proto::ternpb::raft_request::Request::MemberAttributes(
+            crate::proto::ternpb::MemberAttributes {
+                id,
+                name: name.clone(),
+                client_urls: client_urls.clone(),
+            },
+        );
+        match member.propose(request).await {
+            Ok(_) => {
+                tracing::info!("published member attributes to the cluster");
+                return;
+            }
+            Err(e) => {
+                tracing::info!(error = %e.message(), "cannot publish member attributes yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// This member's id and every initial member's (id, (name, peer URLs)),
+/// computed from the flags as etcd computes them.
+#[allow(clippy::type_complexity)]
+fn initial_ids(
+    config: &PrimaryConfig,
+) -> Result<(u64, Vec<(u64, (String, Vec<String>))>), StartError> {
+    let initial = config
+        .initial_members()
+        .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+    let token = &config.initial_cluster_token;
+    let ids: Vec<(u64, (String, Vec<String>))> = initial
+        .iter()
+        .map(|m| {
+            let urls: Vec<String> = m.peer_urls.iter().map(url_string).collect();
+            (
+                identity::member_id(&urls, token, None),
+                (m.name.clone(), urls),
+            )
+        })
+        .collect();
+    let me = ids
+        .iter()
+        .find(|(_, (name, _))| *name == config.name)
+        .map(|(id, _)| *id)
+        .ok_or_else(|| {
+            StartError::Bootstrap(format!(
+                "--initial-cluster has no member named '{}' (--name)",
+                config.name
+            ))
+        })?;
+    Ok((me, ids))
+}
+
+/// Write the member list and ids into a fresh state file, in one
+/// transaction: a crash mid-bootstrap leaves either nothing or everything.
+/// A new cluster's state starts at the bootstrap snapshot (index 1).
+fn bootstrap_state(
+    store: &MvccStore,
+    member_id: u64,
+    cluster_id: u64,
+    rows: &[write::MemberRow],
+    new_cluster: bool,
+) -> Result<(), StartError> {
+    let tx = store
+        .connection()
+        .unchecked_transaction()
+        .map_err(crate::mvcc::MvccError::from)?;
+    for row in rows {
+        write::upsert_member(&tx, row)?;
+    }
+    write::set_meta(&tx, "cluster_id", cluster_id as i64)?;
+    write::set_meta(&tx, "member_id", member_id as i64)?;
+    if new_cluster {
+        write::set_meta(&tx, "applied_index", 1)?;
+        write::set_meta(&tx, "applied_term", 1)?;
+    }
+    tx.commit().map_err(crate::mvcc::MvccError::from)?;
+    Ok(())
+}
+
+/// `--initial-cluster-state existing`: ask the other members listed in
+/// `--initial-cluster` who we are (the member must have been added with
+/// `etcdctl member add` first, as with etcd).
+async fn join_existing(
+    config: &PrimaryConfig,
+    role: Role,
+) -> Result<(u64, u64, Vec<write::MemberRow>), StartError> {
+    let mine: Vec<String> = config
+        .initial_advertise_peer_urls
+        .iter()
+        .map(url_string)
+        .collect();
+    let initial = config
+        .initial_members()
+        .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+    let others: Vec<Vec<String>> = initial
+        .iter()
+        .map(|m| m.peer_urls.iter().map(url_string).collect::<Vec<_>>())
+        .filter(|urls| !urls.iter().any(|u| mine.contains(u)))
+        .collect();
+    if others.is_empty() {
+        return Err(StartError::Bootstrap(
+            "--initial-cluster-state existing, but --initial-cluster names no other member to join"
+                .into(),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last_error = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for urls in &others {
+            let answer = async {
+                let mut client = crate::raft::transport::connect(urls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client
+                    .members(crate::proto::ternpb::MembersRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| e.message().to_string())
+            }
+            .await;
+            let cluster = match answer {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = format!("{}: {e}", urls.join(","));
+                    continue;
+                }
+            };
+            let Some(me) = cluster
+                .members
+                .iter()
+                .find(|m| m.peer_urls.iter().any(|u| mine.contains(u)))
+            else {
+                return Err(StartError::Bootstrap(format!(
+                    "the cluster has no member with peer URLs {}: add it first with \
+                     `etcdctl member add {} {}--peer-urls={}`",
+                    mine.join(","),
+                    config.name,
+                    if role == Role::Learner {
+                        "--learner "
+                    } else {
+                        ""
+                    },
+                    mine.join(",")
+                )));
+            };
+            if role == Role::Learner && !me.is_learner {
+                return Err(StartError::Bootstrap(format!(
+                    "member {:x} is a voter; tern-learner joins only as a learner \
+                     (`etcdctl member add {} --learner --peer-urls={}`)",
+                    me.id,
+                    config.name,
+                    mine.join(",")
+                )));
+            }
+            let member_id = me.id;
+            let rows = cluster
+                .members
+                .into_iter()
+                .map(|m| {
+                    let name = if m.id == member_id {
+                        config.name.clone()
+                    } else {
+                        m.name
+                    };
+                    (m.id, name, m.peer_urls, m.client_urls, m.is_learner)
+                })
+                .collect();
+            return Ok((member_id, cluster.cluster_id, rows));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(StartError::Bootstrap(format!(
+        "cannot reach any member of the existing cluster: {last_error}"
+    )))
+}
+
+/// Disaster takeover: this data dir becomes a new single-voter cluster
+/// with every revision it applied. Says what it kept and how far behind
+/// the old leader it was last seen.
+fn take_over(store: &mut MvccStore, log: &mut LogStore, member_id: u64) -> Result<(), StartError> {
+    let state = store.state();
+    let conn = store.connection();
+    let leader_commit = read::meta(conn, "leader_commit_seen")? as u64;
+    let caught_up_ms = read::meta(conn, "caught_up_at_ms")? as u64;
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(crate::mvcc::MvccError::from)?;
+    for m in write::members(&tx)? {
+        if m.0 == member_id {
+            write::upsert_member(&tx, &(m.0, m.1, m.2, m.3, false))?;
+        } else {
+            write::change_member(&tx, &m, true)?;
+        }
+    }
+    tx.commit().map_err(crate::mvcc::MvccError::from)?;
+    store.checkpoint()?;
+    log.force_new_cluster(member_id, state.applied_index, state.applied_term)?;
+    let behind = leader_commit.saturating_sub(state.applied_index);
+    let seen = if caught_up_ms == 0 {
+        "never".to_string()
+    } else {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(caught_up_ms);
+        format!("{}", humantime::format_rfc3339_seconds(at))
+    };
+    let summary = format!(
+        "forced a new single-member cluster: member {member_id:x} keeps revision {} \
+         (raft index {}); last seen {behind} entries behind the old leader's commit index \
+         {leader_commit}; last fully caught up at {seen}",
+        state.revision, state.applied_index
+    );
+    tracing::warn!("{summary}");
+    println!("{summary}");
     Ok(())
 }
 

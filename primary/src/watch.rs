@@ -284,6 +284,20 @@ impl WatchHub {
         self.lock().compacted = revision;
     }
 
+    /// The state jumped to `revision` (a leader's snapshot replaced it):
+    /// every watcher catches up from history, like etcd's watchers after a
+    /// snapshot restore; one whose next revision is compacted gets the
+    /// compacted answer.
+    pub fn restored(&self, revision: i64) {
+        let mut st = self.lock();
+        for w in st.watchers.values_mut() {
+            w.synced = false;
+        }
+        st.published = revision;
+        drop(st);
+        self.wake.notify_one();
+    }
+
     /// Replays history to unsynced watchers and sends progress
     /// notifications; runs until the process ends.
     pub async fn run_sync(self: Arc<Self>) {

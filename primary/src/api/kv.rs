@@ -34,6 +34,9 @@ impl Kv for KvService {
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
         let r = request.into_inner();
+        if !r.serializable {
+            self.member.refuse_if_learner()?;
+        }
         check_range(&r)?;
         if !r.serializable {
             self.member.linearizable_barrier().await?;

@@ -13,9 +13,10 @@ use crate::lease::MAX_LEASE_TTL;
 use crate::member::Member;
 use crate::mvcc::read;
 use crate::proto::etcdserverpb::{
-    lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
-    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
-    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    lease_client::LeaseClient, lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
 };
 use crate::proto::ternpb::raft_request::Request as RaftReq;
 
@@ -27,6 +28,27 @@ impl LeaseService {
     pub fn new(member: Arc<Member>) -> Self {
         LeaseService { member }
     }
+}
+
+/// A keep-alive sent on to the leader: the TTL it granted (0: unknown).
+async fn renew_at_leader(member: &Member, id: i64) -> Result<i64, Status> {
+    let channel = member.leader_channel().await?;
+    let answer = async {
+        let mut responses = LeaseClient::new(channel)
+            .lease_keep_alive(tokio_stream::iter([LeaseKeepAliveRequest { id }]))
+            .await?
+            .into_inner();
+        responses
+            .message()
+            .await?
+            .map(|r| r.ttl)
+            .ok_or_else(|| Status::from(EtcdError::NoLeader))
+    }
+    .await;
+    if answer.is_err() {
+        member.forget_leader_channel();
+    }
+    answer
 }
 
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
@@ -73,8 +95,19 @@ impl Lease for LeaseService {
         let member = self.member.clone();
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
-                // etcd answers an unknown lease with TTL 0, not an error.
-                let ttl = member.lessor.renew(r.id).unwrap_or(0);
+                // The leader keeps the lease clocks; etcd answers an unknown
+                // lease with TTL 0, not an error.
+                let ttl = if member.is_leader() {
+                    member.lessor.renew(r.id).unwrap_or(0)
+                } else {
+                    match renew_at_leader(&member, r.id).await {
+                        Ok(ttl) => ttl,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                };
                 let response = LeaseKeepAliveResponse {
                     header: Some(member.header(0)),
                     id: r.id,
@@ -93,6 +126,17 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
+        if !self.member.is_leader() {
+            // Only the leader's clock knows the time left.
+            let channel = self.member.leader_channel().await?;
+            let answer = LeaseClient::new(channel).lease_time_to_live(r).await;
+            if answer.is_err() {
+                self.member.forget_leader_channel();
+            }
+            let mut response = answer?.into_inner();
+            response.header = Some(self.member.header(0));
+            return Ok(Response::new(response));
+        }
         self.member.linearizable_barrier().await?;
         // etcd answers an unknown (or expired) lease with TTL -1, not an error.
         let expired = LeaseTimeToLiveResponse {

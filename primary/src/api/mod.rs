@@ -52,6 +52,33 @@ pub async fn etcd_oversize_status(
     response
 }
 
+/// etcd's learner interceptor: a learner answers every RPC but Status and
+/// Range with `etcdserver: rpc not supported for learner`; Range checks
+/// `serializable` itself. Tern also lets Watch and HashKV through: they
+/// read only the learner's own state, which is what a cross-region reader
+/// (and a check that the learner converged) wants.
+pub async fn learner_gate(
+    axum::extract::State(member): axum::extract::State<Arc<Member>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    const SERVED: [&str; 4] = [
+        "/etcdserverpb.Maintenance/HashKV",
+        "/etcdserverpb.KV/Range",
+        "/etcdserverpb.Maintenance/Status",
+        "/etcdserverpb.Watch/Watch",
+    ];
+    let path = request.uri().path();
+    if member.node.status.is_learner()
+        && path.starts_with("/etcdserverpb.")
+        && !SERVED.contains(&path)
+    {
+        let status = tonic::Status::from(crate::error::EtcdError::NotSupportedForLearner);
+        return status.into_http::<axum::body::Body>();
+    }
+    next.run(request).await
+}
+
 /// gRPC overhead etcd allows on top of `--max-request-bytes`.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 

@@ -585,7 +585,7 @@ fn answer(r: ApplyResult) -> Answer {
         ApplyResult::Compaction(r) => Answer::Compaction(r),
         ApplyResult::LeaseGrant(r) => Answer::LeaseGrant(r),
         ApplyResult::LeaseRevoke(r) => Answer::LeaseRevoke(r),
-        ApplyResult::Alarm(r) => panic!("unexpected alarm response {r:?}"),
+        other => panic!("unexpected response {other:?}"),
     }
 }
 
@@ -908,7 +908,9 @@ impl Model {
                 self.finish(w);
                 Ok(Answer::LeaseRevoke(resp))
             }
-            Request::Alarm(_) => unreachable!("not generated"),
+            Request::Alarm(_) | Request::MemberUpdate(_) | Request::MemberAttributes(_) => {
+                unreachable!("not generated")
+            }
         }
     }
 

@@ -76,6 +76,47 @@ impl MvccStore {
         self.conn.execute_batch("VACUUM")?;
         self.checkpoint()
     }
+
+    /// Replace the whole replicated state with the one in the state file at
+    /// `snapshot` (a Raft snapshot from the leader), in one transaction,
+    /// then make it durable: the caller drops the Raft log behind it next.
+    /// The member's own ids (`member_id`, `cluster_id`) stay.
+    pub fn restore(&mut self, snapshot: &Path) -> Result<(), MvccError> {
+        self.conn.execute(
+            "ATTACH DATABASE ?1 AS snap",
+            [snapshot.to_string_lossy().as_ref()],
+        )?;
+        let copied = self.conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             DELETE FROM kv_history; INSERT INTO kv_history SELECT * FROM snap.kv_history;
+             DELETE FROM kv_live;    INSERT INTO kv_live    SELECT * FROM snap.kv_live;
+             DELETE FROM leases;     INSERT INTO leases     SELECT * FROM snap.leases;
+             DELETE FROM members;    INSERT INTO members    SELECT * FROM snap.members;
+             DELETE FROM alarms;     INSERT INTO alarms     SELECT * FROM snap.alarms;
+             INSERT OR REPLACE INTO meta (name, value)
+                 SELECT name, value FROM snap.meta
+                 WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term');
+             COMMIT;",
+        );
+        if copied.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        let detached = self.conn.execute_batch("DETACH DATABASE snap");
+        copied?;
+        detached?;
+        self.state = read::store_state(&self.conn)?;
+        self.checkpoint()
+    }
+}
+
+/// Copy the committed state into a new file at `to`, from a read
+/// transaction of its own: writes go on meanwhile, and the copy is exactly
+/// the state at the applied index it records.
+pub fn copy_state(from: &Path, to: &Path) -> Result<(StoreState, Vec<MemberRow>), MvccError> {
+    let conn = super::schema::open_reader(from)?;
+    conn.execute("VACUUM INTO ?1", [to.to_string_lossy().as_ref()])?;
+    let copy = Connection::open_with_flags(to, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    Ok((read::store_state(&copy)?, members(&copy)?))
 }
 
 /// One SQLite transaction applying many entries.
@@ -289,6 +330,17 @@ impl Batch<'_> {
         alarms(&self.tx)
     }
 
+    /// Record how far behind the leader this member is, for a disaster
+    /// takeover to report (see `server::take_over`).
+    pub fn record_lag(&self, leader_commit: u64, caught_up_at_ms: u64) -> Result<(), MvccError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+        stmt.execute(("leader_commit_seen", leader_commit as i64))?;
+        stmt.execute(("caught_up_at_ms", caught_up_at_ms as i64))?;
+        Ok(())
+    }
+
     /// Commit the batch; returns the events it produced, in order.
     pub fn commit(self) -> Result<Vec<Event>, MvccError> {
         let s = self.state;
@@ -319,6 +371,28 @@ pub fn alarms(conn: &Connection) -> Result<Vec<(u64, i32)>, MvccError> {
 
 /// Stored membership: (id, name, peer urls, client urls, learner).
 pub type MemberRow = (u64, String, Vec<String>, Vec<String>, bool);
+
+/// Add or change a member as a configuration change says; removes it when
+/// `removed`.
+pub fn change_member(conn: &Connection, m: &MemberRow, removed: bool) -> Result<(), MvccError> {
+    if removed {
+        conn.execute("DELETE FROM members WHERE id = ?1", [m.0 as i64])?;
+        return Ok(());
+    }
+    // A promotion names only the id; keep what the learner registered with.
+    let existing = members(conn)?.into_iter().find(|e| e.0 == m.0);
+    let row = match existing {
+        Some(mut e) => {
+            e.4 = m.4;
+            if !m.2.is_empty() {
+                e.2 = m.2.clone();
+            }
+            e
+        }
+        None => m.clone(),
+    };
+    upsert_member(conn, &row)
+}
 
 pub fn members(conn: &Connection) -> Result<Vec<MemberRow>, MvccError> {
     let mut stmt = conn.prepare_cached(

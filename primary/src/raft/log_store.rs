@@ -11,6 +11,9 @@
 //! what raft-rs reads through the [`Storage`] trait; compaction bounds them.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use super::snapshot::Snapshots;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -38,12 +41,17 @@ pub struct LogStore {
     snapshot: SnapshotMetadata,
     /// Entries after `snapshot.index`, in order.
     entries: Vec<Entry>,
+    /// Where state snapshots for lagging followers come from.
+    snapshots: Option<Arc<Snapshots>>,
 }
 
 impl LogStore {
-    /// Open the log at `path`. A brand-new log is bootstrapped with `voters`
-    /// (and `learners`), as if a snapshot at index 0 had set them.
-    pub fn open(path: &Path, voters: &[u64], learners: &[u64]) -> Result<Self, LogError> {
+    /// Open the log at `path`. A brand-new log of a new cluster is
+    /// bootstrapped with `bootstrap` as if a snapshot at index 1 (term 1,
+    /// like etcd's bootstrap entries, so the first leader has term 2) had
+    /// set the membership; a member joining an existing cluster starts
+    /// empty (`None`) and receives the leader's snapshot.
+    pub fn open(path: &Path, bootstrap: Option<&ConfState>) -> Result<Self, LogError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -51,24 +59,33 @@ impl LogStore {
             "CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
         )?;
-        // A new log starts at term 1, as etcd's bootstrap entries do, so a
-        // new member leads at term 2 like etcd's.
-        let hard_state: HardState = load(&conn, "hard_state")?.unwrap_or_else(|| HardState {
-            term: 1,
-            ..Default::default()
-        });
-        let snapshot: SnapshotMetadata = load(&conn, "snapshot")?.unwrap_or_default();
-        let conf_state = match load::<ConfState>(&conn, "conf_state")? {
-            Some(cs) => cs,
-            None => {
-                let cs = ConfState {
-                    voters: voters.to_vec(),
-                    learners: learners.to_vec(),
+        let existing: Option<HardState> = load(&conn, "hard_state")?;
+        let (hard_state, snapshot, conf_state) = match (existing, bootstrap) {
+            (Some(hs), _) => (
+                hs,
+                load(&conn, "snapshot")?.unwrap_or_default(),
+                load(&conn, "conf_state")?.unwrap_or_default(),
+            ),
+            (None, Some(cs)) => {
+                let hs = HardState {
+                    term: 1,
+                    commit: 1,
                     ..Default::default()
                 };
-                store(&conn, "conf_state", &cs)?;
-                cs
+                let meta = SnapshotMetadata {
+                    index: 1,
+                    term: 1,
+                    conf_state: Some(cs.clone()).into(),
+                    ..Default::default()
+                };
+                let tx = conn.unchecked_transaction()?;
+                store(&tx, "snapshot", &meta)?;
+                store(&tx, "conf_state", cs)?;
+                store(&tx, "hard_state", &hs)?;
+                tx.commit()?;
+                (hs, meta, cs.clone())
             }
+            (None, None) => Default::default(),
         };
         let mut entries = Vec::new();
         {
@@ -99,6 +116,7 @@ impl LogStore {
             conf_state,
             snapshot,
             entries,
+            snapshots: None,
         })
     }
 
@@ -190,6 +208,56 @@ impl LogStore {
         Ok(())
     }
 
+    pub fn set_snapshots(&mut self, snapshots: Arc<Snapshots>) {
+        self.snapshots = Some(snapshots);
+    }
+
+    /// The state was replaced by a leader's snapshot (already durable in
+    /// the state file): the log restarts after it.
+    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata) -> Result<(), LogError> {
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        let cs = meta.get_conf_state().clone();
+        let tx = self.conn.transaction()?;
+        store(&tx, "snapshot", meta)?;
+        store(&tx, "conf_state", &cs)?;
+        store(&tx, "hard_state", &hs)?;
+        tx.execute("DELETE FROM entries", [])?;
+        tx.commit()?;
+        self.entries.clear();
+        self.snapshot = meta.clone();
+        self.conf_state = cs;
+        self.hard_state = hs;
+        Ok(())
+    }
+
+    /// Disaster takeover (etcd's `--force-new-cluster`): the log restarts
+    /// after `applied` with `me` as the only voter; entries after it were
+    /// never applied here and may never have been committed, so they go.
+    pub fn force_new_cluster(
+        &mut self,
+        me: u64,
+        applied_index: u64,
+        applied_term: u64,
+    ) -> Result<(), LogError> {
+        let cs = ConfState {
+            voters: vec![me],
+            ..Default::default()
+        };
+        let meta = SnapshotMetadata {
+            index: applied_index,
+            term: applied_term,
+            conf_state: Some(cs).into(),
+            ..Default::default()
+        };
+        let mut hs = self.hard_state.clone();
+        hs.term = hs.term.max(applied_term);
+        hs.commit = applied_index;
+        hs.vote = 0;
+        self.hard_state = hs;
+        self.apply_snapshot(&meta)
+    }
+
     /// Entries in memory since the last compaction.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -277,12 +345,16 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    /// Sending the state to a follower that is too far behind arrives with
-    /// the peer transport; a single member never asks for it.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// The state for a follower whose next entry was compacted away: any
+    /// snapshot at or after both the compaction point and what the
+    /// follower asked for will do.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        match &self.snapshots {
+            Some(s) => s.get(request_index.max(self.snapshot.index)),
+            None => Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
     }
 }
 
@@ -303,7 +375,7 @@ mod tests {
     fn survives_reopen_and_truncates_conflicts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.db");
-        let mut log = LogStore::open(&path, &[1], &[]).unwrap();
+        let mut log = LogStore::open(&path, None).unwrap();
         let hs = HardState {
             term: 2,
             commit: 2,
@@ -314,8 +386,7 @@ mod tests {
         log.persist(&[entry(3, 2), entry(4, 2)], None).unwrap();
         assert_eq!(log.term(3).unwrap(), 2);
         drop(log);
-        let mut log = LogStore::open(&path, &[9], &[]).unwrap();
-        assert_eq!(log.conf_state().voters, vec![1]);
+        let mut log = LogStore::open(&path, None).unwrap();
         assert_eq!(log.hard_state().term, 2);
         assert_eq!(log.last_index().unwrap(), 4);
         assert_eq!(log.term(3).unwrap(), 2);
@@ -326,7 +397,7 @@ mod tests {
             .entries(1, 3, None, GetEntriesContext::empty(false))
             .is_err());
         drop(log);
-        let log = LogStore::open(&path, &[1], &[]).unwrap();
+        let log = LogStore::open(&path, None).unwrap();
         assert_eq!(log.first_index().unwrap(), 3);
         assert_eq!(
             log.entries(3, 5, None, GetEntriesContext::empty(false))

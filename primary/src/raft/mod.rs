@@ -5,9 +5,15 @@
 //!   is how the async side proposes, waits for read indexes and reads
 //!   status.
 //! - [`log_store`]: [`LogStore`], the fsynced Raft log (raft-rs `Storage`).
+//! - [`transport`]: sending messages and snapshots to peers over gRPC;
+//!   [`peer_service`]: receiving them (the `ternpb.Peer` service).
+//! - [`snapshot`]: state snapshots for members too far behind the log.
 
 pub mod log_store;
 pub mod node;
+pub mod peer_service;
+pub mod snapshot;
+pub mod transport;
 
 pub use log_store::LogStore;
 pub use node::{NodeHandle, NodeStatus, ProposeError, RaftNode};

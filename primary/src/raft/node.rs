@@ -13,26 +13,33 @@
 //!    one fsync, send persisted messages, advance, apply what the light
 //!    ready committed, release reads whose index is applied.
 //!
-//! A single voter uses exactly this path; a cluster only adds a transport.
+//! A single voter uses exactly this path; a cluster adds the peer transport
+//! (messages out through [`Transport`], in through [`NodeMsg::Step`]) and
+//! snapshots for members too far behind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 
 use super::log_store::{LogError, LogStore};
+use super::snapshot::{snapshot_path, Snapshots};
+use super::transport::Transport;
 use crate::apply::{Applier, ApplyError, ApplyResult};
 use crate::lease::Lessor;
 use crate::metrics::Metrics;
+use crate::mvcc::write::{change_member, members, MemberRow};
 use crate::mvcc::{MvccError, MvccStore};
-use crate::proto::ternpb::{raft_request::Request, RaftRequest};
+use crate::proto::ternpb::{raft_request::Request, MemberChange, RaftRequest};
 use crate::watch::WatchHub;
 
 /// Entries kept behind the applied index at log compaction, so a follower
@@ -67,6 +74,30 @@ pub enum NodeMsg {
     Defragment {
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Messages from peers.
+    Step(Vec<Message>),
+    /// The transport could not deliver to this peer.
+    Unreachable(u64),
+    /// A snapshot stream to `to` ended.
+    SnapshotSent { to: u64, ok: bool },
+    /// A membership change: add, promote or remove `change.id`.
+    ConfChange {
+        kind: ConfChangeType,
+        change: MemberChange,
+        reply: Reply,
+    },
+    /// How far each member's log matches the leader's (leader only).
+    Progress {
+        reply: oneshot::Sender<Option<Progress>>,
+    },
+}
+
+/// The leader's view of replication: its last index and each member's
+/// matched index.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub last_index: u64,
+    pub matched: HashMap<u64, u64>,
 }
 
 /// Raft and store counters the API reads without asking the thread.
@@ -79,6 +110,13 @@ pub struct NodeStatus {
     pub last_index: AtomicU64,
     pub revision: AtomicI64,
     pub compact_revision: AtomicI64,
+    /// Whether this member is a learner in the current configuration.
+    pub is_learner: AtomicBool,
+    /// The highest commit index a leader has told this member about.
+    pub leader_commit: AtomicU64,
+    /// When this member last had applied everything the leader had
+    /// committed (milliseconds since the Unix epoch).
+    pub caught_up_at_ms: AtomicU64,
 }
 
 impl NodeStatus {
@@ -91,6 +129,33 @@ impl NodeStatus {
     pub fn revision(&self) -> i64 {
         self.revision.load(Ordering::Acquire)
     }
+    pub fn is_learner(&self) -> bool {
+        self.is_learner.load(Ordering::Acquire)
+    }
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::Acquire)
+    }
+    /// Committed entries this member has not applied yet, as far as it
+    /// knows, and for how long it has been behind.
+    pub fn lag(&self) -> (u64, Duration) {
+        let entries = self
+            .leader_commit
+            .load(Ordering::Acquire)
+            .saturating_sub(self.applied_index());
+        let since = self.caught_up_at_ms.load(Ordering::Acquire);
+        let behind = if entries == 0 || since == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(unix_millis().saturating_sub(since))
+        };
+        (entries, behind)
+    }
+}
+
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The async side's handle on the node thread.
@@ -115,6 +180,42 @@ impl NodeHandle {
             .send(NodeMsg::ReadIndex { reply })
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Hand peer messages to the node; fails only once it has stopped.
+    pub fn step(&self, messages: Vec<Message>) -> Result<(), ProposeError> {
+        self.tx
+            .send(NodeMsg::Step(messages))
+            .map_err(|_| ProposeError::Stopped)
+    }
+
+    pub async fn conf_change(
+        &self,
+        kind: ConfChangeType,
+        change: MemberChange,
+    ) -> Result<ApplyResult, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::ConfChange {
+                kind,
+                change,
+                reply,
+            })
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    pub async fn progress(&self) -> Result<Option<Progress>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::Progress { reply })
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
+    /// The channel the transport reports through.
+    pub fn sender(&self) -> Sender<NodeMsg> {
+        self.tx.clone()
     }
 
     pub async fn defragment(&self) -> Result<(), String> {
@@ -174,10 +275,14 @@ pub struct RaftNode {
     reads_ready: Vec<(u64, Vec<ReadReply>)>,
     read_ctx: u64,
     role: StateRole,
+    transport: Arc<Transport>,
+    snapshots: Arc<Snapshots>,
+    last_sweep: Instant,
 }
 
 impl RaftNode {
     /// Build the node; `start` runs it on its own thread.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: NodeConfig,
         mut log: LogStore,
@@ -185,7 +290,10 @@ impl RaftNode {
         hub: Arc<WatchHub>,
         lessor: Arc<Lessor>,
         metrics: Arc<Metrics>,
+        snapshots: Arc<Snapshots>,
+        runtime: tokio::runtime::Handle,
     ) -> Result<(Self, NodeHandle), NodeError> {
+        log.set_snapshots(snapshots.clone());
         let state = store.state();
         // Every applied entry was committed; the persisted commit index may
         // lag because light-ready commits are persisted lazily.
@@ -199,6 +307,11 @@ impl RaftNode {
             election_tick: config.election_ticks,
             heartbeat_tick: 1,
             applied: state.applied_index,
+            // Flow control for cross-region members: up to 256 appends of
+            // up to 1 MiB in flight per member covers the bandwidth-delay
+            // product of a 100 ms link at well over 100 MB/s, and a slow
+            // link only fills the window (the voters' commits never wait
+            // for a learner).
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             check_quorum: true,
@@ -215,7 +328,11 @@ impl RaftNode {
         }
         let applier = Applier::new(lessor.clone(), store.connection())?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let transport = Arc::new(Transport::new(runtime, tx.clone()));
         let status = Arc::new(NodeStatus::default());
+        status
+            .is_learner
+            .store(conf.learners.contains(&config.id), Ordering::Release);
         status.revision.store(state.revision, Ordering::Release);
         status
             .compact_revision
@@ -246,6 +363,9 @@ impl RaftNode {
                 reads_ready: Vec::new(),
                 read_ctx: 0,
                 role: StateRole::Follower,
+                transport,
+                snapshots,
+                last_sweep: Instant::now(),
             },
             handle,
         ))
@@ -266,6 +386,7 @@ impl RaftNode {
     }
 
     fn run(mut self) -> Result<(), NodeError> {
+        self.refresh_peers()?;
         let mut next_tick = Instant::now() + self.config.tick;
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -290,7 +411,54 @@ impl RaftNode {
             self.request_read_index();
             self.on_ready()?;
             self.maybe_compact_log()?;
+            self.track_lag();
+            if self.last_sweep.elapsed() >= Duration::from_secs(1) {
+                self.sweep_abandoned();
+            }
         }
+    }
+
+    /// Forget waiters whose client gave up (timed out): a proposal the
+    /// leader dropped, or a read index lost with a leader, never answers.
+    fn sweep_abandoned(&mut self) {
+        self.last_sweep = Instant::now();
+        let before = self.waiting.len();
+        self.waiting.retain(|_, reply| !reply.is_closed());
+        for _ in self.waiting.len()..before {
+            self.metrics.proposals_pending.dec();
+        }
+        self.reads_inflight.retain(|_, waiters| {
+            waiters.retain(|w| !w.is_closed());
+            !waiters.is_empty()
+        });
+    }
+
+    /// Record when this member last had applied all the leader had
+    /// committed, for the lag a learner reports.
+    fn track_lag(&self) {
+        if self.role == StateRole::Leader {
+            self.status
+                .leader_commit
+                .store(self.raw.raft.raft_log.committed, Ordering::Release);
+        }
+        let applied = self.store.state().applied_index;
+        if applied >= self.status.leader_commit.load(Ordering::Acquire) {
+            self.status
+                .caught_up_at_ms
+                .store(unix_millis(), Ordering::Release);
+        }
+    }
+
+    /// Point the transport at the members in the stored member list.
+    fn refresh_peers(&mut self) -> Result<(), NodeError> {
+        let rows = members(self.store.connection())?;
+        let peers: Vec<(u64, Vec<String>)> = rows
+            .into_iter()
+            .filter(|m| m.0 != self.config.id)
+            .map(|m| (m.0, m.2))
+            .collect();
+        self.transport.set_peers(&peers);
+        Ok(())
     }
 
     fn handle(&mut self, msg: NodeMsg) -> Result<(), NodeError> {
@@ -300,6 +468,65 @@ impl RaftNode {
             NodeMsg::Defragment { reply } => {
                 let result = self.store.vacuum().map_err(|e| e.to_string());
                 let _ = reply.send(result);
+            }
+            NodeMsg::Step(messages) => {
+                for m in messages {
+                    if matches!(m.get_msg_type(), MessageType::MsgAppend) {
+                        self.status
+                            .leader_commit
+                            .fetch_max(m.commit, Ordering::AcqRel);
+                    }
+                    let (from, kind) = (m.from, m.get_msg_type());
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::debug!(from = format!("{from:x}"), ?kind, error = %e, "peer message ignored");
+                    }
+                }
+            }
+            NodeMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            NodeMsg::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            NodeMsg::ConfChange {
+                kind,
+                mut change,
+                reply,
+            } => {
+                self.seq += 1;
+                change.origin = self.config.id;
+                change.seq = self.seq;
+                let cc = ConfChange {
+                    change_type: kind,
+                    node_id: change.id,
+                    ..Default::default()
+                };
+                match self.raw.propose_conf_change(change.encode_to_vec(), cc) {
+                    Ok(()) => {
+                        self.metrics.proposals_pending.inc();
+                        self.waiting.insert(self.seq, reply);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "configuration change refused");
+                        let _ = reply.send(Err(ProposeError::NoLeader));
+                    }
+                }
+            }
+            NodeMsg::Progress { reply } => {
+                let progress = (self.raw.raft.state == StateRole::Leader).then(|| Progress {
+                    last_index: self.raw.raft.raft_log.last_index(),
+                    matched: self
+                        .raw
+                        .raft
+                        .prs()
+                        .iter()
+                        .map(|(id, pr)| (*id, pr.matched))
+                        .collect(),
+                });
+                let _ = reply.send(progress);
             }
         }
         Ok(())
@@ -362,8 +589,10 @@ impl RaftNode {
             return Ok(());
         }
         let mut ready = self.raw.ready();
-        self.send(ready.take_messages());
-        // Snapshots from a leader arrive with the peer transport.
+        self.transport.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.apply_snapshot(ready.snapshot().clone())?;
+        }
         self.apply(ready.take_committed_entries())?;
         for rs in ready.take_read_states() {
             let ctx = rs
@@ -386,7 +615,7 @@ impl RaftNode {
         self.status
             .last_index
             .store(self.raw.raft.raft_log.last_index(), Ordering::Release);
-        self.send(ready.take_persisted_messages());
+        self.transport.send(ready.take_persisted_messages());
         if ready.ss().is_some() {
             self.on_role_change();
         }
@@ -394,7 +623,7 @@ impl RaftNode {
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit);
         }
-        self.send(light.take_messages());
+        self.transport.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.status
@@ -404,14 +633,42 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Peer messages; a lone voter has nobody to send to.
-    fn send(&mut self, messages: Vec<Message>) {
-        if !messages.is_empty() {
-            tracing::trace!(
-                count = messages.len(),
-                "no peer transport; dropping messages"
-            );
-        }
+    /// Replace the state with a leader's snapshot: the state file first
+    /// (made durable), then the log, so a crash in between replays from a
+    /// state that is at least as new as the log's start.
+    fn apply_snapshot(&mut self, snapshot: raft::eraftpb::Snapshot) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let meta = snapshot.get_metadata().clone();
+        let path = snapshot_path(&snapshot);
+        self.store.restore(&path)?;
+        self.raw.mut_store().apply_snapshot(&meta)?;
+        self.snapshots.clear_received();
+        let state = self.store.state();
+        self.lessor
+            .reset(&crate::mvcc::read::leases(self.store.connection())?);
+        self.hub.set_compacted(state.compact_revision);
+        self.hub.restored(state.revision);
+        self.status
+            .revision
+            .store(state.revision, Ordering::Release);
+        self.status
+            .compact_revision
+            .store(state.compact_revision, Ordering::Release);
+        self.status
+            .applied_index
+            .store(state.applied_index, Ordering::Release);
+        self.status.is_learner.store(
+            meta.get_conf_state().learners.contains(&self.config.id),
+            Ordering::Release,
+        );
+        self.refresh_peers()?;
+        tracing::info!(
+            index = meta.index,
+            revision = state.revision,
+            elapsed = ?started.elapsed(),
+            "state replaced by the leader's snapshot"
+        );
+        Ok(())
     }
 
     fn on_role_change(&mut self) {
@@ -444,6 +701,7 @@ impl RaftNode {
         let compacted_before = self.store.state().compact_revision;
         let mut replies = Vec::new();
         let mut conf_changes = Vec::new();
+        let mut members_changed = false;
         let mut batch = self.store.batch()?;
         for entry in entries {
             let (index, term) = (entry.index, entry.term);
@@ -472,6 +730,7 @@ impl RaftNode {
                         });
                     }
                     self.metrics.proposals_applied.inc();
+                    members_changed |= matches!(result, Ok(ApplyResult::Membership(_)));
                     if request.origin == self.config.id {
                         if let Some(reply) = self.waiting.remove(&request.seq) {
                             self.metrics.proposals_pending.dec();
@@ -480,14 +739,46 @@ impl RaftNode {
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let change = MemberChange::decode(&entry.context[..]).unwrap_or_default();
+                    let removed = conf_change_kind(&entry)? == ConfChangeType::RemoveNode;
+                    let row: MemberRow = (
+                        change.id,
+                        change.name.clone(),
+                        change.peer_urls.clone(),
+                        Vec::new(),
+                        change.is_learner,
+                    );
+                    let result = batch.entry(index, term, |b| {
+                        change_member(b.conn(), &row, removed)?;
+                        Ok(ApplyResult::Membership(members(b.conn())?))
+                    });
+                    if let Err(ApplyError::Storage(e)) = result {
+                        return Err(NodeError::Apply {
+                            index,
+                            source: ApplyError::Storage(e),
+                        });
+                    }
+                    if change.origin == self.config.id {
+                        if let Some(reply) = self.waiting.remove(&change.seq) {
+                            self.metrics.proposals_pending.dec();
+                            replies.push((reply, result.map_err(ProposeError::from)));
+                        }
+                    }
                     conf_changes.push(entry);
-                    batch.skip(index, term);
                 }
             }
         }
+        batch.record_lag(
+            self.status.leader_commit.load(Ordering::Acquire),
+            self.status.caught_up_at_ms.load(Ordering::Acquire),
+        )?;
         let events = batch.commit()?;
+        members_changed |= !conf_changes.is_empty();
         for entry in conf_changes {
             self.apply_conf_change(&entry)?;
+        }
+        if members_changed {
+            self.refresh_peers()?;
         }
         let state = self.store.state();
         if state.compact_revision != compacted_before {
@@ -529,7 +820,21 @@ impl RaftNode {
             })?;
             self.raw.apply_conf_change(&cc)?
         };
+        let removed =
+            !cs.voters.contains(&self.config.id) && !cs.learners.contains(&self.config.id);
+        self.status
+            .is_learner
+            .store(cs.learners.contains(&self.config.id), Ordering::Release);
         self.raw.mut_store().set_conf_state(cs)?;
+        if removed {
+            // etcd's member stops for good once removed; serving on would
+            // answer from a state that no longer follows the cluster.
+            tracing::error!(
+                member_id = format!("{:x}", self.config.id),
+                "the member has been permanently removed from the cluster; exiting"
+            );
+            std::process::exit(0);
+        }
         Ok(())
     }
 
@@ -564,6 +869,23 @@ impl RaftNode {
 }
 
 use raft::Storage as _;
+
+fn conf_change_kind(entry: &Entry) -> Result<ConfChangeType, NodeError> {
+    let decode_err = |e| LogError::Decode {
+        what: format!("conf change at {}", entry.index),
+        source: e,
+    };
+    if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+        let cc = ConfChangeV2::parse_from_bytes(&entry.data).map_err(decode_err)?;
+        Ok(cc
+            .changes
+            .first()
+            .map_or(ConfChangeType::AddNode, |c| c.get_change_type()))
+    } else {
+        let cc = ConfChange::parse_from_bytes(&entry.data).map_err(decode_err)?;
+        Ok(cc.get_change_type())
+    }
+}
 
 /// Where this boot's proposal numbers start. Entries proposed before a crash
 /// can be replayed after the restart; numbering from the clock (in

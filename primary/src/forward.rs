@@ -1,0 +1,62 @@
+//! Requests only the leader can answer, sent on by a follower or learner:
+//! lease keep-alives and time-to-live (the leader holds the lease clocks)
+//! and learner promotion (the leader knows how far each member is), as
+//! etcd forwards them. The leader is reached on its advertised client URLs
+//! with the etcd API itself; the channel is kept while the leader stays.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::error::EtcdError;
+use crate::mvcc::write::MemberRow;
+
+#[derive(Default)]
+pub struct LeaderLink {
+    cached: Mutex<Option<(u64, Channel)>>,
+}
+
+impl LeaderLink {
+    /// A channel to `leader`, whose row in the member list is `row`.
+    pub async fn channel(&self, leader: u64, row: Option<MemberRow>) -> Result<Channel, Status> {
+        if let Some((id, ch)) = self
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            if *id == leader {
+                return Ok(ch.clone());
+            }
+        }
+        let urls = row.map(|r| r.3).unwrap_or_default();
+        let mut last = None;
+        for url in urls {
+            let Ok(endpoint) = Endpoint::from_shared(url) else {
+                continue;
+            };
+            match endpoint
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+            {
+                Ok(ch) => {
+                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((leader, ch.clone()));
+                    return Ok(ch);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        tracing::debug!(leader = format!("{leader:x}"), error = ?last, "leader unreachable");
+        Err(EtcdError::NoLeader.into())
+    }
+
+    /// Drop the channel after a failure, so the next call reconnects.
+    pub fn forget(&self) {
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}

@@ -1,0 +1,30 @@
+//! What `tern-primary` and `tern-learner` do after parsing flags: set up
+//! logging, start the runtime, run the member.
+
+use tern_config::PrimaryConfig;
+use tracing_subscriber::EnvFilter;
+
+use crate::server::{run_as, Role};
+
+pub fn launch(config: PrimaryConfig, role: Role) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&config.log_level).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid value '{}' for '--log-level': {e}",
+            config.log_level
+        )
+    })?;
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    if config.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_as(config, role))?;
+    Ok(())
+}
