@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use tern_primary::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
 use tonic::transport::Channel;
 
+pub mod proxy;
+pub use proxy::Proxy;
+
 /// A binary built from this workspace, next to the test executable's
 /// directory (`target/<profile>/`).
 pub fn workspace_bin(name: &str) -> PathBuf {
