@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tern_tests::{etcdctl, Tern};
+use tern_tests::{etcdctl, http_get, Tern};
 
 /// Past the quota, writes are refused with etcd's NOSPACE error and the
 /// alarm is raised; reads and deletes go on; after compaction, defrag and
@@ -109,19 +109,6 @@ fn periodic_auto_compaction_compacts() {
         etcdctl(&t.endpoint, &["get", "ac", "--print-value-only"], None).stdout,
         "4\n"
     );
-}
-
-fn http_get(endpoint: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    response
 }
 
 #[test]

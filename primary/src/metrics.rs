@@ -28,6 +28,7 @@ pub struct Metrics {
     pub leader_commit: Gauge,
     pub lag_entries: Gauge,
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub snapshots_applied: Counter,
 }
 
 impl Metrics {
@@ -54,6 +55,7 @@ impl Metrics {
             leader_commit: Gauge::default(),
             lag_entries: Gauge::default(),
             lag_seconds: Gauge::default(),
+            snapshots_applied: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +152,11 @@ impl Metrics {
             "tern_replication_lag_seconds",
             "How long this member has been behind the leader's commit index (0 when caught up).",
             m.lag_seconds.clone(),
+        );
+        registry.register(
+            "tern_raft_snapshots_applied",
+            "Leader snapshots that replaced this member's state (it was too far behind the log).",
+            m.snapshots_applied.clone(),
         );
         Metrics { registry, ..m }
     }

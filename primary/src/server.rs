@@ -137,7 +137,14 @@ pub async fn run_as(config: PrimaryConfig, role: Role) -> Result<(), StartError>
     drop(store);
     let mut store = MvccStore::open(&state_path)?;
     let mut log = LogStore::open(&data_dir.join("raft.db"), bootstrap.as_ref())?;
-    if config.force_new_cluster {
+    let sole_voter = log.conf_state().voters == [member_id] && log.conf_state().learners.is_empty();
+    if config.force_new_cluster && sole_voter {
+        // Already taken over (the flag was left on): redoing it would drop
+        // committed entries not yet applied.
+        tracing::warn!(
+            "--force-new-cluster: this member is already the only voter; ignoring the flag"
+        );
+    } else if config.force_new_cluster {
         take_over(&mut store, &mut log, member_id)?;
     }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tern_primary::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
 use tonic::transport::Channel;
 
+pub mod cluster;
 pub mod proxy;
 pub use proxy::Proxy;
 
@@ -75,6 +76,11 @@ impl Tern {
             args.push("--listen-client-urls".into());
             args.push("http://127.0.0.1:0".into());
         }
+        // Tests run in parallel: etcd's default peer port would collide.
+        if !extra.iter().any(|a| a.starts_with("--listen-peer-urls")) {
+            args.push("--listen-peer-urls".into());
+            args.push("http://127.0.0.1:0".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let (child, endpoint) = spawn_tern(&args);
         let t = Tern {
@@ -130,7 +136,14 @@ impl Drop for Tern {
 
 /// Spawn tern-primary and wait for the address it serves on.
 fn spawn_tern(args: &[String]) -> (Child, String) {
-    let mut child = Command::new(workspace_bin("tern-primary"))
+    spawn_member("tern-primary", args)
+}
+
+/// Spawn a member binary (`tern-primary` or `tern-learner`) and wait for
+/// the client address it reports binding (it may serve later: a member
+/// answers clients only once it has joined).
+pub fn spawn_member(bin: &str, args: &[String]) -> (Child, String) {
+    let mut child = Command::new(workspace_bin(bin))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -173,7 +186,7 @@ fn spawn_tern(args: &[String]) -> (Child, String) {
 }
 
 /// Poll until a serializable Range succeeds and a leader exists.
-fn wait_serving(endpoint: &str) {
+pub fn wait_serving(endpoint: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let out = etcdctl(endpoint, &["endpoint", "health"], None);
@@ -342,4 +355,27 @@ pub async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<Vec<u8>> {
         .expect("range")
         .into_inner();
     resp.kvs.into_iter().next().map(|kv| kv.value)
+}
+
+/// A plain HTTP/1.1 GET (for `/health` and `/metrics`): the whole response,
+/// status line and headers included.
+pub fn http_get(endpoint: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+}
+
+/// The value of an unlabelled metric in a member's `/metrics`.
+pub fn metric(endpoint: &str, name: &str) -> Option<f64> {
+    http_get(endpoint, "/metrics").lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
 }

@@ -136,19 +136,20 @@ impl NodeStatus {
         self.applied_index.load(Ordering::Acquire)
     }
     /// Committed entries this member has not applied yet, as far as it
-    /// knows, and for how long it has been behind.
+    /// knows, and for how long it has not been in step with a leader.
     pub fn lag(&self) -> (u64, Duration) {
         let entries = self
             .leader_commit
             .load(Ordering::Acquire)
             .saturating_sub(self.applied_index());
         let since = self.caught_up_at_ms.load(Ordering::Acquire);
-        let behind = if entries == 0 || since == 0 {
-            Duration::ZERO
+        // Refreshed every loop turn while in step, so a few ms is "none".
+        let behind = Duration::from_millis(unix_millis().saturating_sub(since));
+        if since == 0 || behind < Duration::from_millis(250) {
+            (entries, Duration::ZERO)
         } else {
-            Duration::from_millis(unix_millis().saturating_sub(since))
-        };
-        (entries, behind)
+            (entries, behind)
+        }
     }
 }
 
@@ -278,6 +279,8 @@ pub struct RaftNode {
     transport: Arc<Transport>,
     snapshots: Arc<Snapshots>,
     last_sweep: Instant,
+    /// When a leader's append or heartbeat last arrived.
+    leader_contact: Instant,
 }
 
 impl RaftNode {
@@ -366,6 +369,7 @@ impl RaftNode {
                 transport,
                 snapshots,
                 last_sweep: Instant::now(),
+                leader_contact: Instant::now(),
             },
             handle,
         ))
@@ -433,16 +437,22 @@ impl RaftNode {
         });
     }
 
-    /// Record when this member last had applied all the leader had
-    /// committed, for the lag a learner reports.
-    fn track_lag(&self) {
+    /// Record when this member last was in step with a leader: it had
+    /// heard from one within an election timeout and applied all it had
+    /// committed. A member cut off stops being in step even though it
+    /// cannot know how many entries it is missing.
+    fn track_lag(&mut self) {
         if self.role == StateRole::Leader {
             self.status
                 .leader_commit
                 .store(self.raw.raft.raft_log.committed, Ordering::Release);
+            self.leader_contact = Instant::now();
         }
         let applied = self.store.state().applied_index;
-        if applied >= self.status.leader_commit.load(Ordering::Acquire) {
+        let election_timeout = self.config.tick * self.config.election_ticks as u32;
+        if applied >= self.status.leader_commit.load(Ordering::Acquire)
+            && self.leader_contact.elapsed() <= election_timeout
+        {
             self.status
                 .caught_up_at_ms
                 .store(unix_millis(), Ordering::Release);
@@ -643,6 +653,7 @@ impl RaftNode {
         self.store.restore(&path)?;
         self.raw.mut_store().apply_snapshot(&meta)?;
         self.snapshots.clear_received();
+        self.metrics.snapshots_applied.inc();
         let state = self.store.state();
         self.lessor
             .reset(&crate::mvcc::read::leases(self.store.connection())?);

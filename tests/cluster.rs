@@ -1,0 +1,458 @@
+//! Replication with real processes: 3-voter clusters, the etcdctl
+//! membership workflow, a learner behind a slow and then broken link,
+//! SIGKILL of the leader under load, a partitioned leader, and disaster
+//! takeover from a learner.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_primary::proto::etcdserverpb::{
+    kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use tern_tests::cluster::{hashkv, Cluster};
+use tern_tests::{channel, etcdctl, metric};
+
+const LEARNER_ERROR: &str = "etcdserver: rpc not supported for learner";
+
+fn current_revision(endpoint: &str) -> i64 {
+    let out = etcdctl(endpoint, &["get", "x", "-w", "json"], None);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    v["header"]["revision"].as_i64().expect("revision")
+}
+
+fn value(endpoint: &str, key: &str, serializable: bool) -> String {
+    let mut args = vec!["get", key, "--print-value-only"];
+    if serializable {
+        args.push("--consistency=s");
+    }
+    etcdctl(endpoint, &args, None).stdout.trim_end().to_string()
+}
+
+/// Poll until `f` holds (or panic after `within`).
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("not within {within:?}: {what}");
+}
+
+/// Write `count` keys `{prefix}{n}` in txns of 100 puts, `clients` at once.
+async fn bulk_write(endpoint: &str, prefix: &str, count: usize, clients: usize) {
+    let per_client = count / clients;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let endpoint = endpoint.to_string();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut kv = KvClient::new(channel(&endpoint).await);
+            let start = c * per_client;
+            for chunk in (start..start + per_client).collect::<Vec<_>>().chunks(100) {
+                let success = chunk
+                    .iter()
+                    .map(|n| RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: format!("{prefix}{n:06}").into_bytes(),
+                            value: format!("value-{n}").into_bytes(),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                kv.txn(TxnRequest {
+                    success,
+                    ..Default::default()
+                })
+                .await
+                .expect("bulk txn");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+}
+
+fn count_prefix(endpoint: &str, prefix: &str, serializable: bool) -> i64 {
+    let mut args = vec!["get", "--prefix", prefix, "--limit=1", "-w", "json"];
+    if serializable {
+        args.push("--consistency=s");
+    }
+    let out = etcdctl(endpoint, &args, None);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    v["count"].as_i64().unwrap_or(0)
+}
+
+#[test]
+fn three_voters_replicate_and_forward_writes() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.leader();
+    // Exactly one leader, and every member agrees which.
+    let leader_id = c.member_id(leader);
+    for i in 0..3 {
+        let s = c.status(i).expect("status");
+        assert_eq!(s["leader"].as_u64(), Some(leader_id), "member {i}");
+    }
+    // Writes through every member (followers forward), reads through every
+    // member (linearizable: a ReadIndex round through the leader).
+    for (i, n) in c.nodes.iter().enumerate() {
+        let out = n.etcdctl(&["put", &format!("k{i}"), &format!("from-{}", n.name)]);
+        assert_eq!(out.stdout, "OK\n", "{}", out.stderr);
+    }
+    for n in &c.nodes {
+        for (i, writer) in c.nodes.iter().enumerate() {
+            assert_eq!(
+                value(&n.client, &format!("k{i}"), false),
+                format!("from-{}", writer.name)
+            );
+        }
+    }
+    let rev = current_revision(&c.nodes[leader].client);
+    c.converged_hash(&[0, 1, 2], rev, Duration::from_secs(10));
+    // The member list has every member's client URL (each published its own).
+    let list = etcdctl(&c.endpoints(), &["member", "list"], None).stdout;
+    for n in &c.nodes {
+        assert!(list.contains(&format!("http://{}", n.client)), "{list}");
+        assert!(list.contains(&format!(", {}, ", n.name)), "{list}");
+    }
+}
+
+#[test]
+fn leases_hold_across_a_leader_change() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.leader();
+    let follower = (leader + 1) % 3;
+    let out = c.nodes[follower].etcdctl(&["lease", "grant", "6"]);
+    let id = out
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    assert_eq!(
+        c.nodes[follower]
+            .etcdctl(&["put", "--lease", &id, "leased", "v"])
+            .code,
+        0
+    );
+    // A keep-alive and a time-to-live on a follower go to the leader.
+    let ka = c.nodes[follower].etcdctl(&["lease", "keep-alive", "--once", &id]);
+    assert!(ka.stdout.contains("TTL(6)"), "{ka:?}");
+    let ttl = c.nodes[follower].etcdctl(&["lease", "timetolive", &id]);
+    assert!(ttl.stdout.contains("granted with TTL(6s)"), "{ttl:?}");
+    c.nodes[leader].kill9();
+    let new_leader = c.leader();
+    assert_ne!(new_leader, leader);
+    // The new leader gave the lease a full TTL again; it is still there.
+    let ttl = c.nodes[new_leader].etcdctl(&["lease", "timetolive", &id, "--keys"]);
+    assert!(ttl.stdout.contains("attached keys([leased])"), "{ttl:?}");
+    // Without keep-alives it expires, on every member, through the log.
+    let survivor = (0..3).find(|&i| i != leader).unwrap();
+    eventually("the lease expires", Duration::from_secs(20), || {
+        value(&c.nodes[survivor].client, "leased", false).is_empty()
+    });
+    c.nodes[leader].restart();
+    eventually(
+        "the restarted member applies the expiry",
+        Duration::from_secs(20),
+        || {
+            etcdctl(&c.nodes[leader].client, &["get", "leased"], None)
+                .stdout
+                .is_empty()
+        },
+    );
+}
+
+#[test]
+fn etcdctl_membership_workflow() {
+    let mut c = Cluster::start(3, &[]);
+    for i in 0..20 {
+        c.nodes[0].etcdctl(&["put", &format!("w{i}"), "v"]);
+    }
+    let l = c.add_member(true, &[]);
+    let learner = c.nodes[l].client.clone();
+    eventually(
+        "the learner serves the data",
+        Duration::from_secs(20),
+        || value(&learner, "w19", true) == "v",
+    );
+    // etcd's learner answers: serializable reads and status only.
+    let put = etcdctl(&learner, &["put", "x", "y"], None);
+    assert_ne!(put.code, 0);
+    assert!(put.error_line().contains(LEARNER_ERROR), "{put:?}");
+    let lin = etcdctl(&learner, &["get", "w1"], None);
+    assert!(lin.error_line().contains(LEARNER_ERROR), "{lin:?}");
+    let status = c.status(l).expect("status on a learner");
+    assert_eq!(status["isLearner"].as_bool(), Some(true), "{status}");
+    let list = etcdctl(&c.endpoints(), &["member", "list"], None).stdout;
+    assert!(list.contains(", true\n"), "a learner is listed: {list}");
+    // Promote: the learner is in sync, so etcd's check lets it through.
+    let id = format!("{:x}", c.member_id(l));
+    let promoted = etcdctl(&c.endpoints(), &["member", "promote", &id], None);
+    assert!(promoted.stdout.contains("promoted"), "{promoted:?}");
+    eventually(
+        "the promoted member takes writes",
+        Duration::from_secs(10),
+        || etcdctl(&learner, &["put", "after", "promote"], None).code == 0,
+    );
+    assert_eq!(value(&c.nodes[0].client, "after", false), "promote");
+    // Remove a voter: it stops, the rest carry on as a 3-member cluster.
+    let gone = 1;
+    let gone_id = format!("{:x}", c.member_id(gone));
+    let removed = etcdctl(&c.nodes[0].client, &["member", "remove", &gone_id], None);
+    assert!(removed.stdout.contains("removed"), "{removed:?}");
+    let list = etcdctl(&c.nodes[0].client, &["member", "list"], None).stdout;
+    assert!(!list.contains(&gone_id), "{list}");
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert_eq!(
+        etcdctl(&c.nodes[2].client, &["put", "after", "remove"], None).code,
+        0
+    );
+    // Errors etcd gives for impossible changes.
+    let again = etcdctl(&c.nodes[0].client, &["member", "remove", &gone_id], None);
+    assert!(again.error_line().contains("member not found"), "{again:?}");
+    let voter = format!("{:x}", c.member_id(0));
+    let not_learner = etcdctl(&c.nodes[0].client, &["member", "promote", &voter], None);
+    assert!(
+        not_learner
+            .error_line()
+            .contains("can only promote a learner member"),
+        "{not_learner:?}"
+    );
+}
+
+/// The cross-region scenario: a learner behind a 100 ms round trip
+/// converges; cut off for 60 s while 100k keys are written it cannot be
+/// promoted, the voters keep committing, and once the link is back it
+/// catches up by snapshot to the same HashKV at the same revision.
+#[tokio::test(flavor = "multi_thread")]
+async fn learner_behind_a_slow_link_catches_up_by_snapshot() {
+    // 100k keys go in 1000 txns: a small snapshot count makes the leader
+    // compact its log past what the learner has.
+    let mut c = Cluster::start(3, &["--snapshot-count", "200"]);
+    let l = c.add_member(true, &[]);
+    c.nodes[l].proxy.set_rtt(Duration::from_millis(100));
+    let learner = c.nodes[l].client.clone();
+    let leader = c.leader();
+    let writer = c.nodes[leader].client.clone();
+    bulk_write(&writer, "before/", 2000, 4).await;
+    let rev = current_revision(&writer);
+    c.converged_hash(&[0, 1, 2, l], rev, Duration::from_secs(30));
+
+    c.nodes[l].proxy.blackhole(true);
+    let cut_at = Instant::now();
+    bulk_write(&writer, "during/", 100_000, 8).await;
+    assert_eq!(count_prefix(&writer, "during/", false), 100_000);
+    let learner_id = {
+        let list = etcdctl(&writer, &["member", "list", "-w", "json"], None);
+        let v: serde_json::Value = serde_json::from_str(&list.stdout).expect("json");
+        let m = v["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .find(|m| m["isLearner"].as_bool() == Some(true))
+            .expect("a learner")
+            .clone();
+        format!("{:x}", m["ID"].as_u64().expect("id"))
+    };
+    let refused = etcdctl(&writer, &["member", "promote", &learner_id], None);
+    assert!(
+        refused
+            .error_line()
+            .contains("can only promote a learner member which is in sync with leader"),
+        "{refused:?}"
+    );
+    // The learner still answers from what it has, and reports its lag.
+    assert_eq!(count_prefix(&learner, "during/", true), 0);
+    let remaining = Duration::from_secs(60).saturating_sub(cut_at.elapsed());
+    tokio::time::sleep(remaining).await;
+    // Cut off, it knows how long it has not been in step with a leader.
+    let lag = metric(&learner, "tern_replication_lag_seconds").unwrap_or(0.0);
+    assert!(lag >= 30.0, "lag while cut off: {lag}");
+
+    c.nodes[l].proxy.blackhole(false);
+    let rev = current_revision(&writer);
+    c.converged_hash(&[leader, l], rev, Duration::from_secs(120));
+    assert_eq!(count_prefix(&learner, "during/", true), 100_000);
+    let snapshots = metric(&learner, "tern_raft_snapshots_applied_total").unwrap_or(0.0);
+    assert!(
+        snapshots >= 2.0,
+        "caught up by snapshot (joining took one): {snapshots}"
+    );
+    eventually(
+        "the learner reports no lag",
+        Duration::from_secs(10),
+        || metric(&learner, "tern_replication_lag_entries") == Some(0.0),
+    );
+    let promoted = etcdctl(&writer, &["member", "promote", &learner_id], None);
+    assert!(promoted.stdout.contains("promoted"), "{promoted:?}");
+}
+
+/// SIGKILL the leader while clients write through every member: every
+/// write that was acknowledged is there afterwards, on every member.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_killed_under_load_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.leader();
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..12 {
+        let endpoint = c.nodes[w % 3].client.clone();
+        let acked = acked.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut kv = KvClient::new(channel(&endpoint).await);
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("load/{w}/{n}");
+                let value = format!("{w}-{n}");
+                let put = kv.put(PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: value.clone().into_bytes(),
+                    ..Default::default()
+                });
+                match tokio::time::timeout(Duration::from_secs(10), put).await {
+                    Ok(Ok(_)) => {
+                        acked.lock().unwrap().insert(key, value);
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+                n += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.nodes[leader].kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    c.nodes[leader].restart();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "the load ran: {} writes", acked.len());
+    let new_leader = c.leader();
+    let rev = current_revision(&c.nodes[new_leader].client);
+    c.converged_hash(&[0, 1, 2], rev, Duration::from_secs(30));
+    for n in &c.nodes {
+        let mut kv = KvClient::new(channel(&n.client).await);
+        let got = kv
+            .range(RangeRequest {
+                key: b"load/".to_vec(),
+                range_end: b"load0".to_vec(),
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+            .expect("range")
+            .into_inner();
+        let stored: BTreeMap<String, String> = got
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                (
+                    String::from_utf8(kv.key).unwrap(),
+                    String::from_utf8(kv.value).unwrap(),
+                )
+            })
+            .collect();
+        for (k, v) in &acked {
+            assert_eq!(
+                stored.get(k),
+                Some(v),
+                "acknowledged {k} lost on {}",
+                n.name
+            );
+        }
+    }
+}
+
+/// A leader cut off from the others cannot commit: its client's write is
+/// not acknowledged and the majority never sees it as committed while the
+/// partition lasts; the majority elects a leader and goes on.
+#[test]
+fn partitioned_leader_cannot_commit() {
+    let c = Cluster::start(3, &[]);
+    let old = c.leader();
+    c.nodes[old].etcdctl(&["put", "before", "1"]);
+    c.nodes[old].proxy.blackhole(true);
+    let write = etcdctl(
+        &c.nodes[old].client,
+        &["--command-timeout=4s", "put", "minority", "x"],
+        None,
+    );
+    assert_ne!(
+        write.code, 0,
+        "the isolated leader acknowledged a write: {write:?}"
+    );
+    // The majority elects one of its own and commits.
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    eventually(
+        "the majority elects a leader",
+        Duration::from_secs(20),
+        || {
+            let s = c.status(others[0]);
+            let leader = s.as_ref().and_then(|s| s["leader"].as_u64()).unwrap_or(0);
+            leader != 0 && leader != c.member_id(old)
+        },
+    );
+    let majority = etcdctl(&c.nodes[others[0]].client, &["put", "majority", "y"], None);
+    assert_eq!(majority.code, 0, "{majority:?}");
+    // The cut-off member never applies what the majority committed.
+    assert_eq!(value(&c.nodes[old].client, "majority", true), "");
+    let status = c.status(old).expect("status");
+    assert!(
+        status["errors"].to_string().contains("no leader")
+            || status["leader"].as_u64() == Some(c.member_id(old)),
+        "{status}"
+    );
+    // Healed, it follows the new leader and has everything.
+    c.nodes[old].proxy.blackhole(false);
+    eventually("the old leader catches up", Duration::from_secs(20), || {
+        value(&c.nodes[old].client, "majority", true) == "y"
+    });
+    let rev = current_revision(&c.nodes[others[0]].client);
+    c.converged_hash(&[0, 1, 2], rev, Duration::from_secs(20));
+}
+
+/// The primary region is lost: the learner's data dir becomes a new
+/// single-voter cluster with every revision it had applied.
+#[test]
+fn disaster_takeover_from_a_learner() {
+    let mut c = Cluster::start(3, &[]);
+    let l = c.add_member(true, &[]);
+    for i in 0..50 {
+        c.nodes[0].etcdctl(&["put", &format!("dr{i:02}"), &format!("v{i}")]);
+    }
+    let rev = current_revision(&c.nodes[0].client);
+    c.converged_hash(&[0, 1, 2, l], rev, Duration::from_secs(20));
+    let before = etcdctl(
+        &c.nodes[l].client,
+        &["get", "--prefix", "dr", "--consistency=s"],
+        None,
+    );
+    for i in 0..3 {
+        c.nodes[i].kill9();
+    }
+    c.nodes[l].restart_as("tern-primary", &["--force-new-cluster"]);
+    let learner = c.nodes[l].client.clone();
+    eventually("the new cluster serves", Duration::from_secs(20), || {
+        etcdctl(&learner, &["endpoint", "health"], None).code == 0
+    });
+    let after = etcdctl(&learner, &["get", "--prefix", "dr"], None);
+    assert_eq!(after.stdout, before.stdout);
+    assert_eq!(hashkv(&learner, rev), hashkv(&learner, rev));
+    assert_eq!(current_revision(&learner), rev);
+    let list = etcdctl(&learner, &["member", "list"], None).stdout;
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains(", false\n"), "now a voter: {list}");
+    assert_eq!(
+        etcdctl(&learner, &["put", "after", "takeover"], None).code,
+        0
+    );
+    assert_eq!(current_revision(&learner), rev + 1);
+}

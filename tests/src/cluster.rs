@@ -1,0 +1,298 @@
+//! Multi-member clusters of real processes on loopback, each member's peer
+//! port behind its own fault-injecting [`Proxy`].
+//!
+//! Every member advertises its proxy's URL as its peer URL, so all Raft
+//! traffic *to* a member crosses that member's proxy: blackholing it cuts
+//! the member off from everyone (nothing reaches it, and nothing it sends
+//! is answered), and a latency on it delays everything sent to it.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{etcdctl, free_port, spawn_member, wait_serving, Output, Proxy};
+
+/// One member process.
+pub struct Node {
+    pub name: String,
+    /// `127.0.0.1:port` of the client listener.
+    pub client: String,
+    /// The proxy in front of this member's peer listener.
+    pub proxy: Proxy,
+    pub data_dir: PathBuf,
+    bin: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: a paused process keeps its sockets open.
+    pub fn pause(&self, paused: bool) {
+        if let Some(c) = &self.child {
+            let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: plain kill(2) on a child we own.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Start again on the same data dir with the same flags plus `extra`.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.kill9();
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, _) = spawn_member(self.bin, &args);
+        self.child = Some(child);
+    }
+
+    pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Start this member's data dir with another binary (disaster
+    /// takeover: `tern-primary --force-new-cluster` on a learner's dir).
+    pub fn restart_as(&mut self, bin: &'static str, extra: &[&str]) {
+        self.bin = bin;
+        self.restart_with(extra);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl(&self.client, args, None)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    temp: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// Start `voters` tern-primary members as a new cluster, with `extra`
+    /// flags on each, and wait until every one serves.
+    pub fn start(voters: usize, extra: &[&str]) -> Cluster {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut planned = Vec::new();
+        for i in 0..voters {
+            let peer_port = free_port();
+            let proxy = Proxy::start(format!("127.0.0.1:{peer_port}").parse().unwrap());
+            planned.push((format!("m{i}"), peer_port, proxy));
+        }
+        let initial: Vec<String> = planned
+            .iter()
+            .map(|(name, _, proxy)| format!("{name}={}", proxy.url()))
+            .collect();
+        let initial = initial.join(",");
+        let mut nodes = Vec::new();
+        for (name, peer_port, proxy) in planned {
+            let node = spawn_node(
+                "tern-primary",
+                &temp,
+                name,
+                peer_port,
+                proxy,
+                &initial,
+                "new",
+                &extra,
+            );
+            nodes.push(node);
+        }
+        let cluster = Cluster { nodes, temp, extra };
+        for n in &cluster.nodes {
+            wait_serving(&n.client);
+        }
+        cluster
+    }
+
+    /// Every member's client address, comma-separated, for etcdctl.
+    pub fn endpoints(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcdctl endpoint status` of one member, as JSON.
+    pub fn status(&self, i: usize) -> Option<Value> {
+        let out = self.nodes[i].etcdctl(&["endpoint", "status", "-w", "json"]);
+        if out.code != 0 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&out.stdout).ok()?;
+        v.get(0).and_then(|e| e.get("Status")).cloned()
+    }
+
+    /// The member id a member reports.
+    pub fn member_id(&self, i: usize) -> u64 {
+        self.status(i)
+            .and_then(|s| s["header"]["member_id"].as_u64())
+            .expect("member id")
+    }
+
+    /// Index of the member that leads now (waits up to 20 s for one).
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].is_running() {
+                    continue;
+                }
+                if let Some(s) = self.status(i) {
+                    let leader = s["leader"].as_u64().unwrap_or(0);
+                    if leader != 0 && s["header"]["member_id"].as_u64() == Some(leader) {
+                        return i;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no leader within 20 s");
+    }
+
+    /// `etcdctl member add <name> [--learner]`, then start the member
+    /// (`tern-learner` for a learner) with `--initial-cluster-state
+    /// existing`. Returns its index; it may still be catching up.
+    pub fn add_member(&mut self, learner: bool, extra: &[&str]) -> usize {
+        let name = format!("m{}", self.nodes.len());
+        let peer_port = free_port();
+        let proxy = Proxy::start(format!("127.0.0.1:{peer_port}").parse().unwrap());
+        let mut args = vec!["member", "add", &name];
+        let peer_flag = format!("--peer-urls={}", proxy.url());
+        if learner {
+            args.push("--learner");
+        }
+        args.push(&peer_flag);
+        let out = etcdctl(&self.endpoints(), &args, None);
+        assert_eq!(out.code, 0, "member add: {}", out.stderr);
+        let initial = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER=\""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("member add prints ETCD_INITIAL_CLUSTER")
+            .to_string();
+        let mut flags = self.extra.clone();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let bin = if learner {
+            "tern-learner"
+        } else {
+            "tern-primary"
+        };
+        let node = spawn_node(
+            bin, &self.temp, name, peer_port, proxy, &initial, "existing", &flags,
+        );
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Wait until every running member reports the same HashKV at the
+    /// revision `rev`; returns that hash.
+    pub fn converged_hash(&self, members: &[usize], rev: i64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            last = members
+                .iter()
+                .map(|&i| hashkv(&self.nodes[i].client, rev))
+                .collect::<Vec<_>>();
+            if last.iter().all(|h| h.is_some() && *h == last[0]) {
+                return last[0].expect("hash");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("members {members:?} did not converge at revision {rev}: {last:?}");
+    }
+}
+
+/// HashKV of one member at `rev`, if it answers.
+pub fn hashkv(client: &str, rev: i64) -> Option<u64> {
+    let out = etcdctl(
+        client,
+        &[
+            "endpoint",
+            "hashkv",
+            "--rev",
+            &rev.to_string(),
+            "-w",
+            "json",
+        ],
+        None,
+    );
+    if out.code != 0 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&out.stdout).ok()?;
+    v.get(0)?.get("HashKV")?.get("hash")?.as_u64()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_node(
+    bin: &'static str,
+    temp: &tempfile::TempDir,
+    name: String,
+    peer_port: u16,
+    proxy: Proxy,
+    initial: &str,
+    state: &str,
+    extra: &[String],
+) -> Node {
+    let client_port = free_port();
+    let client = format!("127.0.0.1:{client_port}");
+    let data_dir = temp.path().join(&name);
+    let mut args: Vec<String> = [
+        "--name",
+        &name,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        &format!("http://{client}"),
+        "--advertise-client-urls",
+        &format!("http://{client}"),
+        "--listen-peer-urls",
+        &format!("http://127.0.0.1:{peer_port}"),
+        "--initial-advertise-peer-urls",
+        &proxy.url(),
+        "--initial-cluster",
+        initial,
+        "--initial-cluster-state",
+        state,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    let (child, _) = spawn_member(bin, &args);
+    Node {
+        name,
+        client,
+        proxy,
+        data_dir,
+        bin,
+        args,
+        child: Some(child),
+    }
+}
