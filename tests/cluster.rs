@@ -112,6 +112,17 @@ fn three_voters_replicate_and_forward_writes() {
     }
     let rev = current_revision(&c.nodes[leader].client);
     c.converged_hash(&[0, 1, 2], rev, Duration::from_secs(10));
+    // etcdctl move-leader hands leadership to a follower.
+    let target = (leader + 1) % 3;
+    let target_id = format!("{:x}", c.member_id(target));
+    let moved = etcdctl(&c.endpoints(), &["move-leader", &target_id], None);
+    assert!(
+        moved.stdout.contains(&format!("to {target_id}")),
+        "{moved:?}"
+    );
+    assert_eq!(c.leader(), target);
+    let bad = etcdctl(&c.endpoints(), &["move-leader", "1234"], None);
+    assert_eq!(bad.error_line(), "Error: etcdserver: bad leader transferee");
     // The member list has every member's client URL (each published its own).
     let list = etcdctl(&c.endpoints(), &["member", "list"], None).stdout;
     for n in &c.nodes {

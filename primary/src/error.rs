@@ -35,6 +35,8 @@ pub enum EtcdError {
     LearnerNotReady,
     TooManyLearners,
     NotLeader,
+    BadLeaderTransferee,
+    LeaderTransferTimeout,
 }
 
 impl EtcdError {
@@ -47,7 +49,8 @@ impl EtcdError {
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
             LeaseExists | PeerUrlExist | MemberNotLearner | LearnerNotReady | TooManyLearners
-            | NotLeader => Code::FailedPrecondition,
+            | NotLeader | BadLeaderTransferee => Code::FailedPrecondition,
+            LeaderTransferTimeout => Code::Unavailable,
             MemberBadUrls => Code::InvalidArgument,
             RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => {
                 Code::Unavailable
@@ -85,6 +88,8 @@ impl EtcdError {
             }
             TooManyLearners => "etcdserver: too many learner members in cluster",
             NotLeader => "etcdserver: not leader",
+            BadLeaderTransferee => "etcdserver: bad leader transferee",
+            LeaderTransferTimeout => "etcdserver: request timed out, leader transfer took too long",
         }
     }
 }

@@ -223,12 +223,33 @@ impl Maintenance for MaintenanceService {
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         let target = request.into_inner().target_id;
-        if target == self.member.member_id && self.member.node.status.leader() == target {
-            return Ok(Response::new(MoveLeaderResponse {
-                header: Some(self.member.header(0)),
-            }));
+        if !self.member.is_leader() {
+            return Err(EtcdError::NotLeader.into());
         }
-        Err(EtcdError::MemberNotFound.into())
+        let voters = self
+            .member
+            .read(|conn, _| crate::mvcc::write::members(conn).map_err(mvcc_status))
+            .await?;
+        if !voters.iter().any(|m| m.0 == target && !m.4) {
+            return Err(EtcdError::BadLeaderTransferee.into());
+        }
+        let status = &self.member.node.status;
+        if target != self.member.member_id {
+            self.member
+                .node
+                .transfer_leader(target)
+                .map_err(crate::error::propose_status)?;
+            let deadline = tokio::time::Instant::now() + crate::member::REQUEST_TIMEOUT;
+            while status.leader() != target {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(EtcdError::LeaderTransferTimeout.into());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(self.member.header(0)),
+        }))
     }
 }
 

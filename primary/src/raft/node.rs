@@ -86,6 +86,8 @@ pub enum NodeMsg {
         change: MemberChange,
         reply: Reply,
     },
+    /// Hand leadership to another voter (etcd's MoveLeader).
+    TransferLeader(u64),
     /// How far each member's log matches the leader's (leader only).
     Progress {
         reply: oneshot::Sender<Option<Progress>>,
@@ -204,6 +206,12 @@ impl NodeHandle {
             })
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    pub fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
+        self.tx
+            .send(NodeMsg::TransferLeader(to))
+            .map_err(|_| ProposeError::Stopped)
     }
 
     pub async fn progress(&self) -> Result<Option<Progress>, ProposeError> {
@@ -493,6 +501,7 @@ impl RaftNode {
                 }
             }
             NodeMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            NodeMsg::TransferLeader(to) => self.raw.transfer_leader(to),
             NodeMsg::SnapshotSent { to, ok } => {
                 let status = if ok {
                     SnapshotStatus::Finish
