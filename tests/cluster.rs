@@ -11,6 +11,7 @@ use tern_primary::proto::etcdserverpb::{
     kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use tern_tests::cluster::{hashkv, Cluster};
+use tern_tests::proxy::Direction;
 use tern_tests::{channel, etcdctl, metric};
 
 const LEARNER_ERROR: &str = "etcdserver: rpc not supported for learner";
@@ -132,6 +133,32 @@ fn three_voters_replicate_and_forward_writes() {
 }
 
 #[test]
+fn five_voters_tolerate_two_failures_and_restart_from_disk() {
+    let mut c = Cluster::start(5, &[]);
+    let leader = c.leader();
+    let down = [leader, (leader + 1) % 5];
+    for &i in &down {
+        c.nodes[i].kill9();
+    }
+    let up = (0..5).find(|i| !down.contains(i)).unwrap();
+    eventually("three of five commit", Duration::from_secs(20), || {
+        etcdctl(&c.nodes[up].client, &["put", "quorum", "3of5"], None).code == 0
+    });
+    for &i in &down {
+        c.nodes[i].restart();
+    }
+    for &i in &down {
+        eventually(
+            "a restarted member catches up",
+            Duration::from_secs(20),
+            || value(&c.nodes[i].client, "quorum", true) == "3of5",
+        );
+    }
+    let rev = current_revision(&c.nodes[up].client);
+    c.converged_hash(&[0, 1, 2, 3, 4], rev, Duration::from_secs(20));
+}
+
+#[test]
 fn leases_hold_across_a_leader_change() {
     let mut c = Cluster::start(3, &[]);
     let leader = c.leader();
@@ -245,7 +272,11 @@ async fn learner_behind_a_slow_link_catches_up_by_snapshot() {
     // compact its log past what the learner has.
     let mut c = Cluster::start(3, &["--snapshot-count", "200"]);
     let l = c.add_member(true, &[]);
+    // A cross-region link: 100 ms round trip, 8 MB/s towards the learner.
     c.nodes[l].proxy.set_rtt(Duration::from_millis(100));
+    c.nodes[l]
+        .proxy
+        .set_bandwidth(Direction::Upstream, Some(8 * 1024 * 1024));
     let learner = c.nodes[l].client.clone();
     let leader = c.leader();
     let writer = c.nodes[leader].client.clone();
