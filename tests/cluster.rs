@@ -12,7 +12,7 @@ use tern_primary::proto::etcdserverpb::{
 };
 use tern_tests::cluster::{hashkv, Cluster};
 use tern_tests::proxy::Direction;
-use tern_tests::{channel, etcdctl, metric};
+use tern_tests::{channel, etcdctl, etcdctl_for, metric};
 
 const LEARNER_ERROR: &str = "etcdserver: rpc not supported for learner";
 
@@ -217,6 +217,21 @@ fn etcdctl_membership_workflow() {
         Duration::from_secs(20),
         || value(&learner, "w19", true) == "v",
     );
+    // Beyond etcd: a watch on the learner's own state (history and live).
+    let live = {
+        let learner = learner.clone();
+        std::thread::spawn(move || {
+            etcdctl_for(
+                &learner,
+                &["watch", "--rev", "1", "w1"],
+                Duration::from_secs(3),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    c.nodes[0].etcdctl(&["put", "w1", "live"]);
+    let watched = live.join().expect("watch thread");
+    assert_eq!(watched.stdout, "PUT\nw1\nv\nPUT\nw1\nlive\n", "{watched:?}");
     // etcd's learner answers: serializable reads and status only.
     let put = etcdctl(&learner, &["put", "x", "y"], None);
     assert_ne!(put.code, 0);

@@ -30,6 +30,24 @@ impl LearnerConfig {
 mod tests {
     use super::*;
 
+    /// The examples shipped in systemd/ must keep loading.
+    #[test]
+    fn shipped_examples_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+        let learner = dir.join("learner.toml");
+        let config = LearnerConfig::load(
+            ["tern-learner", "--config-file", learner.to_str().unwrap()].map(Into::into),
+        )
+        .unwrap();
+        assert_eq!(config.member.name, "dr");
+        assert_eq!(config.member.initial_members().unwrap().len(), 4);
+        let primary = dir.join("primary.toml");
+        PrimaryConfig::load(
+            ["tern-primary", "--config-file", primary.to_str().unwrap()].map(Into::into),
+        )
+        .unwrap();
+    }
+
     #[test]
     fn member_flags_and_file_keys_apply() {
         let dir = tempfile::tempdir().unwrap();
