@@ -1,7 +1,10 @@
 //! `tern-learner`'s flags: a member's flags (same names, same TOML keys),
 //! to which the backup settings are added.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
 
 use crate::{ConfigError, PrimaryConfig};
 
@@ -15,6 +18,129 @@ use crate::{ConfigError, PrimaryConfig};
 pub struct LearnerConfig {
     #[command(flatten)]
     pub member: PrimaryConfig,
+
+    #[command(flatten)]
+    pub backup: BackupConfig,
+}
+
+/// Where, when and how the learner writes backups. Without `backup-url`
+/// it writes none.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupConfig {
+    /// When to take a full backup: a cron expression (`sec min hour day
+    /// month weekday`, or the classic five fields), repeatable.
+    #[arg(long = "backup-schedule", action = ArgAction::Append)]
+    pub schedules: Vec<String>,
+
+    /// Object store URL: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix`, `file:///path`. Credentials come from the
+    /// environment (AWS_*, GOOGLE_*, AZURE_*), never from flags.
+    #[arg(long = "backup-url")]
+    pub url: Option<String>,
+
+    /// An age X25519 recipient (`age1...`), repeatable.
+    #[arg(long = "backup-recipient", action = ArgAction::Append)]
+    pub recipients: Vec<String>,
+
+    /// A file of age recipients, one per line (`#` comments allowed).
+    #[arg(long = "backup-recipients-file")]
+    pub recipients_file: Option<PathBuf>,
+
+    /// zstd compression level (1-22).
+    #[arg(long = "backup-zstd-level", default_value_t = 3)]
+    pub zstd_level: i32,
+
+    /// Keep the N newest backups.
+    #[arg(long = "backup-keep-last")]
+    pub keep_last: Option<u32>,
+
+    /// Keep every backup younger than this (`7d`, `36h`).
+    #[arg(long = "backup-keep-within")]
+    pub keep_within: Option<String>,
+
+    /// Keep the newest backup of each of the last N hours.
+    #[arg(long = "backup-keep-hourly")]
+    pub keep_hourly: Option<u32>,
+
+    /// Keep the newest backup of each of the last N days.
+    #[arg(long = "backup-keep-daily")]
+    pub keep_daily: Option<u32>,
+
+    /// Keep the newest backup of each of the last N ISO weeks.
+    #[arg(long = "backup-keep-weekly")]
+    pub keep_weekly: Option<u32>,
+
+    /// Keep the newest backup of each of the last N months.
+    #[arg(long = "backup-keep-monthly")]
+    pub keep_monthly: Option<u32>,
+
+    /// How often committed log entries are shipped between full backups.
+    #[arg(long = "backup-segment-interval", default_value = "5s")]
+    pub segment_interval: String,
+
+    /// S3-compatible stores: the endpoint URL (`http://minio:9000`).
+    #[arg(long = "backup-s3-endpoint")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region (default: from the environment, else us-east-1).
+    #[arg(long = "backup-s3-region")]
+    pub s3_region: Option<String>,
+
+    /// Path-style S3 requests (`endpoint/bucket/key`), as most
+    /// S3-compatible servers want.
+    #[arg(long = "backup-s3-path-style", action = ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub s3_path_style: bool,
+
+    /// Allow a plain-HTTP endpoint.
+    #[arg(long = "backup-s3-allow-http", action = ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub s3_allow_http: bool,
+}
+
+impl BackupConfig {
+    /// Checks that need more than a type parse, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(ConfigError::invalid(
+                "backup-zstd-level",
+                self.zstd_level,
+                "must be between 1 and 22",
+            ));
+        }
+        self.keep_within()?;
+        self.segment_interval()?;
+        if self.url.is_some() && self.recipients.is_empty() && self.recipients_file.is_none() {
+            return Err(ConfigError::invalid(
+                "backup-recipient",
+                "",
+                "backups are encrypted: give --backup-recipient or --backup-recipients-file",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn keep_within(&self) -> Result<Option<Duration>, ConfigError> {
+        self.keep_within
+            .as_deref()
+            .map(|v| {
+                humantime::parse_duration(v)
+                    .map_err(|e| ConfigError::invalid("backup-keep-within", v, e))
+            })
+            .transpose()
+    }
+
+    pub fn segment_interval(&self) -> Result<Duration, ConfigError> {
+        let v = &self.segment_interval;
+        let d = humantime::parse_duration(v)
+            .map_err(|e| ConfigError::invalid("backup-segment-interval", v, e))?;
+        if d.is_zero() {
+            return Err(ConfigError::invalid(
+                "backup-segment-interval",
+                v,
+                "must be more than zero",
+            ));
+        }
+        Ok(d)
+    }
 }
 
 impl LearnerConfig {
@@ -22,6 +148,7 @@ impl LearnerConfig {
     pub fn load(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Self, ConfigError> {
         let mut config: LearnerConfig = crate::load(args)?;
         config.member.validate()?;
+        config.backup.validate()?;
         Ok(config)
     }
 }
@@ -46,6 +173,43 @@ mod tests {
             ["tern-primary", "--config-file", primary.to_str().unwrap()].map(Into::into),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn backup_flags_from_file_and_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("learner.toml");
+        std::fs::write(
+            &file,
+            "backup-url = \"file:///tmp/b\"\nbackup-schedule = [\"0 0 * * * *\", \"0 30 1,2 * * *\"]\nbackup-recipient = [\"age1x\"]\nbackup-keep-within = \"7d\"\n",
+        )
+        .unwrap();
+        let config = LearnerConfig::load(
+            [
+                "tern-learner",
+                "--config-file",
+                file.to_str().unwrap(),
+                "--backup-keep-last",
+                "3",
+            ]
+            .map(Into::into),
+        )
+        .unwrap();
+        let b = &config.backup;
+        assert_eq!(b.schedules, vec!["0 0 * * * *", "0 30 1,2 * * *"]);
+        assert_eq!(b.keep_last, Some(3));
+        assert_eq!(
+            b.keep_within().unwrap(),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(b.zstd_level, 3);
+        let e =
+            LearnerConfig::load(["tern-learner", "--backup-url", "file:///tmp/b"].map(Into::into))
+                .unwrap_err();
+        assert!(e.to_string().contains("--backup-recipient"), "{e}");
+        let e = LearnerConfig::load(["tern-learner", "--backup-zstd-level", "40"].map(Into::into))
+            .unwrap_err();
+        assert!(e.to_string().contains("--backup-zstd-level"), "{e}");
     }
 
     #[test]

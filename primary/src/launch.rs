@@ -4,9 +4,17 @@
 use tern_config::PrimaryConfig;
 use tracing_subscriber::EnvFilter;
 
-use crate::server::{run_as, Role};
+use crate::server::{run_with, Extension, Role};
 
 pub fn launch(config: PrimaryConfig, role: Role) -> anyhow::Result<()> {
+    launch_with(config, role, None)
+}
+
+pub fn launch_with(
+    config: PrimaryConfig,
+    role: Role,
+    extension: Option<Extension>,
+) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log_level).map_err(|e| {
         anyhow::anyhow!(
             "invalid value '{}' for '--log-level': {e}",
@@ -25,6 +33,6 @@ pub fn launch(config: PrimaryConfig, role: Role) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_as(config, role))?;
+    runtime.block_on(run_with(config, role, extension))?;
     Ok(())
 }

@@ -71,8 +71,23 @@ pub async fn run(config: PrimaryConfig) -> Result<(), StartError> {
     run_as(config, Role::Primary).await
 }
 
+/// What a program adds to a member (the learner's backups): called once
+/// the member exists, it starts its tasks and returns HTTP routes to serve
+/// on the client URLs.
+pub type Extension = Box<dyn FnOnce(Arc<Member>) -> axum::Router + Send>;
+
 /// Run a member of the given role until SIGINT or SIGTERM.
 pub async fn run_as(config: PrimaryConfig, role: Role) -> Result<(), StartError> {
+    run_with(config, role, None).await
+}
+
+/// Run a member of the given role, with a program's extension, until
+/// SIGINT or SIGTERM.
+pub async fn run_with(
+    config: PrimaryConfig,
+    role: Role,
+    extension: Option<Extension>,
+) -> Result<(), StartError> {
     let data_dir = config.data_dir();
     let dir_err = |source| StartError::DataDir {
         path: data_dir.display().to_string(),
@@ -218,7 +233,8 @@ pub async fn run_as(config: PrimaryConfig, role: Role) -> Result<(), StartError>
             member.clone(),
             crate::api::learner_gate,
         ))
-        .merge(crate::http::router(member.clone()));
+        .merge(crate::http::router(member.clone()))
+        .merge(extension.map_or_else(axum::Router::new, |extend| extend(member.clone())));
     let mut servers = tokio::task::JoinSet::new();
     for url in &config.listen_peer_urls {
         let listener = bind(url).await?;
@@ -281,8 +297,12 @@ pub async fn run_as(config: PrimaryConfig, role: Role) -> Result<(), StartError>
                 .add_routes(routes)
                 // serve_with_incoming ignores the builder's nodelay, and
                 // without it small responses wait for the peer's delayed ACK.
+                // The shim lets etcdctl 3.4's `:authority: http://…` through.
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    crate::authority_shim::wrap(
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
+                    ),
                     shutdown_signal(),
                 ),
         );
