@@ -461,7 +461,6 @@ fn oversized_and_bad_requests_match_etcd() {
 /// grpc-go accepts that; Rust's h2 rejects it as malformed (PROTOCOL_ERROR),
 /// and h2 has no option to relax it (hyperium/h2#525).
 #[test]
-#[ignore = "known incompatibility: h2 rejects etcdctl 3.4's ':authority: http://host:port' (hyperium/h2#525); needs a patched h2 or an HPACK-rewriting shim"]
 fn endpoints_with_a_scheme_match_etcd() {
     let p = Pair::start();
     session_put(&p);

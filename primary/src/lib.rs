@@ -27,9 +27,12 @@
 //! - [`identity`]: etcd-compatible member and cluster ids.
 //! - [`server`]: start-up (bootstrap, join, disaster takeover) and serving;
 //!   [`launch`]: logging and runtime for the binaries.
+//! - [`authority_shim`]: lets etcdctl 3.4's `:authority: http://host:port`
+//!   through h2 on the client listeners.
 
 pub mod api;
 pub mod apply;
+pub mod authority_shim;
 pub mod bbolt;
 pub mod error;
 pub mod forward;
