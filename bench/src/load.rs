@@ -32,6 +32,8 @@ const GET_PREFIX: u8 = b'g';
 const WATCH_PREFIX: u8 = b'w';
 /// Keys written for the RSS measurement.
 pub const RSS_PREFIX: u8 = b'r';
+/// Keys written while measuring a learner's lag (the cluster section).
+pub const LAG_PREFIX: u8 = b'l';
 /// After this many failures in a row a client gives up: the server is most
 /// likely gone, and spinning on instant errors would only burn the CPU the
 /// other clients need.
@@ -40,7 +42,7 @@ const MAX_CONSECUTIVE_ERRORS: u32 = 10;
 const MAX_LATENCY_US: u64 = 60_000_000;
 
 /// The 8-byte key number `n` under `prefix`.
-fn key(prefix: u8, n: u64) -> Vec<u8> {
+pub fn key(prefix: u8, n: u64) -> Vec<u8> {
     format!("{}{:07}", prefix as char, n % KEY_DIGITS_MODULUS).into_bytes()
 }
 
@@ -75,12 +77,29 @@ pub struct Pool {
 
 impl Pool {
     pub async fn connect(url: &str, connections: usize) -> Result<Pool> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("invalid endpoint {url}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5));
-        let mut channels = Vec::with_capacity(connections.max(1));
-        for _ in 0..connections.max(1) {
+        Pool::connect_all(&[url.to_string()], connections).await
+    }
+
+    /// Connections to several servers (the members of a cluster), taken in
+    /// turn: connection `i` goes to `urls[i % urls.len()]`. `connections`
+    /// is rounded up to a multiple of `urls.len()`, so client `i`, which
+    /// uses connection `i % connections`, talks to `urls[i % urls.len()]`
+    /// and every server gets the same number of clients, give or take one.
+    pub async fn connect_all(urls: &[String], connections: usize) -> Result<Pool> {
+        anyhow::ensure!(!urls.is_empty(), "no endpoint to connect to");
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                Ok(Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("invalid endpoint {url}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let count = connections.max(1).div_ceil(urls.len()) * urls.len();
+        let mut channels = Vec::with_capacity(count);
+        for i in 0..count {
+            let (url, endpoint) = (&urls[i % urls.len()], &endpoints[i % urls.len()]);
             // Each `connect` opens its own TCP connection; clones of one
             // Channel would all share a single connection.
             channels.push(
@@ -91,6 +110,12 @@ impl Pool {
             );
         }
         Ok(Pool { channels })
+    }
+
+    /// How many connections there are (more than asked for if
+    /// [`Pool::connect_all`] rounded up).
+    pub fn connections(&self) -> usize {
+        self.channels.len()
     }
 
     fn channel(&self, i: usize) -> Channel {
@@ -223,7 +248,8 @@ fn new_histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("creating a latency histogram")
 }
 
-fn value(size: usize) -> Arc<Vec<u8>> {
+/// The value every put of a step writes: `size` bytes, shared.
+pub fn value(size: usize) -> Arc<Vec<u8>> {
     Arc::new(vec![b'v'; size])
 }
 

@@ -4,8 +4,11 @@
 //!
 //! - [`servers`]: starting, probing and killing the two processes.
 //! - [`load`]: the workloads (puts, gets, watch delivery, bulk load).
+//! - [`cluster`]: the cluster section (`--cluster`): puts against 3-member
+//!   clusters, and a learner's lag behind a slow link.
 //! - [`report`]: the table.
 
+mod cluster;
 mod load;
 mod report;
 mod servers;
@@ -19,6 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
+use cluster::ClusterLoad;
 use load::{Budget, Pool, Settings, WatchLoad};
 use report::{Header, Metric, Unit};
 use servers::{Binaries, Server, System};
@@ -33,7 +37,8 @@ const RSS_SETTLE: Duration = Duration::from_secs(1);
 
 /// Benchmark tern-primary against etcd with identical client load.
 ///
-/// The defaults take about three minutes on a 2-core machine.
+/// The defaults take about three minutes on a 2-core machine; --cluster
+/// adds about a minute.
 #[derive(Debug, Parser)]
 #[command(name = "tern-bench", version, about)]
 struct Args {
@@ -43,6 +48,13 @@ struct Args {
     /// The tern-primary executable [default: next to this executable].
     #[arg(long)]
     tern_bin: Option<PathBuf>,
+    /// The tern-learner executable, for --cluster [default: next to
+    /// tern-primary].
+    #[arg(long)]
+    tern_learner_bin: Option<PathBuf>,
+    /// The etcdctl executable, for --cluster (it adds the learners).
+    #[arg(long, default_value = "/usr/bin/etcdctl")]
+    etcdctl_bin: PathBuf,
     /// How long each put and get step runs.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -92,6 +104,28 @@ struct Args {
     /// A request unanswered for this long counts as an error.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
+    /// After the single-server steps, run the cluster section: puts against
+    /// 3-member clusters, and a learner's lag behind a slow link.
+    #[arg(long)]
+    cluster: bool,
+    /// Run the cluster section only.
+    #[arg(long)]
+    cluster_only: bool,
+    /// Concurrent clients of the cluster put step, spread evenly over the
+    /// three members (it runs for --duration or --requests).
+    #[arg(long, default_value_t = 256)]
+    cluster_clients: usize,
+    /// Round trip added to the learner's link by the proxy in front of its
+    /// peer listener.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    learner_rtt: Duration,
+    /// Puts per second to the leader while the learner's lag is measured;
+    /// they go on for --duration.
+    #[arg(long, default_value_t = 1000)]
+    learner_rate: u64,
+    /// How often the learner's revision is read: the lag's resolution.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    learner_poll: Duration,
 }
 
 impl Args {
@@ -129,7 +163,39 @@ impl Args {
         if let Some(n) = self.requests {
             ensure!(n > 0, "--requests must be positive");
         }
+        ensure!(
+            self.cluster_clients > 0,
+            "--cluster-clients must be positive"
+        );
+        ensure!(self.learner_rate > 0, "--learner-rate must be positive");
+        ensure!(
+            !self.learner_poll.is_zero(),
+            "--learner-poll must be positive"
+        );
+        ensure!(
+            self.learner_rate as f64 * self.duration.as_secs_f64() <= MAX_KEYS as f64,
+            "--learner-rate times --duration must stay under {MAX_KEYS} writes (8-byte keys)"
+        );
         Ok(())
+    }
+
+    fn single_server(&self) -> bool {
+        !self.cluster_only
+    }
+
+    fn cluster(&self) -> bool {
+        self.cluster || self.cluster_only
+    }
+
+    fn cluster_load(&self) -> ClusterLoad {
+        ClusterLoad {
+            clients: self.cluster_clients,
+            connections: self.connections,
+            learner_rtt: self.learner_rtt,
+            learner_rate: self.learner_rate,
+            learner_duration: self.duration,
+            poll_interval: self.learner_poll,
+        }
     }
 
     fn settings(&self) -> Settings {
@@ -161,9 +227,30 @@ impl Args {
             "etcd not found at {}: install etcd-server or pass --etcd-bin",
             self.etcd_bin.display()
         );
+        let (mut tern_learner, mut etcdctl) = (None, None);
+        if self.cluster() {
+            let learner = match &self.tern_learner_bin {
+                Some(path) => path.clone(),
+                None => tern.with_file_name("tern-learner"),
+            };
+            ensure!(
+                learner.is_file(),
+                "tern-learner not found at {}: build it with `cargo build --release -p tern-learner` or pass --tern-learner-bin",
+                learner.display()
+            );
+            ensure!(
+                self.etcdctl_bin.is_file(),
+                "etcdctl not found at {}: install etcd-client or pass --etcdctl-bin",
+                self.etcdctl_bin.display()
+            );
+            tern_learner = Some(learner);
+            etcdctl = Some(self.etcdctl_bin.clone());
+        }
         Ok(Binaries {
             etcd: self.etcd_bin.clone(),
             tern,
+            tern_learner,
+            etcdctl,
         })
     }
 
@@ -173,22 +260,45 @@ impl Args {
             Some(n) => format!("{n} requests"),
             None => format!("{:?}", self.duration),
         };
-        format!(
-            "{step} per put/get step; 8-byte keys, {}-byte values; up to {} connections; \
-             gets over {} keys; watch: {} watchers on {} streams, {} puts from {} clients, \
-             timed from the first put to the last event received; \
-             RSS on a fresh server after {} keys in txns of {} from {} clients",
-            self.value_size,
-            self.connections,
-            self.get_keys,
-            self.watchers,
-            self.watch_streams,
-            self.watch_puts,
-            self.watch_put_clients,
-            self.rss_keys,
-            self.rss_txn_ops,
-            self.rss_clients
-        )
+        let mut parts = vec![format!(
+            "{step} per put/get step; 8-byte keys, {}-byte values; up to {} connections",
+            self.value_size, self.connections
+        )];
+        if self.single_server() {
+            parts.push(format!(
+                "gets over {} keys; watch: {} watchers on {} streams, {} puts from {} clients, \
+                 timed from the first put to the last event received; \
+                 RSS on a fresh server after {} keys in txns of {} from {} clients",
+                self.get_keys,
+                self.watchers,
+                self.watch_streams,
+                self.watch_puts,
+                self.watch_put_clients,
+                self.rss_keys,
+                self.rss_txn_ops,
+                self.rss_clients
+            ));
+        }
+        if self.cluster() {
+            parts.push(format!(
+                "cluster: {voters} voters on loopback, puts from {} clients on {} connections \
+                 spread evenly over all {voters}; learner: added with `etcdctl member add \
+                 --learner`, its advertised peer URL a proxy adding {:?} RTT, {} puts/s to the \
+                 leader for {:?}, lag = time from a put's ack to the first serializable Range on \
+                 the learner (one every {:?}) that shows its revision; the proxy only delays \
+                 connections dialed to the learner, which carry the leader's appends in Tern but \
+                 only the learner's acks in etcd (etcd sends appends on the learner's connection \
+                 to the leader)",
+                self.cluster_clients,
+                self.connections.div_ceil(cluster::VOTERS) * cluster::VOTERS,
+                self.learner_rtt,
+                self.learner_rate,
+                self.duration,
+                self.learner_poll,
+                voters = cluster::VOTERS,
+            ));
+        }
+        parts.join("; ")
     }
 }
 
@@ -217,8 +327,16 @@ async fn run(args: &Args, bins: &Binaries) -> Result<()> {
         load: args.describe(),
     };
     // One system at a time, so neither competes with the other for the CPU.
-    let etcd = bench_system(System::Etcd, args, bins).await?;
-    let tern = bench_system(System::Tern, args, bins).await?;
+    let (mut etcd, mut tern) = (Vec::new(), Vec::new());
+    if args.single_server() {
+        etcd = bench_system(System::Etcd, args, bins).await?;
+        tern = bench_system(System::Tern, args, bins).await?;
+    }
+    if args.cluster() {
+        let (load, settings) = (args.cluster_load(), args.settings());
+        etcd.extend(cluster::bench_system(System::Etcd, bins, &load, &settings).await?);
+        tern.extend(cluster::bench_system(System::Tern, bins, &load, &settings).await?);
+    }
     print!("{}", report::render(&header, &etcd, &tern)?);
     eprintln!("benchmark took {:.0?}", started.elapsed());
     Ok(())
@@ -387,7 +505,7 @@ async fn step<T>(
     result.with_context(|| {
         format!(
             "{} {what} failed; last lines of its log:\n{}",
-            server.system(),
+            server.name(),
             server.log_tail(15)
         )
     })

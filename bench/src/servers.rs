@@ -3,7 +3,8 @@
 //! Each server is a child process on 127.0.0.1 with a fresh temporary data
 //! directory. The [`Server`] guard kills the process and removes the
 //! directory when it is dropped, so an error (or Ctrl-C, which drops the
-//! running future) never leaves a server behind.
+//! running future) never leaves a server behind. The cluster section starts
+//! its members through the same guard ([`Server::spawn`]).
 
 use std::fmt;
 use std::fs::File;
@@ -37,15 +38,21 @@ impl fmt::Display for System {
     }
 }
 
-/// The two executables to benchmark.
+/// The executables to benchmark.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub etcd: PathBuf,
     pub tern: PathBuf,
+    /// `tern-learner`; only the cluster section needs it (etcd is its own
+    /// learner binary).
+    pub tern_learner: Option<PathBuf>,
+    /// `etcdctl`; only the cluster section needs it, to add the learner.
+    pub etcdctl: Option<PathBuf>,
 }
 
 impl Binaries {
-    fn path(&self, system: System) -> &Path {
+    /// The executable of a voting member of `system`.
+    pub fn path(&self, system: System) -> &Path {
         match system {
             System::Etcd => &self.etcd,
             System::Tern => &self.tern,
@@ -53,9 +60,20 @@ impl Binaries {
     }
 }
 
+/// Which kind of Range tells that a server is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Needs a leader: a voter that answers one is ready to take writes.
+    Linearizable,
+    /// All a learner serves (it refuses linearizable reads).
+    Serializable,
+}
+
 /// A running server. Dropping it kills the process and deletes its data.
 pub struct Server {
     system: System,
+    /// For messages: the system, and the member's name in a cluster.
+    name: String,
     child: Child,
     /// The gRPC endpoint, `http://127.0.0.1:<port>`.
     url: String,
@@ -68,51 +86,72 @@ impl Server {
     /// Spawns `system` on free loopback ports and waits until it serves a
     /// Range, so the first measured request never races start-up.
     pub async fn start(system: System, bins: &Binaries) -> Result<Server> {
+        let client_port = free_port()?;
+        let url = format!("http://127.0.0.1:{client_port}");
+        // Both bind a peer port even as a single member; a fresh one keeps
+        // them off the default 2380, which may be in use.
+        let peer_port = free_port()?;
+        let args = [
+            "--listen-client-urls".to_string(),
+            url.clone(),
+            "--advertise-client-urls".to_string(),
+            url.clone(),
+            "--listen-peer-urls".to_string(),
+            format!("http://127.0.0.1:{peer_port}"),
+        ];
+        let mut server = Server::spawn(system, system.to_string(), bins.path(system), url, &args)?;
+        server.wait_ready(Probe::Linearizable).await?;
+        Ok(server)
+    }
+
+    /// Spawns `bin` with `args` plus `--data-dir` in a fresh temporary
+    /// directory, which also holds its log. `url` is the client URL `args`
+    /// make it listen on. Returns at once: a cluster member cannot become
+    /// ready before the other members are started, so the caller waits
+    /// with [`Server::wait_ready`] when it is time.
+    pub fn spawn(
+        system: System,
+        name: String,
+        bin: &Path,
+        url: String,
+        args: &[String],
+    ) -> Result<Server> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("tern-bench-{system}-"))
+            .prefix(&format!("tern-bench-{}-", name.replace(' ', "-")))
             .tempdir()
-            .context("creating a temporary directory for the server")?;
+            .with_context(|| format!("creating a temporary directory for {name}"))?;
         let data_dir = dir.path().join("data");
         let log_path = dir.path().join("server.log");
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let log_err = log.try_clone().context("duplicating the log file handle")?;
 
-        let client_port = free_port()?;
-        let url = format!("http://127.0.0.1:{client_port}");
-        let bin = bins.path(system);
-        let mut cmd = Command::new(bin);
-        cmd.arg("--data-dir")
+        let child = Command::new(bin)
+            .arg("--data-dir")
             .arg(&data_dir)
-            .arg("--listen-client-urls")
-            .arg(&url);
-        if system == System::Etcd {
-            // etcd binds its peer port even as a single member; a fresh one
-            // keeps it off the default 2380, which may be in use.
-            let peer_port = free_port()?;
-            cmd.arg("--advertise-client-urls")
-                .arg(&url)
-                .arg("--listen-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer_port}"));
-        }
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
-        let child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
             .spawn()
-            .with_context(|| format!("starting {system} from {}", bin.display()))?;
-
-        let mut server = Server {
+            .with_context(|| format!("starting {name} from {}", bin.display()))?;
+        Ok(Server {
             system,
+            name,
             child,
             url,
             log_path,
             _dir: dir,
-        };
-        server.wait_ready().await?;
-        Ok(server)
+        })
     }
 
     pub fn system(&self) -> System {
         self.system
+    }
+
+    /// The system, and the member's name in a cluster ("etcd m1").
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn url(&self) -> &str {
@@ -131,11 +170,11 @@ impl Server {
             Ok(None) => Ok(()),
             Ok(Some(status)) => bail!(
                 "{} exited unexpectedly ({status}); last lines of {}:\n{}",
-                self.system,
+                self.name,
                 self.log_path.display(),
                 self.log_tail(20)
             ),
-            Err(e) => Err(e).context(format!("checking whether {} is running", self.system)),
+            Err(e) => Err(e).context(format!("checking whether {} is running", self.name)),
         }
     }
 
@@ -167,7 +206,9 @@ impl Server {
         }
     }
 
-    async fn wait_ready(&mut self) -> Result<()> {
+    /// Polls with `probe` Ranges until one succeeds; fails if the process
+    /// exits or [`READY_TIMEOUT`] passes first.
+    pub async fn wait_ready(&mut self, probe: Probe) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let endpoint = Endpoint::from_shared(self.url.clone())
             .context("building the readiness endpoint")?
@@ -175,15 +216,15 @@ impl Server {
         let mut last_error = String::from("no attempt made");
         while Instant::now() < deadline {
             self.ensure_running()?;
-            match probe(&endpoint).await {
+            match probe_once(&endpoint, probe).await {
                 Ok(()) => return Ok(()),
                 Err(e) => last_error = format!("{e:#}"),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "{} did not answer a Range within {READY_TIMEOUT:?} (last error: {last_error}); last lines of {}:\n{}",
-            self.system,
+            "{} did not answer a {probe:?} Range within {READY_TIMEOUT:?} (last error: {last_error}); last lines of {}:\n{}",
+            self.name,
             self.log_path.display(),
             self.log_tail(20)
         )
@@ -200,11 +241,12 @@ impl Drop for Server {
 }
 
 /// One Range with a short timeout: the server is up when this succeeds.
-async fn probe(endpoint: &Endpoint) -> Result<()> {
+async fn probe_once(endpoint: &Endpoint, probe: Probe) -> Result<()> {
     let channel = endpoint.connect().await.context("connecting")?;
     let mut kv = KvClient::new(channel);
     let request = RangeRequest {
         key: b"bench-ready".to_vec(),
+        serializable: probe == Probe::Serializable,
         ..Default::default()
     };
     tokio::time::timeout(Duration::from_secs(1), kv.range(request))
@@ -217,7 +259,7 @@ async fn probe(endpoint: &Endpoint) -> Result<()> {
 /// A port that was free a moment ago. The kernel may hand it out again
 /// before the server binds it, but on an otherwise idle loopback that race
 /// is rare, and a lost race shows up as a clear start-up error.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener
         .local_addr()

@@ -1,0 +1,886 @@
+//! The cluster section: the same load against a 3-member etcd cluster and a
+//! 3-member Tern cluster, one system at a time, every member a process on
+//! loopback.
+//!
+//! - **Put throughput**: [`load::puts`], the single-node put step, from
+//!   `--cluster-clients` clients spread evenly over the three members'
+//!   client URLs, as clients given every endpoint spread themselves; a
+//!   follower passes its puts on to the leader. Both systems get the same
+//!   spread.
+//! - **Learner lag**: a fresh cluster and a learner added with `etcdctl
+//!   member add --learner`, whose advertised peer URL is a [`Proxy`] in
+//!   front of its real peer listener that holds everything passing through
+//!   it for half of `--learner-rtt` each way. After the learner has caught
+//!   up, puts go to the leader at a steady rate, and each one's revision
+//!   and the instant it was acknowledged are recorded, while a poller reads
+//!   the learner's revision every few milliseconds with a serializable
+//!   Range (all a learner serves). A write's lag is the time from its
+//!   acknowledgement to the answer of the first poll that saw its revision
+//!   on the learner, or zero if the learner had it before the
+//!   acknowledgement arrived. The polling period is the resolution.
+//!
+//! The proxy delays only the connections dialed to the learner's peer URL,
+//! and the two systems use them for opposite directions: a Tern member
+//! sends its Raft messages on connections it dials itself, so the leader's
+//! appends to the learner cross the proxy and the learner's answers go
+//! straight to the leader; etcd's rafthttp sends a member's messages on
+//! streams its peer dialed to it, so there the learner's answers cross the
+//! proxy and the leader's appends travel, undelayed, on the learner's own
+//! connection to the leader. No proxy in front of the voters could delay
+//! that connection alone, since the voters use the same URLs among
+//! themselves. The step prints the bytes that crossed the proxy each way,
+//! which shows this.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tern_primary::proto::etcdserverpb::kv_client::KvClient;
+use tern_primary::proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tern_primary::proto::etcdserverpb::{PutRequest, RangeRequest, StatusRequest};
+use tern_tests::proxy::Direction;
+use tern_tests::Proxy;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::load::{self, Pool, Settings};
+use crate::report::{Metric, Unit};
+use crate::servers::{free_port, Binaries, Probe, Server, System};
+use crate::{plural, progress};
+
+/// Voting members of every cluster.
+pub const VOTERS: usize = 3;
+/// How long a fresh cluster may take to agree on a leader that answers
+/// Status (every member already served a linearizable Range by then).
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the learner may take to catch up, before the timed writes and
+/// after them.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Puts before the timed ones, so the leader's connections to the learner
+/// are up and the learner is replicating, not joining, when timing starts.
+const WARM_UP_PUTS: u64 = 100;
+/// The learner's member name.
+const LEARNER_NAME: &str = "learner";
+/// Key the poller and the catch-up check read; never written, so every
+/// answer is a header and nothing else.
+const PROBE_KEY: &[u8] = b"bench-lag-probe";
+
+/// The shape of the cluster section.
+#[derive(Debug, Clone)]
+pub struct ClusterLoad {
+    /// Closed-loop put clients, spread over the voters.
+    pub clients: usize,
+    /// Connections those clients share; rounded up to a multiple of
+    /// [`VOTERS`] so each voter gets the same share.
+    pub connections: usize,
+    /// Round trip the learner's proxy adds.
+    pub learner_rtt: Duration,
+    /// Puts per second to the leader while the lag is measured.
+    pub learner_rate: u64,
+    /// How long those puts go on.
+    pub learner_duration: Duration,
+    /// How often the learner's revision is read.
+    pub poll_interval: Duration,
+}
+
+/// Both cluster steps against `system`; returns their rows, the last one
+/// the number of failed requests.
+pub async fn bench_system(
+    system: System,
+    bins: &Binaries,
+    load: &ClusterLoad,
+    settings: &Settings,
+) -> Result<Vec<Metric>> {
+    let mut metrics = Vec::new();
+    let mut errors = 0;
+    {
+        eprintln!("[{system}] starting a {VOTERS}-member cluster");
+        let mut cluster = Cluster::start(system, bins).await?;
+        errors += put_throughput(&mut cluster, load, settings, &mut metrics).await?;
+        // Dropping the cluster kills its members before the next one starts.
+    }
+    // A fresh cluster, so the learner catches up on a short log rather than
+    // on everything the put step wrote.
+    eprintln!("[{system}] starting a fresh {VOTERS}-member cluster for the learner");
+    let mut cluster = Cluster::start(system, bins).await?;
+    errors += learner_lag(&mut cluster, bins, load, settings, &mut metrics).await?;
+    metrics.push(Metric::new(
+        "request errors (cluster steps)",
+        Unit::Count,
+        errors as f64,
+    ));
+    Ok(metrics)
+}
+
+/// [`load::puts`] against every voter at once; appends its rows and
+/// returns the number of failed puts.
+async fn put_throughput(
+    cluster: &mut Cluster,
+    load: &ClusterLoad,
+    settings: &Settings,
+    metrics: &mut Vec<Metric>,
+) -> Result<u64> {
+    let pool = Pool::connect_all(&cluster.voter_urls(), load.connections).await?;
+    let what = format!(
+        "{VOTERS} members, put {} {}",
+        load.clients,
+        plural(load.clients, "client")
+    );
+    eprintln!(
+        "[{}] {what}: {} connections, {} to each member",
+        cluster.system,
+        pool.connections(),
+        pool.connections() / VOTERS
+    );
+    let r = cluster
+        .step(&what, load::puts(&pool, load.clients, settings))
+        .await?;
+    progress(cluster.system, &what, &r);
+    metrics.push(Metric::new(
+        format!("{what} (req/s)"),
+        Unit::Rate,
+        r.per_second(),
+    ));
+    metrics.push(Metric::new(
+        format!("{what} p50 (ms)"),
+        Unit::Millis,
+        r.percentile_ms(0.5),
+    ));
+    metrics.push(Metric::new(
+        format!("{what} p99 (ms)"),
+        Unit::Millis,
+        r.percentile_ms(0.99),
+    ));
+    Ok(r.errors)
+}
+
+/// Adds a learner behind the slow link and measures its lag; appends the
+/// rows and returns the number of failed requests.
+async fn learner_lag(
+    cluster: &mut Cluster,
+    bins: &Binaries,
+    load: &ClusterLoad,
+    settings: &Settings,
+    metrics: &mut Vec<Metric>,
+) -> Result<u64> {
+    let system = cluster.system;
+    let leader = cluster.leader().await?;
+    let leader_url = cluster.members[leader].url().to_string();
+    eprintln!(
+        "[{system}] adding a learner behind a {:?} round trip",
+        load.learner_rtt
+    );
+    let learner = cluster.add_learner(bins, load.learner_rtt).await?;
+    let learner_url = cluster.members[learner].url().to_string();
+
+    let bytes_before = cluster.learner_proxy_bytes();
+    let what = format!(
+        "learner lag, {:?} RTT, {} puts/s",
+        load.learner_rtt, load.learner_rate
+    );
+    let lag = cluster
+        .step(
+            &what,
+            measure_lag(&leader_url, &learner_url, load, settings),
+        )
+        .await?;
+    let bytes_after = cluster.learner_proxy_bytes();
+
+    eprintln!(
+        "[{system}] {what}: {} writes acknowledged in {:.2?} ({:.0}/s), {} learner polls; \
+         lag p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        lag.lags.len(),
+        lag.write_elapsed,
+        lag.lags.len() as f64 / lag.write_elapsed.as_secs_f64().max(1e-9),
+        lag.polls,
+        millis(percentile(&lag.lags, 0.5)),
+        millis(percentile(&lag.lags, 0.99)),
+        millis(percentile(&lag.lags, 1.0)),
+    );
+    // Which way the bytes went shows what the proxy actually delayed: a
+    // member sends its Raft messages over connections it dials (Tern) or
+    // over connections its peer dialed to it (etcd's rafthttp streams).
+    eprintln!(
+        "[{system}] through the learner's proxy during that step: {} KiB to its peer listener, {} KiB back",
+        (bytes_after.0 - bytes_before.0) / 1024,
+        (bytes_after.1 - bytes_before.1) / 1024,
+    );
+    if lag.errors > 0 {
+        eprintln!(
+            "[{system}] {what}: {} errors, first: {}",
+            lag.errors,
+            lag.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    metrics.push(Metric::new(
+        format!("{what} p50 (ms)"),
+        Unit::Millis,
+        millis(percentile(&lag.lags, 0.5)),
+    ));
+    metrics.push(Metric::new(
+        format!("{what} p99 (ms)"),
+        Unit::Millis,
+        millis(percentile(&lag.lags, 0.99)),
+    ));
+    Ok(lag.errors)
+}
+
+/// Running members of one system. Dropping it kills them all and removes
+/// their data.
+struct Cluster {
+    system: System,
+    /// The voters, then the learner once added.
+    members: Vec<Server>,
+    /// In front of the learner's peer listener. Fields drop in order, so
+    /// the proxy stops after the members are dead.
+    learner_proxy: Option<Proxy>,
+    /// `--initial-cluster-token`, also given to the learner.
+    token: String,
+}
+
+impl Cluster {
+    /// Starts [`VOTERS`] voters as a new cluster and waits until each one
+    /// answers a linearizable Range, which needs an elected leader.
+    async fn start(system: System, bins: &Binaries) -> Result<Cluster> {
+        let token = format!("tern-bench-{system}");
+        // All ports first: every member's flags list every peer URL.
+        let mut planned = Vec::new();
+        for i in 0..VOTERS {
+            planned.push((
+                format!("m{i}"),
+                loopback_url(free_port()?),
+                loopback_url(free_port()?),
+            ));
+        }
+        let initial_cluster = planned
+            .iter()
+            .map(|(name, _, peer)| format!("{name}={peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            system,
+            members: Vec::new(),
+            learner_proxy: None,
+            token,
+        };
+        // Spawn them all before waiting for any: one member alone cannot
+        // elect a leader.
+        for (name, client, peer) in planned {
+            let args = MemberFlags {
+                name: &name,
+                client: &client,
+                listen_peer: &peer,
+                advertise_peer: &peer,
+                initial_cluster: &initial_cluster,
+                state: "new",
+                token: &cluster.token,
+            }
+            .to_args();
+            let server = Server::spawn(
+                system,
+                format!("{system} {name}"),
+                bins.path(system),
+                client,
+                &args,
+            )?;
+            cluster.members.push(server);
+        }
+        for member in &mut cluster.members {
+            member.wait_ready(Probe::Linearizable).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The voters' client URLs.
+    fn voter_urls(&self) -> Vec<String> {
+        self.members[..VOTERS]
+            .iter()
+            .map(|m| m.url().to_string())
+            .collect()
+    }
+
+    /// Index of the voter that leads: the one whose Status names itself.
+    async fn leader(&self) -> Result<usize> {
+        let deadline = Instant::now() + LEADER_TIMEOUT;
+        loop {
+            for (i, member) in self.members[..VOTERS].iter().enumerate() {
+                let Ok((own_id, leader_id)) = status(member.url()).await else {
+                    continue;
+                };
+                if leader_id != 0 && own_id == leader_id {
+                    return Ok(i);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no {} member reported itself leader within {LEADER_TIMEOUT:?}",
+                    self.system
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `etcdctl member add learner --learner`, then starts the learner
+    /// (etcd itself, or `tern-learner`) with the cluster etcdctl printed,
+    /// its advertised peer URL a proxy adding `rtt` to every round trip to
+    /// its peer listener. Returns its index once it answers a serializable
+    /// Range; it may still be catching up.
+    async fn add_learner(&mut self, bins: &Binaries, rtt: Duration) -> Result<usize> {
+        let system = self.system;
+        let etcdctl = bins
+            .etcdctl
+            .as_deref()
+            .context("the cluster section needs etcdctl")?;
+        let bin = match system {
+            System::Etcd => bins.etcd.as_path(),
+            System::Tern => bins
+                .tern_learner
+                .as_deref()
+                .context("the cluster section needs tern-learner")?,
+        };
+        let client = loopback_url(free_port()?);
+        let peer_port = free_port()?;
+        let proxy = Proxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, peer_port)));
+        // Slow from the start, so the learner's whole life (joining,
+        // catching up) is across the slow link.
+        proxy.set_rtt(rtt);
+        let advertised_peer = proxy.url();
+        self.learner_proxy = Some(proxy);
+
+        let initial_cluster = member_add_learner(etcdctl, &self.voter_urls(), &advertised_peer)
+            .await
+            .with_context(|| format!("adding a learner to the {system} cluster"))?;
+
+        let args = MemberFlags {
+            name: LEARNER_NAME,
+            client: &client,
+            listen_peer: &loopback_url(peer_port),
+            advertise_peer: &advertised_peer,
+            initial_cluster: &initial_cluster,
+            state: "existing",
+            token: &self.token,
+        }
+        .to_args();
+        let server = Server::spawn(system, format!("{system} learner"), bin, client, &args)?;
+        self.members.push(server);
+        let index = self.members.len() - 1;
+        self.members[index].wait_ready(Probe::Serializable).await?;
+        Ok(index)
+    }
+
+    /// Bytes the learner's proxy has forwarded so far: (to the learner's
+    /// peer listener, back from it).
+    fn learner_proxy_bytes(&self) -> (u64, u64) {
+        self.learner_proxy.as_ref().map_or((0, 0), |p| {
+            (p.bytes(Direction::Upstream), p.bytes(Direction::Downstream))
+        })
+    }
+
+    /// Awaits one workload; on failure says which step, and why: a crash
+    /// if a member died, else the workload's error and the members' logs.
+    async fn step<T>(
+        &mut self,
+        what: &str,
+        workload: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let result = workload.await;
+        for member in &mut self.members {
+            member.ensure_running()?;
+        }
+        result.with_context(|| {
+            let logs: Vec<String> = self
+                .members
+                .iter()
+                .map(|m| format!("--- {} ---\n{}", m.name(), m.log_tail(10)))
+                .collect();
+            format!(
+                "{} cluster: {what} failed; last lines of the members' logs:\n{}",
+                self.system,
+                logs.join("\n")
+            )
+        })
+    }
+}
+
+/// How long `etcdctl member add` is retried while the cluster calls
+/// itself unhealthy.
+const MEMBER_ADD_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `etcdctl member add learner --learner --peer-urls=<peer_url>`; returns
+/// the ETCD_INITIAL_CLUSTER value it prints for the new member.
+async fn member_add_learner(
+    etcdctl: &Path,
+    endpoints: &[String],
+    peer_url: &str,
+) -> Result<String> {
+    let deadline = Instant::now() + MEMBER_ADD_TIMEOUT;
+    loop {
+        let output = tokio::process::Command::new(etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(["member", "add", LEARNER_NAME, "--learner"])
+            .arg(format!("--peer-urls={peer_url}"))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .with_context(|| format!("running {}", etcdctl.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // etcdctl ends a failure with one `Error: ...` line, after retry
+        // warnings that only repeat it.
+        let error = stderr
+            .lines()
+            .rfind(|l| l.starts_with("Error:"))
+            .unwrap_or(stderr.trim());
+        if !output.status.success() {
+            // etcd refuses any member change until every voter has been
+            // connected to the leader for 5 s (its strict reconfiguration
+            // check), which a fresh cluster has not. Nothing was added, so
+            // trying again is safe.
+            if error.contains("unhealthy cluster") && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            bail!(
+                "`etcdctl member add {LEARNER_NAME} --learner` failed ({}): {error}",
+                output.status
+            );
+        }
+        // etcdctl prints the new member's flags as environment variables;
+        // the cluster's is the one it cannot work out alone.
+        return stdout
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("ETCD_INITIAL_CLUSTER=\"")?
+                    .strip_suffix('"')
+            })
+            .map(str::to_string)
+            .with_context(|| {
+                format!("`etcdctl member add` printed no ETCD_INITIAL_CLUSTER: {stdout}")
+            });
+    }
+}
+
+/// The flags of one member; both systems take etcd's names.
+struct MemberFlags<'a> {
+    name: &'a str,
+    client: &'a str,
+    listen_peer: &'a str,
+    advertise_peer: &'a str,
+    initial_cluster: &'a str,
+    /// `new` or `existing`.
+    state: &'a str,
+    token: &'a str,
+}
+
+impl MemberFlags<'_> {
+    fn to_args(&self) -> Vec<String> {
+        [
+            ("--name", self.name),
+            ("--listen-client-urls", self.client),
+            ("--advertise-client-urls", self.client),
+            ("--listen-peer-urls", self.listen_peer),
+            ("--initial-advertise-peer-urls", self.advertise_peer),
+            ("--initial-cluster", self.initial_cluster),
+            ("--initial-cluster-state", self.state),
+            ("--initial-cluster-token", self.token),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .collect()
+    }
+}
+
+fn loopback_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// (own member id, leader's member id) from one member's Status.
+async fn status(url: &str) -> Result<(u64, u64)> {
+    let mut client = MaintenanceClient::new(connect(url).await?);
+    let status = tokio::time::timeout(Duration::from_secs(2), client.status(StatusRequest {}))
+        .await
+        .context("Status timed out")??
+        .into_inner();
+    let own_id = status.header.map_or(0, |h| h.member_id);
+    Ok((own_id, status.leader))
+}
+
+async fn connect(url: &str) -> Result<Channel> {
+    Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid endpoint {url}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// What the lag measurement saw.
+struct LagResult {
+    /// Lag of every acknowledged timed write, sorted.
+    lags: Vec<Duration>,
+    /// From the first timed put sent to the last one acknowledged.
+    write_elapsed: Duration,
+    /// Failed puts and failed polls.
+    errors: u64,
+    first_error: Option<String>,
+    /// Polls that the learner answered.
+    polls: u64,
+}
+
+/// Warms up, waits for the learner to catch up, then writes to the leader
+/// at the steady rate while polling the learner; see the module docs.
+async fn measure_lag(
+    leader_url: &str,
+    learner_url: &str,
+    load: &ClusterLoad,
+    settings: &Settings,
+) -> Result<LagResult> {
+    let mut leader = KvClient::new(connect(leader_url).await?);
+    let mut learner = KvClient::new(connect(learner_url).await?);
+    let value = load::value(settings.value_size);
+
+    for n in 0..WARM_UP_PUTS {
+        let request = PutRequest {
+            key: load::key(load::LAG_PREFIX, n),
+            value: value.to_vec(),
+            ..Default::default()
+        };
+        tokio::time::timeout(settings.request_timeout, leader.put(request))
+            .await
+            .context("a warm-up put timed out")?
+            .context("a warm-up put failed")?;
+    }
+    // Nothing else writes, so the leader's revision now is the one the
+    // learner must reach.
+    let leader_revision = revision(&mut leader, settings.request_timeout)
+        .await
+        .context("reading the leader's revision")?;
+    wait_for_revision(&mut learner, leader_revision, settings.request_timeout).await?;
+
+    let (target_tx, target_rx) = watch::channel(i64::MAX);
+    // In a JoinSet so the poller is aborted, not left polling, if this
+    // future is dropped (Ctrl-C) before it finishes.
+    let mut poller = JoinSet::new();
+    poller.spawn(poll_revisions(
+        learner,
+        load.poll_interval,
+        target_rx,
+        settings.request_timeout,
+    ));
+    let count = ((load.learner_rate as f64) * load.learner_duration.as_secs_f64())
+        .round()
+        .max(1.0) as u64;
+    let writes = steady_writes(
+        leader,
+        load.learner_rate,
+        WARM_UP_PUTS..WARM_UP_PUTS + count,
+        value,
+        settings.request_timeout,
+    )
+    .await;
+    // Tell the poller where to stop, even if there is nothing to wait for
+    // (the writes all failed): it must not poll forever.
+    let last_revision = writes.acked.iter().map(|&(rev, _)| rev).max().unwrap_or(0);
+    let _ = target_tx.send(last_revision);
+    let polled = poller
+        .join_next()
+        .await
+        .context("the learner poller was not started")?
+        .context("the learner poller panicked")??;
+
+    Ok(LagResult {
+        lags: lags(&writes.acked, &polled.seen),
+        write_elapsed: writes.elapsed,
+        errors: writes.errors + polled.errors,
+        first_error: writes.first_error.or(polled.first_error),
+        polls: polled.polls,
+    })
+}
+
+/// A serializable Range of [`PROBE_KEY`]: the member's own revision, with
+/// no round trip to the leader.
+fn probe_request() -> RangeRequest {
+    RangeRequest {
+        key: PROBE_KEY.to_vec(),
+        serializable: true,
+        ..Default::default()
+    }
+}
+
+/// The revision in the header of a serializable Range.
+async fn revision(kv: &mut KvClient<Channel>, request_timeout: Duration) -> Result<i64> {
+    let response = tokio::time::timeout(request_timeout, kv.range(probe_request()))
+        .await
+        .context("Range timed out")??
+        .into_inner();
+    response
+        .header
+        .map(|h| h.revision)
+        .context("Range answered without a header")
+}
+
+/// Polls until `kv`'s member reaches `target` or [`CATCH_UP_TIMEOUT`] passes.
+async fn wait_for_revision(
+    kv: &mut KvClient<Channel>,
+    target: i64,
+    request_timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        match revision(kv, request_timeout).await {
+            Ok(rev) if rev >= target => return Ok(()),
+            Ok(rev) => last = format!("at revision {rev}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("the learner did not catch up to revision {target} within {CATCH_UP_TIMEOUT:?} ({last})")
+}
+
+/// The timed puts.
+struct Writes {
+    /// (revision, instant the answer arrived) of each acknowledged put.
+    acked: Vec<(i64, Instant)>,
+    elapsed: Duration,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// Puts keys `keys` to the leader at `rate` a second, open loop: each put
+/// is sent on its tick whether or not earlier ones were answered, so a
+/// slow answer delays nothing else, as with independent writers.
+async fn steady_writes(
+    leader: KvClient<Channel>,
+    rate: u64,
+    keys: std::ops::Range<u64>,
+    value: std::sync::Arc<Vec<u8>>,
+    request_timeout: Duration,
+) -> Writes {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    // A tick missed (the timer has 1 ms granularity, and the CPU is busy)
+    // is made up at once, so the average rate holds.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut puts = JoinSet::new();
+    for n in keys {
+        tick.tick().await;
+        let mut kv = leader.clone();
+        let request = PutRequest {
+            key: load::key(load::LAG_PREFIX, n),
+            value: value.to_vec(),
+            ..Default::default()
+        };
+        puts.spawn(async move {
+            let answer = tokio::time::timeout(request_timeout, kv.put(request)).await;
+            let acked = Instant::now();
+            match answer {
+                Ok(Ok(response)) => match response.into_inner().header {
+                    Some(header) => Ok((header.revision, acked)),
+                    None => Err("Put answered without a header".to_string()),
+                },
+                Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                Err(_) => Err(format!("no answer within {request_timeout:?}")),
+            }
+        });
+    }
+    let mut writes = Writes {
+        acked: Vec::new(),
+        elapsed: Duration::ZERO,
+        errors: 0,
+        first_error: None,
+    };
+    while let Some(joined) = puts.join_next().await {
+        match joined {
+            Ok(Ok(acked)) => writes.acked.push(acked),
+            Ok(Err(error)) => {
+                writes.errors += 1;
+                writes.first_error.get_or_insert(error);
+            }
+            Err(e) => {
+                writes.errors += 1;
+                writes
+                    .first_error
+                    .get_or_insert(format!("a put task failed: {e}"));
+            }
+        }
+    }
+    writes.elapsed = writes
+        .acked
+        .iter()
+        .map(|&(_, at)| at - start)
+        .max()
+        .unwrap_or_default();
+    writes
+}
+
+/// What the poller saw.
+struct Polled {
+    /// (instant the answer arrived, revision) each time the learner's
+    /// revision rose; rising in both.
+    seen: Vec<(Instant, i64)>,
+    polls: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// Reads the learner's revision every `every` until it reaches the target
+/// sent on `target` (which starts unreachable, at `i64::MAX`). Fails if the
+/// learner has not reached it [`CATCH_UP_TIMEOUT`] after it was sent.
+async fn poll_revisions(
+    mut learner: KvClient<Channel>,
+    every: Duration,
+    target: watch::Receiver<i64>,
+    request_timeout: Duration,
+) -> Result<Polled> {
+    let mut tick = tokio::time::interval(every);
+    // A slow answer pushes the next poll back rather than causing a burst
+    // of polls that would load the learner.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut polled = Polled {
+        seen: Vec::new(),
+        polls: 0,
+        errors: 0,
+        first_error: None,
+    };
+    let mut last = 0;
+    let mut give_up_at = None;
+    loop {
+        tick.tick().await;
+        match revision(&mut learner, request_timeout).await {
+            Ok(rev) => {
+                let at = Instant::now();
+                polled.polls += 1;
+                if rev > last {
+                    polled.seen.push((at, rev));
+                    last = rev;
+                }
+            }
+            Err(e) => {
+                polled.errors += 1;
+                polled
+                    .first_error
+                    .get_or_insert_with(|| format!("learner poll: {e:#}"));
+            }
+        }
+        let target = *target.borrow();
+        if last >= target {
+            return Ok(polled);
+        }
+        if target != i64::MAX {
+            let give_up_at = *give_up_at.get_or_insert_with(|| Instant::now() + CATCH_UP_TIMEOUT);
+            if Instant::now() >= give_up_at {
+                bail!(
+                    "the learner had not reached revision {target} {CATCH_UP_TIMEOUT:?} after the last write (it is at {last})"
+                );
+            }
+        }
+    }
+}
+
+/// Each acknowledged write's lag: from its acknowledgement to the first
+/// poll that saw its revision, zero if that poll answered before the
+/// acknowledgement arrived. Sorted.
+fn lags(acked: &[(i64, Instant)], seen: &[(Instant, i64)]) -> Vec<Duration> {
+    let mut lags: Vec<Duration> = acked
+        .iter()
+        .filter_map(|&(rev, acked_at)| {
+            // `seen` rises in revision, so the first poll that saw `rev` is
+            // found by binary search.
+            let first = seen.partition_point(|&(_, r)| r < rev);
+            seen.get(first)
+                .map(|&(at, _)| at.saturating_duration_since(acked_at))
+        })
+        .collect();
+    lags.sort_unstable();
+    lags
+}
+
+/// Nearest-rank percentile of sorted `values`; zero if there are none.
+fn percentile(values: &[Duration], quantile: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (quantile * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_runs_from_ack_to_first_poll_that_saw_the_revision() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let seen = [(ms(10), 5), (ms(30), 7), (ms(50), 9)];
+        let acked = [
+            (5, ms(4)),   // seen at 10: 6 ms
+            (6, ms(8)),   // first seen (as 7) at 30: 22 ms
+            (7, ms(40)),  // already seen at 30, before its ack: 0
+            (9, ms(45)),  // seen at 50: 5 ms
+            (10, ms(46)), // never seen: not counted
+        ];
+        let lags = lags(&acked, &seen);
+        let expected = [0, 5, 6, 22].map(Duration::from_millis);
+        assert_eq!(lags, expected);
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let values: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&values, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&values, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&values, 1.0), Duration::from_millis(100));
+        assert_eq!(percentile(&values, 0.0), Duration::from_millis(1));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn member_flags_use_etcd_names() {
+        let args = MemberFlags {
+            name: "m0",
+            client: "http://127.0.0.1:1",
+            listen_peer: "http://127.0.0.1:2",
+            advertise_peer: "http://127.0.0.1:3",
+            initial_cluster: "m0=http://127.0.0.1:3",
+            state: "new",
+            token: "t",
+        }
+        .to_args();
+        assert_eq!(
+            args,
+            [
+                "--name",
+                "m0",
+                "--listen-client-urls",
+                "http://127.0.0.1:1",
+                "--advertise-client-urls",
+                "http://127.0.0.1:1",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:3",
+                "--initial-cluster",
+                "m0=http://127.0.0.1:3",
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "t",
+            ]
+        );
+    }
+}
