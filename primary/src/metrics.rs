@@ -1,5 +1,6 @@
 //! Prometheus metrics, under etcd's names where the meaning is the same, so
-//! etcd's alert rules and dashboards work unchanged.
+//! etcd's alert rules and dashboards work unchanged. (Help texts carry no
+//! final period: prometheus-client adds one.)
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -8,7 +9,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 pub struct Metrics {
-    registry: Registry,
+    /// Behind a lock so programs built on the member (the learner's
+    /// backups) can add their own metrics after start-up.
+    registry: std::sync::Mutex<Registry>,
     pub has_leader: Gauge,
     pub is_leader: Gauge,
     pub leader_changes: Counter,
@@ -56,116 +59,135 @@ impl Metrics {
             lag_entries: Gauge::default(),
             lag_seconds: Gauge::default(),
             snapshots_applied: Counter::default(),
-            registry: Registry::default(),
+            registry: Default::default(),
         };
         registry.register(
             "etcd_server_has_leader",
-            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            "Whether or not a leader exists. 1 is existence, 0 is not",
             m.has_leader.clone(),
         );
         registry.register(
             "etcd_server_is_leader",
-            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise",
             m.is_leader.clone(),
         );
         registry.register(
             "etcd_server_leader_changes_seen",
-            "The number of leader changes seen.",
+            "The number of leader changes seen",
             m.leader_changes.clone(),
         );
         registry.register(
             "etcd_server_proposals_committed_total",
-            "The total number of consensus proposals committed.",
+            "The total number of consensus proposals committed",
             m.proposals_committed.clone(),
         );
         registry.register(
             "etcd_server_proposals_applied",
-            "The total number of consensus proposals applied.",
+            "The total number of consensus proposals applied",
             m.proposals_applied.clone(),
         );
         registry.register(
             "etcd_server_proposals_pending",
-            "The current number of pending proposals to commit.",
+            "The current number of pending proposals to commit",
             m.proposals_pending.clone(),
         );
         registry.register(
             "etcd_server_proposals_failed",
-            "The total number of failed proposals seen.",
+            "The total number of failed proposals seen",
             m.proposals_failed.clone(),
         );
         registry.register(
             "etcd_disk_wal_fsync_duration_seconds",
-            "The latency distributions of fsync called by WAL.",
+            "The latency distributions of fsync called by WAL",
             m.wal_fsync.clone(),
         );
         registry.register(
             "etcd_disk_backend_commit_duration_seconds",
-            "The latency distributions of commit called by backend.",
+            "The latency distributions of commit called by backend",
             m.backend_commit.clone(),
         );
         registry.register(
             "etcd_mvcc_db_total_size_in_bytes",
-            "Total size of the underlying database physically allocated in bytes.",
+            "Total size of the underlying database physically allocated in bytes",
             m.db_total_size.clone(),
         );
         registry.register(
             "etcd_mvcc_db_total_size_in_use_in_bytes",
-            "Total size of the underlying database logically in use in bytes.",
+            "Total size of the underlying database logically in use in bytes",
             m.db_in_use_size.clone(),
         );
         registry.register(
             "etcd_server_quota_backend_bytes",
-            "Current backend storage quota size in bytes.",
+            "Current backend storage quota size in bytes",
             m.quota_backend_bytes.clone(),
         );
         registry.register(
             "etcd_debugging_mvcc_current_revision",
-            "The current revision of store.",
+            "The current revision of store",
             m.current_revision.clone(),
         );
         registry.register(
             "etcd_debugging_mvcc_compact_revision",
-            "The revision of the last compaction in store.",
+            "The revision of the last compaction in store",
             m.compact_revision.clone(),
         );
         registry.register(
             "etcd_server_is_learner",
-            "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            "Whether or not this member is a learner. 1 if is, 0 otherwise",
             m.is_learner.clone(),
         );
         registry.register(
             "tern_raft_applied_index",
-            "The last Raft index applied to this member's state.",
+            "The last Raft index applied to this member's state",
             m.applied_index.clone(),
         );
         registry.register(
             "tern_raft_leader_commit_index",
-            "The highest commit index the leader has reported to this member.",
+            "The highest commit index the leader has reported to this member",
             m.leader_commit.clone(),
         );
         registry.register(
             "tern_replication_lag_entries",
-            "Entries the leader has committed that this member has not applied.",
+            "Entries the leader has committed that this member has not applied",
             m.lag_entries.clone(),
         );
         registry.register(
             "tern_replication_lag_seconds",
-            "How long this member has been behind the leader's commit index (0 when caught up).",
+            "How long this member has been behind the leader's commit index (0 when caught up)",
             m.lag_seconds.clone(),
         );
         registry.register(
             "tern_raft_snapshots_applied",
-            "Leader snapshots that replaced this member's state (it was too far behind the log).",
+            "Leader snapshots that replaced this member's state (it was too far behind the log)",
             m.snapshots_applied.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: std::sync::Mutex::new(registry),
+            ..m
+        }
+    }
+
+    /// Add a metric served on `/metrics` with the member's own.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(name, help, metric);
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(
+            &mut out,
+            &self.registry.lock().unwrap_or_else(|e| e.into_inner()),
+        );
         out
     }
 }

@@ -1,0 +1,70 @@
+//! The backup target: an object_store URL plus the S3-compatible options.
+//! Credentials come from the environment the way each cloud SDK reads them
+//! (`AWS_*`, `GOOGLE_*`, `AZURE_*`) and are handed to object_store without
+//! ever being logged.
+
+use std::sync::Arc;
+
+use object_store::path::Path;
+use object_store::ObjectStore;
+use tern_config::BackupConfig;
+use url::Url;
+
+use super::BackupError;
+
+pub struct Target {
+    pub store: Arc<dyn ObjectStore>,
+    /// `<prefix>/backups`: manifests and data objects.
+    pub backups: Path,
+    /// The URL as configured (no credentials ever appear in it).
+    pub url: String,
+}
+
+/// Environment prefixes whose variables configure the cloud stores.
+const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
+
+impl Target {
+    pub fn open(url: &str, config: &BackupConfig) -> Result<Target, BackupError> {
+        let parsed = Url::parse(url).map_err(|e| BackupError::Config {
+            key: "backup-url",
+            reason: format!("'{url}': {e}"),
+        })?;
+        if parsed.scheme() == "file" {
+            // object_store's local store wants the directory to exist.
+            std::fs::create_dir_all(parsed.path()).map_err(|e| BackupError::Config {
+                key: "backup-url",
+                reason: format!("cannot create {}: {e}", parsed.path()),
+            })?;
+        }
+        let mut options: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        if let Some(endpoint) = &config.s3_endpoint {
+            options.push(("aws_endpoint".into(), endpoint.clone()));
+        }
+        if let Some(region) = &config.s3_region {
+            options.push(("aws_region".into(), region.clone()));
+        }
+        if config.s3_path_style {
+            options.push(("aws_virtual_hosted_style_request".into(), "false".into()));
+        }
+        if config.s3_allow_http {
+            options.push(("aws_allow_http".into(), "true".into()));
+        }
+        let (store, prefix) =
+            object_store::parse_url_opts(&parsed, options).map_err(|e| BackupError::Config {
+                key: "backup-url",
+                reason: format!("'{url}': {e}"),
+            })?;
+        Ok(Target {
+            store: Arc::from(store),
+            backups: prefix.join("backups"),
+            url: url.to_string(),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> Path {
+        self.backups.clone().join(name)
+    }
+}
