@@ -1,0 +1,436 @@
+//! Backups from a real tern-learner: to `file://` and to a real
+//! S3-protocol server (moto), opened with the `age`, `zstd` and `sqlite3`
+//! command-line tools, checked against the leader's HashKV, and under
+//! faults (the store's connection reset mid-upload, the learner killed
+//! mid-upload).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tern_tests::cluster::{hashkv, Cluster};
+use tern_tests::{etcdctl, free_port, http_get, metric, Proxy};
+
+/// An age identity made with `age-keygen`: (key file, public key).
+fn age_key(dir: &Path) -> (PathBuf, String) {
+    let key = dir.join("key.txt");
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&key)
+        .output()
+        .expect("age-keygen (apt-get install age)");
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&key).expect("key file");
+    let public = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .expect("public key line")
+        .to_string();
+    (key, public)
+}
+
+/// `age -d -i key < file | zstd -d > out`, then a query with sqlite3.
+fn open_backup(data: &[u8], key: &Path, dir: &Path, query: &str) -> String {
+    let encrypted = dir.join("backup.age");
+    std::fs::write(&encrypted, data).expect("write backup");
+    let db = dir.join("backup.db");
+    let _ = std::fs::remove_file(&db);
+    let script = format!(
+        "age -d -i '{}' '{}' | zstd -d -q -o '{}'",
+        key.display(),
+        encrypted.display(),
+        db.display()
+    );
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .status()
+        .expect("sh");
+    assert!(status.success(), "{script}");
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(query)
+        .output()
+        .expect("sqlite3 (apt-get install sqlite3)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Manifests in a `file://` store's `backups/` directory, oldest first.
+fn file_manifests(store: &Path) -> Vec<Value> {
+    let dir = store.join("backups");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".manifest.json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+        .iter()
+        .map(|n| serde_json::from_slice(&std::fs::read(dir.join(n)).unwrap()).unwrap())
+        .collect()
+}
+
+fn post_backup(endpoint: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
+    write!(
+        stream,
+        "POST /backup HTTP/1.1\r\nHost: {endpoint}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+fn fill(endpoint: &str, prefix: &str, n: usize) {
+    for i in 0..n {
+        let out = etcdctl(
+            endpoint,
+            &["put", &format!("{prefix}{i:04}"), &format!("v{i}")],
+            None,
+        );
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+}
+
+#[test]
+fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = age_key(dir.path());
+    let store = dir.path().join("store");
+    let mut c = Cluster::start(1, &[]);
+    fill(&c.nodes[0].client, "k", 30);
+    let url = format!("file://{}", store.display());
+    let l = c.add_member(
+        true,
+        &[
+            "--backup-url",
+            &url,
+            "--backup-recipient",
+            &public,
+            "--backup-schedule",
+            "*/3 * * * * *",
+            "--backup-keep-last",
+            "2",
+        ],
+    );
+    let learner = c.nodes[l].client.clone();
+    // Two scheduled runs, at seconds divisible by 3.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 3 && Instant::now() < deadline {
+        for m in file_manifests(&store) {
+            seen.insert(m["id"].as_str().unwrap().to_string());
+            let started: chrono_like::Stamp = m["started_at"].as_str().unwrap().parse().unwrap();
+            assert_eq!(started.second % 3, 0, "scheduled at a multiple of 3 s: {m}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(seen.len() >= 3, "three scheduled backups: {seen:?}");
+    // keep-last 2: older ones were deleted (manifest and data).
+    let manifests = file_manifests(&store);
+    assert!(
+        manifests.len() <= 3,
+        "retention keeps 2 (+1 in flight): {}",
+        manifests.len()
+    );
+    let files = std::fs::read_dir(store.join("backups")).unwrap().count();
+    assert_eq!(
+        files,
+        manifests.len() * 2,
+        "a data object per manifest, nothing else"
+    );
+
+    let m = manifests.last().unwrap().clone();
+    let revision = m["revision"].as_i64().unwrap();
+    let data = std::fs::read(
+        store
+            .join("backups")
+            .join(m["object"]["name"].as_str().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(data.len() as u64, m["object"]["size"].as_u64().unwrap());
+    assert_eq!(sha256_hex(&data), m["object"]["sha256"].as_str().unwrap());
+    let count = open_backup(&data, &key, dir.path(), "SELECT COUNT(*) FROM kv_live");
+    assert_eq!(count, "30");
+    assert_eq!(m["key_count"].as_u64(), Some(30));
+    let value = open_backup(
+        &data,
+        &key,
+        dir.path(),
+        "SELECT CAST(value AS TEXT) FROM kv_live WHERE key = CAST('k0007' AS BLOB)",
+    );
+    assert_eq!(value, "v7");
+    assert_eq!(
+        hashkv(&c.nodes[0].client, revision),
+        m["kv_hash"].as_u64(),
+        "the manifest's hash is the leader's HashKV at its revision"
+    );
+    assert_eq!(m["format_version"].as_u64(), Some(1));
+    assert_eq!(m["compression"]["algorithm"], "zstd");
+    assert_eq!(m["encryption"]["recipients"][0], public.as_str());
+
+    // Backup now, on demand: answers with the manifest.
+    fill(&c.nodes[0].client, "more", 5);
+    let answer = post_backup(&learner);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"key_count\": 35"), "{answer}");
+    assert!(metric(&learner, "tern_backup_succeeded_total").unwrap_or(0.0) >= 4.0);
+    assert!(metric(&learner, "tern_backup_last_success_timestamp_seconds").unwrap_or(0.0) > 0.0);
+    c.nodes[l].kill9();
+}
+
+/// Tiny RFC 3339 reader for the seconds field (no date crate in tests).
+mod chrono_like {
+    pub struct Stamp {
+        pub second: u32,
+    }
+    impl std::str::FromStr for Stamp {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, String> {
+            // 2026-11-25T18:26:44.685518121Z
+            let time = s.split('T').nth(1).ok_or("no T")?;
+            let second = time
+                .split(':')
+                .nth(2)
+                .and_then(|s| s.get(..2))
+                .and_then(|s| s.parse().ok())
+                .ok_or("no seconds")?;
+            Ok(Stamp { second })
+        }
+    }
+}
+
+/// A moto S3 server on loopback, killed on drop.
+struct S3 {
+    child: Child,
+    endpoint: String,
+}
+
+impl S3 {
+    fn start() -> S3 {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]'; .ci/run does)");
+        let endpoint = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&endpoint).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3 { child, endpoint }
+    }
+
+    fn create_bucket(&self, bucket: &str) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.endpoint).unwrap();
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.endpoint
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+
+    /// Object keys under `prefix`, from a path-style ListObjectsV2.
+    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let body = http_get(
+            &self.endpoint,
+            &format!("/{bucket}?list-type=2&prefix={prefix}"),
+        );
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.endpoint).unwrap();
+        // moto refuses anonymous object reads; it does not check the
+        // signature itself.
+        write!(
+            s,
+            "GET /{bucket}/{key} HTTP/1.1\r\nHost: {}\r\nAuthorization: AWS4-HMAC-SHA256 \
+             Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, \
+             Signature=0\r\nConnection: close\r\n\r\n",
+            self.endpoint
+        )
+        .unwrap();
+        let mut r = Vec::new();
+        s.read_to_end(&mut r).unwrap();
+        let split = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        r[split..].to_vec()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Manifest keys and data keys in an S3 bucket's backups/.
+fn s3_backups(s3: &S3) -> (Vec<String>, Vec<String>) {
+    let keys = s3.keys("tern", "dr/backups/");
+    let manifests = keys
+        .iter()
+        .filter(|k| k.ends_with(".manifest.json"))
+        .cloned()
+        .collect();
+    let data = keys
+        .iter()
+        .filter(|k| k.ends_with(".db.zst.age"))
+        .cloned()
+        .collect();
+    (manifests, data)
+}
+
+#[test]
+fn backups_to_s3_survive_a_reset_store_and_a_killed_learner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = age_key(dir.path());
+    let s3 = S3::start();
+    s3.create_bucket("tern");
+    // The learner reaches the store through our fault proxy.
+    let proxy = Proxy::start(s3.endpoint.parse().unwrap());
+    let mut c = Cluster::start(1, &[]);
+    // Incompressible values, so an upload takes a while through the proxy.
+    let leader = c.nodes[0].client.clone();
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..40 {
+        let value: String = (0..60_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .filter(|c| *c != '\'' && *c != '\\')
+            .collect();
+        let out = etcdctl(&leader, &["put", &format!("big{i:02}"), &value], None);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    let endpoint = proxy.url();
+    // Credentials come from the environment, as in production.
+    let envs = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    for (k, v) in envs {
+        // SAFETY: set before any member of this test starts; the test
+        // binary's other test only reads its own variables.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let l = c.add_member(
+        true,
+        &[
+            "--backup-url",
+            "s3://tern/dr",
+            "--backup-s3-endpoint",
+            &endpoint,
+            "--backup-s3-path-style",
+            "--backup-s3-allow-http",
+            "--backup-recipient",
+            &public,
+        ],
+    );
+    let learner = c.nodes[l].client.clone();
+    let rev = etcdctl(&leader, &["get", "big00", "-w", "json"], None);
+    let rev = serde_json::from_str::<Value>(&rev.stdout).unwrap()["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    c.converged_hash(&[0, l], rev, Duration::from_secs(20));
+
+    // A clean backup first.
+    let answer = post_backup(&learner);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (manifests, data) = s3_backups(&s3);
+    assert_eq!((manifests.len(), data.len()), (1, 1));
+    let m: Value = serde_json::from_slice(&s3.object("tern", &manifests[0])).unwrap();
+    let object = s3.object("tern", &data[0]);
+    assert_eq!(sha256_hex(&object), m["object"]["sha256"].as_str().unwrap());
+    assert_eq!(
+        open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
+        "40"
+    );
+
+    // The learner killed mid-upload: no backup appears for that run.
+    proxy.set_bandwidth(tern_tests::proxy::Direction::Upstream, Some(256 * 1024));
+    let runner = {
+        let learner = learner.clone();
+        std::thread::spawn(move || post_backup(&learner))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    c.nodes[l].kill9();
+    let _ = runner.join();
+    let (manifests, _) = s3_backups(&s3);
+    assert_eq!(manifests.len(), 1, "the interrupted backup never appears");
+
+    // The store's connections reset mid-upload: object_store retries;
+    // whatever happens, a backup is either whole (with a manifest) or
+    // absent, and the next one succeeds.
+    c.nodes[l].restart();
+    proxy.set_bandwidth(tern_tests::proxy::Direction::Upstream, Some(1024 * 1024));
+    let runner = {
+        let learner = learner.clone();
+        std::thread::spawn(move || post_backup(&learner))
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    proxy.reset();
+    let first = runner.join().unwrap();
+    proxy.set_bandwidth(tern_tests::proxy::Direction::Upstream, None);
+    let second = post_backup(&learner);
+    assert!(second.starts_with("HTTP/1.1 200"), "{first}\n{second}");
+    let (manifests, data) = s3_backups(&s3);
+    let expected = if first.starts_with("HTTP/1.1 200") {
+        3
+    } else {
+        2
+    };
+    assert_eq!(manifests.len(), expected, "{first}");
+    // Leftovers of failed runs were removed before the next one.
+    assert_eq!(data.len(), manifests.len(), "{data:?}");
+    for key_name in &manifests {
+        let m: Value = serde_json::from_slice(&s3.object("tern", key_name)).unwrap();
+        let stored = s3.object(
+            "tern",
+            &format!("dr/backups/{}", m["object"]["name"].as_str().unwrap()),
+        );
+        assert_eq!(sha256_hex(&stored), m["object"]["sha256"].as_str().unwrap());
+    }
+}
