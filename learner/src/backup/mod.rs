@@ -6,6 +6,7 @@
 //! - [`manifest`]: what a backup records, and how its objects are named.
 //! - [`target`]: the object store behind `--backup-url`.
 //! - [`retention`]: which backups to keep.
+//! - [`archive`]: log segments shipped between full backups.
 //!
 //! One worker task runs backups one at a time, whatever asked for them:
 //! the cron schedules, `POST /backup` on the client URL (answers with the
@@ -13,6 +14,7 @@
 //! left (data objects without a manifest), and after a success applies
 //! the retention policy. Metrics go on the member's `/metrics`.
 
+pub mod archive;
 pub mod manifest;
 pub mod pipeline;
 pub mod retention;
@@ -136,8 +138,8 @@ struct Run {
 /// Everything a backup run needs.
 struct Backups {
     member: Arc<Member>,
-    target: Target,
-    settings: Settings,
+    target: Arc<Target>,
+    settings: Arc<Settings>,
     policy: Policy,
     metrics: BackupMetrics,
 }
@@ -168,11 +170,25 @@ pub fn extension(config: &BackupConfig) -> Result<Option<Extension>, BackupError
         keep_weekly: config.keep_weekly,
         keep_monthly: config.keep_monthly,
     };
-    let settings = Settings {
+    let settings = Arc::new(Settings {
         zstd_level: config.zstd_level,
         recipients,
-    };
+    });
+    let target = Arc::new(target);
+    let interval = config.segment_interval().map_err(|e| BackupError::Config {
+        key: "backup-segment-interval",
+        reason: e.to_string(),
+    })?;
     Ok(Some(Box::new(move |member: Arc<Member>| {
+        let archiver = Arc::new(archive::Archiver {
+            member: member.clone(),
+            target: target.clone(),
+            settings: settings.clone(),
+            interval,
+            metrics: Default::default(),
+        });
+        archiver.metrics.register(&member);
+        tokio::spawn(archiver.run());
         let backups = Arc::new(Backups {
             member,
             target,
@@ -411,6 +427,7 @@ impl Backups {
             return Ok(());
         }
         let mut candidates = Vec::new();
+        let mut kept_index = std::collections::HashMap::new();
         for name in self.list().await? {
             let Some(id) = manifest::id_of_manifest(&name) else {
                 continue;
@@ -429,6 +446,9 @@ impl Backups {
                 .map(|m| m.finished_at)
                 .or_else(|| time_of_id(id));
             let Some(time) = time else { continue };
+            if let Some(m) = &parsed {
+                kept_index.insert(id.to_string(), m.raft_index);
+            }
             candidates.push(Candidate {
                 id: id.to_string(),
                 time,
@@ -436,6 +456,12 @@ impl Backups {
             });
         }
         let decision = self.policy.apply(&candidates, chrono::Utc::now());
+        // Log segments are only useful after a retained full backup.
+        let oldest_kept = decision
+            .keep
+            .iter()
+            .filter_map(|(id, _)| kept_index.get(id.as_str()).copied())
+            .min();
         for id in decision.delete {
             tracing::info!(backup = %id, "retention: deleting");
             self.target
@@ -450,6 +476,26 @@ impl Backups {
             {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
+            }
+        }
+        if let Some(oldest) = oldest_kept {
+            self.remove_segments_before(oldest).await?;
+        }
+        Ok(())
+    }
+
+    /// Segments that end before `index` (the oldest retained backup's raft
+    /// index) can no longer be replayed onto any backup.
+    async fn remove_segments_before(&self, index: u64) -> Result<(), object_store::Error> {
+        let dir = self.target.root.clone().join("segments");
+        let objects: Vec<_> = self.target.store.list(Some(&dir)).try_collect().await?;
+        for o in objects {
+            let Some((_, last)) = o.location.filename().and_then(archive::parse_segment_name)
+            else {
+                continue;
+            };
+            if last < index {
+                self.target.store.delete(&o.location).await?;
             }
         }
         Ok(())

@@ -14,6 +14,8 @@ use super::BackupError;
 
 pub struct Target {
     pub store: Arc<dyn ObjectStore>,
+    /// The URL's prefix: `backups/` and `segments/` live under it.
+    pub root: Path,
     /// `<prefix>/backups`: manifests and data objects.
     pub backups: Path,
     /// The URL as configured (no credentials ever appear in it).
@@ -59,7 +61,8 @@ impl Target {
             })?;
         Ok(Target {
             store: Arc::from(store),
-            backups: prefix.join("backups"),
+            backups: prefix.clone().join("backups"),
+            root: prefix,
             url: url.to_string(),
         })
     }

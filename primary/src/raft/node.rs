@@ -45,6 +45,9 @@ use crate::watch::WatchHub;
 /// Entries kept behind the applied index at log compaction, so a follower
 /// slightly behind catches up from the log (etcd's SnapshotCatchUpEntries).
 const CATCH_UP_ENTRIES: u64 = 5000;
+/// How many snapshot counts of entries the log keeps for a lagging
+/// archiver.
+const MAX_ARCHIVE_BACKLOG_COUNTS: u64 = 10;
 /// Messages drained per turn, bounding one round's batch.
 const MAX_BATCH: usize = 4096;
 
@@ -119,6 +122,9 @@ pub struct NodeStatus {
     /// When this member last had applied everything the leader had
     /// committed (milliseconds since the Unix epoch).
     pub caught_up_at_ms: AtomicU64,
+    /// Log archiving (the learner's): entries after this index are not
+    /// shipped yet and stay in the log (within a bound). 0: no archiver.
+    pub archive_floor: AtomicU64,
 }
 
 impl NodeStatus {
@@ -880,8 +886,21 @@ impl RaftNode {
         if applied < first || applied - first < self.config.snapshot_count {
             return Ok(());
         }
+        let mut upto = applied.saturating_sub(CATCH_UP_ENTRIES.min(self.config.snapshot_count / 2));
+        // Keep what the archiver has not shipped, unless it is so far
+        // behind (its store down for long) that the disk is at risk: then
+        // its chain gets a gap, which it reports, and the next full backup
+        // starts a new one.
+        let archived = self.status.archive_floor.load(Ordering::Acquire);
+        if archived != 0
+            && applied - archived <= MAX_ARCHIVE_BACKLOG_COUNTS * self.config.snapshot_count
+        {
+            upto = upto.min(archived);
+        }
+        if upto < first {
+            return Ok(());
+        }
         self.store.checkpoint()?;
-        let upto = applied.saturating_sub(CATCH_UP_ENTRIES.min(self.config.snapshot_count / 2));
         self.raw.mut_store().compact(upto)?;
         tracing::debug!(upto, "raft log compacted");
         Ok(())
