@@ -124,6 +124,22 @@ fn three_voters_replicate_and_forward_writes() {
     assert_eq!(c.leader(), target);
     let bad = etcdctl(&c.endpoints(), &["move-leader", "1234"], None);
     assert_eq!(bad.error_line(), "Error: etcdserver: bad leader transferee");
+    // `endpoint status --cluster` reaches every member through the client
+    // URLs in the member list, and all name the same leader.
+    let all = etcdctl(
+        &c.nodes[0].client,
+        &["endpoint", "status", "--cluster", "-w", "json"],
+        None,
+    );
+    assert_eq!(all.code, 0, "{all:?}");
+    let all: serde_json::Value = serde_json::from_str(&all.stdout).expect("json");
+    let all = all.as_array().expect("array");
+    assert_eq!(all.len(), 3, "{all:?}");
+    let leaders: std::collections::BTreeSet<u64> = all
+        .iter()
+        .map(|e| e["Status"]["leader"].as_u64().unwrap())
+        .collect();
+    assert_eq!(leaders.len(), 1, "{all:?}");
     // The member list has every member's client URL (each published its own).
     let list = etcdctl(&c.endpoints(), &["member", "list"], None).stdout;
     for n in &c.nodes {
