@@ -106,6 +106,21 @@ impl BackupConfig {
                 "must be between 1 and 22",
             ));
         }
+        for (key, value) in [
+            ("backup-keep-last", self.keep_last),
+            ("backup-keep-hourly", self.keep_hourly),
+            ("backup-keep-daily", self.keep_daily),
+            ("backup-keep-weekly", self.keep_weekly),
+            ("backup-keep-monthly", self.keep_monthly),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::invalid(
+                    key,
+                    0,
+                    "must be at least 1 (leave it unset to not use it)",
+                ));
+            }
+        }
         self.keep_within()?;
         self.segment_interval()?;
         if self.url.is_some() && self.recipients.is_empty() && self.recipients_file.is_none() {
