@@ -67,6 +67,10 @@ impl Node {
         self.restart_with(extra);
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
