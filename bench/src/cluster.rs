@@ -65,7 +65,7 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// are up and the learner is replicating, not joining, when timing starts.
 const WARM_UP_PUTS: u64 = 100;
 /// The learner's member name.
-const LEARNER_NAME: &str = "learner";
+pub const LEARNER_NAME: &str = "learner";
 /// Key the poller and the catch-up check read; never written, so every
 /// answer is a header and nothing else.
 const PROBE_KEY: &[u8] = b"bench-lag-probe";
@@ -414,7 +414,7 @@ const MEMBER_ADD_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `etcdctl member add learner --learner --peer-urls=<peer_url>`; returns
 /// the ETCD_INITIAL_CLUSTER value it prints for the new member.
-async fn member_add_learner(
+pub async fn member_add_learner(
     etcdctl: &Path,
     endpoints: &[String],
     peer_url: &str,
@@ -469,19 +469,19 @@ async fn member_add_learner(
 }
 
 /// The flags of one member; both systems take etcd's names.
-struct MemberFlags<'a> {
-    name: &'a str,
-    client: &'a str,
-    listen_peer: &'a str,
-    advertise_peer: &'a str,
-    initial_cluster: &'a str,
+pub struct MemberFlags<'a> {
+    pub name: &'a str,
+    pub client: &'a str,
+    pub listen_peer: &'a str,
+    pub advertise_peer: &'a str,
+    pub initial_cluster: &'a str,
     /// `new` or `existing`.
-    state: &'a str,
-    token: &'a str,
+    pub state: &'a str,
+    pub token: &'a str,
 }
 
 impl MemberFlags<'_> {
-    fn to_args(&self) -> Vec<String> {
+    pub fn to_args(&self) -> Vec<String> {
         [
             ("--name", self.name),
             ("--listen-client-urls", self.client),
@@ -498,7 +498,7 @@ impl MemberFlags<'_> {
     }
 }
 
-fn loopback_url(port: u16) -> String {
+pub fn loopback_url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
@@ -513,7 +513,7 @@ async fn status(url: &str) -> Result<(u64, u64)> {
     Ok((own_id, status.leader))
 }
 
-async fn connect(url: &str) -> Result<Channel> {
+pub async fn connect(url: &str) -> Result<Channel> {
     Endpoint::from_shared(url.to_string())
         .with_context(|| format!("invalid endpoint {url}"))?
         .tcp_nodelay(true)
@@ -564,7 +564,13 @@ async fn measure_lag(
     let leader_revision = revision(&mut leader, settings.request_timeout)
         .await
         .context("reading the leader's revision")?;
-    wait_for_revision(&mut learner, leader_revision, settings.request_timeout).await?;
+    wait_for_revision(
+        &mut learner,
+        leader_revision,
+        CATCH_UP_TIMEOUT,
+        settings.request_timeout,
+    )
+    .await?;
 
     let (target_tx, target_rx) = watch::channel(i64::MAX);
     // In a JoinSet so the poller is aborted, not left polling, if this
@@ -617,7 +623,7 @@ fn probe_request() -> RangeRequest {
 }
 
 /// The revision in the header of a serializable Range.
-async fn revision(kv: &mut KvClient<Channel>, request_timeout: Duration) -> Result<i64> {
+pub async fn revision(kv: &mut KvClient<Channel>, request_timeout: Duration) -> Result<i64> {
     let response = tokio::time::timeout(request_timeout, kv.range(probe_request()))
         .await
         .context("Range timed out")??
@@ -628,13 +634,14 @@ async fn revision(kv: &mut KvClient<Channel>, request_timeout: Duration) -> Resu
         .context("Range answered without a header")
 }
 
-/// Polls until `kv`'s member reaches `target` or [`CATCH_UP_TIMEOUT`] passes.
-async fn wait_for_revision(
+/// Polls until `kv`'s member reaches `target` or `timeout` passes.
+pub async fn wait_for_revision(
     kv: &mut KvClient<Channel>,
     target: i64,
+    timeout: Duration,
     request_timeout: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
         match revision(kv, request_timeout).await {
@@ -644,7 +651,7 @@ async fn wait_for_revision(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    bail!("the learner did not catch up to revision {target} within {CATCH_UP_TIMEOUT:?} ({last})")
+    bail!("the learner did not catch up to revision {target} within {timeout:?} ({last})")
 }
 
 /// The timed puts.

@@ -34,6 +34,8 @@ const WATCH_PREFIX: u8 = b'w';
 pub const RSS_PREFIX: u8 = b'r';
 /// Keys written while measuring a learner's lag (the cluster section).
 pub const LAG_PREFIX: u8 = b'l';
+/// Keys of the data set the backup section backs up.
+pub const BACKUP_PREFIX: u8 = b'b';
 /// After this many failures in a row a client gives up: the server is most
 /// likely gone, and spinning on instant errors would only burn the CPU the
 /// other clients need.
@@ -253,6 +255,25 @@ pub fn value(size: usize) -> Arc<Vec<u8>> {
     Arc::new(vec![b'v'; size])
 }
 
+/// `size` pseudo-random bytes, the same for the same `n` on every run:
+/// values no compressor can shrink, as in a store of encrypted or already
+/// compressed payloads.
+pub fn random_value(n: u64, size: usize) -> Vec<u8> {
+    // splitmix64, seeded by the key number: fast, and good enough that
+    // zstd finds nothing to compress.
+    let mut state = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
 /// Single-key puts from `clients` concurrent clients.
 pub async fn puts(pool: &Pool, clients: usize, settings: &Settings) -> Result<StepResult> {
     puts_under(pool, clients, settings.budget, PUT_PREFIX, settings).await
@@ -334,9 +355,31 @@ pub async fn load_keys(
     clients: usize,
     settings: &Settings,
 ) -> Result<StepResult> {
+    let value = value(settings.value_size);
+    load_keys_with(
+        pool,
+        prefix,
+        count,
+        ops_per_txn,
+        clients,
+        settings,
+        move |_| value.to_vec(),
+    )
+    .await
+}
+
+/// [`load_keys`], the value of key number `n` being `value(n)`.
+pub async fn load_keys_with(
+    pool: &Pool,
+    prefix: u8,
+    count: u64,
+    ops_per_txn: u64,
+    clients: usize,
+    settings: &Settings,
+    value: impl Fn(u64) -> Vec<u8> + Send + Sync + 'static,
+) -> Result<StepResult> {
     let ops_per_txn = ops_per_txn.max(1);
     let txns = count.div_ceil(ops_per_txn);
-    let value = value(settings.value_size);
     run_clients(
         pool,
         clients,
@@ -349,7 +392,7 @@ pub async fn load_keys(
                 .map(|n| RequestOp {
                     request: Some(request_op::Request::RequestPut(PutRequest {
                         key: key(prefix, n),
-                        value: value.to_vec(),
+                        value: value(n),
                         ..Default::default()
                     })),
                 })

@@ -6,8 +6,11 @@
 //! - [`load`]: the workloads (puts, gets, watch delivery, bulk load).
 //! - [`cluster`]: the cluster section (`--cluster`): puts against 3-member
 //!   clusters, and a learner's lag behind a slow link.
+//! - [`backup`]: the backup section (`--backup`): a full backup of the same
+//!   data set, `etcdctl snapshot save` against a tern-learner's backup.
 //! - [`report`]: the table.
 
+mod backup;
 mod cluster;
 mod load;
 mod report;
@@ -22,6 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
+use backup::BackupLoad;
 use cluster::ClusterLoad;
 use load::{Budget, Pool, Settings, WatchLoad};
 use report::{Header, Metric, Unit};
@@ -38,7 +42,7 @@ const RSS_SETTLE: Duration = Duration::from_secs(1);
 /// Benchmark tern-primary against etcd with identical client load.
 ///
 /// The defaults take about three minutes on a 2-core machine; --cluster
-/// adds about a minute.
+/// adds about a minute, --backup a few.
 #[derive(Debug, Parser)]
 #[command(name = "tern-bench", version, about)]
 struct Args {
@@ -48,13 +52,18 @@ struct Args {
     /// The tern-primary executable [default: next to this executable].
     #[arg(long)]
     tern_bin: Option<PathBuf>,
-    /// The tern-learner executable, for --cluster [default: next to
-    /// tern-primary].
+    /// The tern-learner executable, for --cluster and --backup [default:
+    /// next to tern-primary].
     #[arg(long)]
     tern_learner_bin: Option<PathBuf>,
-    /// The etcdctl executable, for --cluster (it adds the learners).
+    /// The etcdctl executable, for --cluster and --backup (it adds the
+    /// learners and takes etcd's snapshots).
     #[arg(long, default_value = "/usr/bin/etcdctl")]
     etcdctl_bin: PathBuf,
+    /// The age-keygen executable, for --backup (the key Tern's backups are
+    /// encrypted to).
+    #[arg(long, default_value = "/usr/bin/age-keygen")]
+    age_keygen_bin: PathBuf,
     /// How long each put and get step runs.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -126,6 +135,26 @@ struct Args {
     /// How often the learner's revision is read: the lag's resolution.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
     learner_poll: Duration,
+    /// After the other sections, run the backup section: the time to back
+    /// up the same data set with `etcdctl snapshot save` from an etcd and
+    /// with `POST /backup` on a tern-learner of a tern-primary.
+    #[arg(long)]
+    backup: bool,
+    /// Run the backup section only (with --cluster-only: those two only).
+    #[arg(long)]
+    backup_only: bool,
+    /// Keys in the backed-up data set, of --value-size bytes each; the
+    /// default makes about 110 MiB of state in etcd, 180 MiB in Tern.
+    #[arg(long, default_value_t = 300_000)]
+    backup_keys: u64,
+    /// Backups taken in a row of each system; the table shows the median.
+    #[arg(long, default_value_t = 3)]
+    backup_runs: usize,
+    /// Fill the backed-up values with pseudo-random bytes, which no
+    /// compressor shrinks, instead of the one repeated byte every other
+    /// step writes (which zstd shrinks to almost nothing).
+    #[arg(long)]
+    backup_random_values: bool,
 }
 
 impl Args {
@@ -154,6 +183,7 @@ impl Args {
             ("--get-keys", self.get_keys),
             ("--watch-puts", self.watch_puts),
             ("--rss-keys", self.rss_keys),
+            ("--backup-keys", self.backup_keys),
         ] {
             ensure!(
                 (1..=MAX_KEYS).contains(&keys),
@@ -176,15 +206,34 @@ impl Args {
             self.learner_rate as f64 * self.duration.as_secs_f64() <= MAX_KEYS as f64,
             "--learner-rate times --duration must stay under {MAX_KEYS} writes (8-byte keys)"
         );
+        ensure!(self.backup_runs > 0, "--backup-runs must be positive");
         Ok(())
     }
 
+    /// Whether some --*-only flag limits the run to the sections it names.
+    fn only(&self) -> bool {
+        self.cluster_only || self.backup_only
+    }
+
     fn single_server(&self) -> bool {
-        !self.cluster_only
+        !self.only()
     }
 
     fn cluster(&self) -> bool {
-        self.cluster || self.cluster_only
+        self.cluster_only || (self.cluster && !self.only())
+    }
+
+    fn backup(&self) -> bool {
+        self.backup_only || (self.backup && !self.only())
+    }
+
+    fn backup_load(&self) -> BackupLoad {
+        BackupLoad {
+            keys: self.backup_keys,
+            runs: self.backup_runs,
+            random_values: self.backup_random_values,
+            connections: self.connections,
+        }
     }
 
     fn cluster_load(&self) -> ClusterLoad {
@@ -227,8 +276,8 @@ impl Args {
             "etcd not found at {}: install etcd-server or pass --etcd-bin",
             self.etcd_bin.display()
         );
-        let (mut tern_learner, mut etcdctl) = (None, None);
-        if self.cluster() {
+        let (mut tern_learner, mut etcdctl, mut age_keygen) = (None, None, None);
+        if self.cluster() || self.backup() {
             let learner = match &self.tern_learner_bin {
                 Some(path) => path.clone(),
                 None => tern.with_file_name("tern-learner"),
@@ -246,11 +295,20 @@ impl Args {
             tern_learner = Some(learner);
             etcdctl = Some(self.etcdctl_bin.clone());
         }
+        if self.backup() {
+            ensure!(
+                self.age_keygen_bin.is_file(),
+                "age-keygen not found at {}: install age or pass --age-keygen-bin",
+                self.age_keygen_bin.display()
+            );
+            age_keygen = Some(self.age_keygen_bin.clone());
+        }
         Ok(Binaries {
             etcd: self.etcd_bin.clone(),
             tern,
             tern_learner,
             etcdctl,
+            age_keygen,
         })
     }
 
@@ -298,6 +356,29 @@ impl Args {
                 voters = cluster::VOTERS,
             ));
         }
+        if self.backup() {
+            parts.push(format!(
+                "backup: {} keys of {} {}-byte values, written in txns of {} from {} clients; \
+                 etcd: `etcdctl snapshot save` from one etcd (its bbolt file as is, neither \
+                 compressed nor encrypted); tern: `POST /backup` on a tern-learner added to one \
+                 tern-primary with `etcdctl member add --learner`, once caught up, writing to a \
+                 file:// store in a temporary directory (VACUUM INTO copy, zstd level 3, age to \
+                 one X25519 recipient, answered when the manifest is written); state = etcd's \
+                 snapshot size, tern's manifest raw_size; throughput = state MB (10^6 bytes) / \
+                 seconds; the median of {} {} in a row",
+                count_label(self.backup_keys),
+                if self.backup_random_values {
+                    "pseudo-random (incompressible)"
+                } else {
+                    "repeated-byte (highly compressible)"
+                },
+                self.value_size,
+                backup::TXN_OPS,
+                backup::LOAD_CLIENTS,
+                self.backup_runs,
+                plural(self.backup_runs, "backup"),
+            ));
+        }
         parts.join("; ")
     }
 }
@@ -336,6 +417,11 @@ async fn run(args: &Args, bins: &Binaries) -> Result<()> {
         let (load, settings) = (args.cluster_load(), args.settings());
         etcd.extend(cluster::bench_system(System::Etcd, bins, &load, &settings).await?);
         tern.extend(cluster::bench_system(System::Tern, bins, &load, &settings).await?);
+    }
+    if args.backup() {
+        let (load, settings) = (args.backup_load(), args.settings());
+        etcd.extend(backup::bench_system(System::Etcd, bins, &load, &settings).await?);
+        tern.extend(backup::bench_system(System::Tern, bins, &load, &settings).await?);
     }
     print!("{}", report::render(&header, &etcd, &tern)?);
     eprintln!("benchmark took {:.0?}", started.elapsed());
@@ -584,5 +670,16 @@ mod tests {
         let args = Args::parse_from(["tern-bench"]);
         args.validate().expect("the defaults pass validation");
         assert_eq!(args.put_clients, [1, 16, 256]);
+        assert!(args.single_server() && !args.cluster() && !args.backup());
+    }
+
+    #[test]
+    fn only_flags_run_the_sections_they_name() {
+        let args = Args::parse_from(["tern-bench", "--backup-only", "--cluster"]);
+        assert!(!args.single_server() && !args.cluster() && args.backup());
+        let args = Args::parse_from(["tern-bench", "--backup-only", "--cluster-only"]);
+        assert!(!args.single_server() && args.cluster() && args.backup());
+        let args = Args::parse_from(["tern-bench", "--backup", "--cluster"]);
+        assert!(args.single_server() && args.cluster() && args.backup());
     }
 }

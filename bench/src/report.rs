@@ -9,6 +9,12 @@ use anyhow::{ensure, Result};
 pub enum Unit {
     /// Requests, events or keys per second.
     Rate,
+    /// Megabytes (10^6 bytes) per second.
+    MBps,
+    /// A quotient of two sizes, such as a compression ratio; higher is
+    /// better.
+    Factor,
+    Seconds,
     Millis,
     MiB,
     Count,
@@ -16,15 +22,20 @@ pub enum Unit {
 
 impl Unit {
     fn lower_is_better(self) -> bool {
-        !matches!(self, Unit::Rate)
+        !matches!(self, Unit::Rate | Unit::MBps | Unit::Factor)
     }
 
+    /// A NaN value is one the system has no such number for: "-".
     fn format(self, value: f64) -> String {
+        if value.is_nan() {
+            return "-".to_string();
+        }
         match self {
             Unit::Rate | Unit::Count => format!("{value:.0}"),
+            Unit::MBps | Unit::MiB => format!("{value:.1}"),
+            Unit::Factor | Unit::Seconds => format!("{value:.2}"),
             // Sub-millisecond latencies need the extra digits to compare.
             Unit::Millis => format!("{value:.3}"),
-            Unit::MiB => format!("{value:.1}"),
         }
     }
 }
@@ -45,6 +56,12 @@ impl Metric {
             unit,
             value,
         }
+    }
+
+    /// A row the system has no number for (printed "-"), so that both
+    /// systems' lists still line up.
+    pub fn none(name: impl Into<String>, unit: Unit) -> Metric {
+        Metric::new(name, unit, f64::NAN)
     }
 }
 
@@ -101,14 +118,16 @@ pub fn render(header: &Header, etcd: &[Metric], tern: &[Metric]) -> Result<Strin
     let _ = writeln!(
         out,
         "Ratio is tern/etcd in every row. Unmarked rows are throughput: higher is better, \
-         so a ratio above 1 favours tern. * Lower is better (latency, RSS, errors): a ratio \
-         below 1 favours tern."
+         so a ratio above 1 favours tern. * Lower is better (latency, time, size, RSS, \
+         errors): a ratio below 1 favours tern. \"-\": the system has no such number."
     );
     Ok(out)
 }
 
 fn ratio(tern: f64, etcd: f64) -> String {
-    if etcd == 0.0 {
+    if tern.is_nan() || etcd.is_nan() {
+        "-".to_string()
+    } else if etcd == 0.0 {
         // Only the error rows are normally zero; 0/0 means "both clean".
         if tern == 0.0 { "-" } else { "n/a" }.to_string()
     } else {
@@ -152,6 +171,33 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("| errors * | 0 | 0 | - |"), "{table}");
+    }
+
+    #[test]
+    fn a_row_one_system_lacks_prints_dashes() {
+        let etcd = [
+            Metric::new("backup (s)", Unit::Seconds, 2.0),
+            Metric::new("throughput (MB/s)", Unit::MBps, 100.0),
+            Metric::none("compression ratio", Unit::Factor),
+        ];
+        let tern = [
+            Metric::new("backup (s)", Unit::Seconds, 3.0),
+            Metric::new("throughput (MB/s)", Unit::MBps, 50.0),
+            Metric::new("compression ratio", Unit::Factor, 4.5),
+        ];
+        let table = render(&header(), &etcd, &tern).expect("rows line up");
+        assert!(
+            table.contains("| backup (s) * | 2.00 | 3.00 | 1.50 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| throughput (MB/s) | 100.0 | 50.0 | 0.50 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| compression ratio | - | 4.50 | - |"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Each server is a child process on 127.0.0.1 with a fresh temporary data
 //! directory. The [`Server`] guard kills the process and removes the
 //! directory when it is dropped, so an error (or Ctrl-C, which drops the
-//! running future) never leaves a server behind. The cluster section starts
-//! its members through the same guard ([`Server::spawn`]).
+//! running future) never leaves a server behind. The cluster and backup
+//! sections start their members through the same guard ([`Server::spawn`]).
 
 use std::fmt;
 use std::fs::File;
@@ -43,11 +43,15 @@ impl fmt::Display for System {
 pub struct Binaries {
     pub etcd: PathBuf,
     pub tern: PathBuf,
-    /// `tern-learner`; only the cluster section needs it (etcd is its own
-    /// learner binary).
+    /// `tern-learner`; only the cluster and backup sections need it (etcd
+    /// is its own learner binary).
     pub tern_learner: Option<PathBuf>,
-    /// `etcdctl`; only the cluster section needs it, to add the learner.
+    /// `etcdctl`; only the cluster and backup sections need it, to add the
+    /// learner (and to take etcd's snapshots).
     pub etcdctl: Option<PathBuf>,
+    /// `age-keygen`; only the backup section needs it, for the key Tern's
+    /// backups are encrypted to.
+    pub age_keygen: Option<PathBuf>,
 }
 
 impl Binaries {
