@@ -303,6 +303,61 @@ impl Drop for S3 {
     }
 }
 
+/// An object store answering 500s: object_store retries with backoff,
+/// the backup comes through whole, and nothing partial is ever listed.
+#[test]
+fn backups_retry_through_an_object_store_answering_500s() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = age_key(dir.path());
+    let s3 = S3::start();
+    s3.create_bucket("tern");
+    let failing = tern_tests::http_faults::FailingHttp::start(s3.endpoint.parse().unwrap());
+    let mut c = Cluster::start(1, &[]);
+    fill(&c.nodes[0].client, "k", 20);
+    let envs = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    for (k, v) in envs {
+        // SAFETY: same values as the other S3 test; set before members start.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let endpoint = failing.url();
+    let l = c.add_member(
+        true,
+        &[
+            "--backup-url",
+            "s3://tern/dr",
+            "--backup-s3-endpoint",
+            &endpoint,
+            "--backup-s3-path-style",
+            "--backup-s3-allow-http",
+            "--backup-recipient",
+            &public,
+            "--backup-segment-interval",
+            "1h",
+        ],
+    );
+    let learner = c.nodes[l].client.clone();
+    let rev = etcdctl(&c.nodes[0].client, &["get", "k0000", "-w", "json"], None);
+    let rev = serde_json::from_str::<Value>(&rev.stdout).unwrap()["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    c.converged_hash(&[0, l], rev, Duration::from_secs(20));
+    failing.fail_next(3);
+    let answer = post_backup(&learner);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(failing.failed(), 3, "the store did fail");
+    let (manifests, data) = s3_backups(&s3);
+    assert_eq!((manifests.len(), data.len()), (1, 1));
+    let object = s3.object("tern", &data[0]);
+    assert_eq!(
+        open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
+        "20"
+    );
+}
+
 /// Manifest keys and data keys in an S3 bucket's backups/.
 fn s3_backups(s3: &S3) -> (Vec<String>, Vec<String>) {
     let keys = s3.keys("tern", "dr/backups/");

@@ -15,6 +15,7 @@ use tern_primary::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
 use tonic::transport::Channel;
 
 pub mod cluster;
+pub mod http_faults;
 pub mod proxy;
 pub use proxy::Proxy;
 
