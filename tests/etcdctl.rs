@@ -458,8 +458,9 @@ fn oversized_and_bad_requests_match_etcd() {
 /// etcdctl 3.4 sends per-endpoint maintenance calls (endpoint status,
 /// hashkv, defrag, and every `--cluster` call) with the HTTP/2 `:authority`
 /// set to the whole endpoint URL when it has a scheme (`http://host:port`).
-/// grpc-go accepts that; Rust's h2 rejects it as malformed (PROTOCOL_ERROR),
-/// and h2 has no option to relax it (hyperium/h2#525).
+/// grpc-go accepts that; Rust's h2 rejects it as malformed (PROTOCOL_ERROR,
+/// hyperium/h2#525), so Tern's client listeners strip the scheme first
+/// (`primary/src/authority_shim.rs`).
 #[test]
 fn endpoints_with_a_scheme_match_etcd() {
     let p = Pair::start();
