@@ -358,7 +358,10 @@ async fn learner_behind_a_slow_link_catches_up_by_snapshot() {
     eventually(
         "the learner reports no lag",
         Duration::from_secs(10),
-        || metric(&learner, "tern_replication_lag_entries") == Some(0.0),
+        || {
+            metric(&learner, "tern_replication_lag_entries") == Some(0.0)
+                && metric(&learner, "tern_replication_lag_seconds") == Some(0.0)
+        },
     );
     let promoted = etcdctl(&writer, &["member", "promote", &learner_id], None);
     assert!(promoted.stdout.contains("promoted"), "{promoted:?}");

@@ -315,14 +315,31 @@ pub async fn run_with(
         revision = state.revision,
         "tern-primary started"
     );
-    while let Some(result) = servers.join_next().await {
-        if let Ok(Err(e)) = result {
-            return Err(StartError::Serve(e));
+    let served = async {
+        while let Some(result) = servers.join_next().await {
+            if let Ok(Err(e)) = result {
+                return Err(StartError::Serve(e));
+            }
         }
+        Ok(())
+    };
+    // A graceful shutdown waits for open connections, and peers (and
+    // watchers) keep theirs open for good: give in-flight requests a grace
+    // period, then stop. Every acknowledged write is already durable.
+    let grace = async {
+        shutdown_signal().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = served => result?,
+        _ = grace => tracing::info!("connections still open after the grace period are dropped"),
     }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long a stopping member lets in-flight requests finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// etcd's publish: put this member's name and client URLs in the
 /// replicated member list (once per change), retrying until a leader

@@ -495,10 +495,17 @@ impl RaftNode {
             }
             NodeMsg::Step(messages) => {
                 for m in messages {
-                    if matches!(m.get_msg_type(), MessageType::MsgAppend) {
-                        self.status
-                            .leader_commit
-                            .fetch_max(m.commit, Ordering::AcqRel);
+                    match m.get_msg_type() {
+                        MessageType::MsgAppend => {
+                            self.status
+                                .leader_commit
+                                .fetch_max(m.commit, Ordering::AcqRel);
+                            self.leader_contact = Instant::now();
+                        }
+                        MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
+                            self.leader_contact = Instant::now();
+                        }
+                        _ => {}
                     }
                     let (from, kind) = (m.from, m.get_msg_type());
                     if let Err(e) = self.raw.step(m) {
