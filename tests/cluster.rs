@@ -172,6 +172,12 @@ fn five_voters_tolerate_two_failures_and_restart_from_disk() {
     }
     let rev = current_revision(&c.nodes[up].client);
     c.converged_hash(&[0, 1, 2, 3, 4], rev, Duration::from_secs(20));
+    // SIGTERM stops a member promptly although its peers keep their
+    // streams to it open.
+    assert!(
+        c.nodes[up].terminate(Duration::from_secs(8)),
+        "SIGTERM did not stop the member"
+    );
 }
 
 #[test]

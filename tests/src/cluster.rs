@@ -36,6 +36,28 @@ impl Node {
         }
     }
 
+    /// SIGTERM, then wait up to `within` for the process to exit; whether
+    /// it did.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: plain kill(2) on a child we own.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
     /// SIGSTOP / SIGCONT: a paused process keeps its sockets open.
     pub fn pause(&self, paused: bool) {
         if let Some(c) = &self.child {
