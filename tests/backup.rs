@@ -314,30 +314,11 @@ fn backups_retry_through_an_object_store_answering_500s() {
     let failing = tern_tests::http_faults::FailingHttp::start(s3.endpoint.parse().unwrap());
     let mut c = Cluster::start(1, &[]);
     fill(&c.nodes[0].client, "k", 20);
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-    ];
-    for (k, v) in envs {
-        // SAFETY: same values as the other S3 test; set before members start.
-        unsafe { std::env::set_var(k, v) };
-    }
-    let endpoint = failing.url();
-    let l = c.add_member(
-        true,
-        &[
-            "--backup-url",
-            "s3://tern/dr",
-            "--backup-s3-endpoint",
-            &endpoint,
-            "--backup-s3-path-style",
-            "--backup-s3-allow-http",
-            "--backup-recipient",
-            &public,
-            "--backup-segment-interval",
-            "1h",
-        ],
+    let l = add_s3_learner(
+        &mut c,
+        &failing.url(),
+        &public,
+        &["--backup-segment-interval", "1h"],
     );
     let learner = c.nodes[l].client.clone();
     let rev = etcdctl(&c.nodes[0].client, &["get", "k0000", "-w", "json"], None);
@@ -356,6 +337,32 @@ fn backups_retry_through_an_object_store_answering_500s() {
         open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
         "20"
     );
+}
+
+/// Add a tern-learner backing up to `s3://tern/dr` at `endpoint`, with
+/// credentials in the environment as in production. Returns its index.
+fn add_s3_learner(c: &mut Cluster, endpoint: &str, recipient: &str, extra: &[&str]) -> usize {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        // SAFETY: every test of this binary sets the same values, before
+        // it starts members; nothing reads them concurrently in-process.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let mut args = vec![
+        "--backup-url",
+        "s3://tern/dr",
+        "--backup-s3-endpoint",
+        endpoint,
+        "--backup-s3-path-style",
+        "--backup-s3-allow-http",
+        "--backup-recipient",
+        recipient,
+    ];
+    args.extend_from_slice(extra);
+    c.add_member(true, &args)
 }
 
 /// Manifest keys and data keys in an S3 bucket's backups/.
@@ -399,31 +406,7 @@ fn backups_to_s3_survive_a_reset_store_and_a_killed_learner() {
         let out = etcdctl(&leader, &["put", &format!("big{i:02}"), &value], None);
         assert_eq!(out.code, 0, "{out:?}");
     }
-    let endpoint = proxy.url();
-    // Credentials come from the environment, as in production.
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-    ];
-    for (k, v) in envs {
-        // SAFETY: set before any member of this test starts; the test
-        // binary's other test only reads its own variables.
-        unsafe { std::env::set_var(k, v) };
-    }
-    let l = c.add_member(
-        true,
-        &[
-            "--backup-url",
-            "s3://tern/dr",
-            "--backup-s3-endpoint",
-            &endpoint,
-            "--backup-s3-path-style",
-            "--backup-s3-allow-http",
-            "--backup-recipient",
-            &public,
-        ],
-    );
+    let l = add_s3_learner(&mut c, &proxy.url(), &public, &[]);
     let learner = c.nodes[l].client.clone();
     let rev = etcdctl(&leader, &["get", "big00", "-w", "json"], None);
     let rev = serde_json::from_str::<Value>(&rev.stdout).unwrap()["header"]["revision"]

@@ -137,6 +137,15 @@ impl NodeStatus {
     pub fn revision(&self) -> i64 {
         self.revision.load(Ordering::Acquire)
     }
+    /// Mirror the store's counters after an apply or a snapshot.
+    pub fn set_store_state(&self, state: &crate::mvcc::StoreState) {
+        self.revision.store(state.revision, Ordering::Release);
+        self.compact_revision
+            .store(state.compact_revision, Ordering::Release);
+        self.applied_index
+            .store(state.applied_index, Ordering::Release);
+    }
+
     pub fn is_learner(&self) -> bool {
         self.is_learner.load(Ordering::Acquire)
     }
@@ -350,13 +359,7 @@ impl RaftNode {
         status
             .is_learner
             .store(conf.learners.contains(&config.id), Ordering::Release);
-        status.revision.store(state.revision, Ordering::Release);
-        status
-            .compact_revision
-            .store(state.compact_revision, Ordering::Release);
-        status
-            .applied_index
-            .store(state.applied_index, Ordering::Release);
+        status.set_store_state(&state);
         let handle = NodeHandle {
             tx,
             status: status.clone(),
@@ -681,15 +684,7 @@ impl RaftNode {
             .reset(&crate::mvcc::read::leases(self.store.connection())?);
         self.hub.set_compacted(state.compact_revision);
         self.hub.restored(state.revision);
-        self.status
-            .revision
-            .store(state.revision, Ordering::Release);
-        self.status
-            .compact_revision
-            .store(state.compact_revision, Ordering::Release);
-        self.status
-            .applied_index
-            .store(state.applied_index, Ordering::Release);
+        self.status.set_store_state(&state);
         self.status.is_learner.store(
             meta.get_conf_state().learners.contains(&self.config.id),
             Ordering::Release,
@@ -818,15 +813,7 @@ impl RaftNode {
             self.hub.set_compacted(state.compact_revision);
         }
         self.hub.publish(&events, state.revision);
-        self.status
-            .revision
-            .store(state.revision, Ordering::Release);
-        self.status
-            .compact_revision
-            .store(state.compact_revision, Ordering::Release);
-        self.status
-            .applied_index
-            .store(state.applied_index, Ordering::Release);
+        self.status.set_store_state(&state);
         self.metrics
             .backend_commit
             .observe(started.elapsed().as_secs_f64());
