@@ -377,6 +377,23 @@ async fn learner_behind_a_slow_link_catches_up_by_snapshot() {
 /// write that was acknowledged is there afterwards, on every member.
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_killed_under_load_loses_no_acknowledged_write() {
+    leader_fault_under_load(LeaderFault::Kill).await;
+}
+
+/// SIGSTOP the leader under load for longer than an election timeout, then
+/// let it go on: it steps down, and nothing acknowledged is lost or
+/// overwritten by what it held.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_paused_under_load_loses_no_acknowledged_write() {
+    leader_fault_under_load(LeaderFault::Pause).await;
+}
+
+enum LeaderFault {
+    Kill,
+    Pause,
+}
+
+async fn leader_fault_under_load(fault: LeaderFault) {
     let mut c = Cluster::start(3, &[]);
     let leader = c.leader();
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
@@ -408,13 +425,22 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    c.nodes[leader].kill9();
+    match fault {
+        LeaderFault::Kill => c.nodes[leader].kill9(),
+        LeaderFault::Pause => c.nodes[leader].pause(true),
+    }
     tokio::time::sleep(Duration::from_secs(4)).await;
+    if let LeaderFault::Pause = fault {
+        c.nodes[leader].pause(false);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         let _ = w.await;
     }
-    c.nodes[leader].restart();
+    if !c.nodes[leader].is_running() {
+        c.nodes[leader].restart();
+    }
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 100, "the load ran: {} writes", acked.len());
     let new_leader = c.leader();
