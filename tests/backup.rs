@@ -202,6 +202,55 @@ fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
     assert!(metric(&learner, "tern_backup_succeeded_total").unwrap_or(0.0) >= 4.0);
     assert!(metric(&learner, "tern_backup_last_success_timestamp_seconds").unwrap_or(0.0) > 0.0);
     c.nodes[l].kill9();
+
+    // tern-restore lists them newest first and proves the newest restores.
+    let restore = |args: &[&str]| {
+        Command::new(tern_tests::workspace_bin("tern-restore"))
+            .args(args)
+            .output()
+            .expect("tern-restore")
+    };
+    let listed = restore(&["list", "--url", &url, "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let newest = file_manifests(&store).last().unwrap()["id"].clone();
+    assert_eq!(listed[0]["id"], newest);
+    assert_eq!(listed[0]["state"], "ok");
+    let key_arg = key.display().to_string();
+    let verified = restore(&["verify", "--url", &url, "--identity", &key_arg, "--json"]);
+    assert!(verified.status.success(), "{verified:?}");
+    let verified: Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(verified["key_count"], 35);
+    // The wrong key, and a tampered object, are refused with the reason.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (other_key, _) = age_key(&other);
+    let wrong = restore(&[
+        "verify",
+        "--url",
+        &url,
+        "--identity",
+        other_key.to_str().unwrap(),
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("cannot decrypt"),
+        "{wrong:?}"
+    );
+    let newest_manifest = file_manifests(&store).last().unwrap().clone();
+    let object = store
+        .join("backups")
+        .join(newest_manifest["object"]["name"].as_str().unwrap());
+    let mut bytes = std::fs::read(&object).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&object, bytes).unwrap();
+    let tampered = restore(&["verify", "--url", &url, "--identity", &key_arg]);
+    assert!(!tampered.status.success());
+    assert!(
+        String::from_utf8_lossy(&tampered.stderr).contains("sha256"),
+        "{tampered:?}"
+    );
 }
 
 /// Tiny RFC 3339 reader for the seconds field (no date crate in tests).

@@ -151,8 +151,7 @@ pub fn extension(config: &BackupConfig) -> Result<Option<Extension>, BackupError
     let Some(url) = &config.url else {
         return Ok(None);
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let target = Target::open(url, config)?;
+    let target = Target::open(url, &config.into())?;
     let recipients = recipients(config)?;
     let schedules = config
         .schedules

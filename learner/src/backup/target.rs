@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use object_store::path::Path;
 use object_store::ObjectStore;
-use tern_config::BackupConfig;
 use url::Url;
 
 use super::BackupError;
@@ -22,15 +21,36 @@ pub struct Target {
     pub url: String,
 }
 
+/// Options for S3-compatible stores (the `--backup-s3-*` flags).
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    pub allow_http: bool,
+}
+
+impl From<&tern_config::BackupConfig> for S3Options {
+    fn from(c: &tern_config::BackupConfig) -> Self {
+        S3Options {
+            endpoint: c.s3_endpoint.clone(),
+            region: c.s3_region.clone(),
+            path_style: c.s3_path_style,
+            allow_http: c.s3_allow_http,
+        }
+    }
+}
+
 /// Environment prefixes whose variables configure the cloud stores.
 const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
 
 impl Target {
-    pub fn open(url: &str, config: &BackupConfig) -> Result<Target, BackupError> {
+    pub fn open(url: &str, s3: &S3Options) -> Result<Target, BackupError> {
         let parsed = Url::parse(url).map_err(|e| BackupError::Config {
             key: "backup-url",
             reason: format!("'{url}': {e}"),
         })?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
         if parsed.scheme() == "file" {
             // object_store's local store wants the directory to exist.
             std::fs::create_dir_all(parsed.path()).map_err(|e| BackupError::Config {
@@ -42,16 +62,16 @@ impl Target {
             .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
-        if let Some(endpoint) = &config.s3_endpoint {
+        if let Some(endpoint) = &s3.endpoint {
             options.push(("aws_endpoint".into(), endpoint.clone()));
         }
-        if let Some(region) = &config.s3_region {
+        if let Some(region) = &s3.region {
             options.push(("aws_region".into(), region.clone()));
         }
-        if config.s3_path_style {
+        if s3.path_style {
             options.push(("aws_virtual_hosted_style_request".into(), "false".into()));
         }
-        if config.s3_allow_http {
+        if s3.allow_http {
             options.push(("aws_allow_http".into(), "true".into()));
         }
         let (store, prefix) =

@@ -1,0 +1,68 @@
+//! The backups in a store: every manifest under `<prefix>/backups/`,
+//! newest first. A manifest that cannot be read or parsed is listed as
+//! unreadable rather than hidden.
+
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use tern_learner::backup::manifest::{self, Manifest};
+use tern_learner::backup::target::Target;
+
+pub enum Entry {
+    Ok(Box<Manifest>),
+    Unreadable { id: String, error: String },
+}
+
+/// Every backup, newest first (ids sort by time).
+pub async fn list(target: &Target) -> anyhow::Result<Vec<Entry>> {
+    let objects: Vec<_> = target
+        .store
+        .list(Some(&target.backups))
+        .try_collect()
+        .await?;
+    let mut ids: Vec<String> = objects
+        .iter()
+        .filter_map(|o| o.location.filename())
+        .filter_map(manifest::id_of_manifest)
+        .map(str::to_string)
+        .collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    let mut entries = Vec::with_capacity(ids.len());
+    for id in ids {
+        let read = async {
+            let bytes = target
+                .store
+                .get(&target.path(&manifest::manifest_name(&id)))
+                .await?
+                .bytes()
+                .await?;
+            Ok::<Manifest, anyhow::Error>(serde_json::from_slice(&bytes)?)
+        }
+        .await;
+        entries.push(match read {
+            Ok(m) => Entry::Ok(Box::new(m)),
+            Err(e) => Entry::Unreadable {
+                id,
+                error: format!("{e:#}"),
+            },
+        });
+    }
+    Ok(entries)
+}
+
+/// The manifest of backup `id`, or of the newest readable one.
+pub async fn find(target: &Target, id: Option<&str>) -> anyhow::Result<Manifest> {
+    for entry in list(target).await? {
+        match (entry, id) {
+            (Entry::Ok(m), None) => return Ok(*m),
+            (Entry::Ok(m), Some(want)) if m.id == want => return Ok(*m),
+            (Entry::Unreadable { id: got, error }, Some(want)) if got == want => {
+                anyhow::bail!("backup {want}: unreadable manifest: {error}")
+            }
+            _ => {}
+        }
+    }
+    match id {
+        Some(want) => anyhow::bail!("no backup {want} in {}", target.url),
+        None => anyhow::bail!("no backup in {}", target.url),
+    }
+}

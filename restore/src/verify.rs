@@ -1,0 +1,150 @@
+//! `verify`: prove a backup restores. Download it (checking size and
+//! sha256 against the manifest as it streams to disk), decrypt with the age
+//! identity, decompress, run SQLite's integrity check, and recompute the
+//! revision, key count and HashKV the manifest claims.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tern_learner::backup::manifest::Manifest;
+use tern_learner::backup::target::Target;
+use tern_primary::mvcc::read;
+
+#[derive(Debug, Serialize)]
+pub struct Verified {
+    pub id: String,
+    pub revision: i64,
+    pub key_count: u64,
+    pub kv_hash: u32,
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+}
+
+/// Download and check backup `manifest` into `dir`; returns the path of the
+/// decrypted state file and what was checked.
+pub async fn verify(
+    target: &Target,
+    manifest: &Manifest,
+    identities: &[age::x25519::Identity],
+    dir: &Path,
+) -> anyhow::Result<(PathBuf, Verified)> {
+    let encrypted = dir.join("backup.db.zst.age");
+    let (size, sha256) = download(target, &manifest.object.name, &encrypted).await?;
+    if size != manifest.object.size {
+        bail!(
+            "backup {}: stored object has {size} bytes, the manifest says {}",
+            manifest.id,
+            manifest.object.size
+        );
+    }
+    if sha256 != manifest.object.sha256 {
+        bail!(
+            "backup {}: sha256 of the stored object is {sha256}, the manifest says {} (tampered or damaged)",
+            manifest.id,
+            manifest.object.sha256
+        );
+    }
+    let state = dir.join("state.db");
+    {
+        let (encrypted, state, identities) =
+            (encrypted.clone(), state.clone(), identities.to_vec());
+        tokio::task::spawn_blocking(move || decrypt(&encrypted, &state, &identities)).await??;
+    }
+    let _ = std::fs::remove_file(&encrypted);
+    let checked = {
+        let state = state.clone();
+        let manifest = manifest.clone();
+        tokio::task::spawn_blocking(move || check_state(&state, &manifest)).await??
+    };
+    Ok((state, checked))
+}
+
+async fn download(target: &Target, name: &str, to: &Path) -> anyhow::Result<(u64, String)> {
+    let mut stream = target
+        .store
+        .get(&target.path(name))
+        .await
+        .with_context(|| format!("downloading {name}"))?
+        .into_stream();
+    let mut file = std::fs::File::create(to)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("downloading {name}"))?;
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk)?;
+    }
+    file.sync_all()?;
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((size, sha256))
+}
+
+fn decrypt(from: &Path, to: &Path, identities: &[age::x25519::Identity]) -> anyhow::Result<()> {
+    let input = std::io::BufReader::new(std::fs::File::open(from)?);
+    let decryptor = age::Decryptor::new(input).context("not an age file")?;
+    let reader = decryptor
+        .decrypt(identities.iter().map(|i| i as &dyn age::Identity))
+        .context("cannot decrypt (wrong identity?)")?;
+    let mut decoder = zstd::stream::read::Decoder::new(reader).context("not zstd")?;
+    let mut out = std::fs::File::create(to)?;
+    std::io::copy(&mut decoder, &mut out).context("decrypting and decompressing")?;
+    out.sync_all()?;
+    Ok(())
+}
+
+fn check_state(path: &Path, manifest: &Manifest) -> anyhow::Result<Verified> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .context("not an SQLite file")?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if integrity != "ok" {
+        bail!(
+            "backup {}: SQLite integrity check: {integrity}",
+            manifest.id
+        );
+    }
+    let state = read::store_state(&conn)?;
+    let key_count: i64 = conn.query_row("SELECT COUNT(*) FROM kv_live", [], |r| r.get(0))?;
+    let kv_hash = read::hash(&conn, state.revision)?;
+    let mut wrong = Vec::new();
+    if state.revision != manifest.revision {
+        wrong.push(format!(
+            "revision {} (manifest {})",
+            state.revision, manifest.revision
+        ));
+    }
+    if key_count as u64 != manifest.key_count {
+        wrong.push(format!(
+            "key count {key_count} (manifest {})",
+            manifest.key_count
+        ));
+    }
+    if kv_hash != manifest.kv_hash {
+        wrong.push(format!("hash {kv_hash} (manifest {})", manifest.kv_hash));
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "backup {}: the state does not match its manifest: {}",
+            manifest.id,
+            wrong.join(", ")
+        );
+    }
+    Ok(Verified {
+        id: manifest.id.clone(),
+        revision: state.revision,
+        key_count: key_count as u64,
+        kv_hash,
+        stored_bytes: manifest.object.size,
+        raw_bytes: manifest.object.raw_size,
+    })
+}
