@@ -725,3 +725,94 @@ async fn backup_memory_stays_bounded_for_a_large_state() {
         "backing up {raw} bytes grew the learner's peak RSS by {grew} bytes"
     );
 }
+
+/// `tern-restore restore` makes a new single-member cluster of a backup,
+/// and `drill` proves the newest backup serves, with RTO and RPO.
+#[test]
+fn restore_and_drill_the_newest_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = age_key(dir.path());
+    let store = dir.path().join("store");
+    let url = format!("file://{}", store.display());
+    let mut c = Cluster::start(1, &[]);
+    fill(&c.nodes[0].client, "r", 25);
+    let l = c.add_member(true, &["--backup-url", &url, "--backup-recipient", &public]);
+    let learner = c.nodes[l].client.clone();
+    let rev = current_revision_of(&c.nodes[0].client);
+    c.converged_hash(&[0, l], rev, Duration::from_secs(20));
+    let answer = post_backup(&learner);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let key_arg = key.display().to_string();
+    let restore = |args: &[&str]| {
+        Command::new(tern_tests::workspace_bin("tern-restore"))
+            .args(args)
+            .output()
+            .expect("tern-restore")
+    };
+    let drill = restore(&["drill", "--url", &url, "--identity", &key_arg, "--json"]);
+    assert!(drill.status.success(), "{drill:?}");
+    let report: Value = serde_json::from_slice(&drill.stdout).unwrap();
+    assert_eq!(report["revision"].as_i64(), Some(rev));
+    assert_eq!(report["key_count"], 25);
+    assert_eq!(report["kv_hash"].as_u64(), hashkv(&c.nodes[0].client, rev));
+    assert!(report["rto_seconds"].as_f64().unwrap() > 0.0);
+    assert!(report["rpo_seconds"].as_f64().unwrap() >= 0.0);
+
+    let data_dir = dir.path().join("restored.tern");
+    let data_arg = data_dir.display().to_string();
+    let restored = restore(&[
+        "restore",
+        "--url",
+        &url,
+        "--identity",
+        &key_arg,
+        "--data-dir",
+        &data_arg,
+    ]);
+    assert!(restored.status.success(), "{restored:?}");
+    let again = restore(&[
+        "restore",
+        "--url",
+        &url,
+        "--identity",
+        &key_arg,
+        "--data-dir",
+        &data_arg,
+    ]);
+    assert!(
+        !again.status.success(),
+        "restoring over a data dir is refused"
+    );
+    let member = tern_tests::Tern::start_in(&data_dir, &[]);
+    assert_eq!(
+        etcdctl(
+            &member.endpoint,
+            &["get", "r0007", "--print-value-only"],
+            None
+        )
+        .stdout,
+        "v7\n"
+    );
+    assert_eq!(current_revision_of(&member.endpoint), rev);
+    assert_eq!(
+        hashkv(&member.endpoint, rev),
+        hashkv(&c.nodes[0].client, rev)
+    );
+    let list = etcdctl(&member.endpoint, &["member", "list"], None).stdout;
+    assert_eq!(
+        list.lines().count(),
+        1,
+        "a new single-member cluster: {list}"
+    );
+    assert_eq!(
+        etcdctl(&member.endpoint, &["put", "after", "restore"], None).code,
+        0
+    );
+}
+
+fn current_revision_of(endpoint: &str) -> i64 {
+    let out = etcdctl(endpoint, &["get", "x", "-w", "json"], None);
+    serde_json::from_str::<Value>(&out.stdout).unwrap()["header"]["revision"]
+        .as_i64()
+        .unwrap()
+}
