@@ -45,6 +45,9 @@ use crate::watch::WatchHub;
 /// Entries kept behind the applied index at log compaction, so a follower
 /// slightly behind catches up from the log (etcd's SnapshotCatchUpEntries).
 const CATCH_UP_ENTRIES: u64 = 5000;
+/// How long a removed member lingers to hand over leadership and let the
+/// others learn its removal is committed.
+const REMOVED_GRACE: Duration = Duration::from_millis(1000);
 /// How many snapshot counts of entries the log keeps for a lagging
 /// archiver.
 const MAX_ARCHIVE_BACKLOG_COUNTS: u64 = 10;
@@ -304,6 +307,8 @@ pub struct RaftNode {
     last_sweep: Instant,
     /// When a leader's append or heartbeat last arrived.
     leader_contact: Instant,
+    /// When this member applied its own removal; it exits shortly after.
+    removed_at: Option<Instant>,
 }
 
 impl RaftNode {
@@ -387,6 +392,7 @@ impl RaftNode {
                 snapshots,
                 last_sweep: Instant::now(),
                 leader_contact: Instant::now(),
+                removed_at: None,
             },
             handle,
         ))
@@ -433,6 +439,13 @@ impl RaftNode {
             self.on_ready()?;
             self.maybe_compact_log()?;
             self.track_lag();
+            if self
+                .removed_at
+                .is_some_and(|t| t.elapsed() >= REMOVED_GRACE)
+            {
+                tracing::error!("removed from the cluster; exiting");
+                std::process::exit(0);
+            }
             if self.last_sweep.elapsed() >= Duration::from_secs(1) {
                 self.sweep_abandoned();
             }
@@ -845,15 +858,24 @@ impl RaftNode {
         self.status
             .is_learner
             .store(cs.learners.contains(&self.config.id), Ordering::Release);
+        let next_leader = cs.voters.first().copied();
         self.raw.mut_store().set_conf_state(cs)?;
-        if removed {
+        if removed && self.removed_at.is_none() {
             // etcd's member stops for good once removed; serving on would
-            // answer from a state that no longer follows the cluster.
+            // answer from a state that no longer follows the cluster. It
+            // stops a moment later: a removed leader first hands over
+            // leadership and lets its followers learn that the removal is
+            // committed, so the cluster does not wait an election timeout.
             tracing::error!(
                 member_id = format!("{:x}", self.config.id),
-                "the member has been permanently removed from the cluster; exiting"
+                "the member has been permanently removed from the cluster; stopping"
             );
-            std::process::exit(0);
+            self.removed_at = Some(Instant::now());
+            if self.role == StateRole::Leader {
+                if let Some(next) = next_leader {
+                    self.raw.transfer_leader(next);
+                }
+            }
         }
         Ok(())
     }
