@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tern_tests::cluster::{hashkv, Cluster};
-use tern_tests::{etcdctl, free_port, http_get, metric, Proxy};
+use tern_tests::{current_revision, etcdctl, free_port, http_get, metric, Proxy};
 
 /// An age identity made with `age-keygen`: (key file, public key).
 fn age_key(dir: &Path) -> (PathBuf, String) {
@@ -125,13 +125,11 @@ fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
     let mut c = Cluster::start(1, &[]);
     fill(&c.nodes[0].client, "k", 30);
     let url = format!("file://{}", store.display());
-    let l = c.add_member(
-        true,
+    let l = add_file_learner(
+        &mut c,
+        &url,
+        &public,
         &[
-            "--backup-url",
-            &url,
-            "--backup-recipient",
-            &public,
             "--backup-schedule",
             "*/3 * * * * *",
             "--backup-keep-last",
@@ -362,10 +360,7 @@ fn backups_retry_through_an_object_store_answering_500s() {
         &["--backup-segment-interval", "1h"],
     );
     let learner = c.nodes[l].client.clone();
-    let rev = etcdctl(&c.nodes[0].client, &["get", "k0000", "-w", "json"], None);
-    let rev = serde_json::from_str::<Value>(&rev.stdout).unwrap()["header"]["revision"]
-        .as_i64()
-        .unwrap();
+    let rev = current_revision(&c.nodes[0].client);
     c.converged_hash(&[0, l], rev, Duration::from_secs(20));
     failing.fail_next(3);
     let answer = post_backup(&learner);
@@ -378,6 +373,14 @@ fn backups_retry_through_an_object_store_answering_500s() {
         open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
         "20"
     );
+}
+
+/// Add a tern-learner backing up to `url` (a `file://` store) for
+/// `recipient`, with `extra` flags. Returns its index.
+fn add_file_learner(c: &mut Cluster, url: &str, recipient: &str, extra: &[&str]) -> usize {
+    let mut args = vec!["--backup-url", url, "--backup-recipient", recipient];
+    args.extend_from_slice(extra);
+    c.add_member(true, &args)
 }
 
 /// Add a tern-learner backing up to `s3://tern/dr` at `endpoint`, with
@@ -449,10 +452,7 @@ fn backups_to_s3_survive_a_reset_store_and_a_killed_learner() {
     }
     let l = add_s3_learner(&mut c, &proxy.url(), &public, &[]);
     let learner = c.nodes[l].client.clone();
-    let rev = etcdctl(&leader, &["get", "big00", "-w", "json"], None);
-    let rev = serde_json::from_str::<Value>(&rev.stdout).unwrap()["header"]["revision"]
-        .as_i64()
-        .unwrap();
+    let rev = current_revision(&leader);
     c.converged_hash(&[0, l], rev, Duration::from_secs(20));
 
     // A clean backup first.
@@ -521,17 +521,7 @@ fn log_segments_ship_every_interval_and_chain_without_gaps() {
     let store = dir.path().join("store");
     let mut c = Cluster::start(1, &["--snapshot-count", "50"]);
     let url = format!("file://{}", store.display());
-    let l = c.add_member(
-        true,
-        &[
-            "--backup-url",
-            &url,
-            "--backup-recipient",
-            &public,
-            "--backup-segment-interval",
-            "1s",
-        ],
-    );
+    let l = add_file_learner(&mut c, &url, &public, &["--backup-segment-interval", "1s"]);
     let learner = c.nodes[l].client.clone();
     for round in 0..3 {
         fill(&c.nodes[0].client, &format!("seg{round}-"), 40);
@@ -609,9 +599,6 @@ fn peak_rss(pid: u32) -> u64 {
 /// streamed, never held.
 #[tokio::test(flavor = "multi_thread")]
 async fn backup_memory_stays_bounded_for_a_large_state() {
-    use tern_primary::proto::etcdserverpb::{
-        kv_client::KvClient, request_op, PutRequest, RequestOp, TxnRequest,
-    };
     // The pipeline holds at most 5 parts of 8 MiB; SQLite and the
     // allocator take the rest.
     const BOUND: u64 = 64 * 1024 * 1024;
@@ -623,52 +610,11 @@ async fn backup_memory_stays_bounded_for_a_large_state() {
     // 1 KiB rows cost an overflow page in kv_live: ~360 MB of state), in
     // txns of 100.
     let leader = c.nodes[0].client.clone();
-    let mut writers = Vec::new();
-    for w in 0..4u64 {
-        let leader = leader.clone();
-        writers.push(tokio::spawn(async move {
-            let mut kv = KvClient::new(tern_tests::channel(&leader).await);
-            let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ w;
-            for batch in 0..150u64 {
-                let success = (0..100u64)
-                    .map(|i| {
-                        let value: Vec<u8> = (0..1024)
-                            .map(|_| {
-                                seed ^= seed << 13;
-                                seed ^= seed >> 7;
-                                seed ^= seed << 17;
-                                seed as u8
-                            })
-                            .collect();
-                        RequestOp {
-                            request: Some(request_op::Request::RequestPut(PutRequest {
-                                key: format!("mem/{w}/{batch:04}/{i:03}").into_bytes(),
-                                value,
-                                ..Default::default()
-                            })),
-                        }
-                    })
-                    .collect();
-                kv.txn(TxnRequest {
-                    success,
-                    ..Default::default()
-                })
-                .await
-                .expect("txn");
-            }
-        }));
-    }
-    for w in writers {
-        w.await.unwrap();
-    }
+    tern_tests::bulk_write(&leader, "mem/", 60_000, 4, random_kib).await;
     let url = format!("file://{}", store.display());
-    let l = c.add_member(true, &["--backup-url", &url, "--backup-recipient", &public]);
+    let l = add_file_learner(&mut c, &url, &public, &[]);
     let learner = c.nodes[l].client.clone();
-    let rev =
-        serde_json::from_str::<Value>(&etcdctl(&leader, &["get", "x", "-w", "json"], None).stdout)
-            .unwrap()["header"]["revision"]
-            .as_i64()
-            .unwrap();
+    let rev = current_revision(&leader);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let out = etcdctl(
@@ -728,9 +674,9 @@ fn restore_and_drill_the_newest_backup() {
     let url = format!("file://{}", store.display());
     let mut c = Cluster::start(1, &[]);
     fill(&c.nodes[0].client, "r", 25);
-    let l = c.add_member(true, &["--backup-url", &url, "--backup-recipient", &public]);
+    let l = add_file_learner(&mut c, &url, &public, &[]);
     let learner = c.nodes[l].client.clone();
-    let rev = current_revision_of(&c.nodes[0].client);
+    let rev = current_revision(&c.nodes[0].client);
     c.converged_hash(&[0, l], rev, Duration::from_secs(20));
     let answer = post_backup(&learner);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -785,7 +731,7 @@ fn restore_and_drill_the_newest_backup() {
         .stdout,
         "v7\n"
     );
-    assert_eq!(current_revision_of(&member.endpoint), rev);
+    assert_eq!(current_revision(&member.endpoint), rev);
     assert_eq!(
         hashkv(&member.endpoint, rev),
         hashkv(&c.nodes[0].client, rev)
@@ -802,9 +748,15 @@ fn restore_and_drill_the_newest_backup() {
     );
 }
 
-fn current_revision_of(endpoint: &str) -> i64 {
-    let out = etcdctl(endpoint, &["get", "x", "-w", "json"], None);
-    serde_json::from_str::<Value>(&out.stdout).unwrap()["header"]["revision"]
-        .as_i64()
-        .unwrap()
+/// 1 KiB of incompressible bytes, different for every `n` (xorshift).
+fn random_kib(n: usize) -> Vec<u8> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ (n as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    (0..1024)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
 }

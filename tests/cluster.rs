@@ -7,20 +7,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tern_primary::proto::etcdserverpb::{
-    kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use tern_primary::proto::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
 use tern_tests::cluster::{hashkv, Cluster};
 use tern_tests::proxy::Direction;
-use tern_tests::{channel, etcdctl, etcdctl_for, metric};
+use tern_tests::{bulk_write, channel, current_revision, etcdctl, etcdctl_for, metric};
 
 const LEARNER_ERROR: &str = "etcdserver: rpc not supported for learner";
-
-fn current_revision(endpoint: &str) -> i64 {
-    let out = etcdctl(endpoint, &["get", "x", "-w", "json"], None);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-    v["header"]["revision"].as_i64().expect("revision")
-}
 
 fn value(endpoint: &str, key: &str, serializable: bool) -> String {
     let mut args = vec!["get", key, "--print-value-only"];
@@ -42,39 +34,8 @@ fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     panic!("not within {within:?}: {what}");
 }
 
-/// Write `count` keys `{prefix}{n}` in txns of 100 puts, `clients` at once.
-async fn bulk_write(endpoint: &str, prefix: &str, count: usize, clients: usize) {
-    let per_client = count / clients;
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let endpoint = endpoint.to_string();
-        let prefix = prefix.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut kv = KvClient::new(channel(&endpoint).await);
-            let start = c * per_client;
-            for chunk in (start..start + per_client).collect::<Vec<_>>().chunks(100) {
-                let success = chunk
-                    .iter()
-                    .map(|n| RequestOp {
-                        request: Some(request_op::Request::RequestPut(PutRequest {
-                            key: format!("{prefix}{n:06}").into_bytes(),
-                            value: format!("value-{n}").into_bytes(),
-                            ..Default::default()
-                        })),
-                    })
-                    .collect();
-                kv.txn(TxnRequest {
-                    success,
-                    ..Default::default()
-                })
-                .await
-                .expect("bulk txn");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("writer");
-    }
+fn small_value(n: usize) -> Vec<u8> {
+    format!("value-{n}").into_bytes()
 }
 
 fn count_prefix(endpoint: &str, prefix: &str, serializable: bool) -> i64 {
@@ -344,13 +305,13 @@ async fn learner_behind_a_slow_link_catches_up_by_snapshot() {
     let learner = c.nodes[l].client.clone();
     let leader = c.leader();
     let writer = c.nodes[leader].client.clone();
-    bulk_write(&writer, "before/", 2000, 4).await;
+    bulk_write(&writer, "before/", 2000, 4, small_value).await;
     let rev = current_revision(&writer);
     c.converged_hash(&[0, 1, 2, l], rev, Duration::from_secs(30));
 
     c.nodes[l].proxy.blackhole(true);
     let cut_at = Instant::now();
-    bulk_write(&writer, "during/", 100_000, 8).await;
+    bulk_write(&writer, "during/", 100_000, 8, small_value).await;
     assert_eq!(count_prefix(&writer, "during/", false), 100_000);
     let learner_id = {
         let list = etcdctl(&writer, &["member", "list", "-w", "json"], None);

@@ -150,11 +150,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             backup,
             json,
         } => {
-            let target = store.open()?;
-            let identities = read_identities(&identity)?;
-            let manifest = catalog::find(&target, backup.as_deref()).await?;
-            let dir = tempfile::tempdir()?;
-            let (_, verified) = verify::verify(&target, &manifest, &identities, dir.path()).await?;
+            let fetched = fetch_verified(&store, &identity, backup.as_deref()).await?;
+            let verified = fetched.verified;
             if json {
                 println!("{}", serde_json::to_string_pretty(&verified)?);
             } else {
@@ -179,13 +176,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             initial_advertise_peer_urls,
             initial_cluster_token,
         } => {
-            let target = store.open()?;
-            let identities = read_identities(&identity)?;
-            let manifest = catalog::find(&target, backup.as_deref()).await?;
-            let dir = tempfile::tempdir()?;
-            let (state, _) = verify::verify(&target, &manifest, &identities, dir.path()).await?;
+            let fetched = fetch_verified(&store, &identity, backup.as_deref()).await?;
+            let manifest = &fetched.manifest;
             let restored = restore::into_data_dir(
-                &state,
+                &fetched.state,
                 &data_dir,
                 &restore::Identity {
                     name,
@@ -210,14 +204,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             json,
         } => {
             let started = std::time::Instant::now();
-            let target = store.open()?;
-            let identities = read_identities(&identity)?;
-            let manifest = catalog::find(&target, None).await?;
-            let dir = tempfile::tempdir()?;
-            let (state, _) = verify::verify(&target, &manifest, &identities, dir.path()).await?;
+            let fetched = fetch_verified(&store, &identity, None).await?;
+            let (manifest, state) = (&fetched.manifest, &fetched.state);
+            let dir = fetched.dir.path();
             let binary = tern_primary.unwrap_or_else(drill::default_tern_primary);
-            let report =
-                drill::check_restore(started, &manifest, &state, dir.path(), &binary).await?;
+            let report = drill::check_restore(started, manifest, state, dir, &binary).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -285,6 +276,35 @@ async fn list(target: &Target, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A backup downloaded and verified into a scratch directory (removed
+/// when this is dropped).
+struct Fetched {
+    manifest: tern_learner::backup::manifest::Manifest,
+    state: PathBuf,
+    verified: verify::Verified,
+    dir: tempfile::TempDir,
+}
+
+/// Find backup `id` (default: the newest) and verify it into a scratch
+/// directory: what `verify`, `restore` and `drill` all start with.
+async fn fetch_verified(
+    store: &StoreArgs,
+    identity: &PathBuf,
+    id: Option<&str>,
+) -> anyhow::Result<Fetched> {
+    let target = store.open()?;
+    let identities = read_identities(identity)?;
+    let manifest = catalog::find(&target, id).await?;
+    let dir = tempfile::tempdir()?;
+    let (state, verified) = verify::verify(&target, &manifest, &identities, dir.path()).await?;
+    Ok(Fetched {
+        manifest,
+        state,
+        verified,
+        dir,
+    })
 }
 
 /// The X25519 identities in an age identity file.

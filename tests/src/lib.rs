@@ -380,3 +380,54 @@ pub fn metric(endpoint: &str, name: &str) -> Option<f64> {
         (n == name).then(|| v.trim().parse().ok()).flatten()
     })
 }
+
+/// The store revision a member reports (linearizable Range header).
+pub fn current_revision(endpoint: &str) -> i64 {
+    let out = etcdctl(endpoint, &["get", "x", "-w", "json"], None);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    v["header"]["revision"].as_i64().expect("revision")
+}
+
+/// Write keys `{prefix}{n:06}` for n in `0..count`, in txns of 100 puts,
+/// from `clients` concurrent clients; `value(n)` gives each value.
+pub async fn bulk_write(
+    endpoint: &str,
+    prefix: &str,
+    count: usize,
+    clients: usize,
+    value: impl Fn(usize) -> Vec<u8> + Clone + Send + 'static,
+) {
+    use tern_primary::proto::etcdserverpb::{request_op, PutRequest, RequestOp, TxnRequest};
+    let per_client = count / clients;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let endpoint = endpoint.to_string();
+        let prefix = prefix.to_string();
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut kv = KvClient::new(channel(&endpoint).await);
+            let start = c * per_client;
+            for chunk in (start..start + per_client).collect::<Vec<_>>().chunks(100) {
+                let success = chunk
+                    .iter()
+                    .map(|&n| RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: format!("{prefix}{n:06}").into_bytes(),
+                            value: value(n),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                kv.txn(TxnRequest {
+                    success,
+                    ..Default::default()
+                })
+                .await
+                .expect("bulk txn");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+}
