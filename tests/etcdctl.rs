@@ -16,12 +16,25 @@ struct Pair {
 
 impl Pair {
     fn start() -> Pair {
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let tern = Tern::start(&[
-            &format!("--listen-client-urls={url}"),
-            &format!("--advertise-client-urls={url}"),
-        ]);
+        // The client port is picked up front (it is advertised); another
+        // test's process may take it before tern binds it, so try again
+        // with a new one.
+        let mut attempt = 0;
+        let tern = loop {
+            attempt += 1;
+            let url = format!("http://127.0.0.1:{}", free_port());
+            let started = std::panic::catch_unwind(|| {
+                Tern::start(&[
+                    &format!("--listen-client-urls={url}"),
+                    &format!("--advertise-client-urls={url}"),
+                ])
+            });
+            match started {
+                Ok(tern) => break tern,
+                Err(_) if attempt < 3 => continue,
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        };
         Pair {
             etcd: Etcd::start(),
             tern,

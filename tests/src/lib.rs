@@ -167,7 +167,11 @@ pub fn spawn_member(bin: &str, args: &[String]) -> (Child, String) {
             if std::env::var_os("TERN_TEST_LOGS").is_some() {
                 eprintln!("[tern] {line}");
             }
-            if !sent && (line.contains("ERROR") || line.starts_with("error")) {
+            if !sent
+                && (line.contains("ERROR")
+                    || line.starts_with("error")
+                    || line.starts_with("Error"))
+            {
                 let _ = tx.send(Err(line.clone()));
             }
         }
