@@ -4,31 +4,17 @@
 //! faults (the store's connection reset mid-upload, the learner killed
 //! mid-upload).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tern_tests::backups::{
+    add_file_learner, add_s3_learner, age_key, file_manifests, fill, post_backup, s3_backups,
+    tern_restore, S3,
+};
 use tern_tests::cluster::{hashkv, Cluster};
-use tern_tests::{current_revision, etcdctl, free_port, http_get, metric, Proxy};
-
-/// An age identity made with `age-keygen`: (key file, public key).
-fn age_key(dir: &Path) -> (PathBuf, String) {
-    let key = dir.join("key.txt");
-    let out = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&key)
-        .output()
-        .expect("age-keygen (apt-get install age)");
-    assert!(out.status.success(), "{out:?}");
-    let text = std::fs::read_to_string(&key).expect("key file");
-    let public = text
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .expect("public key line")
-        .to_string();
-    (key, public)
-}
+use tern_tests::{current_revision, etcdctl, http_get, metric, Proxy, SmallFilesystem};
 
 /// `age -d -i key < file | zstd -d > out`, then a query with sqlite3.
 fn open_backup(data: &[u8], key: &Path, dir: &Path, query: &str) -> String {
@@ -73,48 +59,6 @@ fn sha256_hex(data: &[u8]) -> String {
         .next()
         .unwrap_or("")
         .to_string()
-}
-
-/// Manifests in a `file://` store's `backups/` directory, oldest first.
-fn file_manifests(store: &Path) -> Vec<Value> {
-    let dir = store.join("backups");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".manifest.json"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-        .iter()
-        .map(|n| serde_json::from_slice(&std::fs::read(dir.join(n)).unwrap()).unwrap())
-        .collect()
-}
-
-fn post_backup(endpoint: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
-    write!(
-        stream,
-        "POST /backup HTTP/1.1\r\nHost: {endpoint}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
-fn fill(endpoint: &str, prefix: &str, n: usize) {
-    for i in 0..n {
-        let out = etcdctl(
-            endpoint,
-            &["put", &format!("{prefix}{i:04}"), &format!("v{i}")],
-            None,
-        );
-        assert_eq!(out.code, 0, "{out:?}");
-    }
 }
 
 #[test]
@@ -204,12 +148,7 @@ fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
     c.nodes[l].kill9();
 
     // tern-restore lists them newest first and proves the newest restores.
-    let restore = |args: &[&str]| {
-        Command::new(tern_tests::workspace_bin("tern-restore"))
-            .args(args)
-            .output()
-            .expect("tern-restore")
-    };
+    let restore = tern_restore;
     let listed = restore(&["list", "--url", &url, "--json"]);
     assert!(listed.status.success(), "{listed:?}");
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
@@ -220,7 +159,7 @@ fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
     let verified = restore(&["verify", "--url", &url, "--identity", &key_arg, "--json"]);
     assert!(verified.status.success(), "{verified:?}");
     let verified: Value = serde_json::from_slice(&verified.stdout).unwrap();
-    assert_eq!(verified["key_count"], 35);
+    assert_eq!(verified["backups"][0]["key_count"], 35);
     // The wrong key, and a tampered object, are refused with the reason.
     let other = dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
@@ -264,84 +203,6 @@ fn seconds_in_minute(stamp: &str) -> f64 {
         .expect("an RFC 3339 time")
 }
 
-/// A moto S3 server on loopback, killed on drop.
-struct S3 {
-    child: Child,
-    endpoint: String,
-}
-
-impl S3 {
-    fn start() -> S3 {
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server (pip install 'moto[server]'; .ci/run does)");
-        let endpoint = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&endpoint).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        S3 { child, endpoint }
-    }
-
-    fn create_bucket(&self, bucket: &str) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.endpoint).unwrap();
-        write!(
-            s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.endpoint
-        )
-        .unwrap();
-        let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    }
-
-    /// Object keys under `prefix`, from a path-style ListObjectsV2.
-    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
-        let body = http_get(
-            &self.endpoint,
-            &format!("/{bucket}?list-type=2&prefix={prefix}"),
-        );
-        body.split("<Key>")
-            .skip(1)
-            .filter_map(|s| s.split("</Key>").next())
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.endpoint).unwrap();
-        // moto refuses anonymous object reads; it does not check the
-        // signature itself.
-        write!(
-            s,
-            "GET /{bucket}/{key} HTTP/1.1\r\nHost: {}\r\nAuthorization: AWS4-HMAC-SHA256 \
-             Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, \
-             Signature=0\r\nConnection: close\r\n\r\n",
-            self.endpoint
-        )
-        .unwrap();
-        let mut r = Vec::new();
-        s.read_to_end(&mut r).unwrap();
-        let split = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        r[split..].to_vec()
-    }
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// An object store answering 500s: object_store retries with backoff,
 /// the backup comes through whole, and nothing partial is ever listed.
 #[test]
@@ -373,56 +234,6 @@ fn backups_retry_through_an_object_store_answering_500s() {
         open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
         "20"
     );
-}
-
-/// Add a tern-learner backing up to `url` (a `file://` store) for
-/// `recipient`, with `extra` flags. Returns its index.
-fn add_file_learner(c: &mut Cluster, url: &str, recipient: &str, extra: &[&str]) -> usize {
-    let mut args = vec!["--backup-url", url, "--backup-recipient", recipient];
-    args.extend_from_slice(extra);
-    c.add_member(true, &args)
-}
-
-/// Add a tern-learner backing up to `s3://tern/dr` at `endpoint`, with
-/// credentials in the environment as in production. Returns its index.
-fn add_s3_learner(c: &mut Cluster, endpoint: &str, recipient: &str, extra: &[&str]) -> usize {
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-    ] {
-        // SAFETY: every test of this binary sets the same values, before
-        // it starts members; nothing reads them concurrently in-process.
-        unsafe { std::env::set_var(k, v) };
-    }
-    let mut args = vec![
-        "--backup-url",
-        "s3://tern/dr",
-        "--backup-s3-endpoint",
-        endpoint,
-        "--backup-s3-path-style",
-        "--backup-s3-allow-http",
-        "--backup-recipient",
-        recipient,
-    ];
-    args.extend_from_slice(extra);
-    c.add_member(true, &args)
-}
-
-/// Manifest keys and data keys in an S3 bucket's backups/.
-fn s3_backups(s3: &S3) -> (Vec<String>, Vec<String>) {
-    let keys = s3.keys("tern", "dr/backups/");
-    let manifests = keys
-        .iter()
-        .filter(|k| k.ends_with(".manifest.json"))
-        .cloned()
-        .collect();
-    let data = keys
-        .iter()
-        .filter(|k| k.ends_with(".db.zst.age"))
-        .cloned()
-        .collect();
-    (manifests, data)
 }
 
 #[test]
@@ -681,12 +492,7 @@ fn restore_and_drill_the_newest_backup() {
     let answer = post_backup(&learner);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let key_arg = key.display().to_string();
-    let restore = |args: &[&str]| {
-        Command::new(tern_tests::workspace_bin("tern-restore"))
-            .args(args)
-            .output()
-            .expect("tern-restore")
-    };
+    let restore = tern_restore;
     let drill = restore(&["drill", "--url", &url, "--identity", &key_arg, "--json"]);
     assert!(drill.status.success(), "{drill:?}");
     let report: Value = serde_json::from_slice(&drill.stdout).unwrap();
@@ -759,4 +565,90 @@ fn random_kib(n: usize) -> Vec<u8> {
             seed as u8
         })
         .collect()
+}
+
+/// The staging area fills up mid-copy: the backup fails with its own
+/// reason, nothing appears in the store, the half-written copy is removed,
+/// the learner keeps replicating and serving, and once there is room the
+/// next backup succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = age_key(dir.path());
+    let store = dir.path().join("store");
+    let staging = SmallFilesystem::mount(dir.path().join("staging"), "1m");
+    let mut c = Cluster::start(1, &[]);
+    let leader = c.nodes[0].client.clone();
+    // About 3 MiB of state: three times the staging area.
+    tern_tests::bulk_write(&leader, "full/", 2_000, 2, random_kib).await;
+    let url = format!("file://{}", store.display());
+    let staging_dir = staging.path.display().to_string();
+    let l = add_file_learner(
+        &mut c,
+        &url,
+        &public,
+        &[
+            "--backup-staging-dir",
+            &staging_dir,
+            "--backup-segment-interval",
+            "1h",
+        ],
+    );
+    let learner = c.nodes[l].client.clone();
+    let rev = current_revision(&leader);
+    c.converged_hash(&[0, l], rev, Duration::from_secs(30));
+
+    let answer = post_backup(&learner);
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("staging area is full"), "{answer}");
+    let metrics = http_get(&learner, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"tern_backup_failed_total{reason="staging_full"} 1"#),
+        "{metrics}"
+    );
+    assert!(file_manifests(&store).is_empty(), "no backup is listed");
+    let data: Vec<_> = std::fs::read_dir(store.join("backups"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(data.is_empty(), "nothing uploaded: {data:?}");
+    assert!(
+        !staging.path.join("state.db").exists(),
+        "the half-written copy is removed"
+    );
+
+    // The learner is unaffected: it applies new writes and serves them.
+    fill(&leader, "after-full/", 5);
+    let rev = current_revision(&leader);
+    let hash = c.converged_hash(&[0, l], rev, Duration::from_secs(20));
+    let out = etcdctl(
+        &learner,
+        &[
+            "get",
+            "after-full/0004",
+            "--print-value-only",
+            "--consistency=s",
+        ],
+        None,
+    );
+    assert_eq!(out.stdout.trim(), "v4", "{out:?}");
+
+    staging.resize("64m");
+    let answer = post_backup(&learner);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let manifests = file_manifests(&store);
+    assert_eq!(manifests.len(), 1);
+    assert_eq!(manifests[0]["revision"], rev);
+    assert_eq!(manifests[0]["kv_hash"].as_u64(), Some(hash));
+    let object = std::fs::read(
+        store
+            .join("backups")
+            .join(manifests[0]["object"]["name"].as_str().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(
+        open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
+        "2005"
+    );
 }

@@ -6,10 +6,14 @@ use std::process::Command;
 use tern_tests::{etcdctl, workspace_bin, Tern};
 
 fn refused(args: &[&str]) -> String {
-    let out = Command::new(workspace_bin("tern-primary"))
+    refused_by("tern-primary", args)
+}
+
+fn refused_by(bin: &str, args: &[&str]) -> String {
+    let out = Command::new(workspace_bin(bin))
         .args(args)
         .output()
-        .expect("run tern-primary");
+        .expect("run a tern binary");
     assert_ne!(out.status.code(), Some(0), "{args:?} should be refused");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -49,6 +53,51 @@ fn bad_values_stop_startup_naming_the_key() {
     std::fs::write(&config, "name = \"x\"\nsnapshot-cuont = 5\n").expect("write config");
     let e = refused(&["--config-file", &config.display().to_string()]);
     assert!(e.contains("snapshot-cuont"), "{e}");
+}
+
+#[test]
+fn bad_backup_values_stop_the_learner_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("l").display().to_string();
+    let recipient = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+    let base = ["--data-dir", &d, "--backup-url", "s3://bucket/prefix"];
+    for (flag, value) in [
+        ("--backup-s3-endpoint", "127.0.0.1:9000"),
+        ("--backup-zstd-level", "99"),
+        ("--backup-schedule", "every-day"),
+        ("--backup-keep-last", "0"),
+        ("--backup-segment-interval", "soon"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(["--backup-recipient", recipient, flag, value]);
+        let e = refused_by("tern-learner", &args);
+        assert!(e.contains(flag) && e.contains(value), "{flag} {value}: {e}");
+    }
+    let mut args = base.to_vec();
+    args.extend(["--backup-recipient", "age1notakey"]);
+    let e = refused_by("tern-learner", &args);
+    assert!(
+        e.contains("--backup-recipient") && e.contains("age1notakey"),
+        "{e}"
+    );
+    // Backups are encrypted: a store without a recipient is refused.
+    let e = refused_by("tern-learner", &base);
+    assert!(e.contains("--backup-recipient"), "{e}");
+    let e = refused_by(
+        "tern-learner",
+        &[
+            "--data-dir",
+            &d,
+            "--backup-url",
+            "ftp://host/x",
+            "--backup-recipient",
+            recipient,
+        ],
+    );
+    assert!(
+        e.contains("--backup-url") && e.contains("ftp://host/x"),
+        "{e}"
+    );
 }
 
 #[test]

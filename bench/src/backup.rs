@@ -18,6 +18,11 @@
 //! Each system takes `--backup-runs` backups in a row and the table shows
 //! the median run (by time); throughput is the state's size over that
 //! run's time, in MB (10^6 bytes) per second.
+//!
+//! The last snapshot (etcd) and the store with its age key (Tern) are kept
+//! for the section's second half, [`crate::restore`], which runs once the
+//! backed-up servers are stopped: the time from that backup to a new
+//! member serving it.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -32,6 +37,7 @@ use tokio::net::TcpStream;
 use crate::cluster::{self, MemberFlags, LEARNER_NAME};
 use crate::load::{self, Pool, Settings};
 use crate::report::{Metric, Unit};
+use crate::restore::{self, EtcdSnapshot, TernBackups};
 use crate::servers::{free_port, Binaries, Probe, Server, System};
 use crate::{count_label, progress};
 
@@ -70,16 +76,30 @@ struct Run {
     stored_bytes: u64,
 }
 
-/// The backup section against `system`; returns its rows.
+/// The backup section against `system`, backups then restores; returns
+/// its rows.
 pub async fn bench_system(
     system: System,
     bins: &Binaries,
     load: &BackupLoad,
     settings: &Settings,
 ) -> Result<Vec<Metric>> {
-    let runs = match system {
-        System::Etcd => etcd_snapshots(bins, load, settings).await?,
-        System::Tern => tern_backups(bins, load, settings).await?,
+    // The backed-up servers are gone once these return; only what they
+    // wrote is left for the restores.
+    let (runs, restores) = match system {
+        System::Etcd => {
+            let (runs, snapshot) = etcd_snapshots(bins, load, settings).await?;
+            eprintln!("[{system}] restoring the last snapshot");
+            let restored = restore::etcd(bins, &snapshot, load.keys, load.runs, settings).await?;
+            (runs, restore::metrics(restored, None)?)
+        }
+        System::Tern => {
+            let (runs, backups) = tern_backups(bins, load, settings).await?;
+            eprintln!("[{system}] restoring the newest backup");
+            let restored = restore::tern(bins, &backups, load.keys, load.runs, settings).await?;
+            let rto = restore::drill(bins, &backups).await?;
+            (runs, restore::metrics(restored, Some(rto))?)
+        }
     };
     let run = median(runs).context("no backup was taken")?;
     let keys = count_label(load.keys);
@@ -111,15 +131,17 @@ pub async fn bench_system(
             run.state_bytes as f64 / run.stored_bytes.max(1) as f64,
         ),
     });
+    metrics.extend(restores);
     Ok(metrics)
 }
 
-/// One etcd, loaded, then `etcdctl snapshot save` `load.runs` times.
+/// One etcd, loaded, then `etcdctl snapshot save` `load.runs` times; the
+/// last snapshot is kept for the restores.
 async fn etcd_snapshots(
     bins: &Binaries,
     load: &BackupLoad,
     settings: &Settings,
-) -> Result<Vec<Run>> {
+) -> Result<(Vec<Run>, EtcdSnapshot)> {
     let system = System::Etcd;
     let etcdctl = bins
         .etcdctl
@@ -134,9 +156,15 @@ async fn etcd_snapshots(
     eprintln!("[{system}] starting for the backup section");
     let mut server = Server::start(system, bins).await?;
     load_data(&mut server, load, settings).await?;
+    // Nothing writes any more: every snapshot is at this revision.
+    let mut kv = KvClient::new(cluster::connect(server.url()).await?);
+    let revision = cluster::revision(&mut kv, settings.request_timeout)
+        .await
+        .context("reading etcd's revision")?;
 
     let url = server.url().to_string();
     let mut runs = Vec::new();
+    let mut kept = None;
     for i in 1..=load.runs {
         let file = snapshots.path().join(format!("snapshot-{i}.db"));
         let what = format!("etcdctl snapshot save ({i} of {})", load.runs);
@@ -151,15 +179,26 @@ async fn etcd_snapshots(
             size as f64 / MIB,
             size as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
         );
-        // Only the size is needed; the next snapshot needs the disk.
-        let _ = std::fs::remove_file(&file);
+        // The restores need the last one; of the others only the size is
+        // needed, and the next snapshot needs the disk.
+        if let Some(previous) = kept.replace(file) {
+            let _ = std::fs::remove_file(previous);
+        }
         runs.push(Run {
             elapsed,
             state_bytes: size,
             stored_bytes: size,
         });
     }
-    Ok(runs)
+    let file = kept.context("no snapshot was taken")?;
+    Ok((
+        runs,
+        EtcdSnapshot {
+            _dir: snapshots,
+            file,
+            revision,
+        },
+    ))
 }
 
 /// `etcdctl snapshot save <file>` against `url`.
@@ -190,8 +229,13 @@ async fn snapshot_save(etcdctl: &Path, url: &str, file: &Path) -> Result<()> {
 }
 
 /// One tern-primary, loaded, then a tern-learner added and caught up;
-/// then `POST /backup` on the learner `load.runs` times.
-async fn tern_backups(bins: &Binaries, load: &BackupLoad, settings: &Settings) -> Result<Vec<Run>> {
+/// then `POST /backup` on the learner `load.runs` times. The store and the
+/// key that decrypts it are kept for the restores.
+async fn tern_backups(
+    bins: &Binaries,
+    load: &BackupLoad,
+    settings: &Settings,
+) -> Result<(Vec<Run>, TernBackups)> {
     let system = System::Tern;
     let etcdctl = bins
         .etcdctl
@@ -211,7 +255,10 @@ async fn tern_backups(bins: &Binaries, load: &BackupLoad, settings: &Settings) -
         .prefix("tern-bench-backup-store-")
         .tempdir()
         .context("creating a directory for the backup store")?;
-    let recipient = age_recipient(age_keygen).await?;
+    // Beside the store, not in it: the learner writes only under `store`.
+    let identity = store.path().join("backup-key.txt");
+    let recipient = age_key(age_keygen, &identity).await?;
+    let url = file_url(&store, "store")?;
     let token = "tern-bench-backup";
 
     // A member with a name and a peer URL it can be reached at, which the
@@ -259,7 +306,7 @@ async fn tern_backups(bins: &Binaries, load: &BackupLoad, settings: &Settings) -
     .to_args();
     args.extend([
         "--backup-url".to_string(),
-        file_url(&store, "store")?,
+        url.clone(),
         "--backup-recipient".to_string(),
         recipient,
     ]);
@@ -296,12 +343,13 @@ async fn tern_backups(bins: &Binaries, load: &BackupLoad, settings: &Settings) -
         joining.elapsed()
     );
 
-    let url = learner.url().to_string();
+    let learner_url = learner.url().to_string();
     let mut runs = Vec::new();
+    let mut newest = None;
     for i in 1..=load.runs {
         let what = format!("POST /backup ({i} of {})", load.runs);
         let started = Instant::now();
-        let body = crate::step(&mut learner, &what, post_backup(&url)).await?;
+        let body = crate::step(&mut learner, &what, post_backup(&learner_url)).await?;
         let elapsed = started.elapsed();
         let manifest = Manifest::parse(&body)?;
         ensure!(
@@ -322,9 +370,19 @@ async fn tern_backups(bins: &Binaries, load: &BackupLoad, settings: &Settings) -
             state_bytes: manifest.raw_size,
             stored_bytes: manifest.size,
         });
+        newest = Some(manifest.revision);
     }
     primary.ensure_running()?;
-    Ok(runs)
+    let revision = newest.context("no backup was taken")?;
+    Ok((
+        runs,
+        TernBackups {
+            _dir: store,
+            url,
+            identity,
+            revision,
+        },
+    ))
 }
 
 /// Writes the data set: `load.keys` keys in txns of [`TXN_OPS`]. Fails if
@@ -368,10 +426,13 @@ async fn load_data(server: &mut Server, load: &BackupLoad, settings: &Settings) 
     Ok(())
 }
 
-/// A fresh age X25519 key's public half (`age1...`), from `age-keygen`;
-/// the private half is thrown away, as nothing here decrypts.
-async fn age_recipient(age_keygen: &Path) -> Result<String> {
+/// A fresh age X25519 key from `age-keygen -o <file>`, the identity file
+/// the restores decrypt with; returns its public half (`age1...`), the
+/// learner's recipient.
+async fn age_key(age_keygen: &Path, file: &Path) -> Result<String> {
     let output = tokio::process::Command::new(age_keygen)
+        .arg("-o")
+        .arg(file)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -383,13 +444,25 @@ async fn age_recipient(age_keygen: &Path) -> Result<String> {
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     );
-    // It prints "# public key: age1..." above the secret key.
-    String::from_utf8_lossy(&output.stdout)
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the key age-keygen wrote to {}", file.display()))?;
+    public_key(&text).with_context(|| {
+        format!(
+            "{} (from age-keygen) has no `# public key: age1...` line",
+            file.display()
+        )
+    })
+}
+
+/// The `# public key: age1...` comment `age-keygen` writes above the
+/// secret key.
+fn public_key(identity_file: &str) -> Option<String> {
+    identity_file
         .lines()
         .find_map(|line| line.strip_prefix("# public key: "))
+        .map(str::trim)
         .filter(|key| key.starts_with("age1"))
         .map(str::to_string)
-        .context("age-keygen printed no `# public key: age1...` line")
 }
 
 /// `file:///<dir>/<name>`.
@@ -540,6 +613,18 @@ mod tests {
         assert_eq!(median(vec![run(3), run(1), run(2)]).unwrap().state_bytes, 2);
         assert_eq!(median(vec![run(4), run(1)]).unwrap().state_bytes, 4);
         assert!(median(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn finds_the_public_key_in_an_identity_file() {
+        let file = "# created: 2026-11-25T22:10:35Z\n\
+                    # public key: age1rwwj6865fl5825u42czdd908ep953jla07gxxhmcews3u5ux2yaqydkv93\n\
+                    AGE-SECRET-KEY-1XXXX\n";
+        assert_eq!(
+            public_key(file).as_deref(),
+            Some("age1rwwj6865fl5825u42czdd908ep953jla07gxxhmcews3u5ux2yaqydkv93")
+        );
+        assert_eq!(public_key("AGE-SECRET-KEY-1XXXX\n"), None);
     }
 
     #[test]

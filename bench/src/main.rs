@@ -8,12 +8,16 @@
 //!   clusters, and a learner's lag behind a slow link.
 //! - [`backup`]: the backup section (`--backup`): a full backup of the same
 //!   data set, `etcdctl snapshot save` against a tern-learner's backup.
+//! - [`restore`]: the backup section's second half: from that backup to a
+//!   new member serving it, `etcdctl snapshot restore` + etcd against
+//!   `tern-restore restore` + tern-primary, and one `tern-restore drill`.
 //! - [`report`]: the table.
 
 mod backup;
 mod cluster;
 mod load;
 mod report;
+mod restore;
 mod servers;
 
 use std::future::Future;
@@ -42,7 +46,7 @@ const RSS_SETTLE: Duration = Duration::from_secs(1);
 /// Benchmark tern-primary against etcd with identical client load.
 ///
 /// The defaults take about three minutes on a 2-core machine; --cluster
-/// adds about a minute, --backup a few.
+/// adds about a minute, --backup a few (backups, then restores).
 #[derive(Debug, Parser)]
 #[command(name = "tern-bench", version, about)]
 struct Args {
@@ -56,12 +60,16 @@ struct Args {
     /// next to tern-primary].
     #[arg(long)]
     tern_learner_bin: Option<PathBuf>,
+    /// The tern-restore executable, for --backup (it restores the backups
+    /// and runs a drill) [default: next to tern-primary].
+    #[arg(long)]
+    tern_restore_bin: Option<PathBuf>,
     /// The etcdctl executable, for --cluster and --backup (it adds the
     /// learners and takes etcd's snapshots).
     #[arg(long, default_value = "/usr/bin/etcdctl")]
     etcdctl_bin: PathBuf,
     /// The age-keygen executable, for --backup (the key Tern's backups are
-    /// encrypted to).
+    /// encrypted to and restored with).
     #[arg(long, default_value = "/usr/bin/age-keygen")]
     age_keygen_bin: PathBuf,
     /// How long each put and get step runs.
@@ -137,7 +145,10 @@ struct Args {
     learner_poll: Duration,
     /// After the other sections, run the backup section: the time to back
     /// up the same data set with `etcdctl snapshot save` from an etcd and
-    /// with `POST /backup` on a tern-learner of a tern-primary.
+    /// with `POST /backup` on a tern-learner of a tern-primary; then the
+    /// time from that backup to a new member serving it (`etcdctl snapshot
+    /// restore` + etcd, `tern-restore restore` + tern-primary), and one
+    /// `tern-restore drill`.
     #[arg(long)]
     backup: bool,
     /// Run the backup section only (with --cluster-only: those two only).
@@ -147,7 +158,8 @@ struct Args {
     /// default makes about 110 MiB of state in etcd, 180 MiB in Tern.
     #[arg(long, default_value_t = 300_000)]
     backup_keys: u64,
-    /// Backups taken in a row of each system; the table shows the median.
+    /// Backups taken in a row of each system, and restores of the last one;
+    /// the table shows the median of each.
     #[arg(long, default_value_t = 3)]
     backup_runs: usize,
     /// Fill the backed-up values with pseudo-random bytes, which no
@@ -276,7 +288,8 @@ impl Args {
             "etcd not found at {}: install etcd-server or pass --etcd-bin",
             self.etcd_bin.display()
         );
-        let (mut tern_learner, mut etcdctl, mut age_keygen) = (None, None, None);
+        let (mut tern_learner, mut etcdctl, mut age_keygen, mut tern_restore) =
+            (None, None, None, None);
         if self.cluster() || self.backup() {
             let learner = match &self.tern_learner_bin {
                 Some(path) => path.clone(),
@@ -302,6 +315,16 @@ impl Args {
                 self.age_keygen_bin.display()
             );
             age_keygen = Some(self.age_keygen_bin.clone());
+            let restore = match &self.tern_restore_bin {
+                Some(path) => path.clone(),
+                None => tern.with_file_name("tern-restore"),
+            };
+            ensure!(
+                restore.is_file(),
+                "tern-restore not found at {}: build it with `cargo build --release -p tern-restore` or pass --tern-restore-bin",
+                restore.display()
+            );
+            tern_restore = Some(restore);
         }
         Ok(Binaries {
             etcd: self.etcd_bin.clone(),
@@ -309,6 +332,7 @@ impl Args {
             tern_learner,
             etcdctl,
             age_keygen,
+            tern_restore,
         })
     }
 
@@ -365,7 +389,13 @@ impl Args {
                  file:// store in a temporary directory (VACUUM INTO copy, zstd level 3, age to \
                  one X25519 recipient, answered when the manifest is written); state = etcd's \
                  snapshot size, tern's manifest raw_size; throughput = state MB (10^6 bytes) / \
-                 seconds; the median of {} {} in a row",
+                 seconds; the median of {} {} in a row; restore: with the backed-up servers \
+                 stopped, from spawning the restore command (etcd: `etcdctl snapshot restore` of \
+                 the last snapshot; tern: `tern-restore restore` of the newest backup: download, \
+                 sha256, decrypt, decompress, integrity check, hash recomputed) into a fresh dir \
+                 to the first linearizable Range on a member started on it that answers at the \
+                 backed-up revision, the median of {} in a row; drill RTO: as reported by one \
+                 `tern-restore drill` on the same store",
                 count_label(self.backup_keys),
                 if self.backup_random_values {
                     "pseudo-random (incompressible)"
@@ -377,6 +407,7 @@ impl Args {
                 backup::LOAD_CLIENTS,
                 self.backup_runs,
                 plural(self.backup_runs, "backup"),
+                self.backup_runs,
             ));
         }
         parts.join("; ")

@@ -4,7 +4,8 @@
 //! directory. The [`Server`] guard kills the process and removes the
 //! directory when it is dropped, so an error (or Ctrl-C, which drops the
 //! running future) never leaves a server behind. The cluster and backup
-//! sections start their members through the same guard ([`Server::spawn`]).
+//! sections start their members through the same guard ([`Server::spawn`]),
+//! and the backup section its restored members ([`Server::spawn_in`]).
 
 use std::fmt;
 use std::fs::File;
@@ -21,6 +22,9 @@ use tonic::transport::Endpoint;
 
 /// How long a server may take from spawn to answering its first Range.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often [`Server::wait_serving`] probes: the resolution of the
+/// restore section's start-to-serving time.
+const SERVING_POLL: Duration = Duration::from_millis(5);
 
 /// Which implementation a server is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +54,11 @@ pub struct Binaries {
     /// learner (and to take etcd's snapshots).
     pub etcdctl: Option<PathBuf>,
     /// `age-keygen`; only the backup section needs it, for the key Tern's
-    /// backups are encrypted to.
+    /// backups are encrypted to (and restored with).
     pub age_keygen: Option<PathBuf>,
+    /// `tern-restore`; only the backup section needs it, to restore the
+    /// backups it took and to run a drill.
+    pub tern_restore: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -120,11 +127,22 @@ impl Server {
         url: String,
         args: &[String],
     ) -> Result<Server> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("tern-bench-{}-", name.replace(' ', "-")))
-            .tempdir()
-            .with_context(|| format!("creating a temporary directory for {name}"))?;
-        let data_dir = dir.path().join("data");
+        let dir = server_dir(&name)?;
+        Server::spawn_in(dir, system, name, bin, url, args)
+    }
+
+    /// [`Server::spawn`] in `dir` (from [`server_dir`]), whose [`data_dir`]
+    /// may already hold a data dir, such as a restored one. The server owns
+    /// `dir` from then on and removes it when it is dropped.
+    pub fn spawn_in(
+        dir: TempDir,
+        system: System,
+        name: String,
+        bin: &Path,
+        url: String,
+        args: &[String],
+    ) -> Result<Server> {
+        let data_dir = data_dir(dir.path());
         let log_path = dir.path().join("server.log");
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -214,14 +232,12 @@ impl Server {
     /// exits or [`READY_TIMEOUT`] passes first.
     pub async fn wait_ready(&mut self, probe: Probe) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let endpoint = Endpoint::from_shared(self.url.clone())
-            .context("building the readiness endpoint")?
-            .connect_timeout(Duration::from_secs(1));
+        let endpoint = self.probe_endpoint()?;
         let mut last_error = String::from("no attempt made");
         while Instant::now() < deadline {
             self.ensure_running()?;
             match probe_once(&endpoint, probe).await {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(e) => last_error = format!("{e:#}"),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -233,6 +249,55 @@ impl Server {
             self.log_tail(20)
         )
     }
+
+    /// Polls with linearizable Ranges, every [`SERVING_POLL`], until one
+    /// answers at store revision `revision`: the member is serving that
+    /// state. Fails if the process exits, if it answers at a later
+    /// revision (nothing writes to it), or if `timeout` passes first.
+    pub async fn wait_serving(&mut self, revision: i64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let endpoint = self.probe_endpoint()?;
+        let mut last = String::from("no attempt made");
+        while Instant::now() < deadline {
+            self.ensure_running()?;
+            match probe_once(&endpoint, Probe::Linearizable).await {
+                Ok(served) if served == revision => return Ok(()),
+                Ok(served) if served > revision => bail!(
+                    "{} serves revision {served}, past the {revision} it was restored to",
+                    self.name
+                ),
+                Ok(served) => last = format!("at revision {served}"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            tokio::time::sleep(SERVING_POLL).await;
+        }
+        bail!(
+            "{} did not serve revision {revision} within {timeout:?} ({last}); last lines of {}:\n{}",
+            self.name,
+            self.log_path.display(),
+            self.log_tail(20)
+        )
+    }
+
+    fn probe_endpoint(&self) -> Result<Endpoint> {
+        Ok(Endpoint::from_shared(self.url.clone())
+            .context("building the readiness endpoint")?
+            .connect_timeout(Duration::from_secs(1)))
+    }
+}
+
+/// A fresh temporary directory for a server called `name`, to hold its
+/// data dir ([`data_dir`]) and its log.
+pub fn server_dir(name: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("tern-bench-{}-", name.replace(' ', "-")))
+        .tempdir()
+        .with_context(|| format!("creating a temporary directory for {name}"))
+}
+
+/// The data dir a server spawned in `dir` is given.
+pub fn data_dir(dir: &Path) -> PathBuf {
+    dir.join("data")
 }
 
 impl Drop for Server {
@@ -245,7 +310,8 @@ impl Drop for Server {
 }
 
 /// One Range with a short timeout: the server is up when this succeeds.
-async fn probe_once(endpoint: &Endpoint, probe: Probe) -> Result<()> {
+/// Returns the store revision it answered at.
+async fn probe_once(endpoint: &Endpoint, probe: Probe) -> Result<i64> {
     let channel = endpoint.connect().await.context("connecting")?;
     let mut kv = KvClient::new(channel);
     let request = RangeRequest {
@@ -253,11 +319,15 @@ async fn probe_once(endpoint: &Endpoint, probe: Probe) -> Result<()> {
         serializable: probe == Probe::Serializable,
         ..Default::default()
     };
-    tokio::time::timeout(Duration::from_secs(1), kv.range(request))
+    let response = tokio::time::timeout(Duration::from_secs(1), kv.range(request))
         .await
         .context("Range timed out")?
-        .context("Range failed")?;
-    Ok(())
+        .context("Range failed")?
+        .into_inner();
+    response
+        .header
+        .map(|h| h.revision)
+        .context("Range answered without a header")
 }
 
 /// A port that was free a moment ago. The kernel may hand it out again

@@ -4,7 +4,9 @@
 //! They are rewritten as `--data-dir=/var/lib/tern` and placed before the
 //! real command-line arguments; with `args_override_self` the later
 //! occurrence wins, so flags override the file without a merge step that
-//! would have to list every field twice.
+//! would have to list every field twice. A list (`listen-client-urls`)
+//! would be appended to rather than replaced, so a key also given as a
+//! flag is left out of the file's arguments altogether.
 
 use std::ffi::OsString;
 
@@ -30,11 +32,23 @@ where
             .filter_map(|a| a.get_long().map(str::to_string))
             .filter(|l| l != CONFIG_FILE_FLAG)
             .collect();
-        full.extend(file_args(&path, &known)?.into_iter().map(OsString::from));
+        let given: Vec<String> = args.iter().skip(1).filter_map(flag_name).collect();
+        full.extend(
+            file_args(&path, &known)?
+                .into_iter()
+                .map(OsString::from)
+                .filter(|a| flag_name(a).is_none_or(|name| !given.contains(&name))),
+        );
     }
     full.extend(args.into_iter().skip(1));
     let matches = command.try_get_matches_from_mut(full)?;
     Ok(T::from_arg_matches(&matches)?)
+}
+
+/// `key` of an argument `--key` or `--key=value`.
+fn flag_name(arg: &OsString) -> Option<String> {
+    let arg = arg.to_str()?.strip_prefix("--")?;
+    Some(arg.split_once('=').map_or(arg, |(k, _)| k).to_string())
 }
 
 /// Find `--config-file PATH` or `--config-file=PATH` before clap runs.

@@ -78,6 +78,13 @@ pub struct BackupConfig {
     #[arg(long = "backup-segment-interval", default_value = "5s")]
     pub segment_interval: String,
 
+    /// Where a full backup's state copy is made before it is streamed out
+    /// (default: `backup-staging` in the data dir). It needs room for one
+    /// copy of the state; a separate filesystem keeps a full staging area
+    /// from ever touching the member's own data.
+    #[arg(long = "backup-staging-dir")]
+    pub staging_dir: Option<std::path::PathBuf>,
+
     /// S3-compatible stores: the endpoint URL (`http://minio:9000`).
     #[arg(long = "backup-s3-endpoint")]
     pub s3_endpoint: Option<String>,
@@ -182,7 +189,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.member.name, "dr");
-        assert_eq!(config.member.initial_members().unwrap().len(), 4);
+        assert_eq!(config.member.initial_members().unwrap().len(), 2);
         let primary = dir.join("primary.toml");
         PrimaryConfig::load(
             ["tern-primary", "--config-file", primary.to_str().unwrap()].map(Into::into),

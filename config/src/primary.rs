@@ -10,6 +10,8 @@ use crate::ConfigError;
 
 /// etcd's default quota: 2 GiB.
 pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// etcd's longest `--election-timeout`: 50 s.
+pub const MAX_ELECTION_TIMEOUT_MS: u64 = 50_000;
 /// etcd's `--max-request-bytes` default: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 1536 * 1024;
 
@@ -226,7 +228,16 @@ impl PrimaryConfig {
                 "must be positive",
             ));
         }
-        if self.election_timeout < 5 * self.heartbeat_interval {
+        // etcd's bound; it also keeps every Raft timer far from overflowing
+        // an Instant.
+        if self.election_timeout > MAX_ELECTION_TIMEOUT_MS {
+            return Err(ConfigError::invalid(
+                "election-timeout",
+                self.election_timeout,
+                format!("is too long, and should be set less than {MAX_ELECTION_TIMEOUT_MS}"),
+            ));
+        }
+        if self.election_timeout < self.heartbeat_interval.saturating_mul(5) {
             return Err(ConfigError::invalid(
                 "election-timeout",
                 self.election_timeout,
@@ -322,7 +333,11 @@ impl PrimaryConfig {
             AutoCompactionMode::Periodic => {
                 // etcd: a bare number is hours; otherwise a Go-style duration.
                 let duration = match raw.parse::<u64>() {
-                    Ok(hours) => Duration::from_secs(hours * 3600),
+                    Ok(hours) => Duration::from_secs(
+                        hours
+                            .checked_mul(3600)
+                            .ok_or_else(|| bad("too many hours"))?,
+                    ),
                     Err(_) => humantime::parse_duration(raw)
                         .map_err(|_| bad("periodic mode takes a duration such as 1h or 30m, or a number of hours"))?,
                 };
@@ -471,6 +486,23 @@ mod tests {
         assert_eq!(c.name, "filed");
         assert_eq!(c.snapshot_count, 77);
         assert_eq!(c.max_txn_ops, 9);
+        // A list given as a flag replaces the file's, not adds to it.
+        std::fs::write(
+            &path,
+            "listen-client-urls = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n",
+        )
+        .unwrap();
+        let c = load(&["--config-file", p]).unwrap();
+        assert_eq!(c.listen_client_urls.len(), 2);
+        let c = load(&[
+            "--config-file",
+            p,
+            "--listen-client-urls",
+            "http://127.0.0.1:3",
+        ])
+        .unwrap();
+        assert_eq!(c.listen_client_urls.len(), 1);
+        assert_eq!(c.listen_client_urls[0].as_str(), "http://127.0.0.1:3/");
         std::fs::write(&path, "snapshot-count = \"many\"\n").unwrap();
         let e = load(&["--config-file", p]).unwrap_err().to_string();
         assert!(e.contains("--snapshot-count") && e.contains("many"), "{e}");

@@ -429,7 +429,7 @@ fn txn(b: &mut Batch<'_>, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
     // the txn writes anything.
     let mut path = Vec::new();
     txn_path(b.conn(), t, &mut path)?;
-    check_txn(b.conn(), b.state(), t, &mut path.iter().copied())?;
+    check_txn(b.conn(), b.state(), t, &path)?;
     let mut path = path.into_iter();
     let mut response = execute_txn(b, t, &mut path)?;
     response.header = Some(header(b.read_revision()));
@@ -437,34 +437,53 @@ fn txn(b: &mut Batch<'_>, t: &TxnRequest) -> Result<TxnResponse, ApplyError> {
 }
 
 /// etcd's checkRequests: before anything is written, every request on the
-/// chosen path is checked against the state before the txn.
+/// chosen path is checked against the state before the txn; all puts
+/// first, then all ranges, so the error a client sees is etcd's.
 fn check_txn(
     conn: &Connection,
     state: StoreState,
     t: &TxnRequest,
+    path: &[bool],
+) -> Result<(), ApplyError> {
+    on_path(t, &mut path.iter().copied(), &mut |op| match op {
+        request_op::Request::RequestPut(p) => {
+            if (p.ignore_value || p.ignore_lease) && read::get_live(conn, &p.key)?.is_none() {
+                return Err(ApplyError::KeyNotFound);
+            }
+            if p.lease != 0 && read::lease_ttl(conn, p.lease)?.is_none() {
+                return Err(ApplyError::LeaseNotFound);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    })?;
+    on_path(t, &mut path.iter().copied(), &mut |op| match op {
+        request_op::Request::RequestRange(r) if r.revision != 0 => {
+            if r.revision > state.revision {
+                return Err(ApplyError::FutureRevision);
+            }
+            if r.revision < state.compact_revision {
+                return Err(ApplyError::Compacted);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    })
+}
+
+/// Run `check` on every op of the branches `path` takes, nested txns
+/// included, in order.
+fn on_path(
+    t: &TxnRequest,
     path: &mut impl Iterator<Item = bool>,
+    check: &mut impl FnMut(&request_op::Request) -> Result<(), ApplyError>,
 ) -> Result<(), ApplyError> {
     let succeeded = path.next().unwrap_or(false);
     for op in if succeeded { &t.success } else { &t.failure } {
         match &op.request {
-            Some(request_op::Request::RequestPut(p)) => {
-                if (p.ignore_value || p.ignore_lease) && read::get_live(conn, &p.key)?.is_none() {
-                    return Err(ApplyError::KeyNotFound);
-                }
-                if p.lease != 0 && read::lease_ttl(conn, p.lease)?.is_none() {
-                    return Err(ApplyError::LeaseNotFound);
-                }
-            }
-            Some(request_op::Request::RequestRange(r)) if r.revision != 0 => {
-                if r.revision > state.revision {
-                    return Err(ApplyError::FutureRevision);
-                }
-                if r.revision < state.compact_revision {
-                    return Err(ApplyError::Compacted);
-                }
-            }
-            Some(request_op::Request::RequestTxn(nested)) => check_txn(conn, state, nested, path)?,
-            _ => {}
+            Some(request_op::Request::RequestTxn(nested)) => on_path(nested, path, check)?,
+            Some(request) => check(request)?,
+            None => {}
         }
     }
     Ok(())
@@ -534,6 +553,8 @@ pub fn read_only_txn(
 ) -> Result<TxnResponse, ApplyError> {
     let mut path = Vec::new();
     txn_path(conn, t, &mut path)?;
+    // etcd checks the ranges on the path of a read-only txn too.
+    check_txn(conn, state, t, &path)?;
     let mut response = read_only_branch(conn, state, t, &mut path.into_iter())?;
     response.header = Some(header(state.revision));
     Ok(response)
@@ -579,9 +600,9 @@ fn compare(conn: &Connection, c: &Compare) -> Result<bool, ApplyError> {
         keys_only: false,
     };
     let kvs = read::range(conn, &query, i64::MAX)?.kvs;
-    let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    let target = CompareTarget::try_from(c.target).ok();
     if kvs.is_empty() {
-        if target == CompareTarget::Value {
+        if target == Some(CompareTarget::Value) {
             return Ok(false);
         }
         return Ok(compare_kv(c, target, &KeyValue::default()));
@@ -589,30 +610,107 @@ fn compare(conn: &Connection, c: &Compare) -> Result<bool, ApplyError> {
     Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
 }
 
-fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+/// etcd's compareKV, including what it does with enum values it does not
+/// know (they reach it unchecked): an unknown target compares as equal,
+/// and an unknown result holds.
+fn compare_kv(c: &Compare, target: Option<CompareTarget>, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
     let ord = match (&c.target_union, target) {
-        (Some(compare::TargetUnion::Value(v)), CompareTarget::Value) => {
+        (Some(compare::TargetUnion::Value(v)), Some(CompareTarget::Value)) => {
             kv.value.as_slice().cmp(v.as_slice())
         }
-        (Some(compare::TargetUnion::Version(v)), CompareTarget::Version) => kv.version.cmp(v),
-        (Some(compare::TargetUnion::CreateRevision(v)), CompareTarget::Create) => {
+        (Some(compare::TargetUnion::Version(v)), Some(CompareTarget::Version)) => kv.version.cmp(v),
+        (Some(compare::TargetUnion::CreateRevision(v)), Some(CompareTarget::Create)) => {
             kv.create_revision.cmp(v)
         }
-        (Some(compare::TargetUnion::ModRevision(v)), CompareTarget::Mod) => kv.mod_revision.cmp(v),
-        (Some(compare::TargetUnion::Lease(v)), CompareTarget::Lease) => kv.lease.cmp(v),
+        (Some(compare::TargetUnion::ModRevision(v)), Some(CompareTarget::Mod)) => {
+            kv.mod_revision.cmp(v)
+        }
+        (Some(compare::TargetUnion::Lease(v)), Some(CompareTarget::Lease)) => kv.lease.cmp(v),
         // A union that does not match the target compares against zero,
         // like etcd's generated getters do.
-        (_, CompareTarget::Value) => kv.value.as_slice().cmp(&[]),
-        (_, CompareTarget::Version) => kv.version.cmp(&0),
-        (_, CompareTarget::Create) => kv.create_revision.cmp(&0),
-        (_, CompareTarget::Mod) => kv.mod_revision.cmp(&0),
-        (_, CompareTarget::Lease) => kv.lease.cmp(&0),
+        (_, Some(CompareTarget::Value)) => kv.value.as_slice().cmp(&[]),
+        (_, Some(CompareTarget::Version)) => kv.version.cmp(&0),
+        (_, Some(CompareTarget::Create)) => kv.create_revision.cmp(&0),
+        (_, Some(CompareTarget::Mod)) => kv.mod_revision.cmp(&0),
+        (_, Some(CompareTarget::Lease)) => kv.lease.cmp(&0),
+        (_, None) => Ordering::Equal,
     };
-    match CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal) {
-        CompareResult::Equal => ord == Ordering::Equal,
-        CompareResult::NotEqual => ord != Ordering::Equal,
-        CompareResult::Greater => ord == Ordering::Greater,
-        CompareResult::Less => ord == Ordering::Less,
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ord != Ordering::Equal,
+        Ok(CompareResult::Greater) => ord == Ordering::Greater,
+        Ok(CompareResult::Less) => ord == Ordering::Less,
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the etcd differential fuzzer (tests/fuzz.rs): compares with
+    /// enum values etcd does not know behave as in etcd's compareKV.
+    #[test]
+    fn unknown_compare_targets_and_results_behave_like_etcd() {
+        let kv = KeyValue {
+            version: 3,
+            ..Default::default()
+        };
+        let cmp = |target: i32, result: i32| Compare {
+            target,
+            result,
+            target_union: Some(compare::TargetUnion::Version(1)),
+            ..Default::default()
+        };
+        let target = |c: &Compare| CompareTarget::try_from(c.target).ok();
+        // Known target and result: version 3 > 1.
+        let c = cmp(CompareTarget::Version as i32, CompareResult::Greater as i32);
+        assert!(compare_kv(&c, target(&c), &kv));
+        // An unknown target compares as equal.
+        let c = cmp(99, CompareResult::Equal as i32);
+        assert!(compare_kv(&c, target(&c), &kv));
+        let c = cmp(99, CompareResult::Greater as i32);
+        assert!(!compare_kv(&c, target(&c), &kv));
+        // An unknown result holds, whatever the comparison.
+        let c = cmp(CompareTarget::Version as i32, -7);
+        assert!(compare_kv(&c, target(&c), &kv));
+    }
+
+    /// Also found by the differential fuzzer: a read-only txn's ranges are
+    /// checked against the store's revisions as a writing txn's are.
+    #[test]
+    fn read_only_txns_check_range_revisions_like_etcd() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
+        let txn = |revision: i64| TxnRequest {
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: b"k".to_vec(),
+                    revision,
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        let read = |revision| read_only_txn(store.connection(), store.state(), &txn(revision));
+        assert!(read(0).is_ok());
+        assert!(matches!(read(-5), Err(ApplyError::Compacted)));
+        assert!(matches!(read(100), Err(ApplyError::FutureRevision)));
+        // Puts are checked before ranges wherever they stand, as in etcd.
+        let mut both = txn(-5);
+        both.success.push(RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: b"k".to_vec(),
+                lease: 77,
+                ..Default::default()
+            })),
+        });
+        let mut path = Vec::new();
+        txn_path(store.connection(), &both, &mut path).unwrap();
+        assert!(matches!(
+            check_txn(store.connection(), store.state(), &both, &path),
+            Err(ApplyError::LeaseNotFound)
+        ));
     }
 }

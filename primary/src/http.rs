@@ -44,6 +44,14 @@ async fn metrics(State(member): State<Arc<Member>>) -> impl IntoResponse {
     let (lag_entries, lag_time) = status.lag();
     m.is_learner.set(i64::from(status.is_learner()));
     m.applied_index.set(status.applied_index() as i64);
+    // etcd's proposals_committed_total and proposals_applied_total are the
+    // commit and applied indexes (gauges, despite the names).
+    m.proposals_committed.set(
+        status
+            .commit_index
+            .load(std::sync::atomic::Ordering::Acquire) as i64,
+    );
+    m.proposals_applied.set(status.applied_index() as i64);
     m.current_revision.set(status.revision());
     m.leader_commit.set(
         status

@@ -19,11 +19,15 @@
 //! - [`apply`]: executes committed requests; also serves ranges.
 //! - [`mvcc`]: SQLite schema, writer, reads, history, hash, and the etcd
 //!   backend layout the Snapshot RPC streams.
-//! - [`bbolt`]: a bulk-load writer of bbolt files (etcd's backend format).
+//! - [`bbolt`]: bbolt files (etcd's backend format): a bulk-load writer for
+//!   the Snapshot RPC, a streaming reader for `tern-restore import-etcd`.
 //! - [`lease`]: lease deadlines (the leader revokes expired leases via Raft).
 //! - [`watch`]: the watch hub (synced fan-out and history replay).
 //! - [`housekeeping`]: lease expiry, auto-compaction, size tracking.
-//! - [`http`]: `/health` and `/metrics`; [`metrics`]: etcd-named metrics.
+//! - [`http`]: `/health` and `/metrics`; [`metrics`]: etcd-named metrics
+//!   (server, disk, peer network, gRPC, process).
+//! - [`readiness`]: systemd's `Type=notify` (`READY=1` once clients are
+//!   served, `STATUS=`, `STOPPING=1`).
 //! - [`identity`]: etcd-compatible member and cluster ids.
 //! - [`server`]: start-up (bootstrap, join, disaster takeover) and serving;
 //!   [`launch`]: logging and runtime for the binaries.
@@ -45,6 +49,7 @@ pub mod member;
 pub mod metrics;
 pub mod mvcc;
 pub mod raft;
+pub mod readiness;
 pub mod server;
 pub mod watch;
 

@@ -18,6 +18,14 @@ use crate::proto::ternpb::raft_request::Request;
 use crate::raft::NodeHandle;
 use crate::watch::WatchHub;
 
+/// Free space a write must leave on the data dir's filesystem. Below it a
+/// write is refused and the NOSPACE alarm raised (through the log, which
+/// needs a little of this room), as for the backend quota, so a filling
+/// disk never reaches a failed log append: the Raft log, SQLite's WAL and
+/// snapshot copies all need headroom. etcd has no such check and stops
+/// when its WAL write fails.
+pub const DISK_RESERVE_BYTES: u64 = 32 * 1024 * 1024;
+
 /// etcd's default request timeout for a proposal to be applied.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
 
@@ -121,10 +129,13 @@ impl Member {
     }
 
     /// etcd's quota check: refuse a write that would take the database past
-    /// the quota, and raise the NOSPACE alarm through the log.
+    /// the quota, or leave the data dir's filesystem with less than
+    /// [`DISK_RESERVE_BYTES`] free, and raise the NOSPACE alarm through the
+    /// log.
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
         let size = self.db_size.load(Ordering::Relaxed).max(0) as u64;
-        if size + cost as u64 <= self.limits.quota_backend_bytes {
+        let within_quota = size + cost as u64 <= self.limits.quota_backend_bytes;
+        if within_quota && self.disk_has_room(cost) {
             return Ok(());
         }
         let alarm = crate::proto::etcdserverpb::AlarmRequest {
@@ -134,6 +145,19 @@ impl Member {
         };
         let _ = self.propose(Request::Alarm(alarm)).await;
         Err(EtcdError::NoSpace.into())
+    }
+
+    /// Whether the data dir's filesystem keeps the reserve after `cost`
+    /// more bytes (a `statvfs`, cheap beside the write it guards). If the
+    /// figure cannot be read, the check does not stand in the way.
+    fn disk_has_room(&self, cost: usize) -> bool {
+        match rustix::fs::statvfs(&self.data_dir) {
+            Ok(fs) => {
+                let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                free >= DISK_RESERVE_BYTES + cost as u64
+            }
+            Err(_) => true,
+        }
     }
 
     /// A header with the ids, the term and `revision` (0: the current one).

@@ -22,6 +22,7 @@ use crate::raft::peer_service::PeerService;
 use crate::raft::snapshot::Snapshots;
 use crate::raft::transport::{CONNECTION_WINDOW, MAX_PEER_MESSAGE, STREAM_WINDOW};
 use crate::raft::{LogStore, RaftNode};
+use crate::readiness;
 use crate::watch::WatchHub;
 use raft::eraftpb::ConfState;
 
@@ -145,6 +146,7 @@ pub async fn run_with(
         };
         (member_id, cluster_id, Some(conf))
     } else {
+        readiness::status("joining the existing cluster named in --initial-cluster");
         let (member_id, cluster_id, rows) = join_existing(&config, role).await?;
         bootstrap_state(&store, member_id, cluster_id, &rows, false)?;
         (member_id, cluster_id, None)
@@ -224,10 +226,16 @@ pub async fn run_with(
         .map(url_string)
         .collect();
 
+    // From the outside in: the learner gate (refusals are not counted, as
+    // in etcd), the gRPC metrics, etcd's oversize status, the services.
     let router = crate::api::routes(member.clone())
         .into_axum_router()
         .layer(axum::middleware::map_response(
             crate::api::etcd_oversize_status,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            member.metrics.clone(),
+            crate::metrics::grpc::track,
         ))
         .layer(axum::middleware::from_fn_with_state(
             member.clone(),
@@ -273,6 +281,7 @@ pub async fn run_with(
         });
     }
     let mut client_listeners = Vec::new();
+    let mut client_addresses = Vec::new();
     for url in &config.listen_client_urls {
         let listener = bind(url).await?;
         let address = listener.local_addr().map_err(|source| StartError::Listen {
@@ -281,13 +290,18 @@ pub async fn run_with(
         })?;
         tracing::info!(%address, "serving client traffic");
         client_listeners.push(listener);
+        client_addresses.push(address.to_string());
     }
     // Like etcd, answer clients only once this member's name and client
     // URLs are in the replicated member list; connections wait in the
     // listen backlog meanwhile.
+    readiness::status("waiting for a leader to commit this member's client URLs");
     tokio::select! {
         _ = publish(member.clone(), config.name.clone(), client_urls) => {}
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown_signal() => {
+            readiness::stopping();
+            return Ok(());
+        }
     }
     for listener in client_listeners {
         let routes = Routes::from(router.clone());
@@ -315,6 +329,17 @@ pub async fn run_with(
         revision = state.revision,
         "tern-primary started"
     );
+    // The listeners are bound and their servers spawned: a request sent
+    // from now on is answered.
+    readiness::ready(&format!(
+        "serving clients on {}: {} {member_id:x} of cluster {cluster_id:x}",
+        client_addresses.join(", "),
+        if member.node.status.is_learner() {
+            "learner"
+        } else {
+            "member"
+        },
+    ));
     let served = async {
         while let Some(result) = servers.join_next().await {
             if let Ok(Err(e)) = result {
@@ -328,6 +353,7 @@ pub async fn run_with(
     // period, then stop. Every acknowledged write is already durable.
     let grace = async {
         shutdown_signal().await;
+        readiness::stopping();
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {

@@ -39,6 +39,15 @@ pub async fn list(target: &Target) -> anyhow::Result<Vec<Entry>> {
         }
         .await;
         entries.push(match read {
+            // A manifest copied over another backup's would restore the
+            // wrong state under the right name.
+            Ok(m) if m.id != id => Entry::Unreadable {
+                error: format!(
+                    "the manifest stored as {id} describes backup {} (swapped or renamed)",
+                    m.id
+                ),
+                id,
+            },
             Ok(m) => Entry::Ok(Box::new(m)),
             Err(e) => Entry::Unreadable {
                 id,
@@ -49,11 +58,16 @@ pub async fn list(target: &Target) -> anyhow::Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// The manifest of backup `id`, or of the newest readable one.
+/// The manifest of backup `id`, or of the newest one. A newest backup
+/// whose manifest does not read is an error, not a reason to fall back
+/// silently to an older one: name the older one to restore it.
 pub async fn find(target: &Target, id: Option<&str>) -> anyhow::Result<Manifest> {
     for entry in list(target).await? {
         match (entry, id) {
             (Entry::Ok(m), None) => return Ok(*m),
+            (Entry::Unreadable { id: got, error }, None) => {
+                anyhow::bail!("newest backup {got}: unreadable manifest: {error}")
+            }
             (Entry::Ok(m), Some(want)) if m.id == want => return Ok(*m),
             (Entry::Unreadable { id: got, error }, Some(want)) if got == want => {
                 anyhow::bail!("backup {want}: unreadable manifest: {error}")
@@ -64,5 +78,37 @@ pub async fn find(target: &Target, id: Option<&str>) -> anyhow::Result<Manifest>
     match id {
         Some(want) => anyhow::bail!("no backup {want} in {}", target.url),
         None => anyhow::bail!("no backup in {}", target.url),
+    }
+}
+
+/// The newest backup a point-in-time restore to `until` can start from:
+/// at or before that revision, or started at or before that time.
+pub async fn before(target: &Target, until: crate::replay::Until) -> anyhow::Result<Manifest> {
+    use crate::replay::Until;
+    let mut oldest = None;
+    for entry in list(target).await? {
+        let Entry::Ok(m) = entry else { continue };
+        let fits = match until {
+            Until::Revision(r) => m.revision <= r,
+            Until::Time(t) => m.started_at <= t,
+        };
+        if fits {
+            return Ok(*m);
+        }
+        oldest = Some(m);
+    }
+    match (until, oldest) {
+        (_, None) => anyhow::bail!("no backup in {}", target.url),
+        (Until::Revision(r), Some(m)) => anyhow::bail!(
+            "no backup at or before revision {r}: the oldest, {}, is at revision {}",
+            m.id,
+            m.revision
+        ),
+        (Until::Time(t), Some(m)) => anyhow::bail!(
+            "no backup taken at or before {}: the oldest, {}, started {}",
+            t.to_rfc3339(),
+            m.id,
+            m.started_at.to_rfc3339()
+        ),
     }
 }

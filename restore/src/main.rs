@@ -8,9 +8,13 @@
 //!   data dir.
 //! - [`drill`]: restore the newest backup, start a real member, check it
 //!   through the etcd API, report RTO and RPO.
+//! - [`import_etcd`]: an `etcdctl snapshot save` file becomes a new
+//!   single-member cluster's data dir.
 
 mod catalog;
 mod drill;
+mod import_etcd;
+mod replay;
 mod restore;
 mod verify;
 
@@ -18,14 +22,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tern_learner::backup::target::{S3Options, Target};
 
+use replay::{Chain, Until};
+
+/// Exit codes: 0 success, 1 any failure (the reason on stderr, or in the
+/// `--json` report), 2 a usage error.
 #[derive(Parser)]
 #[command(
     name = "tern-restore",
     version,
-    about = "List and verify Tern backups."
+    about = "List, verify and restore Tern backups, and run restore drills.",
+    after_help = "Exit status: 0 success, 1 failure (reason on stderr or in the --json report), 2 usage error.\n\
+                  The age identity is read from --identity FILE, else from the file named by \
+                  TERN_RESTORE_IDENTITY_FILE, else from TERN_RESTORE_IDENTITY (the key itself)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,8 +47,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Backups in a store, newest first: id, revision, age, size, and
-    /// whether the manifest reads.
+    /// Backups in a store, newest first: id, revision, time, age, size,
+    /// compression ratio, and how far the archived log reaches after it.
     List {
         #[command(flatten)]
         store: StoreArgs,
@@ -45,30 +58,43 @@ enum Command {
     },
     /// Download a backup and prove it restores: size and sha256, decrypt,
     /// decompress, SQLite integrity check, revision, key count and hash
-    /// recomputed against the manifest. Exits non-zero on any mismatch.
+    /// recomputed against the manifest; then every archived log segment
+    /// after it: no gaps, each decrypts and holds what its name says.
+    /// Exits non-zero on any failure.
     Verify {
         #[command(flatten)]
         store: StoreArgs,
-        /// age identity file (`age-keygen` output) with the private key.
-        #[arg(long)]
-        identity: PathBuf,
-        /// Backup id (default: the newest).
-        #[arg(long)]
-        backup: Option<String>,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Backup id, or `latest` (the default).
+        id: Option<String>,
+        /// Every backup (and the log after the oldest).
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
         #[arg(long)]
         json: bool,
     },
     /// Verify a backup, then make it the data dir of a new single-member
     /// cluster (new member and cluster ids, like `etcdutl snapshot
     /// restore`); start it with the same --name,
-    /// --initial-advertise-peer-urls and --initial-cluster-token.
+    /// --initial-advertise-peer-urls and --initial-cluster-token. With
+    /// --to-revision or --to-time, the newest backup before the target
+    /// plus the archived log up to it. Never writes into a non-empty dir.
     Restore {
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Backup id, or `latest` (the default).
+        #[arg(conflicts_with_all = ["to_revision", "to_time"])]
+        id: Option<String>,
+        /// The state at exactly this revision.
+        #[arg(long, conflicts_with = "to_time")]
+        to_revision: Option<i64>,
+        /// The state with every write proposed at or before this time
+        /// (RFC 3339, e.g. 2026-11-25T10:00:00Z).
         #[arg(long)]
-        identity: PathBuf,
-        #[arg(long)]
-        backup: Option<String>,
+        to_time: Option<DateTime<Utc>>,
         /// A data dir that does not exist yet (or is empty).
         #[arg(long)]
         data_dir: PathBuf,
@@ -78,28 +104,65 @@ enum Command {
         initial_advertise_peer_urls: Vec<String>,
         #[arg(long, default_value = "etcd-cluster")]
         initial_cluster_token: String,
-    },
-    /// Restore the newest backup into a scratch dir, start a real
-    /// tern-primary on loopback, check revision, key count and hash through
-    /// the etcd API, and report RTO and RPO. Exits non-zero on any failure.
-    Drill {
-        #[command(flatten)]
-        store: StoreArgs,
-        #[arg(long)]
-        identity: PathBuf,
-        /// The tern-primary binary (default: next to tern-restore).
-        #[arg(long)]
-        tern_primary: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
+    /// Restore the newest backup (or ID) and the archived log after it into
+    /// a scratch dir, start a real tern-primary on loopback, check
+    /// revision, key count, hash and a sample of reads through the etcd
+    /// API, and report RTO and RPO. Exits non-zero on any failure.
+    Drill {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Backup id, or `latest` (the default).
+        id: Option<String>,
+        /// The tern-primary binary (default: next to tern-restore).
+        #[arg(long)]
+        tern_primary: Option<PathBuf>,
+        /// Also write the result as Prometheus metrics to this file (for
+        /// node_exporter's textfile collector), replaced atomically.
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a file from `etcdctl snapshot save` (etcd 3.4 or later) into
+    /// the data dir of a new single-member cluster: keys with their history
+    /// since etcd's last compaction, and leases. Start it with the same
+    /// --name, --initial-advertise-peer-urls and --initial-cluster-token.
+    /// Never writes into a non-empty dir.
+    ImportEtcd {
+        /// The snapshot file.
+        snapshot: PathBuf,
+        /// A data dir that does not exist yet (or is empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
+        initial_advertise_peer_urls: Vec<String>,
+        #[arg(long, default_value = "etcd-cluster")]
+        initial_cluster_token: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The age identity: a file, never a flag value that shows in `ps`.
+#[derive(Args)]
+struct KeyArgs {
+    /// age identity file (`age-keygen` output) with the private key.
+    #[arg(long, env = "TERN_RESTORE_IDENTITY_FILE")]
+    identity: Option<PathBuf>,
 }
 
 /// Where the backups are: the learner's `--backup-url` and S3 options.
 #[derive(Args)]
 struct StoreArgs {
     /// `s3://bucket/prefix`, `gs://…`, `az://…`, `file:///path`.
-    #[arg(long)]
+    #[arg(long, env = "TERN_BACKUP_URL")]
     url: String,
     #[arg(long)]
     s3_endpoint: Option<String>,
@@ -146,40 +209,76 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::List { store, json } => list(&store.open()?, json).await,
         Command::Verify {
             store,
-            identity,
-            backup,
+            key,
+            id,
+            all,
             json,
-        } => {
-            let fetched = fetch_verified(&store, &identity, backup.as_deref()).await?;
-            let verified = fetched.verified;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&verified)?);
-            } else {
-                println!(
-                    "backup {} verified: revision {}, {} keys, hash {}, {} bytes stored ({} raw)",
-                    verified.id,
-                    verified.revision,
-                    verified.key_count,
-                    verified.kv_hash,
-                    verified.stored_bytes,
-                    verified.raw_bytes
-                );
-            }
-            Ok(())
-        }
+        } => verify_backups(&store.open()?, &key, id.as_deref(), all, json).await,
         Command::Restore {
             store,
-            identity,
-            backup,
+            key,
+            id,
+            to_revision,
+            to_time,
             data_dir,
             name,
             initial_advertise_peer_urls,
             initial_cluster_token,
+            json,
         } => {
-            let fetched = fetch_verified(&store, &identity, backup.as_deref()).await?;
-            let manifest = &fetched.manifest;
+            let target = store.open()?;
+            let identities = key.read()?;
+            let until = match (to_revision, to_time) {
+                (Some(r), _) => Some(Until::Revision(r)),
+                (_, Some(t)) => Some(Until::Time(t)),
+                _ => None,
+            };
+            let manifest = match until {
+                Some(until) => catalog::before(&target, until).await?,
+                None => catalog::find(&target, latest(id.as_deref())).await?,
+            };
+            restore::refuse_non_empty(&data_dir)?;
+            // Scratch space beside the target: the state moves into place
+            // with a rename, and /tmp may be too small for it.
+            let parent = match data_dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            std::fs::create_dir_all(&parent)?;
+            let scratch = tempfile::Builder::new()
+                .prefix(".tern-restore-")
+                .tempdir_in(&parent)?;
+            let (state, _) = verify::verify(
+                &target,
+                &manifest,
+                &identities,
+                scratch.path(),
+                &bytes_bar(json),
+            )
+            .await?;
+            let replayed = match until {
+                Some(until) => {
+                    let chain =
+                        Chain::after(&replay::archived(&target).await?, manifest.raft_index);
+                    let bar = count_bar(json, "replaying log segments");
+                    let replayed =
+                        replay::replay(&target, &chain, &identities, &state, until, &bar).await?;
+                    bar.finish_and_clear();
+                    if let (Until::Time(t), Some(end)) = (until, chain.stored_until()) {
+                        if t > end && chain.gap.is_none() {
+                            eprintln!(
+                                "note: {} is after the newest archived segment (stored {}); writes after that, if any, are not in the store",
+                                t.to_rfc3339(),
+                                end.to_rfc3339()
+                            );
+                        }
+                    }
+                    Some(replayed)
+                }
+                None => None,
+            };
             let restored = restore::into_data_dir(
-                &fetched.state,
+                &state,
                 &data_dir,
                 &restore::Identity {
                     name,
@@ -187,58 +286,242 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     token: initial_cluster_token,
                 },
             )?;
-            println!(
-                "restored backup {} (revision {}) into {}: member {:x} of new cluster {:x}",
-                manifest.id,
-                restored.revision,
-                data_dir.display(),
-                restored.member_id,
-                restored.cluster_id
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "backup": manifest.id,
+                        "backup_revision": manifest.revision,
+                        "revision": restored.revision,
+                        "replayed": replayed,
+                        "data_dir": data_dir,
+                        "member_id": format!("{:x}", restored.member_id),
+                        "cluster_id": format!("{:x}", restored.cluster_id),
+                    }))?
+                );
+            } else {
+                let log = replayed.map_or(String::new(), |r| {
+                    format!(" + {} archived log entries", r.entries)
+                });
+                println!(
+                    "restored backup {} (revision {}){log} into {}: revision {}, member {:x} of new cluster {:x}",
+                    manifest.id,
+                    manifest.revision,
+                    data_dir.display(),
+                    restored.revision,
+                    restored.member_id,
+                    restored.cluster_id
+                );
+            }
             Ok(())
         }
         Command::Drill {
             store,
-            identity,
+            key,
+            id,
             tern_primary,
+            metrics_file,
             json,
         } => {
-            let started = std::time::Instant::now();
-            let fetched = fetch_verified(&store, &identity, None).await?;
-            let (manifest, state) = (&fetched.manifest, &fetched.state);
-            let dir = fetched.dir.path();
             let binary = tern_primary.unwrap_or_else(drill::default_tern_primary);
-            let report = drill::check_restore(started, manifest, state, dir, &binary).await?;
+            let outcome = async {
+                let target = store.open()?;
+                let identities = key.read()?;
+                drill::run(&target, &identities, latest(id.as_deref()), &binary, json).await
+            }
+            .await;
+            if let Some(path) = &metrics_file {
+                drill::write_metrics(path, outcome.as_ref().ok())?;
+            }
+            let report = match outcome {
+                Ok(report) => report,
+                Err(e) => {
+                    if json {
+                        let doc = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
+                    }
+                    return Err(e);
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "drill passed: backup {} restored and served revision {} ({} keys, hash {}); RTO {:.1}s, RPO {:.1}s",
+                    "drill passed: backup {} + {} log entries restored and served revision {} ({} keys, hash {}, {} sampled reads); RTO {:.1}s, RPO {:.1}s",
                     report.backup,
+                    report.replayed_entries,
                     report.revision,
                     report.key_count,
                     report.kv_hash,
+                    report.sampled_reads,
                     report.rto_seconds,
                     report.rpo_seconds
                 );
             }
             Ok(())
         }
+        Command::ImportEtcd {
+            snapshot,
+            data_dir,
+            name,
+            initial_advertise_peer_urls,
+            initial_cluster_token,
+            json,
+        } => {
+            let who = restore::Identity {
+                name,
+                peer_urls: initial_advertise_peer_urls,
+                token: initial_cluster_token,
+            };
+            let imported = import_etcd::import(&snapshot, &data_dir, &who)?;
+            import_etcd::report(&imported, json)
+        }
     }
+}
+
+/// `latest` (or nothing) means the newest backup.
+fn latest(id: Option<&str>) -> Option<&str> {
+    id.filter(|id| *id != "latest")
+}
+
+/// A byte-count progress bar on stderr; hidden for `--json` and when
+/// stderr is not a terminal.
+fn bytes_bar(json: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, draw_target(json));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn count_bar(json: bool, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, draw_target(json));
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
+}
+
+fn draw_target(json: bool) -> ProgressDrawTarget {
+    if json {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    }
+}
+
+async fn verify_backups(
+    target: &Target,
+    key: &KeyArgs,
+    id: Option<&str>,
+    all: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let identities = key.read()?;
+    let manifests = if all {
+        catalog::list(target)
+            .await?
+            .into_iter()
+            .map(|e| match e {
+                catalog::Entry::Ok(m) => Ok(*m),
+                catalog::Entry::Unreadable { id, error } => {
+                    anyhow::bail!("backup {id}: unreadable manifest: {error}")
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    } else {
+        vec![catalog::find(target, latest(id)).await?]
+    };
+    let mut reports = Vec::new();
+    for manifest in &manifests {
+        let scratch = tempfile::tempdir()?;
+        let (_, verified) = verify::verify(
+            target,
+            manifest,
+            &identities,
+            scratch.path(),
+            &bytes_bar(json),
+        )
+        .await?;
+        if !json {
+            println!(
+                "backup {} verified: revision {}, {} keys, hash {}, {} bytes stored ({} raw)",
+                verified.id,
+                verified.revision,
+                verified.key_count,
+                verified.kv_hash,
+                verified.stored_bytes,
+                verified.raw_bytes
+            );
+        }
+        reports.push(serde_json::to_value(&verified)?);
+    }
+    // The log after the oldest verified backup covers every later one.
+    let oldest = manifests.iter().map(|m| m.raft_index).min().unwrap_or(0);
+    let chain = Chain::after(&replay::archived(target).await?, oldest);
+    if let Some(gap) = chain.gap_error() {
+        anyhow::bail!("{gap}");
+    }
+    let bar = count_bar(json, "checking log segments");
+    bar.set_length(chain.segments.len() as u64);
+    let mut entries = 0;
+    for segment in &chain.segments {
+        entries += replay::fetch(target, segment, &identities).await?.len();
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if json {
+        let doc = serde_json::json!({
+            "backups": reports,
+            "segments": chain.segments.len(),
+            "log_entries": entries,
+            "log_end_index": chain.end_index(),
+            "log_end_revision": chain.reachable_revision(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "log after entry {oldest} verified: {} segments, {entries} entries, up to entry {}{}",
+            chain.segments.len(),
+            chain.end_index(),
+            chain
+                .reachable_revision()
+                .map_or(String::new(), |r| format!(" (revision {r})"))
+        );
+    }
+    Ok(())
 }
 
 async fn list(target: &Target, json: bool) -> anyhow::Result<()> {
     let entries = catalog::list(target).await?;
+    let segments = replay::archived(target).await?;
     let now = chrono::Utc::now();
     if json {
         let docs: Vec<serde_json::Value> = entries
             .iter()
             .map(|e| match e {
-                catalog::Entry::Ok(m) => serde_json::json!({
-                    "id": m.id, "state": "ok", "revision": m.revision, "raft_index": m.raft_index,
-                    "finished_at": m.finished_at, "size": m.object.size, "raw_size": m.object.raw_size,
-                    "key_count": m.key_count,
-                }),
+                catalog::Entry::Ok(m) => {
+                    let chain = Chain::after(&segments, m.raft_index);
+                    serde_json::json!({
+                        "id": m.id, "state": "ok", "revision": m.revision, "raft_index": m.raft_index,
+                        "started_at": m.started_at, "finished_at": m.finished_at,
+                        "size": m.object.size, "raw_size": m.object.raw_size,
+                        "key_count": m.key_count,
+                        "reachable": {
+                            "to_index": chain.end_index(),
+                            "to_revision": chain.reachable_revision().unwrap_or(m.revision).max(m.revision),
+                            "stored_until": chain.stored_until().unwrap_or(m.finished_at),
+                            "missing": chain.gap,
+                        },
+                    })
+                }
                 catalog::Entry::Unreadable { id, error } => {
                     serde_json::json!({ "id": id, "state": "unreadable", "error": error })
                 }
@@ -248,8 +531,8 @@ async fn list(target: &Target, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:>10} {:>10} {:>12} {:>8}  MANIFEST",
-        "ID", "REVISION", "AGE", "SIZE", "KEYS"
+        "{:<32} {:>10} {:<20} {:>8} {:>12} {:>6} {:>8}  REACHABLE WITH LOG",
+        "ID", "REVISION", "TIME", "AGE", "SIZE", "RATIO", "KEYS"
     );
     for e in &entries {
         match e {
@@ -258,70 +541,69 @@ async fn list(target: &Target, json: bool) -> anyhow::Result<()> {
                     .signed_duration_since(m.finished_at)
                     .num_seconds()
                     .max(0);
+                let chain = Chain::after(&segments, m.raft_index);
+                let reach = chain
+                    .reachable_revision()
+                    .unwrap_or(m.revision)
+                    .max(m.revision);
+                let gap = chain.gap.map_or(String::new(), |(a, b)| {
+                    format!(", entries {a}..={b} missing")
+                });
                 println!(
-                    "{:<32} {:>10} {:>10} {:>12} {:>8}  ok",
+                    "{:<32} {:>10} {:<20} {:>8} {:>12} {:>6} {:>8}  revisions {}..={reach}{gap}",
                     m.id,
                     m.revision,
-                    format!("{age}s"),
+                    m.finished_at.format("%Y-%m-%d %H:%M:%S"),
+                    humantime::format_duration(std::time::Duration::from_secs(age as u64))
+                        .to_string()
+                        .split(' ')
+                        .next()
+                        .unwrap_or(""),
                     m.object.size,
-                    m.key_count
+                    format!(
+                        "{:.1}x",
+                        m.object.raw_size as f64 / m.object.size.max(1) as f64
+                    ),
+                    m.key_count,
+                    m.revision,
                 );
             }
             catalog::Entry::Unreadable { id, error } => {
-                println!(
-                    "{id:<32} {:>10} {:>10} {:>12} {:>8}  unreadable: {error}",
-                    "-", "-", "-", "-"
-                );
+                println!("{id:<32}  unreadable: {error}");
             }
         }
     }
     Ok(())
 }
 
-/// A backup downloaded and verified into a scratch directory (removed
-/// when this is dropped).
-struct Fetched {
-    manifest: tern_learner::backup::manifest::Manifest,
-    state: PathBuf,
-    verified: verify::Verified,
-    dir: tempfile::TempDir,
+impl KeyArgs {
+    /// The X25519 identities from `--identity` /
+    /// `TERN_RESTORE_IDENTITY_FILE`, else `TERN_RESTORE_IDENTITY`.
+    fn read(&self) -> anyhow::Result<Vec<age::x25519::Identity>> {
+        match (&self.identity, std::env::var("TERN_RESTORE_IDENTITY")) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--identity {}: {e}", path.display()))?;
+                parse_identities(&text, &path.display().to_string())
+            }
+            (None, Ok(text)) => parse_identities(&text, "TERN_RESTORE_IDENTITY"),
+            (None, Err(_)) => anyhow::bail!(
+                "no age identity: give --identity FILE (or TERN_RESTORE_IDENTITY_FILE, or the key in TERN_RESTORE_IDENTITY)"
+            ),
+        }
+    }
 }
 
-/// Find backup `id` (default: the newest) and verify it into a scratch
-/// directory: what `verify`, `restore` and `drill` all start with.
-async fn fetch_verified(
-    store: &StoreArgs,
-    identity: &PathBuf,
-    id: Option<&str>,
-) -> anyhow::Result<Fetched> {
-    let target = store.open()?;
-    let identities = read_identities(identity)?;
-    let manifest = catalog::find(&target, id).await?;
-    let dir = tempfile::tempdir()?;
-    let (state, verified) = verify::verify(&target, &manifest, &identities, dir.path()).await?;
-    Ok(Fetched {
-        manifest,
-        state,
-        verified,
-        dir,
-    })
-}
-
-/// The X25519 identities in an age identity file.
-fn read_identities(path: &PathBuf) -> anyhow::Result<Vec<age::x25519::Identity>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("--identity {}: {e}", path.display()))?;
+/// The X25519 identities in an age identity file's text.
+fn parse_identities(text: &str, source: &str) -> anyhow::Result<Vec<age::x25519::Identity>> {
     let identities: Vec<age::x25519::Identity> = text
         .lines()
         .map(str::trim)
         .filter(|l| l.starts_with("AGE-SECRET-KEY-"))
-        .map(|l| {
-            age::x25519::Identity::from_str(l)
-                .map_err(|e| anyhow::anyhow!("--identity {}: {e}", path.display()))
-        })
+        .map(|l| age::x25519::Identity::from_str(l).map_err(|e| anyhow::anyhow!("{source}: {e}")))
         .collect::<Result<_, _>>()?;
     if identities.is_empty() {
-        anyhow::bail!("--identity {}: no AGE-SECRET-KEY line", path.display());
+        anyhow::bail!("{source}: no AGE-SECRET-KEY line");
     }
     Ok(identities)
 }

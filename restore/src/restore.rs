@@ -27,12 +27,7 @@ pub struct Restored {
 /// Move the decrypted state file `state` into `data_dir` (which must not
 /// hold anything yet) and make it a new cluster.
 pub fn into_data_dir(state: &Path, data_dir: &Path, who: &Identity) -> anyhow::Result<Restored> {
-    if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
-        bail!(
-            "{} is not empty: restore into a fresh data dir",
-            data_dir.display()
-        );
-    }
+    refuse_non_empty(data_dir)?;
     std::fs::create_dir_all(data_dir)?;
     let target = data_dir.join("state.db");
     if std::fs::rename(state, &target).is_err() {
@@ -66,4 +61,16 @@ pub fn into_data_dir(state: &Path, data_dir: &Path, who: &Identity) -> anyhow::R
         cluster_id,
         revision: state.revision,
     })
+}
+
+/// A restore never writes into a dir that holds anything: checked before
+/// any download, and again just before moving the state in.
+pub fn refuse_non_empty(data_dir: &Path) -> anyhow::Result<()> {
+    if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
+        bail!(
+            "{} is not empty: restore into a fresh data dir",
+            data_dir.display()
+        );
+    }
+    Ok(())
 }

@@ -32,9 +32,13 @@ pub async fn verify(
     manifest: &Manifest,
     identities: &[age::x25519::Identity],
     dir: &Path,
+    progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<(PathBuf, Verified)> {
     let encrypted = dir.join("backup.db.zst.age");
-    let (size, sha256) = download(target, &manifest.object.name, &encrypted).await?;
+    progress.set_length(manifest.object.size);
+    progress.set_message(format!("downloading {}", manifest.id));
+    let (size, sha256) = download(target, &manifest.object.name, &encrypted, progress).await?;
+    progress.finish_and_clear();
     if size != manifest.object.size {
         bail!(
             "backup {}: stored object has {size} bytes, the manifest says {}",
@@ -64,7 +68,12 @@ pub async fn verify(
     Ok((state, checked))
 }
 
-async fn download(target: &Target, name: &str, to: &Path) -> anyhow::Result<(u64, String)> {
+async fn download(
+    target: &Target,
+    name: &str,
+    to: &Path,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<(u64, String)> {
     let mut stream = target
         .store
         .get(&target.path(name))
@@ -78,6 +87,7 @@ async fn download(target: &Target, name: &str, to: &Path) -> anyhow::Result<(u64
         let chunk = chunk.with_context(|| format!("downloading {name}"))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
+        progress.inc(chunk.len() as u64);
         file.write_all(&chunk)?;
     }
     file.sync_all()?;
@@ -91,15 +101,31 @@ async fn download(target: &Target, name: &str, to: &Path) -> anyhow::Result<(u64
 
 fn decrypt(from: &Path, to: &Path, identities: &[age::x25519::Identity]) -> anyhow::Result<()> {
     let input = std::io::BufReader::new(std::fs::File::open(from)?);
-    let decryptor = age::Decryptor::new(input).context("not an age file")?;
-    let reader = decryptor
-        .decrypt(identities.iter().map(|i| i as &dyn age::Identity))
-        .context("cannot decrypt (wrong identity?)")?;
+    let reader = decryptor(input, identities)?;
     let mut decoder = zstd::stream::read::Decoder::new(reader).context("not zstd")?;
     let mut out = std::fs::File::create(to)?;
     std::io::copy(&mut decoder, &mut out).context("decrypting and decompressing")?;
     out.sync_all()?;
     Ok(())
+}
+
+/// The plaintext of an age file, or what is wrong: no identity matches
+/// (the wrong key), or the header does not hold together (tampered or
+/// damaged). Damage in the payload shows up while reading it.
+pub fn decryptor<R: std::io::Read>(
+    input: R,
+    identities: &[age::x25519::Identity],
+) -> anyhow::Result<impl std::io::Read> {
+    let decryptor = age::Decryptor::new(input)
+        .map_err(|e| anyhow::anyhow!("tampered or damaged: not a readable age file ({e})"))?;
+    decryptor
+        .decrypt(identities.iter().map(|i| i as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => anyhow::anyhow!(
+                "cannot decrypt: no identity matches the recipients it was encrypted to (wrong identity?)"
+            ),
+            e => anyhow::anyhow!("tampered or damaged: cannot decrypt the age header ({e})"),
+        })
 }
 
 fn check_state(path: &Path, manifest: &Manifest) -> anyhow::Result<Verified> {

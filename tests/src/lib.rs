@@ -3,6 +3,19 @@
 //!
 //! Every process is killed when its handle drops, so a failing test leaves
 //! nothing running.
+//!
+//! # Layout
+//!
+//! This file: one member ([`Tern`]), a real etcd ([`Etcd`]), etcdctl, and
+//! gRPC helpers. [`cluster`]: multi-member clusters of real processes, each
+//! member's peer port behind a fault-injecting [`proxy`]; [`http_faults`]
+//! does the same for an object store's HTTP. For proof under faults:
+//! [`history`] records what concurrent clients saw (invocation, completion,
+//! ok / failed / unknown), [`linearizability`] decides whether such a
+//! history is linearizable, [`nemesis`] kills, pauses and partitions
+//! members of a running cluster on a schedule, and [`watcher`] follows a
+//! prefix across failures to compare with the store's own history.
+//! [`rng`] is the seeded generator they share, so a run can be replayed.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -14,9 +27,15 @@ use std::time::{Duration, Instant};
 use tern_primary::proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
 use tonic::transport::Channel;
 
+pub mod backups;
 pub mod cluster;
+pub mod history;
 pub mod http_faults;
+pub mod linearizability;
+pub mod nemesis;
 pub mod proxy;
+pub mod rng;
+pub mod watcher;
 pub use proxy::Proxy;
 
 /// A binary built from this workspace, next to the test executable's
@@ -433,5 +452,43 @@ pub async fn bulk_write(
     }
     for t in tasks {
         t.await.expect("writer");
+    }
+}
+
+/// A small tmpfs mounted for one test and unmounted when dropped: a
+/// filesystem that really fills up. Needs root (CI runs as root).
+pub struct SmallFilesystem {
+    pub path: PathBuf,
+}
+
+impl SmallFilesystem {
+    pub fn mount(path: PathBuf, size: &str) -> SmallFilesystem {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (this test needs root): {out:?}"
+        );
+        SmallFilesystem { path }
+    }
+
+    /// Grow it: the operator frees space.
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "remount: {out:?}");
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }

@@ -51,6 +51,8 @@ pub enum BackupError {
     Config { key: &'static str, reason: String },
     #[error("copying the state: {0}")]
     Snapshot(String),
+    #[error("copying the state: the staging area is full ({0}); free space there or point --backup-staging-dir at a larger filesystem")]
+    StagingFull(String),
     #[error("encrypting: {0}")]
     Encrypt(String),
     #[error("uploading: {0}")]
@@ -64,11 +66,22 @@ impl BackupError {
         match self {
             BackupError::Config { .. } => "config",
             BackupError::Snapshot(_) => "snapshot",
+            BackupError::StagingFull(_) => "staging_full",
             BackupError::Encrypt(_) => "encrypt",
             BackupError::Upload(_) => "upload",
             BackupError::Manifest(_) => "manifest",
         }
     }
+
+    /// Every value [`BackupError::reason`] takes.
+    const REASONS: [&'static str; 6] = [
+        "config",
+        "snapshot",
+        "staging_full",
+        "encrypt",
+        "upload",
+        "manifest",
+    ];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,6 +140,13 @@ impl BackupMetrics {
             "Backups that failed, by reason (snapshot, encrypt, upload, manifest)",
             self.failed.clone(),
         );
+        // Every reason at zero from the start: the first failure of a kind
+        // is then an increase, which `increase(...) > 0` alerts see.
+        for reason in BackupError::REASONS {
+            self.failed.get_or_create_owned(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
     }
 }
 
@@ -172,6 +192,7 @@ pub fn extension(config: &BackupConfig) -> Result<Option<Extension>, BackupError
     let settings = Arc::new(Settings {
         zstd_level: config.zstd_level,
         recipients,
+        staging_dir: config.staging_dir.clone(),
     });
     let target = Arc::new(target);
     let interval = config.segment_interval().map_err(|e| BackupError::Config {
@@ -489,7 +510,8 @@ impl Backups {
         let dir = self.target.root.clone().join("segments");
         let objects: Vec<_> = self.target.store.list(Some(&dir)).try_collect().await?;
         for o in objects {
-            let Some((_, last)) = o.location.filename().and_then(archive::parse_segment_name)
+            let Some(archive::SegmentName { last, .. }) =
+                o.location.filename().and_then(archive::SegmentName::parse)
             else {
                 continue;
             };

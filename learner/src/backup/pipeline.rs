@@ -21,7 +21,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 use tern_primary::member::Member;
-use tern_primary::mvcc::{read, write::copy_state};
+use tern_primary::mvcc::{read, write::copy_state, MvccError};
 use tokio::sync::mpsc;
 
 use super::manifest::{self, Compression, Encryption, Manifest, StoredObject};
@@ -39,6 +39,8 @@ const PARTS_QUEUED: usize = 2;
 pub struct Settings {
     pub zstd_level: i32,
     pub recipients: Vec<age::x25519::Recipient>,
+    /// `--backup-staging-dir`; `None`: `backup-staging` in the data dir.
+    pub staging_dir: Option<PathBuf>,
 }
 
 /// The state copy and what was learnt from it.
@@ -62,7 +64,10 @@ pub async fn take(
     settings: &Settings,
 ) -> Result<Manifest, BackupError> {
     let started = Utc::now();
-    let staging = member.data_dir.join("backup-staging");
+    let staging = settings
+        .staging_dir
+        .clone()
+        .unwrap_or_else(|| member.data_dir.join("backup-staging"));
     let copy = {
         let state_path = member.data_dir.join("state.db");
         let staging = staging.clone();
@@ -121,13 +126,26 @@ pub async fn take(
 /// Copy the state and compute what the manifest says about it, from the
 /// copy itself: it is exactly the state at its applied index.
 fn copy_state_for_backup(state_path: &FsPath, staging: &FsPath) -> Result<Copy, BackupError> {
-    let snapshot = |e: &dyn std::fmt::Display| BackupError::Snapshot(e.to_string());
     // Whatever an interrupted run left here is useless now.
     let _ = std::fs::remove_dir_all(staging);
-    std::fs::create_dir_all(staging).map_err(|e| snapshot(&e))?;
+    std::fs::create_dir_all(staging).map_err(|e| io_failure(&e))?;
     let path = staging.join("state.db");
-    let (state, _) = copy_state(state_path, &path).map_err(|e| snapshot(&e))?;
-    let conn = rusqlite::Connection::open(&path).map_err(|e| snapshot(&e))?;
+    let copied = describe_copy(state_path, &path);
+    if copied.is_err() {
+        // A half-written copy only takes the space the next run needs.
+        let _ = std::fs::remove_file(&path);
+    }
+    copied
+}
+
+/// The copy at `path` and what the manifest says about it.
+fn describe_copy(state_path: &FsPath, path: &FsPath) -> Result<Copy, BackupError> {
+    let snapshot = |e: &dyn std::fmt::Display| BackupError::Snapshot(e.to_string());
+    let (state, _) = copy_state(state_path, path).map_err(|e| match e {
+        MvccError::Sqlite(e) => sqlite_failure(&e),
+        e => snapshot(&e),
+    })?;
+    let conn = rusqlite::Connection::open(path).map_err(|e| sqlite_failure(&e))?;
     let kv_hash = read::hash(&conn, state.revision).map_err(|e| snapshot(&e))?;
     let key_count: i64 = conn
         .query_row("SELECT COUNT(*) FROM kv_live", [], |r| r.get(0))
@@ -144,11 +162,11 @@ fn copy_state_for_backup(state_path: &FsPath, staging: &FsPath) -> Result<Copy, 
             Utc::now().to_rfc3339()
         )],
     )
-    .map_err(|e| snapshot(&e))?;
+    .map_err(|e| sqlite_failure(&e))?;
     drop(conn);
-    let raw_size = std::fs::metadata(&path).map_err(|e| snapshot(&e))?.len();
+    let raw_size = std::fs::metadata(path).map_err(|e| io_failure(&e))?.len();
     Ok(Copy {
-        path,
+        path: path.to_path_buf(),
         revision: state.revision,
         raft_index: state.applied_index,
         raft_term: state.applied_term,
@@ -301,4 +319,21 @@ impl Write for PartWriter {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A full staging area is its own failure reason: the operator's fix is
+/// space, not a bug report.
+fn sqlite_failure(e: &rusqlite::Error) -> BackupError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => BackupError::StagingFull(e.to_string()),
+        _ => BackupError::Snapshot(e.to_string()),
+    }
+}
+
+fn io_failure(e: &std::io::Error) -> BackupError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        BackupError::StagingFull(e.to_string())
+    } else {
+        BackupError::Snapshot(e.to_string())
+    }
 }

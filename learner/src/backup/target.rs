@@ -63,6 +63,17 @@ impl Target {
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
         if let Some(endpoint) = &s3.endpoint {
+            // object_store panics on an endpoint it cannot build requests
+            // from; refuse it here, naming the flag.
+            match Url::parse(endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(BackupError::Config {
+                        key: "backup-s3-endpoint",
+                        reason: format!("'{endpoint}': not an http:// or https:// URL"),
+                    })
+                }
+            }
             options.push(("aws_endpoint".into(), endpoint.clone()));
         }
         if let Some(region) = &s3.region {

@@ -141,19 +141,30 @@ fn check_put(r: &PutRequest) -> Result<(), Status> {
     Ok(())
 }
 
-/// etcd's checkTxnRequest and checkIntervals.
 /// Nested txns deeper than this are refused: protobuf decoding has a
 /// recursion limit, and a txn that decoded here must decode again when the
 /// log entry is applied.
 const MAX_TXN_DEPTH: usize = 32;
 
+/// etcd's checks, in etcd's order (clients see the first error etcd would
+/// give): checkTxnRequest over the whole tree, then checkIntervals.
 fn check_txn(r: &TxnRequest, max_ops: usize, depth: usize) -> Result<(), Status> {
+    check_txn_ops(r, max_ops, depth)?;
+    intervals(&r.success)?;
+    intervals(&r.failure)?;
+    Ok(())
+}
+
+/// etcd's checkTxnRequest: a nested txn gets what its parent left of the
+/// op budget, and an op with no request is refused as etcd refuses it.
+fn check_txn_ops(r: &TxnRequest, max_ops: usize, depth: usize) -> Result<(), Status> {
     if depth > MAX_TXN_DEPTH {
         return Err(Status::invalid_argument(
             "etcdserver: txn nesting is too deep",
         ));
     }
-    if r.compare.len() > max_ops || r.success.len() > max_ops || r.failure.len() > max_ops {
+    let ops = r.compare.len().max(r.success.len()).max(r.failure.len());
+    if ops > max_ops {
         return Err(EtcdError::TooManyOps.into());
     }
     for c in &r.compare {
@@ -165,15 +176,15 @@ fn check_txn(r: &TxnRequest, max_ops: usize, depth: usize) -> Result<(), Status>
         match &op.request {
             Some(request_op::Request::RequestRange(r)) => check_range(r)?,
             Some(request_op::Request::RequestPut(p)) => check_put(p)?,
-            Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => {
-                return Err(EtcdError::EmptyKey.into())
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                if d.key.is_empty() {
+                    return Err(EtcdError::EmptyKey.into());
+                }
             }
-            Some(request_op::Request::RequestTxn(t)) => check_txn(t, max_ops, depth + 1)?,
-            _ => {}
+            Some(request_op::Request::RequestTxn(t)) => check_txn_ops(t, max_ops - ops, depth + 1)?,
+            None => return Err(EtcdError::KeyNotFound.into()),
         }
     }
-    intervals(&r.success)?;
-    intervals(&r.failure)?;
     Ok(())
 }
 
@@ -187,9 +198,7 @@ fn intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>), Sta
     let mut dels: Vec<KeyRange> = ops
         .iter()
         .filter_map(|op| match &op.request {
-            Some(request_op::Request::RequestDeleteRange(d)) => {
-                Some(KeyRange::new(&d.key, &d.range_end))
-            }
+            Some(request_op::Request::RequestDeleteRange(d)) => Some(checked_interval(d)),
             _ => None,
         })
         .collect();
@@ -227,6 +236,18 @@ fn intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<KeyRange>), Sta
     Ok((puts, dels))
 }
 
+/// The interval etcd checks a delete against: `[key, range_end)` taken
+/// literally, so a "from key" end (`\0`) makes it empty and such a delete
+/// conflicts with no put (etcd accepts `del a --from-key` and `put a` in
+/// one txn, and clients rely on what etcd accepts).
+fn checked_interval(d: &DeleteRangeRequest) -> KeyRange {
+    if d.range_end.is_empty() {
+        KeyRange::Single(d.key.clone())
+    } else {
+        KeyRange::Between(d.key.clone(), d.range_end.clone())
+    }
+}
+
 fn is_read_only(r: &TxnRequest) -> bool {
     r.success
         .iter()
@@ -247,4 +268,82 @@ fn all_serializable(r: &TxnRequest) -> bool {
             Some(request_op::Request::RequestTxn(t)) => all_serializable(t),
             _ => true,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn del(key: &str, range_end: &[u8]) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: range_end.to_vec(),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    fn check(ops: Vec<RequestOp>) -> Result<(), String> {
+        let txn = TxnRequest {
+            success: ops,
+            ..Default::default()
+        };
+        check_txn(&txn, 128, 0).map_err(|s| s.message().to_string())
+    }
+
+    /// Found by the etcd differential fuzzer (tests/fuzz.rs): etcd checks
+    /// a delete's literal interval, so a "from key" delete overlaps no put.
+    #[test]
+    fn duplicate_keys_are_judged_like_etcd() {
+        let dup = Err("etcdserver: duplicate key given in txn request".to_string());
+        assert_eq!(check(vec![del("a", b"\0"), put("a")]), Ok(()));
+        assert_eq!(check(vec![del("a", b"\0"), put("b")]), Ok(()));
+        assert_eq!(check(vec![del("c", b"a"), put("b")]), Ok(()));
+        assert_eq!(check(vec![del("a", b"c"), put("b")]), dup);
+        assert_eq!(check(vec![del("a", b"b"), put("ab")]), dup);
+        assert_eq!(check(vec![del("a", b""), put("a")]), dup);
+        assert_eq!(check(vec![put("a"), put("a")]), dup);
+    }
+
+    /// Also found by the differential fuzzer: etcd refuses an op with no
+    /// request, gives a nested txn only what is left of the op budget, and
+    /// reports an invalid op before a duplicate key anywhere in the tree.
+    #[test]
+    fn txn_checks_run_in_etcds_order_with_etcds_budget() {
+        let empty = RequestOp { request: None };
+        assert_eq!(
+            check(vec![empty]),
+            Err("etcdserver: key not found".to_string())
+        );
+        let nested = |success: Vec<RequestOp>| RequestOp {
+            request: Some(request_op::Request::RequestTxn(TxnRequest {
+                success,
+                ..Default::default()
+            })),
+        };
+        let put_ops = |n: usize| (0..n).map(|i| put(&format!("k{i}"))).collect::<Vec<_>>();
+        let too_many = Err("etcdserver: too many operations in txn request".to_string());
+        // 2 ops at the top leave 126 for a nested txn.
+        assert_eq!(check(vec![nested(put_ops(126)), put("x")]), Ok(()));
+        assert_eq!(check(vec![nested(put_ops(127)), put("x")]), too_many);
+        let bad_put = RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest::default())),
+        };
+        assert_eq!(
+            check(vec![nested(vec![put("a"), put("a")]), bad_put]),
+            Err("etcdserver: key is not provided".to_string())
+        );
+    }
 }

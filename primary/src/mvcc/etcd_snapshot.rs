@@ -18,6 +18,12 @@
 //! - `alarm`: `etcdserverpb.AlarmMember` encoding → empty value.
 //! - `auth`: `authRevision` → 1 (8 bytes BE), what etcd writes at start;
 //!   Tern has no auth, so `authUsers` and `authRoles` are empty.
+//!
+//! Reading goes the other way, for `tern-restore import-etcd`:
+//! [`history_row`] turns a `key` record back into the `kv_history` row it
+//! stands for, [`lease_record`] a `lease` record into (id, TTL), and
+//! [`EtcdMeta`] collects the `meta` counters. etcd 3.5 adds `term` and
+//! `confState` to `meta`; the first is read, the second ignored.
 
 use std::path::Path;
 
@@ -25,7 +31,7 @@ use prost::Message;
 use rusqlite::Connection;
 use serde::Serialize;
 
-use super::read;
+use super::read::{self, HistoryRow};
 use super::MvccError;
 use crate::bbolt;
 use crate::proto::etcdserverpb::AlarmMember;
@@ -80,6 +86,126 @@ fn revision_key(main: i64, sub: i64) -> [u8; 17] {
     k[8] = b'_';
     k[9..].copy_from_slice(&sub.to_be_bytes());
     k
+}
+
+/// Parse a 17-byte revision key (`revToBytes`), optionally followed by
+/// `t` (a deletion): (main, sub, tombstone).
+fn parse_revision_key(key: &[u8]) -> Option<(i64, i64, bool)> {
+    let tombstone = match key.len() {
+        17 => false,
+        18 if key[17] == b't' => true,
+        _ => return None,
+    };
+    if key[8] != b'_' {
+        return None;
+    }
+    let main = i64::from_be_bytes(key[..8].try_into().ok()?);
+    let sub = i64::from_be_bytes(key[9..17].try_into().ok()?);
+    (main > 0 && sub >= 0).then_some((main, sub, tombstone))
+}
+
+/// A record of the `key` bucket as the `kv_history` row it stands for:
+/// the inverse of what [`write_etcd_snapshot`] writes. Refuses a record
+/// that contradicts itself (a put whose value names another revision).
+pub fn history_row(key: &[u8], value: &[u8]) -> Result<HistoryRow, String> {
+    let (main, sub, tombstone) = parse_revision_key(key)
+        .ok_or_else(|| format!("{} is not a revision key", hex_bytes(key)))?;
+    let kv = KeyValue::decode(value)
+        .map_err(|e| format!("revision {main}.{sub}: not an mvccpb.KeyValue: {e}"))?;
+    if kv.key.is_empty() {
+        return Err(format!("revision {main}.{sub}: empty key"));
+    }
+    if tombstone {
+        return Ok(HistoryRow {
+            key: kv.key,
+            mod_revision: main,
+            sub,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            value: Vec::new(),
+            tombstone: true,
+        });
+    }
+    if kv.mod_revision != main || !(1..=main).contains(&kv.create_revision) || kv.version < 1 {
+        return Err(format!(
+            "revision {main}.{sub}: key {:?} says create revision {}, mod revision {}, version {}",
+            String::from_utf8_lossy(&kv.key),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ));
+    }
+    Ok(HistoryRow {
+        key: kv.key,
+        mod_revision: main,
+        sub,
+        create_revision: kv.create_revision,
+        version: kv.version,
+        lease: kv.lease,
+        value: kv.value,
+        tombstone: false,
+    })
+}
+
+/// A record of the `lease` bucket: (id, TTL in seconds).
+pub fn lease_record(key: &[u8], value: &[u8]) -> Result<(i64, i64), String> {
+    let lease = Lease::decode(value)
+        .map_err(|e| format!("lease {}: not a leasepb.Lease: {e}", hex_bytes(key)))?;
+    if key != lease.id.to_be_bytes() {
+        return Err(format!(
+            "lease record {} holds lease {:x}",
+            hex_bytes(key),
+            lease.id
+        ));
+    }
+    Ok((lease.id, lease.ttl))
+}
+
+/// The counters etcd keeps in its `meta` bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EtcdMeta {
+    /// The last Raft index applied to the backend.
+    pub consistent_index: u64,
+    /// The Raft term of that index (etcd 3.5 and later; 0 before).
+    pub term: u64,
+    /// The last compaction that completed.
+    pub finished_compact: i64,
+    /// The last compaction started; ahead of `finished_compact` when etcd
+    /// stopped mid-compaction (it finishes it at its next start).
+    pub scheduled_compact: i64,
+}
+
+impl EtcdMeta {
+    /// Take one `meta` record into account; names etcd may add and Tern
+    /// does not need (`confState`) are skipped.
+    pub fn add(&mut self, name: &[u8], value: &[u8]) -> Result<(), String> {
+        let label = String::from_utf8_lossy(name);
+        let as_u64 = || -> Result<u64, String> {
+            let bytes: [u8; 8] = value
+                .try_into()
+                .map_err(|_| format!("meta {label}: {} bytes, not 8", value.len()))?;
+            Ok(u64::from_be_bytes(bytes))
+        };
+        let as_revision = || -> Result<i64, String> {
+            parse_revision_key(value)
+                .filter(|&(_, _, tombstone)| !tombstone)
+                .map(|(main, _, _)| main)
+                .ok_or_else(|| format!("meta {label}: {} is not a revision", hex_bytes(value)))
+        };
+        match name {
+            b"consistent_index" => self.consistent_index = as_u64()?,
+            b"term" => self.term = as_u64()?,
+            b"finishedCompactRev" => self.finished_compact = as_revision()?,
+            b"scheduledCompactRev" => self.scheduled_compact = as_revision()?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Write the state `conn` sees as an etcd 3.4 backend at `dest`. Run it
@@ -233,6 +359,54 @@ mod tests {
             json,
             r#"{"id":10276657743932975437,"peerURLs":["http://localhost:2380"],"name":"default","clientURLs":["http://127.0.0.1:23791"]}"#
         );
+    }
+
+    #[test]
+    fn records_from_an_etcd_snapshot_decode() {
+        // From a bucket dump of an etcd 3.4.23 snapshot: `put s x` with
+        // lease 0x694da214b264d109 at revision 6, a deletion of `a` at 5.
+        let put = history_row(
+            &revision_key(6, 0),
+            &[
+                0x0a, 0x01, 0x73, 0x10, 0x06, 0x18, 0x06, 0x20, 0x01, 0x2a, 0x01, 0x78, 0x30, 0x89,
+                0xa2, 0x93, 0x93, 0xcb, 0xc2, 0xe8, 0xa6, 0x69,
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            put,
+            HistoryRow {
+                key: b"s".to_vec(),
+                mod_revision: 6,
+                sub: 0,
+                create_revision: 6,
+                version: 1,
+                lease: 0x694da214b264d109,
+                value: b"x".to_vec(),
+                tombstone: false,
+            }
+        );
+        let mut key = revision_key(5, 0).to_vec();
+        key.push(b't');
+        let del = history_row(&key, &[0x0a, 0x01, 0x61]).unwrap();
+        assert!(del.tombstone && del.key == b"a" && del.mod_revision == 5);
+        assert!(history_row(&key[..16], &[0x0a, 0x01, 0x61]).is_err());
+        // A put whose value names another revision.
+        assert!(history_row(&revision_key(7, 0), &[0x0a, 0x01, 0x73, 0x18, 0x06]).is_err());
+
+        let id = 0x694da21381ec2607_i64;
+        let value = Lease { id, ttl: 600 }.encode_to_vec();
+        assert_eq!(lease_record(&id.to_be_bytes(), &value), Ok((id, 600)));
+        assert!(lease_record(&(id + 1).to_be_bytes(), &value).is_err());
+
+        let mut meta = EtcdMeta::default();
+        meta.add(b"consistent_index", &14u64.to_be_bytes()).unwrap();
+        meta.add(b"finishedCompactRev", &revision_key(4, 0))
+            .unwrap();
+        meta.add(b"confState", b"{}").unwrap();
+        assert!(meta.add(b"scheduledCompactRev", b"4").is_err());
+        assert_eq!(meta.consistent_index, 14);
+        assert_eq!(meta.finished_compact, 4);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - [`read`]: range queries and history scans over any connection, so the
 //!   writer (inside a transaction) and the read pool share one implementation.
 //! - [`etcd_snapshot`]: the state as etcd 3.4's bbolt backend, for the
-//!   Snapshot RPC.
+//!   Snapshot RPC, and etcd's records decoded back, for `tern-restore
+//!   import-etcd`.
 //!
 //! Why SQLite in WAL mode: a read transaction sees one consistent revision
 //! while the writer goes on, which is what linearizable reads, the snapshot

@@ -944,29 +944,46 @@ impl Model {
         t.compare.iter().all(|c| self.compare(c))
     }
 
-    /// etcd's `checkTxn`: the chosen path's ranges and puts, in order,
-    /// against the state before the txn.
+    /// etcd's `checkRequests` in `Txn`: the chosen path's puts (all of
+    /// them, nested txns included), then its ranges, against the state
+    /// before the txn.
     fn check_txn(&self, t: &TxnRequest) -> Result<(), Refusal> {
+        self.check_path(t, &|p| match p {
+            request_op::Request::RequestPut(p) => {
+                if (p.ignore_value || p.ignore_lease) && !self.head().contains_key(&p.key) {
+                    return Err(Refusal::KeyNotFound);
+                }
+                if p.lease != 0 && !self.leases.contains_key(&p.lease) {
+                    return Err(Refusal::LeaseNotFound);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        })?;
+        self.check_path(t, &|r| match r {
+            request_op::Request::RequestRange(r) => {
+                if r.revision != 0 && r.revision > self.current() {
+                    return Err(Refusal::FutureRevision);
+                }
+                if r.revision != 0 && r.revision < self.compact {
+                    return Err(Refusal::Compacted);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        })
+    }
+
+    fn check_path(
+        &self,
+        t: &TxnRequest,
+        check: &dyn Fn(&request_op::Request) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
         for op in branch(t, self.succeeds(t)) {
             match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    if r.revision != 0 && r.revision > self.current() {
-                        return Err(Refusal::FutureRevision);
-                    }
-                    if r.revision != 0 && r.revision < self.compact {
-                        return Err(Refusal::Compacted);
-                    }
-                }
-                Some(request_op::Request::RequestPut(p)) => {
-                    if (p.ignore_value || p.ignore_lease) && !self.head().contains_key(&p.key) {
-                        return Err(Refusal::KeyNotFound);
-                    }
-                    if p.lease != 0 && !self.leases.contains_key(&p.lease) {
-                        return Err(Refusal::LeaseNotFound);
-                    }
-                }
-                Some(request_op::Request::RequestTxn(nested)) => self.check_txn(nested)?,
-                Some(request_op::Request::RequestDeleteRange(_)) | None => {}
+                Some(request_op::Request::RequestTxn(nested)) => self.check_path(nested, check)?,
+                Some(request) => check(request)?,
+                None => {}
             }
         }
         Ok(())

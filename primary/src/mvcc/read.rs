@@ -278,20 +278,66 @@ pub fn hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> {
         "SELECT key, mod_revision, sub, create_revision, version, lease, value, tombstone \
          FROM kv_history WHERE mod_revision <= ?1 ORDER BY mod_revision, sub",
     )?;
-    let mut hasher = crc32fast::Hasher::new();
+    let mut hasher = KvHash::default();
     let mut rows = stmt.query([revision])?;
     while let Some(row) = rows.next()? {
-        let key: Vec<u8> = row.get(0)?;
-        let value: Vec<u8> = row.get(6)?;
-        hasher.update(&(key.len() as u64).to_be_bytes());
-        hasher.update(&key);
-        for i in [1, 2, 3, 4, 5, 7] {
-            hasher.update(&row.get::<_, i64>(i)?.to_be_bytes());
-        }
-        hasher.update(&(value.len() as u64).to_be_bytes());
-        hasher.update(&value);
+        hasher.add(&HistoryRow {
+            key: row.get(0)?,
+            mod_revision: row.get(1)?,
+            sub: row.get(2)?,
+            create_revision: row.get(3)?,
+            version: row.get(4)?,
+            lease: row.get(5)?,
+            value: row.get(6)?,
+            tombstone: row.get(7)?,
+        });
     }
-    Ok(hasher.finalize())
+    Ok(hasher.finish())
+}
+
+/// One row of `kv_history`: a put, or (`tombstone`) a deletion, whose
+/// create revision, version, lease and value are 0 and empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub key: Vec<u8>,
+    pub mod_revision: i64,
+    /// Position within the revision (etcd's sub revision).
+    pub sub: i64,
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    pub value: Vec<u8>,
+    pub tombstone: bool,
+}
+
+/// The running CRC behind [`hash`], public so a history that is not (yet)
+/// in a database, such as an etcd snapshot's `key` bucket, can be hashed
+/// the same way. Rows must be added in revision order.
+#[derive(Default)]
+pub struct KvHash(crc32fast::Hasher);
+
+impl KvHash {
+    pub fn add(&mut self, row: &HistoryRow) {
+        let h = &mut self.0;
+        h.update(&(row.key.len() as u64).to_be_bytes());
+        h.update(&row.key);
+        for n in [
+            row.mod_revision,
+            row.sub,
+            row.create_revision,
+            row.version,
+            row.lease,
+            i64::from(row.tombstone),
+        ] {
+            h.update(&n.to_be_bytes());
+        }
+        h.update(&(row.value.len() as u64).to_be_bytes());
+        h.update(&row.value);
+    }
+
+    pub fn finish(self) -> u32 {
+        self.0.finalize()
+    }
 }
 
 /// Keys attached to a lease.

@@ -359,7 +359,7 @@ impl RaftNode {
         }
         let applier = Applier::new(lessor.clone(), store.connection())?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let transport = Arc::new(Transport::new(runtime, tx.clone()));
+        let transport = Arc::new(Transport::new(runtime, tx.clone(), metrics.clone()));
         let status = Arc::new(NodeStatus::default());
         status
             .is_learner
@@ -586,6 +586,9 @@ impl RaftNode {
             origin: self.config.id,
             seq: self.seq,
             request: Some(request),
+            proposed_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }
         .encode_to_vec();
         self.propose_encoded(self.seq, data, reply);
@@ -770,7 +773,6 @@ impl RaftNode {
                             source: ApplyError::Storage(e),
                         });
                     }
-                    self.metrics.proposals_applied.inc();
                     members_changed |= matches!(result, Ok(ApplyResult::Membership(_)));
                     if request.origin == self.config.id {
                         if let Some(reply) = self.waiting.remove(&request.seq) {
@@ -830,9 +832,6 @@ impl RaftNode {
         self.metrics
             .backend_commit
             .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .proposals_committed
-            .set(state.applied_index as i64);
         for (reply, result) in replies {
             let _ = reply.send(result);
         }

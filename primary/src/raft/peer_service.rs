@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::snapshot::Snapshots;
 use crate::member::Member;
+use crate::metrics::from_peer;
 use crate::mvcc::write::members;
 use crate::proto::ternpb::{
     peer_server::Peer, MembersRequest, MembersResponse, PeerAck, PeerMember, RaftBatch,
@@ -40,11 +41,19 @@ impl Peer for PeerService {
     ) -> Result<Response<PeerAck>, Status> {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
+            let bytes: usize = batch.messages.iter().map(|b| b.len()).sum();
             let messages = batch
                 .messages
                 .iter()
                 .map(|b| decode(b))
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(first) = messages.first() {
+                self.member
+                    .metrics
+                    .peer_received_bytes
+                    .get_or_create(&from_peer(first.from))
+                    .inc_by(bytes as u64);
+            }
             if self.member.node.step(messages).is_err() {
                 return Err(Status::unavailable("member stopped"));
             }
@@ -88,6 +97,11 @@ impl Peer for PeerService {
                 return Err(e);
             }
         };
+        self.member
+            .metrics
+            .peer_received_bytes
+            .get_or_create(&from_peer(message.from))
+            .inc_by(bytes as u64);
         tracing::info!(
             from = format!("{:x}", message.from),
             index,

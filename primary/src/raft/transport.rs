@@ -14,10 +14,15 @@
 //!
 //! HTTP/2 flow-control windows are sized for cross-region links: with the
 //! default 64 KiB window a 100 ms round trip caps a stream at 640 KiB/s.
+//!
+//! Each link also feeds etcd's peer network metrics: bytes sent, messages
+//! that never left (a full queue, an unreachable peer), and the round trip
+//! of a small probe call every [`PROBE_INTERVAL`] on the same connection
+//! (etcd's rafthttp probes its peers the same way, off the Raft path).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use protobuf::Message as _;
@@ -28,7 +33,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::node::NodeMsg;
 use super::snapshot::snapshot_path;
-use crate::proto::ternpb::{peer_client::PeerClient, RaftBatch, SnapshotChunk};
+use crate::metrics::{to_peer, Metrics};
+use crate::proto::ternpb::{peer_client::PeerClient, MembersRequest, RaftBatch, SnapshotChunk};
 
 /// Messages queued per peer before new ones are dropped.
 const QUEUE: usize = 4096;
@@ -41,11 +47,14 @@ pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Largest gRPC message on the peer service (a batch or a chunk, framed).
 pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+/// How often each link measures its round trip.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Transport {
     runtime: tokio::runtime::Handle,
     node: Sender<NodeMsg>,
     peers: Mutex<HashMap<u64, Link>>,
+    metrics: Arc<Metrics>,
 }
 
 struct Link {
@@ -54,11 +63,16 @@ struct Link {
 }
 
 impl Transport {
-    pub fn new(runtime: tokio::runtime::Handle, node: Sender<NodeMsg>) -> Self {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        node: Sender<NodeMsg>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Transport {
             runtime,
             node,
             peers: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -72,8 +86,13 @@ impl Transport {
                 continue;
             }
             let (queue, rx) = mpsc::channel(QUEUE);
-            self.runtime
-                .spawn(run_link(*id, urls.clone(), rx, self.node.clone()));
+            self.runtime.spawn(run_link(
+                *id,
+                urls.clone(),
+                rx,
+                self.node.clone(),
+                self.metrics.clone(),
+            ));
             links.insert(
                 *id,
                 Link {
@@ -101,11 +120,20 @@ impl Transport {
             };
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 let urls = link.urls.clone();
-                self.runtime
-                    .spawn(send_snapshot(to, urls, m, self.node.clone()));
+                self.runtime.spawn(send_snapshot(
+                    to,
+                    urls,
+                    m,
+                    self.node.clone(),
+                    self.metrics.clone(),
+                ));
                 continue;
             }
             if link.queue.try_send(m).is_err() {
+                self.metrics
+                    .peer_sent_failures
+                    .get_or_create(&to_peer(to))
+                    .inc();
                 let _ = self.node.send(NodeMsg::Unreachable(to));
             }
         }
@@ -147,7 +175,11 @@ async fn run_link(
     urls: Vec<String>,
     mut queue: mpsc::Receiver<Message>,
     node: Sender<NodeMsg>,
+    metrics: Arc<Metrics>,
 ) {
+    let label = to_peer(id);
+    let failures = metrics.peer_sent_failures.get_or_create_owned(&label);
+    let sent_bytes = metrics.peer_sent_bytes.get_or_create_owned(&label);
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut client = match connect(&urls).await {
@@ -155,7 +187,9 @@ async fn run_link(
             Err(e) => {
                 tracing::debug!(peer = format!("{id:x}"), error = %e, "peer unreachable");
                 // Whatever queued meanwhile is stale; Raft resends.
-                while queue.try_recv().is_ok() {}
+                while queue.try_recv().is_ok() {
+                    failures.inc();
+                }
                 if queue.is_closed() {
                     return;
                 }
@@ -165,6 +199,10 @@ async fn run_link(
                 continue;
             }
         };
+        let _probe = AbortOnDrop(tokio::spawn(probe(
+            client.clone(),
+            metrics.peer_rtt.get_or_create_owned(&label),
+        )));
         let (batches, rx) = mpsc::channel::<RaftBatch>(8);
         let mut call = tokio::spawn(async move {
             client
@@ -186,9 +224,12 @@ async fn run_link(
                             Err(_) => break,
                         }
                     }
+                    let count = batch.messages.len() as u64;
                     if batches.send(batch).await.is_err() {
+                        failures.inc_by(count);
                         break;
                     }
+                    sent_bytes.inc_by(bytes as u64);
                     backoff = Duration::from_millis(50);
                 }
                 ended = &mut call => {
@@ -204,6 +245,33 @@ async fn run_link(
     }
 }
 
+/// Aborts a link's helper task when the link's connection ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Measure the round trip to a peer every [`PROBE_INTERVAL`] with its
+/// cheapest call (the member list, read from its read pool), on the
+/// link's own connection.
+async fn probe(
+    mut client: PeerClient<Channel>,
+    rtt: prometheus_client::metrics::histogram::Histogram,
+) {
+    loop {
+        let started = Instant::now();
+        let answered =
+            tokio::time::timeout(PROBE_INTERVAL, client.members(MembersRequest {})).await;
+        if let Ok(Ok(_)) = answered {
+            rtt.observe(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
 fn push(batch: &mut RaftBatch, m: &Message) -> usize {
     let bytes = m.write_to_bytes().unwrap_or_default();
     let len = bytes.len();
@@ -211,7 +279,13 @@ fn push(batch: &mut RaftBatch, m: &Message) -> usize {
     len
 }
 
-async fn send_snapshot(to: u64, urls: Vec<String>, mut m: Message, node: Sender<NodeMsg>) {
+async fn send_snapshot(
+    to: u64,
+    urls: Vec<String>,
+    mut m: Message,
+    node: Sender<NodeMsg>,
+    metrics: Arc<Metrics>,
+) {
     let path = snapshot_path(m.get_snapshot());
     let result = async {
         let mut file = tokio::fs::File::open(&path).await?;
@@ -258,13 +332,22 @@ async fn send_snapshot(to: u64, urls: Vec<String>, mut m: Message, node: Sender<
     }
     .await;
     match &result {
-        Ok(bytes) => tracing::info!(
-            to = format!("{to:x}"),
-            bytes,
-            index = m.get_snapshot().get_metadata().index,
-            "snapshot sent"
-        ),
-        Err(e) => tracing::warn!(to = format!("{to:x}"), error = %e, "snapshot failed"),
+        Ok(bytes) => {
+            metrics
+                .peer_sent_bytes
+                .get_or_create(&to_peer(to))
+                .inc_by(*bytes as u64);
+            tracing::info!(
+                to = format!("{to:x}"),
+                bytes,
+                index = m.get_snapshot().get_metadata().index,
+                "snapshot sent"
+            )
+        }
+        Err(e) => {
+            metrics.peer_sent_failures.get_or_create(&to_peer(to)).inc();
+            tracing::warn!(to = format!("{to:x}"), error = %e, "snapshot failed")
+        }
     }
     let _ = node.send(NodeMsg::SnapshotSent {
         to,

@@ -1,12 +1,46 @@
-//! Prometheus metrics, under etcd's names where the meaning is the same, so
-//! etcd's alert rules and dashboards work unchanged. (Help texts carry no
-//! final period: prometheus-client adds one.)
+//! Prometheus metrics, under etcd's names, types, labels and histogram
+//! buckets where the meaning is the same, so etcd's published alert rules
+//! (the etcd mixin) and dashboards work unchanged; `monitoring/` in the
+//! repository has them, with Tern's own rules, and
+//! `tests/monitoring.rs` checks every name they use against a live scrape.
+//! (Help texts carry no final period: prometheus-client adds one.)
+//!
+//! - this module: the registry, and the server, disk, MVCC and peer
+//!   network metrics the member updates as it goes (or at scrape time, from
+//!   the node's status: see [`crate::http`]);
+//! - [`grpc`]: go-grpc-prometheus's `grpc_server_*` metrics, and etcd's
+//!   client traffic counters, kept by a middleware on the client listeners;
+//! - [`process`]: the Go client's standard `process_*` metrics, read from
+//!   `/proc` at scrape time.
+
+pub mod grpc;
+pub mod process;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// A peer network metric's one label: `To` or `From` and the peer's member
+/// id in hex, as etcd's rafthttp labels them.
+pub type PeerLabel = [(&'static str, String); 1];
+
+/// The label of a metric about traffic to peer `id`.
+pub fn to_peer(id: u64) -> PeerLabel {
+    [("To", format!("{id:x}"))]
+}
+
+/// The label of a metric about traffic from peer `id`.
+pub fn from_peer(id: u64) -> PeerLabel {
+    [("From", format!("{id:x}"))]
+}
+
+/// etcd's peer round-trip buckets: 0.1 ms doubling to about 3.3 s.
+fn peer_rtt_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
 
 pub struct Metrics {
     /// Behind a lock so programs built on the member (the learner's
@@ -15,8 +49,10 @@ pub struct Metrics {
     pub has_leader: Gauge,
     pub is_leader: Gauge,
     pub leader_changes: Counter,
+    /// etcd's are gauges despite the `_total`: the commit and applied
+    /// indexes, set at scrape time.
     pub proposals_committed: Gauge,
-    pub proposals_applied: Counter,
+    pub proposals_applied: Gauge,
     pub proposals_pending: Gauge,
     pub proposals_failed: Counter,
     pub wal_fsync: Histogram,
@@ -32,6 +68,16 @@ pub struct Metrics {
     pub lag_entries: Gauge,
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub snapshots_applied: Counter,
+    /// Raft messages and snapshots sent to each peer, in bytes.
+    pub peer_sent_bytes: Family<PeerLabel, Counter>,
+    pub peer_received_bytes: Family<PeerLabel, Counter>,
+    /// Messages to a peer that never left: its queue was full, or it could
+    /// not be reached (etcd counts the same drops; the mixin's
+    /// etcdMembersDown fires on their rate).
+    pub peer_sent_failures: Family<PeerLabel, Counter>,
+    /// Round trips of a probe to each peer over the peer connection.
+    pub peer_rtt: Family<PeerLabel, Histogram, fn() -> Histogram>,
+    pub grpc: grpc::GrpcMetrics,
 }
 
 impl Metrics {
@@ -42,7 +88,7 @@ impl Metrics {
             is_leader: Gauge::default(),
             leader_changes: Counter::default(),
             proposals_committed: Gauge::default(),
-            proposals_applied: Counter::default(),
+            proposals_applied: Gauge::default(),
             proposals_pending: Gauge::default(),
             proposals_failed: Counter::default(),
             // etcd's buckets: 1 ms doubling to about 8 s.
@@ -59,6 +105,11 @@ impl Metrics {
             lag_entries: Gauge::default(),
             lag_seconds: Gauge::default(),
             snapshots_applied: Counter::default(),
+            peer_sent_bytes: Family::default(),
+            peer_received_bytes: Family::default(),
+            peer_sent_failures: Family::default(),
+            peer_rtt: Family::new_with_constructor(peer_rtt_histogram),
+            grpc: grpc::GrpcMetrics::new(),
             registry: Default::default(),
         };
         registry.register(
@@ -82,7 +133,7 @@ impl Metrics {
             m.proposals_committed.clone(),
         );
         registry.register(
-            "etcd_server_proposals_applied",
+            "etcd_server_proposals_applied_total",
             "The total number of consensus proposals applied",
             m.proposals_applied.clone(),
         );
@@ -161,6 +212,37 @@ impl Metrics {
             "Leader snapshots that replaced this member's state (it was too far behind the log)",
             m.snapshots_applied.clone(),
         );
+        registry.register(
+            "etcd_network_peer_sent_bytes",
+            "The total number of bytes sent to peers",
+            m.peer_sent_bytes.clone(),
+        );
+        registry.register(
+            "etcd_network_peer_received_bytes",
+            "The total number of bytes received from peers",
+            m.peer_received_bytes.clone(),
+        );
+        registry.register(
+            "etcd_network_peer_sent_failures",
+            "The total number of send failures from peers",
+            m.peer_sent_failures.clone(),
+        );
+        registry.register(
+            "etcd_network_peer_round_trip_time_seconds",
+            "Round-Trip-Time histogram between peers",
+            m.peer_rtt.clone(),
+        );
+        let version: Family<[(&'static str, &'static str); 1], Gauge> = Family::default();
+        version
+            .get_or_create(&[("server_version", crate::api::maintenance::ETCD_VERSION)])
+            .set(1);
+        registry.register(
+            "etcd_server_version",
+            "Which version is running. 1 for 'server_version' label with current version",
+            version,
+        );
+        m.grpc.register(&mut registry);
+        registry.register_collector(Box::new(process::ProcessCollector));
         Metrics {
             registry: std::sync::Mutex::new(registry),
             ..m
