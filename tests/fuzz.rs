@@ -14,9 +14,8 @@
 //! | `restore` | a real backup store whose objects are truncated, bit-flipped, re-encrypted after their plaintext was mutated, decrypted with the wrong key, or whose manifests and segment names are mutated | the `tern-restore` binary (`list`, `verify`, `restore --to-revision`) |
 //!
 //! Each target prints how many inputs it executed and what they got.
-//! Inputs that found bugs live on as named tests; `known_bug_*` tests
-//! (ignored) reproduce bugs reported to their owners, and the generators
-//! steer around them until they are fixed. `TERN_FUZZ_SCALE=N`
+//! Inputs that found bugs live on as named regression tests.
+//! `TERN_FUZZ_SCALE=N`
 //! multiplies every target's case count (the CI default is 1):
 //!
 //! ```sh
@@ -1666,11 +1665,9 @@ fn backup_manifests_parse_or_are_refused_and_never_panic() {
 // ---------------------------------------------------------------------
 // Log segments: names and decrypted bodies.
 
-/// Segment object names; `with_max`: also entries running to u64::MAX
-/// (which `tern-restore` cannot take yet: the known bug
-/// `known_bug_restore_overflows_on_a_segment_named_up_to_u64_max`).
-fn segment_name(with_max: bool) -> impl Strategy<Value = String> {
-    let max = if with_max { u64::MAX } else { u64::MAX - 2 };
+/// Segment object names, with numbers up to (and past) u64::MAX.
+fn segment_name() -> impl Strategy<Value = String> {
+    let max = u64::MAX;
     let number = prop_oneof![
         2 => (0u64..64).prop_map(|n| format!("{n:020}")),
         1 => Just(format!("{max}")),
@@ -1726,13 +1723,6 @@ fn segment_body() -> impl Strategy<Value = (Vec<u8>, u64, u64)> {
     ];
     (first, prop::collection::vec((entry_data, 0i32..4), 0..6)).prop_map(|(first, mut entries)| {
         use protobuf::Message;
-        // Entries stop at u64::MAX: one after it is the known bug
-        // `known_bug_decode_segment_overflows_after_index_u64_max`.
-        entries.truncate(
-            usize::try_from(u64::MAX - first)
-                .unwrap_or(usize::MAX)
-                .saturating_add(1),
-        );
         let mut body = tern_learner::backup::archive::MAGIC.to_vec();
         let mut index = first;
         let n = entries.len() as u64;
@@ -1785,7 +1775,7 @@ fn log_segment_names_and_bodies_are_checked_and_never_panic() {
     use tern_learner::backup::archive::{decode_segment, SegmentName};
     let started = Instant::now();
     let names = Tally::default();
-    let result = runner(cases(5000)).run(&segment_name(true), |name| {
+    let result = runner(cases(5000)).run(&segment_name(), |name| {
         let parsed = bounded("SegmentName::parse", move || {
             SegmentName::parse(&name).map(|n| (n, SegmentName::parse(&n.to_string())))
         })?;
@@ -1856,8 +1846,7 @@ fn log_segment_names_and_bodies_are_checked_and_never_panic() {
 /// u64::MAX is followed by another frame makes `decode_segment` compute
 /// `u64::MAX + 1` (a panic in debug builds, a wrap in release).
 #[test]
-#[ignore = "known bug in learner/src/backup/archive.rs (reported); un-ignore once fixed"]
-fn known_bug_decode_segment_overflows_after_index_u64_max() {
+fn decode_segment_refuses_an_index_past_u64_max() {
     use protobuf::Message;
     use tern_learner::backup::archive::{decode_segment, SegmentName, MAGIC};
     let mut body = MAGIC.to_vec();
@@ -2122,7 +2111,7 @@ fn damage() -> impl Strategy<Value = Damage> {
             prop::collection::vec(raft_request(), 1..6)
         )
             .prop_map(|(i, r)| Damage::ForgedEntries(i, r)),
-        (any::<prop::sample::Index>(), segment_name(false))
+        (any::<prop::sample::Index>(), segment_name())
             .prop_map(|(i, n)| Damage::RenamedSegment(i, n)),
         Just(Damage::WrongKey),
     ]
@@ -2380,8 +2369,7 @@ fn tern_restore_refuses_damaged_and_forged_stores_clearly() {
 /// chains segments (`Chain::after` in restore/src/replay.rs): exit 101 in a
 /// debug build. A release build wraps and reports a confusing gap instead.
 #[test]
-#[ignore = "known bug in restore/src/replay.rs (reported); un-ignore once fixed"]
-fn known_bug_restore_overflows_on_a_segment_named_up_to_u64_max() {
+fn restore_refuses_a_segment_named_up_to_u64_max() {
     let real = make_real_store();
     let segments = real.dir.path().join("store").join("segments");
     let first = files(&segments, ".seg.zst.age").pop().expect("a segment");

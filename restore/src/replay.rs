@@ -83,7 +83,7 @@ impl Chain {
             after,
             ..Chain::default()
         };
-        let mut next = after + 1;
+        let mut next = after.saturating_add(1);
         for s in all {
             if s.name.last < next {
                 continue;
@@ -93,7 +93,7 @@ impl Chain {
                 break;
             }
             chain.segments.push(s.clone());
-            next = s.name.last + 1;
+            next = s.name.last.saturating_add(1);
         }
         chain
     }

@@ -57,7 +57,9 @@ impl SegmentName {
             Some(r) => Some(r.strip_prefix('r')?.parse().ok()?),
             None => None,
         };
-        if parts.next().is_some() || last < first {
+        // Raft indexes are stored as SQLite integers: a name beyond i64
+        // cannot be one the archiver wrote (and would overflow chaining).
+        if parts.next().is_some() || last < first || last > i64::MAX as u64 {
             return None;
         }
         Some(SegmentName {
@@ -126,7 +128,7 @@ pub fn decode_segment(
             });
         }
         if let Some(prev) = entries.last() {
-            if index != prev.index + 1 {
+            if prev.index.checked_add(1) != Some(index) {
                 return Err(SegmentError::NotContiguous {
                     after: prev.index,
                     next: index,
