@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tern_learner::backup::archive::SegmentName;
 use tern_tests::backups::{
     add_file_learner, add_s3_learner, age_key, file_manifests, fill, post_backup, s3_backups,
     tern_restore, S3,
@@ -353,9 +354,8 @@ fn log_segments_ship_every_interval_and_chain_without_gaps() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .map(|n| {
-            let stem = n.strip_suffix(".seg.zst.age").expect("segment name");
-            let (a, b) = stem.split_once('-').unwrap();
-            (a.parse().unwrap(), b.parse().unwrap(), n.clone())
+            let name = SegmentName::parse(&n).expect("segment name");
+            (name.first, name.last, n.clone())
         })
         .collect();
     ranges.sort();
@@ -613,10 +613,23 @@ async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds(
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(data.is_empty(), "nothing uploaded: {data:?}");
+    let left: Vec<_> = std::fs::read_dir(&staging.path)
+        .unwrap()
+        .flatten()
+        .flat_map(|sub| {
+            std::fs::read_dir(sub.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .collect();
     assert!(
-        !staging.path.join("state.db").exists(),
-        "the half-written copy is removed"
+        left.is_empty(),
+        "the half-written copy is removed: {left:?}"
     );
+    // Only a dir of the learner's own is used (and wiped) in the staging dir.
+    std::fs::write(staging.path.join("operator.txt"), "kept").unwrap();
 
     // The learner is unaffected: it applies new writes and serves them.
     fill(&leader, "after-full/", 5);
@@ -650,5 +663,10 @@ async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds(
     assert_eq!(
         open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
         "2005"
+    );
+    assert_eq!(
+        std::fs::read_to_string(staging.path.join("operator.txt")).unwrap(),
+        "kept",
+        "the learner leaves the rest of the staging dir alone"
     );
 }

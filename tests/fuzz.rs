@@ -1721,7 +1721,7 @@ fn segment_body() -> impl Strategy<Value = (Vec<u8>, u64, u64)> {
             .encode_to_vec()
         }),
     ];
-    (first, prop::collection::vec((entry_data, 0i32..4), 0..6)).prop_map(|(first, mut entries)| {
+    (first, prop::collection::vec((entry_data, 0i32..4), 0..6)).prop_map(|(first, entries)| {
         use protobuf::Message;
         let mut body = tern_learner::backup::archive::MAGIC.to_vec();
         let mut index = first;
@@ -2365,11 +2365,12 @@ fn tern_restore_refuses_damaged_and_forged_stores_clearly() {
 
 /// Found by the restore fuzzer: a segment object whose name claims entries
 /// up to u64::MAX (only a name: anyone who can write to the store can put
-/// one there) makes `tern-restore verify` compute `u64::MAX + 1` when it
-/// chains segments (`Chain::after` in restore/src/replay.rs): exit 101 in a
-/// debug build. A release build wraps and reports a confusing gap instead.
+/// one there) made `tern-restore verify` compute `u64::MAX + 1` when it
+/// chained segments (a panic in a debug build). Raft indexes are SQLite
+/// integers, so such a name is not a segment the archiver wrote: it is
+/// passed over, and the real chain still verifies.
 #[test]
-fn restore_refuses_a_segment_named_up_to_u64_max() {
+fn restore_passes_over_a_segment_named_up_to_u64_max() {
     let real = make_real_store();
     let segments = real.dir.path().join("store").join("segments");
     let first = files(&segments, ".seg.zst.age").pop().expect("a segment");
@@ -2385,5 +2386,6 @@ fn restore_refuses_a_segment_named_up_to_u64_max() {
     let url = format!("file://{}", real.dir.path().join("store").display());
     let key = real.key_file.display().to_string();
     let (code, stderr) = tern_restore(&["verify", "--url", &url, "--identity", &key]).expect("ran");
-    assert_eq!(code, 1, "refused with a reason, not a panic: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(code, 0, "the real chain verifies: {stderr}");
 }

@@ -138,12 +138,23 @@ impl Member {
         if within_quota && self.disk_has_room(cost) {
             return Ok(());
         }
-        let alarm = crate::proto::etcdserverpb::AlarmRequest {
-            action: crate::proto::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
-            member_id: self.member_id,
-            alarm: crate::proto::etcdserverpb::AlarmType::Nospace as i32,
-        };
-        let _ = self.propose(Request::Alarm(alarm)).await;
+        let nospace = crate::proto::etcdserverpb::AlarmType::Nospace as i32;
+        // Raise it once: every proposal is a log append, and refused writes
+        // retried against a full disk must not eat the reserve.
+        let raised = self
+            .read(|conn, _| {
+                crate::mvcc::write::alarms(conn).map_err(|e| Status::internal(e.to_string()))
+            })
+            .await
+            .is_ok_and(|alarms| alarms.contains(&(self.member_id, nospace)));
+        if !raised {
+            let alarm = crate::proto::etcdserverpb::AlarmRequest {
+                action: crate::proto::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
+                member_id: self.member_id,
+                alarm: nospace,
+            };
+            let _ = self.propose(Request::Alarm(alarm)).await;
+        }
         Err(EtcdError::NoSpace.into())
     }
 

@@ -82,7 +82,7 @@ pub async fn find(target: &Target, id: Option<&str>) -> anyhow::Result<Manifest>
 }
 
 /// The newest backup a point-in-time restore to `until` can start from:
-/// at or before that revision, or started at or before that time.
+/// at or before that revision, or finished at or before that time.
 pub async fn before(target: &Target, until: crate::replay::Until) -> anyhow::Result<Manifest> {
     use crate::replay::Until;
     let mut oldest = None;
@@ -90,7 +90,10 @@ pub async fn before(target: &Target, until: crate::replay::Until) -> anyhow::Res
         let Entry::Ok(m) = entry else { continue };
         let fits = match until {
             Until::Revision(r) => m.revision <= r,
-            Until::Time(t) => m.started_at <= t,
+            // Not started_at: writes applied while the state was being
+            // copied are in the backup, and a replay cannot take them out.
+            Until::Time(t) => m.finished_at <= t,
+            Until::End => true,
         };
         if fits {
             return Ok(*m);
@@ -98,17 +101,17 @@ pub async fn before(target: &Target, until: crate::replay::Until) -> anyhow::Res
         oldest = Some(m);
     }
     match (until, oldest) {
-        (_, None) => anyhow::bail!("no backup in {}", target.url),
+        (Until::End, _) | (_, None) => anyhow::bail!("no backup in {}", target.url),
         (Until::Revision(r), Some(m)) => anyhow::bail!(
             "no backup at or before revision {r}: the oldest, {}, is at revision {}",
             m.id,
             m.revision
         ),
         (Until::Time(t), Some(m)) => anyhow::bail!(
-            "no backup taken at or before {}: the oldest, {}, started {}",
+            "no backup finished at or before {}: the oldest, {}, finished {}",
             t.to_rfc3339(),
             m.id,
-            m.started_at.to_rfc3339()
+            m.finished_at.to_rfc3339()
         ),
     }
 }

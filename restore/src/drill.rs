@@ -109,15 +109,7 @@ pub async fn run(
         bail!("{gap}");
     }
     let bar = crate::count_bar(json, "replaying log segments");
-    let replayed = replay::replay(
-        target,
-        &chain,
-        identities,
-        &state,
-        Until::Time(chrono::DateTime::<chrono::Utc>::MAX_UTC),
-        &bar,
-    )
-    .await?;
+    let replayed = replay::replay(target, &chain, identities, &state, Until::End, &bar).await?;
     bar.finish_and_clear();
     if let Some(named) = chain.segments.last().and_then(|s| s.name.revision) {
         if replayed.revision != named {

@@ -75,29 +75,15 @@ pub struct Imported {
 pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Result<Imported> {
     // Checked before the work, and again by into_data_dir just before the
     // state moves in.
-    if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
-        bail!(
-            "{} is not empty: import into a fresh data dir",
-            data_dir.display()
-        );
-    }
+    crate::restore::refuse_non_empty(data_dir)?;
     // Every failure that is the file's names the file.
     let in_file = || snapshot.display().to_string();
     let db = bbolt::Reader::open(snapshot).with_context(in_file)?;
     let sha256_checked = check_sha256(snapshot, &db).with_context(in_file)?;
     require_etcd_buckets(&db).with_context(in_file)?;
 
-    // The scratch dir sits beside the target so the state moves in with a
-    // rename; it goes away with everything in it if anything fails.
-    let parent = match data_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let scratch = tempfile::Builder::new()
-        .prefix(".tern-import-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a scratch dir in {}", parent.display()))?;
+    // It goes away with everything in it if anything fails.
+    let scratch = crate::restore::scratch_beside(data_dir)?;
     let state_path = scratch.path().join("state.db");
     let mut built = build_state(&db, &state_path).with_context(in_file)?;
     built
@@ -284,8 +270,6 @@ fn build_state(db: &bbolt::Reader, path: &Path) -> anyhow::Result<Built> {
              like etcd, they are kept and never expire"
         ));
     }
-    // One self-contained file: into_data_dir moves state.db alone.
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;")?;
     drop(store);
     Ok(Built {
         compact_revision: state.compact_revision,

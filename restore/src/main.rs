@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -238,16 +239,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => catalog::find(&target, latest(id.as_deref())).await?,
             };
             restore::refuse_non_empty(&data_dir)?;
-            // Scratch space beside the target: the state moves into place
-            // with a rename, and /tmp may be too small for it.
-            let parent = match data_dir.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            std::fs::create_dir_all(&parent)?;
-            let scratch = tempfile::Builder::new()
-                .prefix(".tern-restore-")
-                .tempdir_in(&parent)?;
+            let scratch = restore::scratch_beside(&data_dir)?;
             let (state, _) = verify::verify(
                 &target,
                 &manifest,
@@ -330,15 +322,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 drill::run(&target, &identities, latest(id.as_deref()), &binary, json).await
             }
             .await;
-            if let Some(path) = &metrics_file {
-                drill::write_metrics(path, outcome.as_ref().ok())?;
-            }
+            // The drill's own outcome is reported whatever happens to the
+            // metrics file; a metrics failure is a failure of its own.
+            let metrics = metrics_file
+                .as_ref()
+                .map(|path| drill::write_metrics(path, outcome.as_ref().ok()))
+                .transpose();
             let report = match outcome {
                 Ok(report) => report,
                 Err(e) => {
                     if json {
                         let doc = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
                         println!("{}", serde_json::to_string_pretty(&doc)?);
+                    }
+                    if let Err(m) = metrics {
+                        eprintln!("Error: writing the metrics file: {m:#}");
                     }
                     return Err(e);
                 }
@@ -358,7 +356,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     report.rpo_seconds
                 );
             }
-            Ok(())
+            metrics
+                .map(|_| ())
+                .context("the drill passed, but writing the metrics file failed")
         }
         Command::ImportEtcd {
             snapshot,
@@ -439,6 +439,10 @@ async fn verify_backups(
     } else {
         vec![catalog::find(target, latest(id)).await?]
     };
+    if manifests.is_empty() {
+        // A mistyped URL must not verify "everything" in an empty store.
+        anyhow::bail!("no backup in {}", target.url);
+    }
     let mut reports = Vec::new();
     for manifest in &manifests {
         let scratch = tempfile::tempdir()?;

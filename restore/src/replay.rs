@@ -33,6 +33,8 @@ pub enum Until {
     Revision(i64),
     /// Every entry proposed at or before this time.
     Time(DateTime<Utc>),
+    /// Everything archived (a drill: the newest restorable state).
+    End,
 }
 
 /// One segment object in the store.
@@ -207,6 +209,7 @@ pub async fn replay(
         last_proposed_at: None,
     };
     progress.set_length(chain.segments.len() as u64);
+    let mut target_reached = false;
     for segment in &chain.segments {
         let entries = fetch(target, segment, identities).await?;
         let state = state.to_path_buf();
@@ -215,7 +218,16 @@ pub async fn replay(
         reached = next;
         progress.inc(1);
         if finished {
+            target_reached = true;
             break;
+        }
+    }
+    if let (Until::Time(t), false) = (until, target_reached) {
+        // The log stopped before passing the time: at a gap, a restore to
+        // that time is not possible (the newest write before it may be in
+        // the missing entries).
+        if let Some(gap) = chain.gap_error() {
+            bail!("{} cannot be reached: {gap}", t.to_rfc3339());
         }
     }
     if let Until::Revision(want) = until {
@@ -269,6 +281,11 @@ fn apply(
             }
         };
         if let Until::Time(t) = until {
+            if request.proposed_at_ms == 0 {
+                bail!(
+                    "log entry {index} records no proposal time (written by an older Tern): restore to a revision instead"
+                );
+            }
             if request.proposed_at_ms > t.timestamp_millis().max(0) as u64 {
                 finished = true;
                 break;

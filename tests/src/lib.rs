@@ -55,13 +55,48 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago (for etcd, which needs its ports up
-/// front). tern-primary binds port 0 itself and reports what it got.
+/// A port for a process that needs its port up front (etcd, cluster
+/// peers); tern-primary's client port is bound as port 0 by the member
+/// itself, which reports what it got.
+///
+/// A port from `bind(0)` is only free for a moment: it lies in the kernel's
+/// ephemeral range, where every outgoing connection of every test takes its
+/// source port, so one may grab it before the member binds it. These ports
+/// come from just below that range instead, and each is reserved across the
+/// test processes running at once by a lock file held until this process
+/// exits (the kernel drops the lock even after a crash).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let span = 12_000.min(ephemeral_low.saturating_sub(1_024));
+    let dir = std::env::temp_dir().join("tern-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock dir");
+    // Processes start at different points so they rarely meet.
+    let offset = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port =
+            ephemeral_low - 1 - (offset.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .expect("port lock file");
+        // SAFETY: flock on a file descriptor we own.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if locked && TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            HELD.lock().unwrap().push(lock);
+            return port as u16;
+        }
+    }
+    panic!("no free port below {ephemeral_low}");
 }
 
 /// A running tern-primary.

@@ -64,10 +64,13 @@ pub async fn take(
     settings: &Settings,
 ) -> Result<Manifest, BackupError> {
     let started = Utc::now();
-    let staging = settings
-        .staging_dir
-        .clone()
-        .unwrap_or_else(|| member.data_dir.join("backup-staging"));
+    // A directory of our own even inside an operator's staging dir: it is
+    // wiped before every copy, and the operator's dir may be shared (/var/tmp,
+    // or two learners on one host).
+    let staging = match &settings.staging_dir {
+        Some(dir) => dir.join(format!("tern-backup-{:x}", member.member_id)),
+        None => member.data_dir.join("backup-staging"),
+    };
     let copy = {
         let state_path = member.data_dir.join("state.db");
         let staging = staging.clone();
