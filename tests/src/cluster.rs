@@ -112,12 +112,25 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     temp: tempfile::TempDir,
     extra: Vec<String>,
+    peer_scheme: &'static str,
 }
 
 impl Cluster {
     /// Start `voters` tern-primary members as a new cluster, with `extra`
     /// flags on each, and wait until every one serves.
     pub fn start(voters: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with_peer_scheme(voters, "http", extra)
+    }
+
+    /// Like [`Cluster::start`], with peer URLs (listen and advertised) of
+    /// the given scheme: `https` for peer TLS, whose `peer-*` flags go in
+    /// `extra`. The proxies pass TLS through untouched; client URLs stay
+    /// plain, so the helpers here keep working.
+    pub fn start_with_peer_scheme(
+        voters: usize,
+        peer_scheme: &'static str,
+        extra: &[&str],
+    ) -> Cluster {
         let temp = tempfile::tempdir().expect("tempdir");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut planned = Vec::new();
@@ -128,7 +141,7 @@ impl Cluster {
         }
         let initial: Vec<String> = planned
             .iter()
-            .map(|(name, _, proxy)| format!("{name}={}", proxy.url()))
+            .map(|(name, _, proxy)| format!("{name}={peer_scheme}://{}", proxy.addr()))
             .collect();
         let initial = initial.join(",");
         let mut nodes = Vec::new();
@@ -137,15 +150,19 @@ impl Cluster {
                 "tern-primary",
                 &temp,
                 name,
-                peer_port,
-                proxy,
+                (peer_scheme, peer_port, proxy),
                 &initial,
                 "new",
                 &extra,
             );
             nodes.push(node);
         }
-        let cluster = Cluster { nodes, temp, extra };
+        let cluster = Cluster {
+            nodes,
+            temp,
+            extra,
+            peer_scheme,
+        };
         for n in &cluster.nodes {
             wait_serving(&n.client);
         }
@@ -207,7 +224,7 @@ impl Cluster {
         let peer_port = free_port();
         let proxy = Proxy::start(format!("127.0.0.1:{peer_port}").parse().unwrap());
         let mut args = vec!["member", "add", &name];
-        let peer_flag = format!("--peer-urls={}", proxy.url());
+        let peer_flag = format!("--peer-urls={}://{}", self.peer_scheme, proxy.addr());
         if learner {
             args.push("--learner");
         }
@@ -229,7 +246,13 @@ impl Cluster {
             "tern-primary"
         };
         let node = spawn_node(
-            bin, &self.temp, name, peer_port, proxy, &initial, "existing", &flags,
+            bin,
+            &self.temp,
+            name,
+            (self.peer_scheme, peer_port, proxy),
+            &initial,
+            "existing",
+            &flags,
         );
         self.nodes.push(node);
         self.nodes.len() - 1
@@ -275,17 +298,18 @@ pub fn hashkv(client: &str, rev: i64) -> Option<u64> {
     v.get(0)?.get("HashKV")?.get("hash")?.as_u64()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `peer`: the peer URLs' scheme, the port the member listens on for
+/// peers, and the proxy in front of it (whose address it advertises).
 fn spawn_node(
     bin: &'static str,
     temp: &tempfile::TempDir,
     name: String,
-    peer_port: u16,
-    proxy: Proxy,
+    peer: (&str, u16, Proxy),
     initial: &str,
     state: &str,
     extra: &[String],
 ) -> Node {
+    let (peer_scheme, peer_port, proxy) = peer;
     let client_port = free_port();
     let client = format!("127.0.0.1:{client_port}");
     let data_dir = temp.path().join(&name);
@@ -299,9 +323,9 @@ fn spawn_node(
         "--advertise-client-urls",
         &format!("http://{client}"),
         "--listen-peer-urls",
-        &format!("http://127.0.0.1:{peer_port}"),
+        &format!("{peer_scheme}://127.0.0.1:{peer_port}"),
         "--initial-advertise-peer-urls",
-        &proxy.url(),
+        &format!("{peer_scheme}://{}", proxy.addr()),
         "--initial-cluster",
         initial,
         "--initial-cluster-state",
