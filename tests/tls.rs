@@ -194,21 +194,29 @@ fn served_certificate(addr: &str, ca: &Path, client: &Leaf) -> Option<Certificat
     })
 }
 
-/// An HTTP/1.1 GET over TLS: the whole response.
-fn https_get(addr: &str, path: &str, ca: &Path, client: &Leaf) -> String {
+/// An HTTP/1.1 GET over TLS: the whole response, or why the connection
+/// failed (a server's refusal arrives as a TLS alert on the first read).
+fn https_get(addr: &str, path: &str, ca: &Path, client: Option<&Leaf>) -> Result<String, String> {
     runtime().block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
         let name = ServerName::try_from("127.0.0.1").expect("server name");
-        let mut tls = rustls_client(ca, Some(client), &[b"http/1.1"])
+        let mut tls = rustls_client(ca, client, &[b"http/1.1"])
             .connect(name, tcp)
             .await
-            .expect("TLS handshake");
+            .map_err(|e| e.to_string())?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes()).await.expect("write");
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut response = Vec::new();
-        // A server may close without close_notify; what arrived is kept.
-        let _ = tls.read_to_end(&mut response).await;
-        String::from_utf8_lossy(&response).into_owned()
+        let read = tls.read_to_end(&mut response).await;
+        match read {
+            Err(e) if response.is_empty() => Err(e.to_string()),
+            // A server may close without close_notify; what arrived counts.
+            _ => Ok(String::from_utf8_lossy(&response).into_owned()),
+        }
     })
 }
 
@@ -248,32 +256,60 @@ fn client_cert_auth_admits_only_valid_clients_of_the_trusted_ca() {
     let get = tern.etcdctl(&["get", "greeting", "--print-value-only"]);
     assert_eq!(get.stdout.trim(), "hello", "{get:?}");
 
+    // The same fail-fast invocation succeeds with a good certificate, so
+    // the refusals below are the certificates' doing.
+    let good = etcdctl_with(
+        &url,
+        &etcdctl_tls(&ca.cert, Some(&client)),
+        &["get", "greeting", "--print-value-only"],
+    );
+    assert_eq!(good.stdout.trim(), "hello", "{good:?}");
     let refused = [
-        ("no client certificate", etcdctl_tls(&ca.cert, None)),
+        ("no client certificate", None, "CertificateRequired"),
         (
             "a certificate from another CA",
-            etcdctl_tls(&ca.cert, Some(&stranger)),
+            Some(&stranger),
+            "UnknownCA",
         ),
-        ("an expired certificate", etcdctl_tls(&ca.cert, Some(&expired))),
+        (
+            "an expired certificate",
+            Some(&expired),
+            "CertificateExpired",
+        ),
     ];
-    for (what, tls) in &refused {
-        let out = etcdctl_with(&url, tls, &["get", "greeting"]);
+    for (what, cert, alert) in refused {
+        let out = etcdctl_with(&url, &etcdctl_tls(&ca.cert, cert), &["get", "greeting"]);
         assert_ne!(out.code, 0, "a client with {what} was served: {out:?}");
         assert!(!out.stdout.contains("hello"), "{what}: {out:?}");
+        // Why, as the server's TLS alert says it.
+        let answer = https_get(&tern.endpoint, "/health", &ca.cert, cert);
+        assert!(
+            answer.as_ref().is_err_and(|e| e.contains(alert)),
+            "a client with {what}: expected alert {alert}, got {answer:?}"
+        );
     }
     // Plain text on the TLS port is refused too, and the listener lives on.
-    let plain = etcdctl_with(&format!("http://{}", tern.endpoint), &[], &["get", "greeting"]);
+    let plain = etcdctl_with(
+        &format!("http://{}", tern.endpoint),
+        &[],
+        &["get", "greeting"],
+    );
     assert_ne!(plain.code, 0, "plain text on a TLS port: {plain:?}");
     let again = tern.etcdctl(&["get", "greeting", "--print-value-only"]);
     assert_eq!(again.stdout.trim(), "hello", "{again:?}");
 
     // /metrics and /health over https, on the client URL and the metrics URL.
     for addr in [tern.endpoint.as_str(), metrics.as_str()] {
-        let body = https_get(addr, "/metrics", &ca.cert, &client);
+        let body = https_get(addr, "/metrics", &ca.cert, Some(&client)).expect("/metrics");
         assert!(body.starts_with("HTTP/1.1 200"), "{addr}: {body}");
         assert!(body.contains("etcd_server_has_leader"), "{addr}: {body}");
-        let health = https_get(addr, "/health", &ca.cert, &client);
+        let health = https_get(addr, "/health", &ca.cert, Some(&client)).expect("/health");
         assert!(health.contains("\"health\":\"true\""), "{addr}: {health}");
+        let anonymous = https_get(addr, "/metrics", &ca.cert, None);
+        assert!(
+            anonymous.is_err(),
+            "{addr}: /metrics without a certificate: {anonymous:?}"
+        );
     }
 }
 
@@ -325,9 +361,11 @@ fn certificates_reload_on_sighup_and_on_file_change() {
     unsafe {
         libc::kill(tern.pid() as i32, libc::SIGHUP);
     }
-    eventually("the new certificate is served", Duration::from_secs(10), || {
-        served_certificate(&addr, &ca.cert, &client) == Some(second.der.clone())
-    });
+    eventually(
+        "the new certificate is served",
+        Duration::from_secs(10),
+        || served_certificate(&addr, &ca.cert, &client) == Some(second.der.clone()),
+    );
     let put = tern.etcdctl(&["put", "after-reload", "1"]);
     assert_eq!(put.code, 0, "{put:?}");
 
@@ -443,7 +481,10 @@ fn peer_tls_cluster_replicates_and_refuses_plain_peers() {
     let plain = rt.block_on(peer_members(&target, None, None));
     assert!(plain.is_err(), "plain HTTP/2 on a TLS peer port: {plain:?}");
     let anonymous = rt.block_on(peer_members(&target, Some(&ca.cert), None));
-    assert!(anonymous.is_err(), "a peer without a certificate: {anonymous:?}");
+    assert!(
+        anonymous.is_err(),
+        "a peer without a certificate: {anonymous:?}"
+    );
     let foreign = rt.block_on(peer_members(&target, Some(&ca.cert), Some(&stranger)));
     assert!(foreign.is_err(), "a peer of another CA: {foreign:?}");
     let trusted = rt.block_on(peer_members(&target, Some(&ca.cert), Some(&peer)));
@@ -457,7 +498,12 @@ fn peer_tls_cluster_replicates_and_refuses_plain_peers() {
     assert_eq!(put.code, 0, "{put:?}");
     eventually("the learner has the key", Duration::from_secs(30), || {
         cluster.nodes[learner]
-            .etcdctl(&["get", "for-the-learner", "--print-value-only", "--consistency=s"])
+            .etcdctl(&[
+                "get",
+                "for-the-learner",
+                "--print-value-only",
+                "--consistency=s",
+            ])
             .stdout
             .trim()
             == "yes"

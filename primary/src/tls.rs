@@ -228,7 +228,9 @@ fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, Tl
 fn read_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(key, path)? {
-        roots.add(cert).map_err(|source| TlsError::Rustls { key, source })?;
+        roots
+            .add(cert)
+            .map_err(|source| TlsError::Rustls { key, source })?;
     }
     Ok(roots)
 }
@@ -309,7 +311,9 @@ impl ServerTls {
                 let cert = tls.files.cert.display().to_string();
                 match result {
                     Ok(Ok(())) => tracing::info!(%cert, reason = why, "TLS certificates reloaded"),
-                    Ok(Err(e)) => tracing::error!(error = %e, reason = why, "TLS reload failed; keeping the previous certificates"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, reason = why, "TLS reload failed; keeping the previous certificates")
+                    }
                     Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
                 }
             }
@@ -497,9 +501,7 @@ impl DialTls {
         install_crypto_provider();
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &self.trusted_ca {
-            tls = tls.ca_certificate(Certificate::from_pem(
-                read(self.keys.trusted_ca, ca).await?,
-            ));
+            tls = tls.ca_certificate(Certificate::from_pem(read(self.keys.trusted_ca, ca).await?));
         }
         if let Some((cert, key)) = &self.identity {
             tls = tls.identity(Identity::from_pem(

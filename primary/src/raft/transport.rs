@@ -301,9 +301,7 @@ async fn send_snapshot(
         let mut file = tokio::fs::File::open(&path).await?;
         m.mut_snapshot().data = Default::default();
         let header = m.write_to_bytes().map_err(std::io::Error::other)?;
-        let mut client = connect(&urls, &tls)
-            .await
-            .map_err(std::io::Error::other)?;
+        let mut client = connect(&urls, &tls).await.map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
         let call = tokio::spawn(async move {
             client
