@@ -1,7 +1,7 @@
 //! TLS with etcd's flags, against real processes and real etcdctl: client
 //! certificate checks on the client URL, /metrics over https, certificate
 //! reload on SIGHUP and on file change, and a 3-member cluster (and a
-//! learner) whose peers talk TLS only.
+//! learner) that talks TLS only, to clients and among its members.
 //!
 //! Every certificate is made by the test (rcgen): a CA, a server/peer
 //! certificate for 127.0.0.1 and localhost, a client certificate, a second
@@ -19,7 +19,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tern_primary::proto::ternpb::{peer_client::PeerClient, MembersRequest};
-use tern_tests::cluster::Cluster;
+use tern_tests::cluster::{Cluster, Options};
 use tern_tests::{etcdctl, free_port, Output, Tern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -435,28 +435,36 @@ async fn peer_members(
 }
 
 #[test]
-fn peer_tls_cluster_replicates_and_refuses_plain_peers() {
+fn tls_cluster_replicates_forwards_and_refuses_plain_peers() {
     let pki = Pki::new();
-    let ca = pki.ca("peer-ca");
-    let peer = pki.leaf(&ca, "peer", false);
+    let ca = pki.ca("ca");
+    // One certificate per member would do as well; peers and the client
+    // listeners share this one.
+    let member = pki.leaf(&ca, "member", false);
+    let client = pki.leaf(&ca, "client", false);
     let other_ca = pki.ca("other-ca");
     let stranger = pki.leaf(&other_ca, "stranger", false);
-    let flags = [
+    let mut flags = server_flags(&ca, &member);
+    flags.extend([
         "--peer-cert-file".to_string(),
-        s(&peer.cert),
+        s(&member.cert),
         "--peer-key-file".into(),
-        s(&peer.key),
+        s(&member.key),
         "--peer-trusted-ca-file".into(),
         s(&ca.cert),
         "--peer-client-cert-auth".into(),
-    ];
-    let mut cluster = Cluster::start_with_peer_scheme(3, "https", &as_strs(&flags));
+    ]);
+    let options = Options {
+        peer_https: true,
+        client_tls: Some(etcdctl_tls(&ca.cert, Some(&client))),
+    };
+    let mut cluster = Cluster::start_with(3, options, &as_strs(&flags));
     let leader = cluster.leader();
     let members = cluster.nodes[leader].etcdctl(&["member", "list"]);
     assert_eq!(
         members.stdout.matches("https://").count(),
-        3,
-        "every peer URL is https: {members:?}"
+        6,
+        "every peer and client URL is https: {members:?}"
     );
     let put = cluster.nodes[leader].etcdctl(&["put", "replicated", "over-tls"]);
     assert_eq!(put.code, 0, "{put:?}");
@@ -474,6 +482,19 @@ fn peer_tls_cluster_replicates_and_refuses_plain_peers() {
         );
     }
 
+    // A follower sends lease keep-alives on to the leader's https client URL.
+    let follower = (leader + 1) % 3;
+    let grant = cluster.nodes[follower].etcdctl(&["lease", "grant", "60"]);
+    let lease = grant
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("lease grant: {grant:?}"))
+        .to_string();
+    let kept = cluster.nodes[follower].etcdctl(&["lease", "keep-alive", "--once", &lease]);
+    assert_eq!(kept.code, 0, "keep-alive through a follower: {kept:?}");
+    assert!(kept.stdout.contains("keepalived"), "{kept:?}");
+
     let rt = runtime();
     let target = cluster.nodes[0].proxy.target().to_string();
     // A client that never finishes a handshake holds no one up.
@@ -487,7 +508,7 @@ fn peer_tls_cluster_replicates_and_refuses_plain_peers() {
     );
     let foreign = rt.block_on(peer_members(&target, Some(&ca.cert), Some(&stranger)));
     assert!(foreign.is_err(), "a peer of another CA: {foreign:?}");
-    let trusted = rt.block_on(peer_members(&target, Some(&ca.cert), Some(&peer)));
+    let trusted = rt.block_on(peer_members(&target, Some(&ca.cert), Some(&member)));
     assert_eq!(trusted, Ok(3), "a trusted peer, beside the silent one");
     drop(silent);
 

@@ -483,15 +483,6 @@ impl DialTls {
         }
     }
 
-    /// No TLS settings: `https://` URLs then fail to verify.
-    pub fn none() -> DialTls {
-        DialTls {
-            keys: TlsKeys::PEER,
-            trusted_ca: None,
-            identity: None,
-        }
-    }
-
     /// An endpoint for `url`, with TLS when it is `https://`.
     pub async fn endpoint(&self, url: &str) -> Result<Endpoint, DialError> {
         let endpoint = Endpoint::from_shared(url.to_string())?;
