@@ -235,6 +235,31 @@ mod tests {
     }
 
     #[test]
+    fn tls_keys_apply_to_the_learner() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("peer.pem");
+        std::fs::write(&pem, "").unwrap();
+        let file = dir.path().join("learner.toml");
+        let pem = pem.display();
+        std::fs::write(
+            &file,
+            format!(
+                "listen-peer-urls = [\"https://127.0.0.1:2380\"]\npeer-cert-file = \"{pem}\"\npeer-key-file = \"{pem}\"\npeer-trusted-ca-file = \"{pem}\"\npeer-client-cert-auth = true\n"
+            ),
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let config =
+            LearnerConfig::load(["tern-learner", "--config-file", path].map(Into::into)).unwrap();
+        assert!(config.member.peer_client_cert_auth);
+        assert!(config.member.peer_trusted_ca_file.is_some());
+        std::fs::write(&file, "listen-peer-urls = [\"https://127.0.0.1:2380\"]\n").unwrap();
+        let e = LearnerConfig::load(["tern-learner", "--config-file", path].map(Into::into))
+            .unwrap_err();
+        assert!(e.to_string().contains("--peer-cert-file"), "{e}");
+    }
+
+    #[test]
     fn member_flags_and_file_keys_apply() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("learner.toml");

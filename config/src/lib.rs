@@ -19,7 +19,9 @@ pub mod primary;
 
 pub use file::load;
 pub use learner::{BackupConfig, LearnerConfig};
-pub use primary::{AutoCompaction, AutoCompactionMode, ClusterState, InitialMember, PrimaryConfig};
+pub use primary::{
+    AutoCompaction, AutoCompactionMode, ClusterState, InitialMember, PrimaryConfig, TlsKeys,
+};
 
 /// Why a configuration was refused. Every variant names the offending key.
 #[derive(Debug, thiserror::Error)]

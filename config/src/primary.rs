@@ -93,6 +93,46 @@ pub struct PrimaryConfig {
     #[arg(long, value_delimiter = ',')]
     pub listen_metrics_urls: Vec<Url>,
 
+    /// Client TLS certificate (PEM, leaf first): served on every `https://`
+    /// client and metrics URL.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key of `cert-file` (PEM).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that clients' certificates must chain to with
+    /// `client-cert-auth`; also the roots trusted when this member dials
+    /// another member's `https://` client URL.
+    #[arg(long)]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Require every client on an `https://` client URL to present a
+    /// certificate signed by `trusted-ca-file`.
+    #[arg(long, action = ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: bool,
+
+    /// Peer TLS certificate (PEM): served on `https://` peer URLs and
+    /// presented as this member's identity when it dials an `https://` peer.
+    #[arg(long)]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Private key of `peer-cert-file` (PEM).
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that peers' certificates must chain to: the
+    /// roots for dialing `https://` peer URLs, and for checking dialers
+    /// with `peer-client-cert-auth`.
+    #[arg(long)]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Require every member dialing an `https://` peer URL to present a
+    /// certificate signed by `peer-trusted-ca-file`.
+    #[arg(long, action = ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub peer_client_cert_auth: bool,
+
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_interval: u64,
@@ -214,6 +254,7 @@ impl PrimaryConfig {
         ] {
             check_urls(key, urls)?;
         }
+        self.check_tls()?;
         if self.listen_client_urls.is_empty() {
             return Err(ConfigError::invalid(
                 "listen-client-urls",
@@ -265,6 +306,99 @@ impl PrimaryConfig {
             ));
         }
         self.auto_compaction()?;
+        Ok(())
+    }
+
+    /// etcd's TLS rules: an `https://` listener needs a certificate and
+    /// its key, a key needs its certificate (and the other way round), and
+    /// client-certificate checks need the CA to check against. Each file
+    /// must be readable now; its contents are parsed when the listener
+    /// starts (a parse error there names the same key).
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let client = TlsKeys::CLIENT;
+        let peer = TlsKeys::PEER;
+        for (keys, cert, key, ca, cert_auth) in [
+            (
+                &client,
+                &self.cert_file,
+                &self.key_file,
+                &self.trusted_ca_file,
+                self.client_cert_auth,
+            ),
+            (
+                &peer,
+                &self.peer_cert_file,
+                &self.peer_key_file,
+                &self.peer_trusted_ca_file,
+                self.peer_client_cert_auth,
+            ),
+        ] {
+            for (name, path) in [(keys.cert, cert), (keys.key, key), (keys.trusted_ca, ca)] {
+                if let Some(path) = path {
+                    std::fs::File::open(path)
+                        .map_err(|e| ConfigError::invalid(name, path.display(), e))?;
+                }
+            }
+            match (cert, key) {
+                (Some(_), None) => {
+                    return Err(ConfigError::invalid(
+                        keys.key,
+                        "",
+                        format!("--{} needs --{}", keys.cert, keys.key),
+                    ))
+                }
+                (None, Some(path)) => {
+                    return Err(ConfigError::invalid(
+                        keys.cert,
+                        "",
+                        format!("--{} {} needs --{}", keys.key, path.display(), keys.cert),
+                    ))
+                }
+                _ => {}
+            }
+            if cert_auth && ca.is_none() {
+                return Err(ConfigError::invalid(
+                    keys.trusted_ca,
+                    "",
+                    format!(
+                        "--{} needs the CA to check certificates against",
+                        keys.cert_auth
+                    ),
+                ));
+            }
+        }
+        let https = |urls: &[Url]| urls.iter().find(|u| u.scheme() == "https").cloned();
+        for (listener, urls, keys, cert) in [
+            (
+                "listen-client-urls",
+                &self.listen_client_urls,
+                &client,
+                &self.cert_file,
+            ),
+            (
+                "listen-metrics-urls",
+                &self.listen_metrics_urls,
+                &client,
+                &self.cert_file,
+            ),
+            (
+                "listen-peer-urls",
+                &self.listen_peer_urls,
+                &peer,
+                &self.peer_cert_file,
+            ),
+        ] {
+            if let (Some(url), None) = (https(urls), cert) {
+                return Err(ConfigError::invalid(
+                    keys.cert,
+                    "",
+                    format!(
+                        "--{listener} has {url}: TLS key/cert (--{}, --{}) must be provided",
+                        keys.cert, keys.key
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -349,6 +483,31 @@ impl PrimaryConfig {
             }
         }
     }
+}
+
+/// The flag names of one set of TLS settings (client or peer), so that a
+/// message names the flag the operator has to fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsKeys {
+    pub cert: &'static str,
+    pub key: &'static str,
+    pub trusted_ca: &'static str,
+    pub cert_auth: &'static str,
+}
+
+impl TlsKeys {
+    pub const CLIENT: TlsKeys = TlsKeys {
+        cert: "cert-file",
+        key: "key-file",
+        trusted_ca: "trusted-ca-file",
+        cert_auth: "client-cert-auth",
+    };
+    pub const PEER: TlsKeys = TlsKeys {
+        cert: "peer-cert-file",
+        key: "peer-key-file",
+        trusted_ca: "peer-trusted-ca-file",
+        cert_auth: "peer-client-cert-auth",
+    };
 }
 
 /// A URL as etcd prints it: no trailing slash for an empty path.
@@ -447,6 +606,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--election-timeout"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "").unwrap();
+        let pem = pem.to_str().unwrap();
+        let e = load(&["--listen-client-urls", "https://127.0.0.1:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cert-file") && e.contains("https://"), "{e}");
+        let e = load(&["--listen-peer-urls", "https://127.0.0.1:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--peer-cert-file"), "{e}");
+        let e = load(&["--listen-metrics-urls", "https://127.0.0.1:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cert-file"), "{e}");
+        let e = load(&["--cert-file", pem]).unwrap_err().to_string();
+        assert!(e.contains("--key-file"), "{e}");
+        let e = load(&["--cert-file", "/nonexistent/cert.pem", "--key-file", pem])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--cert-file") && e.contains("/nonexistent/cert.pem"),
+            "{e}"
+        );
+        let e = load(&["--client-cert-auth"]).unwrap_err().to_string();
+        assert!(e.contains("--trusted-ca-file"), "{e}");
+        let e = load(&["--peer-client-cert-auth", "true"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--peer-trusted-ca-file"), "{e}");
+        let c = load(&[
+            "--listen-client-urls",
+            "https://127.0.0.1:1",
+            "--cert-file",
+            pem,
+            "--key-file",
+            pem,
+            "--trusted-ca-file",
+            pem,
+            "--client-cert-auth",
+        ])
+        .unwrap();
+        assert!(c.client_cert_auth);
     }
 
     #[test]

@@ -7,18 +7,27 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::error::EtcdError;
 use crate::mvcc::write::MemberRow;
+use crate::tls::DialTls;
 
-#[derive(Default)]
 pub struct LeaderLink {
     cached: Mutex<Option<(u64, Channel)>>,
+    /// How an `https://` client URL of the leader is dialed.
+    tls: DialTls,
 }
 
 impl LeaderLink {
+    pub fn new(tls: DialTls) -> Self {
+        LeaderLink {
+            cached: Mutex::new(None),
+            tls,
+        }
+    }
+
     /// A channel to `leader`, whose row in the member list is `row`.
     pub async fn channel(&self, leader: u64, row: Option<MemberRow>) -> Result<Channel, Status> {
         if let Some((id, ch)) = self
@@ -34,8 +43,12 @@ impl LeaderLink {
         let urls = row.map(|r| r.3).unwrap_or_default();
         let mut last = None;
         for url in urls {
-            let Ok(endpoint) = Endpoint::from_shared(url) else {
-                continue;
+            let endpoint = match self.tls.endpoint(&url).await {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    last = Some(e.to_string());
+                    continue;
+                }
             };
             match endpoint
                 .connect_timeout(Duration::from_secs(2))
@@ -48,7 +61,7 @@ impl LeaderLink {
                         Some((leader, ch.clone()));
                     return Ok(ch);
                 }
-                Err(e) => last = Some(e),
+                Err(e) => last = Some(e.to_string()),
             }
         }
         tracing::debug!(leader = format!("{leader:x}"), error = ?last, "leader unreachable");

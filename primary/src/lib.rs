@@ -33,6 +33,9 @@
 //!   [`launch`]: logging and runtime for the binaries.
 //! - [`authority_shim`]: lets etcdctl 3.4's `:authority: http://host:port`
 //!   through h2 on the client listeners.
+//! - [`tls`]: rustls on `https://` listeners (client, metrics, peer), with
+//!   certificate reload on SIGHUP or file change, and the TLS settings a
+//!   member dials other members' `https://` URLs with.
 
 pub mod api;
 pub mod apply;
@@ -51,6 +54,7 @@ pub mod mvcc;
 pub mod raft;
 pub mod readiness;
 pub mod server;
+pub mod tls;
 pub mod watch;
 
 /// Generated protobuf and gRPC code.

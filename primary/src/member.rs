@@ -67,6 +67,7 @@ impl Member {
         metrics: Arc<Metrics>,
         limits: Limits,
         data_dir: std::path::PathBuf,
+        leader_tls: crate::tls::DialTls,
     ) -> Self {
         Member {
             cluster_id,
@@ -81,7 +82,7 @@ impl Member {
             data_dir,
             db_size: AtomicI64::new(0),
             ids: IdGenerator::new(member_id),
-            leader_link: Default::default(),
+            leader_link: crate::forward::LeaderLink::new(leader_tls),
         }
     }
 

@@ -23,6 +23,7 @@ use crate::raft::snapshot::Snapshots;
 use crate::raft::transport::{CONNECTION_WINDOW, MAX_PEER_MESSAGE, STREAM_WINDOW};
 use crate::raft::{LogStore, RaftNode};
 use crate::readiness;
+use crate::tls::{DialTls, ServerFiles, ServerTls};
 use crate::watch::WatchHub;
 use raft::eraftpb::ConfState;
 
@@ -55,6 +56,8 @@ pub enum StartError {
     Bootstrap(String),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What kind of member a process runs as.
@@ -94,6 +97,9 @@ pub async fn run_with(
         path: data_dir.display().to_string(),
         source,
     };
+    // Certificates are read before anything else: a bad file stops
+    // start-up, naming its flag, before the data dir is touched.
+    let (client_tls, peer_tls) = server_tls(&config)?;
     std::fs::create_dir_all(&data_dir).map_err(dir_err)?;
     let _lock = lock_data_dir(&data_dir)?;
     remove_stale_snapshots(&data_dir);
@@ -183,6 +189,7 @@ pub async fn run_with(
         tick: Duration::from_millis(config.heartbeat_interval),
         election_ticks: (config.election_timeout / config.heartbeat_interval) as usize,
         snapshot_count: config.snapshot_count,
+        peer_tls: Arc::new(DialTls::peer(&config)),
     };
     let (node, handle) = RaftNode::new(
         node_config,
@@ -211,6 +218,7 @@ pub async fn run_with(
             quota_backend_bytes: config.quota_backend_bytes,
         },
         data_dir.clone(),
+        DialTls::client(&config),
     ));
     tokio::spawn(hub.run_sync());
     tokio::spawn(crate::housekeeping::expire_leases(member.clone()));
@@ -261,7 +269,7 @@ pub async fn run_with(
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .add_service(peer)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    crate::tls::incoming(listener, tls_for(url, &peer_tls)),
                     shutdown_signal(),
                 ),
         );
@@ -270,10 +278,15 @@ pub async fn run_with(
         let listener = bind(url).await?;
         let address = listener.local_addr().ok();
         tracing::info!(address = ?address, "serving metrics");
-        let app = crate::http::router(member.clone());
+        // tonic's server rather than axum::serve: it takes the same
+        // (possibly TLS) connection stream as the client listeners.
+        let routes = Routes::from(crate::http::router(member.clone()));
+        let incoming = crate::tls::incoming(listener, tls_for(url, &client_tls));
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
+            if let Err(e) = tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, shutdown_signal())
                 .await
             {
                 tracing::error!(error = %e, "metrics listener failed");
@@ -289,7 +302,7 @@ pub async fn run_with(
             source,
         })?;
         tracing::info!(%address, "serving client traffic");
-        client_listeners.push(listener);
+        client_listeners.push((listener, tls_for(url, &client_tls)));
         client_addresses.push(address.to_string());
     }
     // Like etcd, answer clients only once this member's name and client
@@ -303,20 +316,17 @@ pub async fn run_with(
             return Ok(());
         }
     }
-    for listener in client_listeners {
+    for (listener, tls) in client_listeners {
         let routes = Routes::from(router.clone());
         servers.spawn(
             tonic::transport::Server::builder()
                 .accept_http1(true)
                 .add_routes(routes)
-                // serve_with_incoming ignores the builder's nodelay, and
-                // without it small responses wait for the peer's delayed ACK.
-                // The shim lets etcdctl 3.4's `:authority: http://…` through.
+                // serve_with_incoming ignores the builder's nodelay;
+                // `tls::incoming` sets it. TLS comes off first, then the
+                // shim lets etcdctl 3.4's `:authority: http://…` through.
                 .serve_with_incoming_shutdown(
-                    crate::authority_shim::wrap(
-                        tonic::transport::server::TcpIncoming::from(listener)
-                            .with_nodelay(Some(true)),
-                    ),
+                    crate::authority_shim::wrap(crate::tls::incoming(listener, tls)),
                     shutdown_signal(),
                 ),
         );
@@ -492,12 +502,13 @@ async fn join_existing(
                 .into(),
         ));
     }
+    let dial = DialTls::peer(config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last_error = String::new();
     while tokio::time::Instant::now() < deadline {
         for urls in &others {
             let answer = async {
-                let mut client = crate::raft::transport::connect(urls)
+                let mut client = crate::raft::transport::connect(urls, &dial)
                     .await
                     .map_err(|e| e.to_string())?;
                 client
@@ -600,6 +611,43 @@ fn take_over(store: &mut MvccStore, log: &mut LogStore, member_id: u64) -> Resul
     tracing::warn!("{summary}");
     println!("{summary}");
     Ok(())
+}
+
+/// The client and peer TLS configs, loaded when some listener needs them,
+/// each reloaded on SIGHUP and file change from then on.
+#[allow(clippy::type_complexity)]
+fn server_tls(
+    config: &PrimaryConfig,
+) -> Result<(Option<Arc<ServerTls>>, Option<Arc<ServerTls>>), StartError> {
+    let https = |urls: &[url::Url]| urls.iter().any(|u| u.scheme() == "https");
+    let load = |files: Option<ServerFiles>, alpn| -> Result<Option<Arc<ServerTls>>, StartError> {
+        let Some(files) = files else {
+            return Ok(None);
+        };
+        let tls = ServerTls::load(files, alpn)?;
+        tls.watch();
+        Ok(Some(tls))
+    };
+    let client = if https(&config.listen_client_urls) || https(&config.listen_metrics_urls) {
+        load(ServerFiles::client(config), crate::tls::ALPN_CLIENT)?
+    } else {
+        None
+    };
+    let peer = if https(&config.listen_peer_urls) {
+        load(ServerFiles::peer(config), crate::tls::ALPN_PEER)?
+    } else {
+        None
+    };
+    Ok((client, peer))
+}
+
+/// The TLS config a listener on `url` serves with: `https://` only.
+fn tls_for(url: &url::Url, tls: &Option<Arc<ServerTls>>) -> Option<Arc<ServerTls>> {
+    if url.scheme() == "https" {
+        tls.clone()
+    } else {
+        None
+    }
 }
 
 async fn bind(url: &url::Url) -> Result<TcpListener, StartError> {

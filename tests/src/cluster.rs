@@ -12,7 +12,38 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{etcdctl, free_port, spawn_member, wait_serving, Output, Proxy};
+use crate::{etcdctl, free_port, spawn_member, wait_serving_with, Output, Proxy};
+
+/// How a cluster's members are reached: plain HTTP unless told otherwise.
+/// The servers' own TLS flags (`cert-file`, `peer-cert-file`, ...) go in
+/// the members' extra flags.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `https://` peer URLs (listen and advertised). The proxies pass TLS
+    /// through untouched.
+    pub peer_https: bool,
+    /// `https://` client URLs, reached by etcdctl with these flags
+    /// (`--cacert`, `--cert`, `--key`).
+    pub client_tls: Option<Vec<String>>,
+}
+
+impl Options {
+    fn peer_scheme(&self) -> &'static str {
+        if self.peer_https {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn client_scheme(&self) -> &'static str {
+        if self.client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
 
 /// One member process.
 pub struct Node {
@@ -22,6 +53,8 @@ pub struct Node {
     /// The proxy in front of this member's peer listener.
     pub proxy: Proxy,
     pub data_dir: PathBuf,
+    /// etcdctl's TLS flags for an `https://` client URL; empty for plain.
+    pub client_tls: Vec<String>,
     bin: &'static str,
     args: Vec<String>,
     child: Option<Child>,
@@ -97,8 +130,19 @@ impl Node {
         self.child.is_some()
     }
 
+    /// The client URL: `https://` with TLS, the bare address otherwise.
+    pub fn url(&self) -> String {
+        if self.client_tls.is_empty() {
+            self.client.clone()
+        } else {
+            format!("https://{}", self.client)
+        }
+    }
+
     pub fn etcdctl(&self, args: &[&str]) -> Output {
-        etcdctl(&self.client, args, None)
+        let mut all: Vec<&str> = self.client_tls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        etcdctl(&self.url(), &all, None)
     }
 }
 
@@ -112,12 +156,20 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     temp: tempfile::TempDir,
     extra: Vec<String>,
+    options: Options,
 }
 
 impl Cluster {
     /// Start `voters` tern-primary members as a new cluster, with `extra`
     /// flags on each, and wait until every one serves.
     pub fn start(voters: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(voters, Options::default(), extra)
+    }
+
+    /// Like [`Cluster::start`], reached as `options` say (TLS on the peer
+    /// or client URLs).
+    pub fn start_with(voters: usize, options: Options, extra: &[&str]) -> Cluster {
+        let peer_scheme = options.peer_scheme();
         let temp = tempfile::tempdir().expect("tempdir");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut planned = Vec::new();
@@ -128,7 +180,7 @@ impl Cluster {
         }
         let initial: Vec<String> = planned
             .iter()
-            .map(|(name, _, proxy)| format!("{name}={}", proxy.url()))
+            .map(|(name, _, proxy)| format!("{name}={peer_scheme}://{}", proxy.addr()))
             .collect();
         let initial = initial.join(",");
         let mut nodes = Vec::new();
@@ -137,27 +189,32 @@ impl Cluster {
                 "tern-primary",
                 &temp,
                 name,
-                peer_port,
-                proxy,
+                (&options, peer_port, proxy),
                 &initial,
                 "new",
                 &extra,
             );
             nodes.push(node);
         }
-        let cluster = Cluster { nodes, temp, extra };
+        let cluster = Cluster {
+            nodes,
+            temp,
+            extra,
+            options,
+        };
         for n in &cluster.nodes {
-            wait_serving(&n.client);
+            wait_serving_with(&n.url(), &n.client_tls);
         }
         cluster
     }
 
-    /// Every member's client address, comma-separated, for etcdctl.
+    /// Every member's client address (URL with TLS), comma-separated, for
+    /// etcdctl.
     pub fn endpoints(&self) -> String {
         self.nodes
             .iter()
             .filter(|n| n.is_running())
-            .map(|n| n.client.clone())
+            .map(Node::url)
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -207,12 +264,24 @@ impl Cluster {
         let peer_port = free_port();
         let proxy = Proxy::start(format!("127.0.0.1:{peer_port}").parse().unwrap());
         let mut args = vec!["member", "add", &name];
-        let peer_flag = format!("--peer-urls={}", proxy.url());
+        let peer_flag = format!(
+            "--peer-urls={}://{}",
+            self.options.peer_scheme(),
+            proxy.addr()
+        );
         if learner {
             args.push("--learner");
         }
         args.push(&peer_flag);
-        let out = etcdctl(&self.endpoints(), &args, None);
+        let mut all: Vec<&str> = self
+            .options
+            .client_tls
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        all.extend(args);
+        let out = etcdctl(&self.endpoints(), &all, None);
         assert_eq!(out.code, 0, "member add: {}", out.stderr);
         let initial = out
             .stdout
@@ -229,7 +298,13 @@ impl Cluster {
             "tern-primary"
         };
         let node = spawn_node(
-            bin, &self.temp, name, peer_port, proxy, &initial, "existing", &flags,
+            bin,
+            &self.temp,
+            name,
+            (&self.options, peer_port, proxy),
+            &initial,
+            "existing",
+            &flags,
         );
         self.nodes.push(node);
         self.nodes.len() - 1
@@ -275,17 +350,19 @@ pub fn hashkv(client: &str, rev: i64) -> Option<u64> {
     v.get(0)?.get("HashKV")?.get("hash")?.as_u64()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `peer`: how the cluster is reached, the port the member listens on for
+/// peers, and the proxy in front of it (whose address it advertises).
 fn spawn_node(
     bin: &'static str,
     temp: &tempfile::TempDir,
     name: String,
-    peer_port: u16,
-    proxy: Proxy,
+    peer: (&Options, u16, Proxy),
     initial: &str,
     state: &str,
     extra: &[String],
 ) -> Node {
+    let (options, peer_port, proxy) = peer;
+    let (peer_scheme, client_scheme) = (options.peer_scheme(), options.client_scheme());
     let client_port = free_port();
     let client = format!("127.0.0.1:{client_port}");
     let data_dir = temp.path().join(&name);
@@ -295,13 +372,13 @@ fn spawn_node(
         "--data-dir",
         &data_dir.display().to_string(),
         "--listen-client-urls",
-        &format!("http://{client}"),
+        &format!("{client_scheme}://{client}"),
         "--advertise-client-urls",
-        &format!("http://{client}"),
+        &format!("{client_scheme}://{client}"),
         "--listen-peer-urls",
-        &format!("http://127.0.0.1:{peer_port}"),
+        &format!("{peer_scheme}://127.0.0.1:{peer_port}"),
         "--initial-advertise-peer-urls",
-        &proxy.url(),
+        &format!("{peer_scheme}://{}", proxy.addr()),
         "--initial-cluster",
         initial,
         "--initial-cluster-state",
@@ -317,6 +394,7 @@ fn spawn_node(
         client,
         proxy,
         data_dir,
+        client_tls: options.client_tls.clone().unwrap_or_default(),
         bin,
         args,
         child: Some(child),

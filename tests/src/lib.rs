@@ -105,6 +105,9 @@ pub struct Tern {
     pub data_dir: PathBuf,
     pub endpoint: String,
     args: Vec<String>,
+    /// etcdctl's TLS flags (`--cacert`, `--cert`, `--key`) when the client
+    /// URL is `https://`; empty for plain HTTP.
+    pub client_tls: Vec<String>,
     /// Keeps a temporary data dir alive as long as the member.
     _temp: Option<tempfile::TempDir>,
 }
@@ -119,8 +122,27 @@ impl Tern {
         t
     }
 
+    /// Start a member on a fresh temporary data dir with an `https://`
+    /// client URL, checked for readiness with etcdctl's `client_tls` flags.
+    pub fn start_tls(extra: &[&str], client_tls: &[String]) -> Tern {
+        let mut flags = vec!["--listen-client-urls", "https://127.0.0.1:0"];
+        flags.extend_from_slice(extra);
+        let temp = tempfile::tempdir().expect("tempdir");
+        let data_dir = temp.path().join("member.tern");
+        let mut t = Tern::spawn_in(&data_dir, &flags, client_tls.to_vec());
+        t._temp = Some(temp);
+        t.wait_ready();
+        t
+    }
+
     /// Start a member on `data_dir` (created if missing).
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Tern {
+        let t = Tern::spawn_in(data_dir, extra, Vec::new());
+        t.wait_ready();
+        t
+    }
+
+    fn spawn_in(data_dir: &Path, extra: &[&str], client_tls: Vec<String>) -> Tern {
         let mut args: Vec<String> = vec![
             "--data-dir".into(),
             data_dir.display().to_string(),
@@ -138,23 +160,38 @@ impl Tern {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let (child, endpoint) = spawn_tern(&args);
-        let t = Tern {
+        Tern {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             endpoint,
             args,
+            client_tls,
             _temp: None,
-        };
-        t.wait_ready();
-        t
+        }
     }
 
     fn wait_ready(&self) {
-        wait_serving(&self.endpoint);
+        if self.client_tls.is_empty() {
+            wait_serving(&self.endpoint);
+        } else {
+            wait_serving_with(&self.url(), &self.client_tls);
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.endpoint)
+        let scheme = if self.client_tls.is_empty() {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}", self.endpoint)
+    }
+
+    /// etcdctl against this member, with its TLS flags if it has any.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = self.client_tls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        etcdctl(&self.url(), &all, None)
     }
 
     pub fn pid(&self) -> u32 {
@@ -246,9 +283,17 @@ pub fn spawn_member(bin: &str, args: &[String]) -> (Child, String) {
 
 /// Poll until a serializable Range succeeds and a leader exists.
 pub fn wait_serving(endpoint: &str) {
+    wait_serving_with(endpoint, &[]);
+}
+
+/// [`wait_serving`] with extra etcdctl flags (TLS: `--cacert`, `--cert`,
+/// `--key`).
+pub fn wait_serving_with(endpoint: &str, flags: &[String]) {
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(["endpoint", "health"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let out = etcdctl(endpoint, &["endpoint", "health"], None);
+        let out = etcdctl(endpoint, &args, None);
         if out.code == 0 {
             return;
         }

@@ -50,7 +50,7 @@ impl Target {
             key: "backup-url",
             reason: format!("'{url}': {e}"),
         })?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        tern_primary::tls::install_crypto_provider();
         if parsed.scheme() == "file" {
             // object_store's local store wants the directory to exist.
             std::fs::create_dir_all(parsed.path()).map_err(|e| BackupError::Config {

@@ -273,6 +273,8 @@ pub struct NodeConfig {
     pub tick: Duration,
     pub election_ticks: usize,
     pub snapshot_count: u64,
+    /// How `https://` peer URLs are dialed.
+    pub peer_tls: Arc<crate::tls::DialTls>,
 }
 
 type Reply = oneshot::Sender<Result<ApplyResult, ProposeError>>;
@@ -359,7 +361,12 @@ impl RaftNode {
         }
         let applier = Applier::new(lessor.clone(), store.connection())?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let transport = Arc::new(Transport::new(runtime, tx.clone(), metrics.clone()));
+        let transport = Arc::new(Transport::new(
+            runtime,
+            tx.clone(),
+            metrics.clone(),
+            config.peer_tls.clone(),
+        ));
         let status = Arc::new(NodeStatus::default());
         status
             .is_learner

@@ -29,12 +29,13 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::node::NodeMsg;
 use super::snapshot::snapshot_path;
 use crate::metrics::{to_peer, Metrics};
 use crate::proto::ternpb::{peer_client::PeerClient, MembersRequest, RaftBatch, SnapshotChunk};
+use crate::tls::{DialError, DialTls};
 
 /// Messages queued per peer before new ones are dropped.
 const QUEUE: usize = 4096;
@@ -55,6 +56,8 @@ pub struct Transport {
     node: Sender<NodeMsg>,
     peers: Mutex<HashMap<u64, Link>>,
     metrics: Arc<Metrics>,
+    /// How `https://` peer URLs are dialed.
+    tls: Arc<DialTls>,
 }
 
 struct Link {
@@ -67,12 +70,14 @@ impl Transport {
         runtime: tokio::runtime::Handle,
         node: Sender<NodeMsg>,
         metrics: Arc<Metrics>,
+        tls: Arc<DialTls>,
     ) -> Self {
         Transport {
             runtime,
             node,
             peers: Mutex::new(HashMap::new()),
             metrics,
+            tls,
         }
     }
 
@@ -92,6 +97,7 @@ impl Transport {
                 rx,
                 self.node.clone(),
                 self.metrics.clone(),
+                self.tls.clone(),
             ));
             links.insert(
                 *id,
@@ -126,6 +132,7 @@ impl Transport {
                     m,
                     self.node.clone(),
                     self.metrics.clone(),
+                    self.tls.clone(),
                 ));
                 continue;
             }
@@ -140,11 +147,12 @@ impl Transport {
     }
 }
 
-/// A client for the first of `urls` that answers.
-pub async fn connect(urls: &[String]) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+/// A client for the first of `urls` that answers (over TLS for an
+/// `https://` URL).
+pub async fn connect(urls: &[String], tls: &DialTls) -> Result<PeerClient<Channel>, DialError> {
     let mut last = None;
     for url in urls {
-        let endpoint = match Endpoint::from_shared(url.clone()) {
+        let endpoint = match tls.endpoint(url).await {
             Ok(e) => e,
             Err(e) => {
                 last = Some(e);
@@ -164,7 +172,7 @@ pub async fn connect(urls: &[String]) -> Result<PeerClient<Channel>, tonic::tran
                     .max_decoding_message_size(MAX_PEER_MESSAGE)
                     .max_encoding_message_size(MAX_PEER_MESSAGE))
             }
-            Err(e) => last = Some(e),
+            Err(e) => last = Some(e.into()),
         }
     }
     Err(last.expect("a member has at least one peer URL"))
@@ -176,13 +184,14 @@ async fn run_link(
     mut queue: mpsc::Receiver<Message>,
     node: Sender<NodeMsg>,
     metrics: Arc<Metrics>,
+    tls: Arc<DialTls>,
 ) {
     let label = to_peer(id);
     let failures = metrics.peer_sent_failures.get_or_create_owned(&label);
     let sent_bytes = metrics.peer_sent_bytes.get_or_create_owned(&label);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let mut client = match connect(&urls).await {
+        let mut client = match connect(&urls, &tls).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer = format!("{id:x}"), error = %e, "peer unreachable");
@@ -285,13 +294,14 @@ async fn send_snapshot(
     mut m: Message,
     node: Sender<NodeMsg>,
     metrics: Arc<Metrics>,
+    tls: Arc<DialTls>,
 ) {
     let path = snapshot_path(m.get_snapshot());
     let result = async {
         let mut file = tokio::fs::File::open(&path).await?;
         m.mut_snapshot().data = Default::default();
         let header = m.write_to_bytes().map_err(std::io::Error::other)?;
-        let mut client = connect(&urls).await.map_err(std::io::Error::other)?;
+        let mut client = connect(&urls, &tls).await.map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
         let call = tokio::spawn(async move {
             client
