@@ -324,6 +324,24 @@ fn tampered_backups_and_logs_are_refused_each_with_its_reason() {
         "cannot decrypt",
     );
 
+    // `verify --all` on a store without backups (a mistyped URL) fails.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let empty_url = format!("file://{}", empty.display());
+    let out = tern_restore(&[
+        "verify",
+        "--all",
+        "--url",
+        &empty_url,
+        "--identity",
+        &key_arg,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no backup in"),
+        "{out:?}"
+    );
+
     // A segment bit-flipped, then removed: the chain after the older
     // backup is broken, and both `restore --to-revision` and `verify` say
     // where.
@@ -349,6 +367,10 @@ fn tampered_backups_and_logs_are_refused_each_with_its_reason() {
     std::fs::remove_file(&victim).unwrap();
     run(restore_older.clone(), "missing segment");
     verify_older("missing segment");
+    // A time after every write is just as unreachable past the gap (the
+    // replay must not stop there and call it done).
+    let now = chrono::Utc::now().to_rfc3339();
+    run(with(&["--to-time", &now]), "missing segment");
     std::fs::write(&victim, saved).unwrap();
     std::fs::write(manifest_file(newer), newer_manifest).unwrap();
 
