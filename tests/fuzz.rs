@@ -1665,13 +1665,14 @@ fn backup_manifests_parse_or_are_refused_and_never_panic() {
 // ---------------------------------------------------------------------
 // Log segments: names and decrypted bodies.
 
-/// Segment object names, with numbers up to (and past) u64::MAX.
+/// Segment object names, with numbers up to (and past) the largest index
+/// a segment can name (i64::MAX: indexes are SQLite integers) and u64::MAX.
 fn segment_name() -> impl Strategy<Value = String> {
-    let max = u64::MAX;
+    let max = i64::MAX as u64;
     let number = prop_oneof![
         2 => (0u64..64).prop_map(|n| format!("{n:020}")),
-        1 => Just(format!("{max}")),
-        2 => (0..max).prop_map(|n| format!("{n:020}")),
+        1 => prop::sample::select(vec![max - 1, max, max + 1, u64::MAX]).prop_map(|n| format!("{n}")),
+        2 => (0..=max).prop_map(|n| format!("{n:020}")),
         1 => any::<u64>().prop_map(|n| n.to_string()),
         1 => prop::sample::select(vec!["", "-1", "+7", "18446744073709551616", "00000000000000000000000000", "1e3", " 1"]).prop_map(str::to_string),
     ];

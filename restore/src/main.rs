@@ -96,15 +96,8 @@ enum Command {
         /// (RFC 3339, e.g. 2026-11-25T10:00:00Z).
         #[arg(long)]
         to_time: Option<DateTime<Utc>>,
-        /// A data dir that does not exist yet (or is empty).
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "default")]
-        name: String,
-        #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
-        initial_advertise_peer_urls: Vec<String>,
-        #[arg(long, default_value = "etcd-cluster")]
-        initial_cluster_token: String,
+        #[command(flatten)]
+        new: NewMember,
         #[arg(long)]
         json: bool,
     },
@@ -137,15 +130,8 @@ enum Command {
     ImportEtcd {
         /// The snapshot file.
         snapshot: PathBuf,
-        /// A data dir that does not exist yet (or is empty).
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "default")]
-        name: String,
-        #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
-        initial_advertise_peer_urls: Vec<String>,
-        #[arg(long, default_value = "etcd-cluster")]
-        initial_cluster_token: String,
+        #[command(flatten)]
+        new: NewMember,
         #[arg(long)]
         json: bool,
     },
@@ -221,10 +207,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             id,
             to_revision,
             to_time,
-            data_dir,
-            name,
-            initial_advertise_peer_urls,
-            initial_cluster_token,
+            new,
             json,
         } => {
             let target = store.open()?;
@@ -238,6 +221,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(until) => catalog::before(&target, until).await?,
                 None => catalog::find(&target, latest(id.as_deref())).await?,
             };
+            let data_dir = new.data_dir.clone();
             restore::refuse_non_empty(&data_dir)?;
             let scratch = restore::scratch_beside(&data_dir)?;
             let (state, _) = verify::verify(
@@ -269,15 +253,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let restored = restore::into_data_dir(
-                &state,
-                &data_dir,
-                &restore::Identity {
-                    name,
-                    peer_urls: initial_advertise_peer_urls,
-                    token: initial_cluster_token,
-                },
-            )?;
+            let restored = restore::into_data_dir(&state, &data_dir, &new.identity())?;
             if json {
                 println!(
                     "{}",
@@ -362,19 +338,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::ImportEtcd {
             snapshot,
-            data_dir,
-            name,
-            initial_advertise_peer_urls,
-            initial_cluster_token,
+            new,
             json,
         } => {
-            let who = restore::Identity {
-                name,
-                peer_urls: initial_advertise_peer_urls,
-                token: initial_cluster_token,
-            };
-            let imported = import_etcd::import(&snapshot, &data_dir, &who)?;
+            let imported = import_etcd::import(&snapshot, &new.data_dir, &new.identity())?;
             import_etcd::report(&imported, json)
+        }
+    }
+}
+
+/// The new single-member cluster a restore or an import makes, named the
+/// way `etcdutl snapshot restore` names it.
+#[derive(Args)]
+struct NewMember {
+    /// A data dir that does not exist yet (or is empty).
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "default")]
+    name: String,
+    #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
+    initial_advertise_peer_urls: Vec<String>,
+    #[arg(long, default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+}
+
+impl NewMember {
+    fn identity(&self) -> restore::Identity {
+        restore::Identity {
+            name: self.name.clone(),
+            peer_urls: self.initial_advertise_peer_urls.clone(),
+            token: self.initial_cluster_token.clone(),
         }
     }
 }
