@@ -48,7 +48,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<AlarmResponse>, Status> {
         Ok(Response::new(
             self.member
-                .propose_for(RaftReq::Alarm(request.into_inner()))
+                .propose_for(RaftReq::Alarm(request.into_inner()), None)
                 .await?,
         ))
     }
@@ -93,8 +93,10 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        // etcd's authMaintenanceServer: root only.
+        self.member.require_root(&request).await?;
         self.member
             .node
             .defragment()
@@ -105,7 +107,9 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        // etcd's authMaintenanceServer: root only.
+        self.member.require_root(&request).await?;
         let hash = self
             .member
             .read(|conn, state| read::hash(conn, state.revision).map_err(mvcc_status))
@@ -120,6 +124,8 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        // etcd's authMaintenanceServer: root only.
+        self.member.require_root(&request).await?;
         let wanted = request.into_inner().revision;
         let (hash, revision, compact_revision) = self
             .member
@@ -150,8 +156,10 @@ impl Maintenance for MaintenanceService {
     /// reads it like etcd's.
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        // etcd's authMaintenanceServer: root only.
+        self.member.require_root(&request).await?;
         let dir = tempfile::Builder::new()
             .prefix("snapshot-")
             .tempdir_in(&self.member.data_dir)
@@ -222,6 +230,8 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        // etcd's authMaintenanceServer: root only.
+        self.member.require_root(&request).await?;
         let target = request.into_inner().target_id;
         if !self.member.is_leader() {
             return Err(EtcdError::NotLeader.into());

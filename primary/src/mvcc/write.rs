@@ -54,6 +54,7 @@ impl MvccStore {
             events: Vec::new(),
             changed: false,
             sub: 0,
+            index: 0,
         })
     }
 
@@ -130,6 +131,8 @@ pub struct Batch<'a> {
     /// Whether the entry being applied has changed anything yet.
     changed: bool,
     sub: i64,
+    /// The Raft index of the entry being applied.
+    index: u64,
 }
 
 impl Batch<'_> {
@@ -154,6 +157,7 @@ impl Batch<'_> {
         let saved = (self.state, self.events.len());
         self.changed = false;
         self.sub = 0;
+        self.index = index;
         let result = f(self);
         match &result {
             Ok(_) => {
@@ -180,6 +184,11 @@ impl Batch<'_> {
     fn exec_cached(&self, sql: &str) -> Result<(), MvccError> {
         self.tx.prepare_cached(sql)?.execute([])?;
         Ok(())
+    }
+
+    /// The Raft index of the entry being applied (simple tokens carry it).
+    pub fn entry_index(&self) -> u64 {
+        self.index
     }
 
     /// Mark an entry that changes nothing (a conf change, an empty entry).
