@@ -263,7 +263,11 @@ impl PrimaryConfig {
             return Err(ConfigError::invalid("max-txn-ops", 0, "must be positive"));
         }
         if self.auth_token_ttl == 0 {
-            return Err(ConfigError::invalid("auth-token-ttl", 0, "must be positive"));
+            return Err(ConfigError::invalid(
+                "auth-token-ttl",
+                0,
+                "must be positive",
+            ));
         }
         if self.snapshot_count == 0 {
             return Err(ConfigError::invalid(

@@ -55,6 +55,7 @@ pub enum EtcdError {
     InvalidAuthToken,
     InvalidAuthMgmt,
     AuthOldRevision,
+    NoPasswordUser,
 }
 
 impl EtcdError {
@@ -77,6 +78,7 @@ impl EtcdError {
             | AuthOldRevision => Code::InvalidArgument,
             PermissionDenied => Code::PermissionDenied,
             InvalidAuthToken => Code::Unauthenticated,
+            NoPasswordUser => Code::Unknown,
             RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => {
                 Code::Unavailable
             }
@@ -132,6 +134,8 @@ impl EtcdError {
             InvalidAuthToken => "etcdserver: invalid auth token",
             InvalidAuthMgmt => "etcdserver: invalid auth management",
             AuthOldRevision => "etcdserver: revision of auth store is old",
+            // Not an rpctypes error: etcd passes auth's own text through.
+            NoPasswordUser => "auth: authentication failed, password was given for no password user",
         }
     }
 }
@@ -157,6 +161,7 @@ impl From<AuthError> for EtcdError {
             AuthError::InvalidAuthToken => InvalidAuthToken,
             AuthError::InvalidAuthMgmt => InvalidAuthMgmt,
             AuthError::AuthOldRevision => AuthOldRevision,
+            AuthError::NoPasswordUser => NoPasswordUser,
         }
     }
 }

@@ -196,10 +196,7 @@ impl Member {
     /// etcd's AuthInfoFromCtx: who sent `request`, from its `token`
     /// metadata (`None`: no token). Refuses a token this member does not
     /// know.
-    pub async fn caller<T>(
-        &self,
-        request: &tonic::Request<T>,
-    ) -> Result<Option<AuthInfo>, Status> {
+    pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Option<AuthInfo>, Status> {
         self.caller_from(request.metadata()).await
     }
 
@@ -212,10 +209,7 @@ impl Member {
             .iter()
             .find_map(|key| metadata.get(*key))
             .and_then(|v| v.to_str().ok());
-        self.auth
-            .auth_info(token)
-            .await
-            .map_err(error::auth_status)
+        self.auth.auth_info(token).await.map_err(error::auth_status)
     }
 
     /// etcd's IsAdminPermitted for the caller of `request`.

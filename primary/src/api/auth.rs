@@ -64,11 +64,7 @@ impl AuthService {
         request: RaftReq,
         who: Option<&AuthInfo>,
     ) -> Result<ResponseHeader, Status> {
-        let mut header = self
-            .member
-            .propose_for::<AuthHeader>(request, who)
-            .await?
-            .0;
+        let mut header = self.member.propose_for::<AuthHeader>(request, who).await?.0;
         self.member.fill(&mut header);
         Ok(header.unwrap_or_default())
     }
@@ -92,7 +88,7 @@ impl AuthService {
             .get(name)
             .ok_or(auth_status(AuthError::AuthFailed))?;
         if user.no_password {
-            return Err(auth_status(AuthError::AuthFailed));
+            return Err(auth_status(AuthError::NoPasswordUser));
         }
         let hash = user.password_hash.clone();
         let matches = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
@@ -120,7 +116,14 @@ impl AuthService {
             self.member.forget_leader_channel();
         }
         let mut response = answer?.into_inner();
-        if self.member.auth.tokens.user_of(&response.token).await.is_none() {
+        if self
+            .member
+            .auth
+            .tokens
+            .user_of(&response.token)
+            .await
+            .is_none()
+        {
             return Err(crate::error::EtcdError::RequestTimeout.into());
         }
         response.header = Some(self.member.header(0));

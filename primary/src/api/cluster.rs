@@ -223,9 +223,7 @@ impl Cluster for ClusterService {
                     .metadata_mut()
                     .insert(crate::auth::TOKEN_METADATA, token);
             }
-            let answer = ClusterClient::new(channel)
-                .member_promote(forwarded)
-                .await;
+            let answer = ClusterClient::new(channel).member_promote(forwarded).await;
             if answer.is_err() {
                 self.member.forget_leader_channel();
             }

@@ -75,6 +75,10 @@ pub enum AuthError {
     InvalidAuthMgmt,
     #[error("revision of auth store is old")]
     AuthOldRevision,
+    /// A password for a user added with `--no-password`; etcd has no gRPC
+    /// error for it, so clients see it with code Unknown.
+    #[error("authentication failed, password was given for no password user")]
+    NoPasswordUser,
 }
 
 /// Who a request comes from: the user its token names and the auth

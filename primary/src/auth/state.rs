@@ -23,7 +23,9 @@ pub struct User {
 
 impl User {
     pub fn has_root_role(&self) -> bool {
-        self.roles.binary_search_by(|r| r.as_str().cmp(ROOT)).is_ok()
+        self.roles
+            .binary_search_by(|r| r.as_str().cmp(ROOT))
+            .is_ok()
     }
 }
 
@@ -272,8 +274,10 @@ mod tests {
             }),
         };
         s.role_grant_permission(&perm("b", "", Type::Read)).unwrap();
-        s.role_grant_permission(&perm("a", "b", Type::Read)).unwrap();
-        s.role_grant_permission(&perm("a", "b", Type::Write)).unwrap();
+        s.role_grant_permission(&perm("a", "b", Type::Read))
+            .unwrap();
+        s.role_grant_permission(&perm("a", "b", Type::Write))
+            .unwrap();
         let perms = &s.roles["r"].permissions;
         assert_eq!(perms.len(), 2);
         assert_eq!(perms[0].key, b"a");

@@ -118,10 +118,17 @@ pub fn save(conn: &Connection, state: &AuthState) -> Result<(), rusqlite::Error>
     for (name, r) in &state.roles {
         role.execute([name])?;
         for (position, p) in r.permissions.iter().enumerate() {
-            perm.execute(params![name, position as i64, p.key, p.range_end, p.perm_type])?;
+            perm.execute(params![
+                name,
+                position as i64,
+                p.key,
+                p.range_end,
+                p.perm_type
+            ])?;
         }
     }
-    let mut set = conn.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+    let mut set =
+        conn.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
     set.execute(params!["auth_enabled", i64::from(state.enabled)])?;
     set.execute(params!["auth_revision", state.revision as i64])?;
     Ok(())

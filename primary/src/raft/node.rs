@@ -370,7 +370,8 @@ impl RaftNode {
         if conf.voters == vec![config.id] {
             raw.campaign()?;
         }
-        let applier = Applier::new(lessor.clone(), store.connection())?.with_auth_store(auth.clone());
+        let applier =
+            Applier::new(lessor.clone(), store.connection())?.with_auth_store(auth.clone());
         let (tx, rx) = crossbeam_channel::unbounded();
         let transport = Arc::new(Transport::new(runtime, tx.clone(), metrics.clone()));
         let status = Arc::new(NodeStatus::default());

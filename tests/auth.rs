@@ -1,0 +1,291 @@
+//! etcd auth (v3 RBAC) through real etcdctl: the same sessions run against
+//! a real etcd 3.4 and tern-primary must print the same (exit code, stdout
+//! and the `Error:` line); and a learner enforces the same permissions on
+//! the serializable reads it serves.
+
+use std::time::{Duration, Instant};
+
+use tern_tests::cluster::Cluster;
+use tern_tests::{Output, Pair};
+
+const ROOT: &str = "--user=root:rootpw";
+const ALICE: &str = "--user=alice:alicepw";
+
+/// Users, roles and permissions for the scenarios, set up with auth off.
+fn set_up(p: &Pair) {
+    p.same(&["user", "add", "root", "--new-user-password=rootpw"]);
+    p.same(&["role", "add", "reader"]);
+    p.same(&[
+        "role",
+        "grant-permission",
+        "reader",
+        "read",
+        "/a/",
+        "--prefix",
+    ]);
+    p.same(&["role", "grant-permission", "reader", "readwrite", "/c"]);
+    p.same(&["user", "add", "alice", "--new-user-password=alicepw"]);
+    p.same(&["user", "grant-role", "alice", "reader"]);
+}
+
+#[test]
+fn auth_management_matches_etcd() {
+    let p = Pair::start();
+    set_up(&p);
+    for args in [
+        &["user", "add", "root", "--new-user-password=x"][..],
+        &["user", "add", "svc", "--no-password"],
+        &["role", "add", "reader"],
+        &["role", "grant-permission", "nosuch", "read", "x"],
+        &["role", "grant-permission", "reader", "write", "/w/", "/w0"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "read",
+            "k",
+            "--from-key",
+        ],
+        &["user", "grant-role", "alice", "nosuch"],
+        &["user", "grant-role", "nobody", "reader"],
+        &["user", "grant-role", "alice", "reader"],
+        &["user", "revoke-role", "alice", "nosuch"],
+        &["user", "revoke-role", "nobody", "reader"],
+        &["role", "revoke-permission", "reader", "/zzz"],
+        &["role", "revoke-permission", "nosuch", "/zzz"],
+        &["user", "list"],
+        &["role", "list"],
+        &["user", "get", "alice"],
+        &["user", "get", "nobody"],
+        &["role", "get", "reader"],
+        &["role", "get", "nosuch"],
+        &["user", "get", "alice", "--detail"],
+        &["auth", "disable"],
+    ] {
+        p.same(args);
+    }
+    p.same(&["role", "revoke-permission", "reader", "/w/", "/w0"]);
+    p.same(&["role", "get", "reader"]);
+    p.same(&["user", "delete", "svc"]);
+    p.same(&["role", "add", "temp"]);
+    p.same(&["user", "grant-role", "alice", "temp"]);
+    p.same(&["role", "delete", "temp"]);
+    p.same(&["user", "get", "alice"]);
+    p.same(&["user", "delete", "root"]);
+    // (etcdctl grants a missing root role itself; a missing root user it
+    // cannot make up.)
+    assert_eq!(
+        p.same(&["auth", "enable"]).error_line(),
+        "Error: etcdserver: root user does not exist"
+    );
+}
+
+#[test]
+fn permissions_are_enforced_like_etcd() {
+    let p = Pair::start();
+    set_up(&p);
+    p.same(&["user", "grant-role", "root", "root"]);
+    assert_eq!(
+        p.same(&["auth", "enable"]).stdout,
+        "Authentication Enabled\n"
+    );
+    p.same(&["auth", "enable"]);
+    for (k, v) in [("/a/x", "1"), ("/a/y", "2"), ("/b/x", "3"), ("/c", "4")] {
+        assert_eq!(p.same(&[ROOT, "put", k, v]).stdout, "OK\n");
+    }
+    let denied = "Error: etcdserver: permission denied";
+    // Reads inside the permission, refusals outside it.
+    assert_eq!(p.same(&[ALICE, "get", "/a/x"]).stdout, "/a/x\n1\n");
+    p.same(&[ALICE, "get", "/a/", "--prefix"]);
+    p.same(&[ALICE, "get", "/a/x", "/a/z"]);
+    for args in [
+        &[ALICE, "get", "/b/x"][..],
+        &[ALICE, "get", "/a", "--prefix"],
+        &[ALICE, "get", "/a/", "--from-key"],
+        &[ALICE, "put", "/a/x", "5"],
+        &[ALICE, "del", "/a/x"],
+        &[ALICE, "del", "/a/", "--prefix"],
+        &[ALICE, "user", "list"],
+        &[ALICE, "role", "list"],
+        &[ALICE, "user", "get", "root"],
+        &[ALICE, "user", "add", "mallory", "--new-user-password=x"],
+        &[ALICE, "auth", "disable"],
+    ] {
+        assert_eq!(p.same(args).error_line(), denied, "{args:?}");
+    }
+    // Read-write on one key.
+    p.same(&[ALICE, "put", "/c", "6"]);
+    p.same(&[ALICE, "get", "/c"]);
+    p.same(&[ALICE, "del", "/c"]);
+    // A txn needs every compare and op permitted, whichever branch runs.
+    let txn = "value(\"/a/x\") = \"1\"\n\nget /a/x\n\nput /b/x no\n\n";
+    assert_eq!(
+        p.same_stdin(&[ALICE, "txn"], Some(txn)).error_line(),
+        denied
+    );
+    let txn = "value(\"/a/x\") = \"1\"\n\nget /a/y\n\nget /a/x\n\n";
+    p.same_stdin(&[ALICE, "txn"], Some(txn));
+    // What a user may see about itself and its roles.
+    p.same(&[ALICE, "user", "get", "alice"]);
+    p.same(&[ALICE, "role", "get", "reader"]);
+    // No token, a wrong password, a user without a password.
+    assert_eq!(
+        p.same(&["get", "/a/x"]).error_line(),
+        "Error: etcdserver: user name is empty"
+    );
+    p.same(&["put", "/a/x", "1"]);
+    let failed = "Error: etcdserver: authentication failed, invalid user ID or password";
+    assert_eq!(
+        p.same(&["--user=alice:wrong", "get", "/a/x"]).error_line(),
+        failed
+    );
+    p.same(&["--user=nobody:pw", "get", "/a/x"]);
+    p.same(&[ROOT, "user", "add", "svc", "--no-password"]);
+    p.same(&["--user=svc:", "get", "/a/x"]);
+    p.same(&["--user=svc:x", "get", "/a/x"]);
+    // Root does everything; root cannot be removed while auth is on.
+    p.same(&[ROOT, "get", "", "--from-key"]);
+    p.same(&[ROOT, "user", "list"]);
+    p.same(&[ROOT, "role", "list"]);
+    p.same(&[ROOT, "role", "get", "reader"]);
+    p.same(&[ROOT, "user", "get", "alice"]);
+    for args in [
+        &[ROOT, "user", "delete", "root"][..],
+        &[ROOT, "user", "revoke-role", "root", "root"],
+        &[ROOT, "role", "delete", "root"],
+    ] {
+        assert_eq!(
+            p.same(args).error_line(),
+            "Error: etcdserver: invalid auth management"
+        );
+    }
+    // A new password: the old one stops working.
+    p.same_stdin(
+        &[ROOT, "user", "passwd", "alice", "--interactive=false"],
+        Some("newpw\n"),
+    );
+    assert_eq!(p.same(&[ALICE, "get", "/a/x"]).error_line(), failed);
+    p.same(&["--user=alice:newpw", "get", "/a/x"]);
+    // Revoked permission, then auth off: everyone reads everything.
+    p.same(&[
+        ROOT,
+        "role",
+        "revoke-permission",
+        "reader",
+        "/a/",
+        "--prefix",
+    ]);
+    assert_eq!(
+        p.same(&["--user=alice:newpw", "get", "/a/x"]).error_line(),
+        denied
+    );
+    assert_eq!(
+        p.same(&[ROOT, "auth", "disable"]).stdout,
+        "Authentication Disabled\n"
+    );
+    assert_eq!(p.same(&["get", "/b/x"]).stdout, "/b/x\n3\n");
+    p.same(&["put", "/b/x", "4"]);
+    p.same(&["user", "delete", "alice"]);
+    p.same(&["user", "get", "alice"]);
+    p.same(&["role", "delete", "reader"]);
+    p.same(&["role", "list"]);
+}
+
+/// Retry `args` on `node` until `done` holds for its output or `within`
+/// passes (the learner applies the log a little after the voter).
+fn poll(
+    c: &Cluster,
+    node: usize,
+    args: &[&str],
+    within: Duration,
+    done: impl Fn(&Output) -> bool,
+) -> Output {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = c.nodes[node].etcdctl(args);
+        if done(&out) || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_learner_enforces_the_same_permissions() {
+    let mut c = Cluster::start(1, &[]);
+    // Membership changes need root once auth is on: add the learner first.
+    let learner = c.add_member(true, &[]);
+    let voter = &c.nodes[0];
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "reader"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "read",
+            "/a/",
+            "--prefix",
+        ],
+        &["user", "add", "alice", "--new-user-password=alicepw"],
+        &["user", "grant-role", "alice", "reader"],
+        &["auth", "enable"],
+        &[ROOT, "put", "/a/x", "1"],
+        &[ROOT, "put", "/b/x", "2"],
+    ] {
+        let out = voter.etcdctl(args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    }
+    let within = Duration::from_secs(30);
+    // Once the learner has applied the log, alice reads /a/ there...
+    let out = poll(
+        &c,
+        learner,
+        &[ALICE, "get", "/a/x", "--consistency=s"],
+        within,
+        |o| o.stdout == "/a/x\n1\n",
+    );
+    assert_eq!(out.stdout, "/a/x\n1\n", "{}", out.stderr);
+    // ...and is refused the rest, as on the voter.
+    for (args, error) in [
+        (
+            &[ALICE, "get", "/b/x", "--consistency=s"][..],
+            "Error: etcdserver: permission denied",
+        ),
+        (
+            &["get", "/a/x", "--consistency=s"],
+            "Error: etcdserver: user name is empty",
+        ),
+        (
+            &["--user=alice:wrong", "get", "/a/x", "--consistency=s"],
+            "Error: etcdserver: authentication failed, invalid user ID or password",
+        ),
+    ] {
+        let on_voter = c.nodes[0].etcdctl(args);
+        let on_learner = c.nodes[learner].etcdctl(args);
+        assert_eq!(on_voter.error_line(), error, "voter {args:?}");
+        assert_eq!(on_learner.error_line(), error, "learner {args:?}");
+    }
+    let root = c.nodes[learner].etcdctl(&[ROOT, "get", "/b/x", "--consistency=s"]);
+    assert_eq!(root.stdout, "/b/x\n2\n", "{}", root.stderr);
+    // A permission granted later reaches the learner through the log.
+    let out = c.nodes[0].etcdctl(&[
+        ROOT,
+        "role",
+        "grant-permission",
+        "reader",
+        "read",
+        "/b/",
+        "--prefix",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = poll(
+        &c,
+        learner,
+        &[ALICE, "get", "/b/x", "--consistency=s"],
+        within,
+        |o| o.code == 0,
+    );
+    assert_eq!(out.stdout, "/b/x\n2\n", "{}", out.stderr);
+}
