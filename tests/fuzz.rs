@@ -1721,7 +1721,7 @@ fn segment_body() -> impl Strategy<Value = (Vec<u8>, u64, u64)> {
             .encode_to_vec()
         }),
     ];
-    (first, prop::collection::vec((entry_data, 0i32..4), 0..6)).prop_map(|(first, mut entries)| {
+    (first, prop::collection::vec((entry_data, 0i32..4), 0..6)).prop_map(|(first, entries)| {
         use protobuf::Message;
         let mut body = tern_learner::backup::archive::MAGIC.to_vec();
         let mut index = first;

@@ -135,7 +135,9 @@ impl EtcdError {
             InvalidAuthMgmt => "etcdserver: invalid auth management",
             AuthOldRevision => "etcdserver: revision of auth store is old",
             // Not an rpctypes error: etcd passes auth's own text through.
-            NoPasswordUser => "auth: authentication failed, password was given for no password user",
+            NoPasswordUser => {
+                "auth: authentication failed, password was given for no password user"
+            }
         }
     }
 }
