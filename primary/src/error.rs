@@ -172,6 +172,12 @@ pub fn auth_status(e: AuthError) -> Status {
     EtcdError::from(e).into()
 }
 
+/// etcd's Maintenance service returns auth's errors without translating
+/// them: code Unknown, auth's own text (`auth: permission denied`).
+pub fn auth_status_untranslated(e: AuthError) -> Status {
+    Status::unknown(format!("auth: {e}"))
+}
+
 impl From<EtcdError> for Status {
     fn from(e: EtcdError) -> Status {
         Status::new(e.code(), e.message())

@@ -204,12 +204,23 @@ impl Member {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<AuthInfo>, Status> {
+        self.caller_untranslated(metadata)
+            .await
+            .map_err(error::auth_status)
+    }
+
+    /// [`Member::caller_from`] with auth's own error, for the services
+    /// where etcd passes it through untranslated.
+    pub async fn caller_untranslated(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<AuthInfo>, crate::auth::AuthError> {
         // etcd also takes the token from `authorization` (its gateway's key).
         let token = [crate::auth::TOKEN_METADATA, "authorization"]
             .iter()
             .find_map(|key| metadata.get(*key))
             .and_then(|v| v.to_str().ok());
-        self.auth.auth_info(token).await.map_err(error::auth_status)
+        self.auth.auth_info(token).await
     }
 
     /// etcd's IsAdminPermitted for the caller of `request`.

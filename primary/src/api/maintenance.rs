@@ -40,6 +40,23 @@ impl MaintenanceService {
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
+impl MaintenanceService {
+    /// etcd's authMaintenanceServer: root only, with auth's errors as they
+    /// are (see [`crate::error::auth_status_untranslated`]).
+    async fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let untranslated = crate::error::auth_status_untranslated;
+        let who = self
+            .member
+            .caller_untranslated(request.metadata())
+            .await
+            .map_err(untranslated)?;
+        self.member
+            .auth
+            .check_admin(who.as_ref())
+            .map_err(untranslated)
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(
@@ -95,8 +112,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        // etcd's authMaintenanceServer: root only.
-        self.member.require_root(&request).await?;
+        self.require_root(&request).await?;
         self.member
             .node
             .defragment()
@@ -108,8 +124,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        // etcd's authMaintenanceServer: root only.
-        self.member.require_root(&request).await?;
+        self.require_root(&request).await?;
         let hash = self
             .member
             .read(|conn, state| read::hash(conn, state.revision).map_err(mvcc_status))
@@ -124,8 +139,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        // etcd's authMaintenanceServer: root only.
-        self.member.require_root(&request).await?;
+        self.require_root(&request).await?;
         let wanted = request.into_inner().revision;
         let (hash, revision, compact_revision) = self
             .member
@@ -158,8 +172,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        // etcd's authMaintenanceServer: root only.
-        self.member.require_root(&request).await?;
+        self.require_root(&request).await?;
         let dir = tempfile::Builder::new()
             .prefix("snapshot-")
             .tempdir_in(&self.member.data_dir)
@@ -230,8 +243,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        // etcd's authMaintenanceServer: root only.
-        self.member.require_root(&request).await?;
+        self.require_root(&request).await?;
         let target = request.into_inner().target_id;
         if !self.member.is_leader() {
             return Err(EtcdError::NotLeader.into());
