@@ -5,8 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use tern_tests::backups::{add_file_learner, age_key, post_backup, tern_restore};
 use tern_tests::cluster::Cluster;
-use tern_tests::{etcdctl, etcdctl_for, normalize, Output, Pair};
+use tern_tests::{etcdctl, etcdctl_for, normalize, Output, Pair, Tern};
 
 const ROOT: &str = "--user=root:rootpw";
 const ALICE: &str = "--user=alice:alicepw";
@@ -266,12 +267,8 @@ fn poll(
     }
 }
 
-#[test]
-fn a_learner_enforces_the_same_permissions() {
-    let mut c = Cluster::start(1, &[]);
-    // Membership changes need root once auth is on: add the learner first.
-    let learner = c.add_member(true, &[]);
-    let voter = &c.nodes[0];
+/// Users and roles on a 1-member cluster's voter (auth still off).
+fn set_up_voter(c: &Cluster) {
     for args in [
         &["user", "add", "root", "--new-user-password=rootpw"][..],
         &["user", "grant-role", "root", "root"],
@@ -286,15 +283,31 @@ fn a_learner_enforces_the_same_permissions() {
         ],
         &["user", "add", "alice", "--new-user-password=alicepw"],
         &["user", "grant-role", "alice", "reader"],
-        &["auth", "enable"],
-        &[ROOT, "put", "/a/x", "1"],
-        &[ROOT, "put", "/b/x", "2"],
+        &["put", "/a/x", "1"],
+        &["put", "/b/x", "2"],
     ] {
-        let out = voter.etcdctl(args);
+        let out = c.nodes[0].etcdctl(args);
         assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
     }
+}
+
+#[test]
+fn a_learner_enforces_the_same_permissions() {
+    // A short log: the learner starts from a Raft snapshot, which must
+    // carry the users and roles.
+    let mut c = Cluster::start(1, &["--snapshot-count", "10"]);
+    set_up_voter(&c);
+    for i in 0..30 {
+        let out = c.nodes[0].etcdctl(&["put", &format!("/fill/{i}"), "x"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    // Membership changes need root once auth is on: add the learner first.
+    let learner = c.add_member(true, &[]);
+    let out = c.nodes[0].etcdctl(&["auth", "enable"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
     let within = Duration::from_secs(30);
-    // Once the learner has applied the log, alice reads /a/ there...
+    // Once the learner has applied the log, alice reads /a/ there (asking
+    // the learner itself for her token)...
     let out = poll(
         &c,
         learner,
@@ -344,4 +357,61 @@ fn a_learner_enforces_the_same_permissions() {
         |o| o.code == 0,
     );
     assert_eq!(out.stdout, "/b/x\n2\n", "{}", out.stderr);
+}
+
+#[test]
+fn backups_keep_auth_and_drills_pass_with_auth_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = age_key(dir.path());
+    let url = format!("file://{}", dir.path().join("store").display());
+    let mut c = Cluster::start(1, &[]);
+    let learner = add_file_learner(&mut c, &url, &public, &[]);
+    set_up_voter(&c);
+    let out = c.nodes[0].etcdctl(&["auth", "enable"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = c.nodes[0].etcdctl(&[ROOT, "put", "/a/y", "3"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = poll(
+        &c,
+        learner,
+        &[ROOT, "get", "/a/y", "--consistency=s"],
+        Duration::from_secs(30),
+        |o| o.stdout == "/a/y\n3\n",
+    );
+    assert_eq!(out.stdout, "/a/y\n3\n", "{}", out.stderr);
+    let answer = post_backup(&c.nodes[learner].client);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The drill reads the restored keys back with auth on in the backup.
+    let key_arg = key.display().to_string();
+    let drill = tern_restore(&["drill", "--url", &url, "--identity", &key_arg, "--json"]);
+    assert!(drill.status.success(), "{drill:?}");
+    let report: serde_json::Value = serde_json::from_slice(&drill.stdout).unwrap();
+    assert_eq!(report["key_count"], 3);
+
+    // A restored member keeps users, roles and auth on.
+    let data_dir = dir.path().join("restored.tern");
+    let data_arg = data_dir.display().to_string();
+    let restored = tern_restore(&[
+        "restore",
+        "--url",
+        &url,
+        "--identity",
+        &key_arg,
+        "--data-dir",
+        &data_arg,
+    ]);
+    assert!(restored.status.success(), "{restored:?}");
+    let member = Tern::start_in(&data_dir, &[]);
+    let run = |args: &[&str]| etcdctl(&member.endpoint, args, None);
+    assert_eq!(
+        run(&["get", "/a/x"]).error_line(),
+        "Error: etcdserver: user name is empty"
+    );
+    assert_eq!(run(&[ALICE, "get", "/a/x"]).stdout, "/a/x\n1\n");
+    assert_eq!(
+        run(&[ALICE, "get", "/b/x"]).error_line(),
+        "Error: etcdserver: permission denied"
+    );
+    assert_eq!(run(&[ROOT, "user", "list"]).stdout, "alice\nroot\n");
 }

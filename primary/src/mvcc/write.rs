@@ -94,9 +94,15 @@ impl MvccStore {
              DELETE FROM leases;     INSERT INTO leases     SELECT * FROM snap.leases;
              DELETE FROM members;    INSERT INTO members    SELECT * FROM snap.members;
              DELETE FROM alarms;     INSERT INTO alarms     SELECT * FROM snap.alarms;
+             DELETE FROM auth_users; INSERT INTO auth_users SELECT * FROM snap.auth_users;
+             DELETE FROM auth_roles; INSERT INTO auth_roles SELECT * FROM snap.auth_roles;
+             DELETE FROM auth_permissions;
+             INSERT INTO auth_permissions SELECT * FROM snap.auth_permissions;
+             DELETE FROM meta WHERE name IN ('auth_enabled', 'auth_revision');
              INSERT OR REPLACE INTO meta (name, value)
                  SELECT name, value FROM snap.meta
-                 WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term');
+                 WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term',
+                                'auth_enabled', 'auth_revision');
              COMMIT;",
         );
         if copied.is_err() {
