@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tern_tests::backups::{add_file_learner, age_key, post_backup, tern_restore};
 use tern_tests::cluster::Cluster;
-use tern_tests::{etcdctl, etcdctl_for, normalize, Output, Pair, Tern};
+use tern_tests::{etcdctl, etcdctl_for, normalize, workspace_bin, Etcd, Output, Pair, Tern};
 
 const ROOT: &str = "--user=root:rootpw";
 const ALICE: &str = "--user=alice:alicepw";
@@ -414,4 +414,67 @@ fn backups_keep_auth_and_drills_pass_with_auth_on() {
         "Error: etcdserver: permission denied"
     );
     assert_eq!(run(&[ROOT, "user", "list"]).stdout, "alice\nroot\n");
+}
+
+/// What alice, root and no user get from a member that carries the
+/// scenario's auth (set up by [`set_up`] or [`set_up_voter`], enabled).
+fn enforces_scenario(endpoint: &str) {
+    let run = |args: &[&str]| etcdctl(endpoint, args, None);
+    assert_eq!(
+        run(&["get", "/a/x"]).error_line(),
+        "Error: etcdserver: user name is empty"
+    );
+    let read = run(&[ALICE, "get", "/a/x"]);
+    assert_eq!(read.stdout, "/a/x\n1\n", "{}", read.stderr);
+    assert_eq!(
+        run(&[ALICE, "get", "/b/x"]).error_line(),
+        "Error: etcdserver: permission denied"
+    );
+    assert_eq!(run(&[ROOT, "get", "/b/x"]).stdout, "/b/x\n2\n");
+}
+
+#[test]
+fn snapshots_carry_auth_to_etcd_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pair::start();
+    set_up(&p);
+    p.same(&["user", "grant-role", "root", "root"]);
+    p.same(&["auth", "enable"]);
+    p.same(&[ROOT, "put", "/a/x", "1"]);
+    p.same(&[ROOT, "put", "/b/x", "2"]);
+
+    // Tern's snapshot, restored by etcdctl, served by etcd.
+    let tern_db = dir.path().join("tern.db").display().to_string();
+    let out = etcdctl(
+        &p.tern.endpoint,
+        &[ROOT, "snapshot", "save", &tern_db],
+        None,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let restored = dir.path().join("restored.etcd");
+    let restored_arg = restored.display().to_string();
+    let out = etcdctl(
+        &p.etcd.endpoint,
+        &["snapshot", "restore", &tern_db, "--data-dir", &restored_arg],
+        None,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    enforces_scenario(&Etcd::start_in(&restored).endpoint);
+
+    // etcd's snapshot, imported by tern-restore, served by Tern.
+    let etcd_db = dir.path().join("etcd.db").display().to_string();
+    let out = etcdctl(
+        &p.etcd.endpoint,
+        &[ROOT, "snapshot", "save", &etcd_db],
+        None,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let imported = dir.path().join("imported.tern");
+    let out = std::process::Command::new(workspace_bin("tern-restore"))
+        .args(["import-etcd", &etcd_db, "--data-dir"])
+        .arg(&imported)
+        .output()
+        .expect("run tern-restore");
+    assert!(out.status.success(), "{out:?}");
+    enforces_scenario(&Tern::start_in(&imported, &[]).endpoint);
 }
