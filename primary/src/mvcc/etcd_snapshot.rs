@@ -206,11 +206,14 @@ impl EtcdMeta {
     }
 }
 
+/// One bbolt record: key, value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// etcd's `auth`, `authRoles` and `authUsers` buckets for `state`, each
 /// in key order: users and roles as the `authpb` records etcd stores (the
 /// bcrypt hashes carry over; etcd and Tern check each other's), the
 /// enabled flag, and the auth revision (etcd's starts at 1).
-pub fn auth_buckets(state: &AuthState) -> [(&'static [u8], Vec<(Vec<u8>, Vec<u8>)>); 3] {
+pub fn auth_buckets(state: &AuthState) -> [(&'static [u8], Vec<Record>); 3] {
     let mut flags = Vec::new();
     if state.enabled {
         flags.push((b"authEnabled".to_vec(), vec![1]));
