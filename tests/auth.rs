@@ -5,9 +5,14 @@
 
 use std::time::{Duration, Instant};
 
+use tern_primary::proto::etcdserverpb::{
+    auth_client::AuthClient, kv_client::KvClient, AuthenticateRequest, RangeRequest,
+};
 use tern_tests::backups::{add_file_learner, age_key, post_backup, tern_restore};
 use tern_tests::cluster::Cluster;
-use tern_tests::{etcdctl, etcdctl_for, normalize, workspace_bin, Etcd, Output, Pair, Tern};
+use tern_tests::{
+    channel, etcdctl, etcdctl_for, normalize, workspace_bin, Etcd, Output, Pair, Tern,
+};
 
 const ROOT: &str = "--user=root:rootpw";
 const ALICE: &str = "--user=alice:alicepw";
@@ -162,6 +167,15 @@ fn permissions_are_enforced_like_etcd() {
         format!("{}{}", out.stdout, said.join("\n"))
     };
     let on_etcd = watch(&p.etcd.endpoint);
+    // ...while one inside it replays the history it may read.
+    let replay = |endpoint: &str| {
+        let args = [ALICE, "watch", "/a/x", "--rev=1"];
+        let out = etcdctl_for(endpoint, &args, Duration::from_secs(2));
+        normalize(out, endpoint).stdout
+    };
+    let replayed = replay(&p.etcd.endpoint);
+    assert_eq!(replayed, "PUT\n/a/x\n1\n");
+    assert_eq!(replayed, replay(&p.tern.endpoint));
     assert!(
         on_etcd.contains("etcdserver: permission denied"),
         "{on_etcd}"
@@ -477,4 +491,100 @@ fn snapshots_carry_auth_to_etcd_and_back() {
         .expect("run tern-restore");
     assert!(out.status.success(), "{out:?}");
     enforces_scenario(&Tern::start_in(&imported, &[]).endpoint);
+}
+
+/// A request for `key` carrying `token`.
+fn range_as(token: &str, key: &str) -> tonic::Request<RangeRequest> {
+    let mut request = tonic::Request::new(RangeRequest {
+        key: key.as_bytes().to_vec(),
+        serializable: true,
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("token", token.parse().expect("token is ASCII"));
+    request
+}
+
+async fn token(endpoint: &str, name: &str, password: &str) -> Result<String, tonic::Status> {
+    let response = AuthClient::new(channel(endpoint).await)
+        .authenticate(AuthenticateRequest {
+            name: name.into(),
+            password: password.into(),
+        })
+        .await?
+        .into_inner();
+    assert!(response
+        .header
+        .is_some_and(|h| h.cluster_id != 0 && h.revision > 0));
+    Ok(response.token)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_expire_and_do_not_outlive_a_restart() {
+    let mut t = Tern::start(&["--auth-token-ttl", "1"]);
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "reader"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "read",
+            "/a/",
+            "--prefix",
+        ],
+        &["user", "add", "alice", "--new-user-password=alicepw"],
+        &["user", "grant-role", "alice", "reader"],
+        &["put", "/a/x", "1"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(&t.endpoint, args, None);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    }
+    let wrong = token(&t.endpoint, "alice", "nope").await.unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument);
+    let alice = token(&t.endpoint, "alice", "alicepw").await.unwrap();
+    let mut kv = KvClient::new(channel(&t.endpoint).await);
+    let got = kv
+        .range(range_as(&alice, "/a/x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"1");
+    let denied = kv.range(range_as(&alice, "/b/x")).await.unwrap_err();
+    assert_eq!(
+        (denied.code(), denied.message()),
+        (
+            tonic::Code::PermissionDenied,
+            "etcdserver: permission denied"
+        )
+    );
+    let invalid = (
+        tonic::Code::Unauthenticated,
+        "etcdserver: invalid auth token",
+    );
+    let unknown = kv.range(range_as("forged.1", "/a/x")).await.unwrap_err();
+    assert_eq!((unknown.code(), unknown.message()), invalid);
+
+    // Unused for longer than --auth-token-ttl: gone (this waits on the
+    // TTL itself, not on readiness).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let expired = kv.range(range_as(&alice, "/a/x")).await.unwrap_err();
+    assert_eq!((expired.code(), expired.message()), invalid);
+
+    // Tokens live in memory only; users and auth itself survive a restart.
+    let alice = token(&t.endpoint, "alice", "alicepw").await.unwrap();
+    tokio::task::block_in_place(|| t.restart());
+    let mut kv = KvClient::new(channel(&t.endpoint).await);
+    let stale = kv.range(range_as(&alice, "/a/x")).await.unwrap_err();
+    assert_eq!((stale.code(), stale.message()), invalid);
+    let alice = token(&t.endpoint, "alice", "alicepw").await.unwrap();
+    let got = kv
+        .range(range_as(&alice, "/a/x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"1");
 }

@@ -844,4 +844,66 @@ mod tests {
             Err(ApplyError::LeaseNotFound)
         ));
     }
+
+    /// etcd's authApplierV3 at apply time: with auth on, a client's write
+    /// needs a user, and is refused if auth changed after it was checked;
+    /// a lease grant needs no user.
+    #[test]
+    fn apply_refuses_writes_checked_against_old_auth() {
+        use crate::proto::etcdserverpb::{AuthRoleAddRequest, AuthUserGrantRoleRequest};
+        use crate::proto::ternpb::{AuthInfo, AuthUserAdd};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
+        let lessor = Arc::new(Lessor::new(std::time::Duration::from_secs(1)));
+        let mut applier = Applier::new(lessor, store.connection()).unwrap();
+        let mut index = 0;
+        let mut apply = |r: Request, who: Option<AuthInfo>| {
+            index += 1;
+            let mut b = store.batch().unwrap();
+            let result = b.entry(index, 1, |b| applier.apply_as(b, r, who.as_ref()));
+            b.commit().unwrap();
+            result
+        };
+        let as_user = |user: &str, revision: u64| {
+            Some(AuthInfo {
+                user: user.into(),
+                revision,
+            })
+        };
+        let add_root = AuthUserAdd {
+            name: "root".into(),
+            password_hash: "$2b$10$x".into(),
+            no_password: false,
+        };
+        apply(Request::AuthUserAdd(add_root), None).unwrap();
+        let grant = AuthUserGrantRoleRequest {
+            user: "root".into(),
+            role: "root".into(),
+        };
+        apply(Request::AuthUserGrantRole(grant), None).unwrap();
+        apply(Request::AuthEnable(Default::default()), None).unwrap();
+        let put = || {
+            Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })
+        };
+        assert!(matches!(
+            apply(put(), as_user("", 0)),
+            Err(ApplyError::Auth(AuthError::UserEmpty))
+        ));
+        let grant = Request::LeaseGrant(LeaseGrantRequest { id: 7, ttl: 60 });
+        assert!(apply(grant, as_user("", 0)).is_ok());
+        let checked_at = 2;
+        let role = Request::AuthRoleAdd(AuthRoleAddRequest { name: "r".into() });
+        apply(role, as_user("root", checked_at)).unwrap();
+        assert!(matches!(
+            apply(put(), as_user("root", checked_at)),
+            Err(ApplyError::Auth(AuthError::AuthOldRevision))
+        ));
+        assert!(apply(put(), as_user("root", checked_at + 1)).is_ok());
+        // The auth state went into the database with the entries.
+        let saved = crate::auth::store::load(store.connection()).unwrap();
+        assert!(saved.enabled && saved.roles.contains_key("r"));
+    }
 }
