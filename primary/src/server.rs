@@ -181,6 +181,7 @@ pub async fn run_with(
         crate::auth::store::load(store.connection()).map_err(crate::mvcc::MvccError::Sqlite)?,
         Duration::from_secs(config.auth_token_ttl),
     ));
+    auth.tokens.note_applied(store.state().applied_index);
     let snapshots = Snapshots::open(&data_dir).map_err(dir_err)?;
     let node_config = NodeConfig {
         id: member_id,

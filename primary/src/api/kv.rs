@@ -40,13 +40,14 @@ impl Kv for KvService {
             self.member.refuse_if_learner()?;
         }
         check_range(&r)?;
+        // etcd's order: the read index first, then the permission check.
+        if !r.serializable {
+            self.member.linearizable_barrier().await?;
+        }
         self.member
             .auth
             .check_range(who.as_ref(), &r.key, &r.range_end)
             .map_err(auth_status)?;
-        if !r.serializable {
-            self.member.linearizable_barrier().await?;
-        }
         let mut resp = self
             .member
             .read(move |conn, state| {

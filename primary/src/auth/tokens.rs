@@ -22,7 +22,8 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 pub struct Tokens {
     ttl: Duration,
     live: Mutex<HashMap<String, (String, Instant)>>,
-    /// The highest raft index a token was assigned at here.
+    /// The highest raft index applied here, as far as tokens are concerned
+    /// (set at start-up and by every token assignment).
     applied: AtomicU64,
     assigned: tokio::sync::Notify,
 }
@@ -44,6 +45,12 @@ impl Tokens {
         (0..16)
             .map(|_| LETTERS[rng.random_range(0..LETTERS.len())] as char)
             .collect()
+    }
+
+    /// Tokens from entries up to `index` need no waiting: one not known by
+    /// now never will be (a token from before a restart, say).
+    pub fn note_applied(&self, index: u64) {
+        self.applied.fetch_max(index, Ordering::AcqRel);
     }
 
     /// Called by the applier for an applied Authenticate entry.

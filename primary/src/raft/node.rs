@@ -654,6 +654,12 @@ impl RaftNode {
         if self.reads_next.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
             return;
         }
+        // raft-rs drops (does not queue) a read index a new leader gets
+        // before it has committed an entry of its term; the reads would then
+        // wait until their clients time out. Hold them until it has.
+        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
+            return;
+        }
         self.read_ctx += 1;
         self.raw.read_index(self.read_ctx.to_be_bytes().to_vec());
         self.reads_inflight
