@@ -95,13 +95,15 @@ impl Kv for KvService {
         let r = request.into_inner();
         check_txn(&r, self.member.limits.max_txn_ops, 0)?;
         self.check_size(&r)?;
-        check_txn_auth(&self.member.auth, who.as_ref(), &r).map_err(auth_status)?;
+        let permitted = || check_txn_auth(&self.member.auth, who.as_ref(), &r);
         if is_read_only(&r) {
             // etcd serves read-only txns without a proposal; serializable
-            // only when every range asks for it.
+            // only when every range asks for it. As for Range, the read
+            // index comes before the permission check.
             if !all_serializable(&r) {
                 self.member.linearizable_barrier().await?;
             }
+            permitted().map_err(auth_status)?;
             let mut resp = self
                 .member
                 .read(move |conn, state| {
@@ -111,6 +113,7 @@ impl Kv for KvService {
             self.member.fill(&mut resp.header);
             return Ok(Response::new(resp));
         }
+        permitted().map_err(auth_status)?;
         self.member.check_quota(r.encoded_len()).await?;
         Ok(Response::new(
             self.member
