@@ -80,6 +80,11 @@ pub struct PrimaryConfig {
     #[arg(long, default_value_t = 128)]
     pub max_txn_ops: u32,
 
+    /// Seconds an auth token (etcd's simple token) stays valid after its
+    /// last use (etcd's `--auth-token-ttl`).
+    #[arg(long, default_value_t = 300)]
+    pub auth_token_ttl: u64,
+
     /// `periodic` (retention is a duration) or `revision` (a count).
     #[arg(long, value_enum, default_value = "periodic")]
     pub auto_compaction_mode: AutoCompactionMode,
@@ -297,6 +302,13 @@ impl PrimaryConfig {
         }
         if self.max_txn_ops == 0 {
             return Err(ConfigError::invalid("max-txn-ops", 0, "must be positive"));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(ConfigError::invalid(
+                "auth-token-ttl",
+                0,
+                "must be positive",
+            ));
         }
         if self.snapshot_count == 0 {
             return Err(ConfigError::invalid(

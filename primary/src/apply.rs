@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rusqlite::Connection;
 
+use crate::auth::{self, AuthError, AuthStore};
 use crate::lease::Lessor;
 use crate::mvcc::{read, Batch, KeyRange, MvccError, RangeQuery, StoreState};
 use crate::proto::etcdserverpb::{
@@ -38,6 +39,10 @@ pub enum ApplyResult {
     /// A membership change (configuration change or peer URL update) took
     /// effect; the member list after it.
     Membership(Vec<crate::mvcc::write::MemberRow>),
+    /// An auth management request took effect (the handler builds its
+    /// typed, header-only response).
+    Auth(ResponseHeader),
+    Authenticate(crate::proto::etcdserverpb::AuthenticateResponse),
 }
 
 /// A response type that a proposal produces, so handlers can ask for the
@@ -71,6 +76,7 @@ applied! {
     LeaseGrant => LeaseGrantResponse,
     LeaseRevoke => LeaseRevokeResponse,
     Alarm => AlarmResponse,
+    Authenticate => crate::proto::etcdserverpb::AuthenticateResponse,
 }
 
 /// Why a committed request was refused. Every member refuses it the same
@@ -91,6 +97,8 @@ pub enum ApplyError {
     FutureRevision,
     #[error("member not found")]
     MemberNotFound,
+    #[error("auth: {0}")]
+    Auth(#[from] AuthError),
     /// The state database failed; the member cannot go on applying.
     #[error("storage failure: {0}")]
     Storage(rusqlite::Error),
@@ -142,6 +150,8 @@ fn member_attributes(
 /// Applies committed requests; owned by the Raft thread.
 pub struct Applier {
     lessor: Arc<Lessor>,
+    /// The auth state this applier writes and the API layer reads.
+    auth: Arc<AuthStore>,
     /// Mirrors "a NOSPACE alarm is raised", so the check costs no query.
     nospace: bool,
 }
@@ -151,14 +161,52 @@ impl Applier {
         let nospace = crate::mvcc::write::alarms(conn)?
             .iter()
             .any(|(_, a)| *a == AlarmType::Nospace as i32);
-        Ok(Applier { lessor, nospace })
+        let auth = Arc::new(AuthStore::new(
+            auth::store::load(conn).map_err(MvccError::Sqlite)?,
+            std::time::Duration::from_secs(300),
+        ));
+        Ok(Applier {
+            lessor,
+            auth,
+            nospace,
+        })
     }
 
+    /// Share `auth` with the API layer instead of a private one (loaded from
+    /// the same database).
+    pub fn with_auth_store(mut self, auth: Arc<AuthStore>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Apply an entry proposed by the system (no client to authorize).
     pub fn apply(
         &mut self,
         b: &mut Batch<'_>,
         request: Request,
     ) -> Result<ApplyResult, ApplyError> {
+        self.apply_as(b, request, None)
+    }
+
+    /// Apply an entry; `who` is the client the proposing member checked
+    /// it for (`None`: proposed by the system, e.g. lease expiry).
+    pub fn apply_as(
+        &mut self,
+        b: &mut Batch<'_>,
+        request: Request,
+        who: Option<&crate::proto::ternpb::AuthInfo>,
+    ) -> Result<ApplyResult, ApplyError> {
+        // etcd's authApplierV3: with auth on, a client request needs a user,
+        // and its check must have seen the auth state as it is now.
+        if let Some(who) = who {
+            let state = self.auth.state();
+            if state.enabled && who.user.is_empty() && needs_user(&request) {
+                return Err(AuthError::UserEmpty.into());
+            }
+            if state.enabled && !who.user.is_empty() && who.revision < state.revision {
+                return Err(AuthError::AuthOldRevision.into());
+            }
+        }
         match request {
             Request::Put(p) => {
                 self.check_space()?;
@@ -180,7 +228,75 @@ impl Applier {
             Request::Alarm(a) => self.alarm(b, &a).map(ApplyResult::Alarm),
             Request::MemberUpdate(u) => member_update(b, &u).map(ApplyResult::Membership),
             Request::MemberAttributes(a) => member_attributes(b, &a).map(ApplyResult::Membership),
+            Request::AuthAssignToken(t) => self.assign_token(b, &t),
+            Request::AuthEnable(_) => self.auth_change(b, |s| s.enable().map(|()| None)),
+            Request::AuthDisable(_) => self.auth_change(b, |s| {
+                s.disable();
+                Ok(None)
+            }),
+            Request::AuthUserAdd(u) => self.auth_change(b, |s| {
+                s.user_add(&u.name, &u.password_hash, u.no_password)
+                    .map(|()| None)
+            }),
+            Request::AuthUserDelete(d) => {
+                self.auth_change(b, |s| s.user_delete(&d.name).map(|()| Some(d.name)))
+            }
+            Request::AuthUserChangePassword(c) => self.auth_change(b, |s| {
+                s.user_change_password(&c.name, &c.password_hash)
+                    .map(|()| Some(c.name))
+            }),
+            Request::AuthUserGrantRole(g) => {
+                self.auth_change(b, |s| s.user_grant_role(&g).map(|()| None))
+            }
+            Request::AuthUserRevokeRole(r) => {
+                self.auth_change(b, |s| s.user_revoke_role(&r).map(|()| None))
+            }
+            Request::AuthRoleAdd(r) => self.auth_change(b, |s| s.role_add(&r.name).map(|()| None)),
+            Request::AuthRoleDelete(r) => {
+                self.auth_change(b, |s| s.role_delete(&r.role).map(|()| None))
+            }
+            Request::AuthRoleGrantPermission(g) => {
+                self.auth_change(b, |s| s.role_grant_permission(&g).map(|()| None))
+            }
+            Request::AuthRoleRevokePermission(r) => {
+                self.auth_change(b, |s| s.role_revoke_permission(&r).map(|()| None))
+            }
         }
+    }
+
+    /// etcd's Authenticate apply: the password was checked by the serving
+    /// member; here every member learns the token.
+    fn assign_token(
+        &mut self,
+        b: &mut Batch<'_>,
+        t: &crate::proto::ternpb::AuthAssignToken,
+    ) -> Result<ApplyResult, ApplyError> {
+        self.auth.state().can_authenticate(&t.name)?;
+        let token = self.auth.tokens.assign(&t.token, b.entry_index(), &t.name);
+        Ok(ApplyResult::Authenticate(
+            crate::proto::etcdserverpb::AuthenticateResponse {
+                header: Some(header(b.read_revision())),
+                token,
+            },
+        ))
+    }
+
+    /// An auth management request: `change` runs on a copy of the auth
+    /// state, which is saved with the entry and then served. `change`
+    /// names a user whose tokens stop working (deleted, new password).
+    fn auth_change(
+        &mut self,
+        b: &mut Batch<'_>,
+        change: impl FnOnce(&mut auth::AuthState) -> Result<Option<String>, AuthError>,
+    ) -> Result<ApplyResult, ApplyError> {
+        let mut next = (*self.auth.state()).clone();
+        let loses_tokens = change(&mut next)?;
+        auth::store::save(b.conn(), &next).map_err(ApplyError::Storage)?;
+        self.auth.replace(next);
+        if let Some(user) = loses_tokens {
+            self.auth.tokens.invalidate_user(&user);
+        }
+        Ok(ApplyResult::Auth(header(b.read_revision())))
     }
 
     fn check_space(&self) -> Result<(), ApplyError> {
@@ -260,6 +376,21 @@ impl Applier {
             alarms,
         })
     }
+}
+
+/// Requests a client may send only as a user once auth is on (etcd
+/// refuses them in apply with "user name is empty"); lease grants, for
+/// one, need no user.
+fn needs_user(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::LeaseGrant(_)
+            | Request::LeaseRevoke(_)
+            | Request::Alarm(_)
+            | Request::MemberUpdate(_)
+            | Request::MemberAttributes(_)
+            | Request::AuthAssignToken(_)
+    )
 }
 
 /// A header carrying only the revision; the API layer fills in the ids and
@@ -712,5 +843,67 @@ mod tests {
             check_txn(store.connection(), store.state(), &both, &path),
             Err(ApplyError::LeaseNotFound)
         ));
+    }
+
+    /// etcd's authApplierV3 at apply time: with auth on, a client's write
+    /// needs a user, and is refused if auth changed after it was checked;
+    /// a lease grant needs no user.
+    #[test]
+    fn apply_refuses_writes_checked_against_old_auth() {
+        use crate::proto::etcdserverpb::{AuthRoleAddRequest, AuthUserGrantRoleRequest};
+        use crate::proto::ternpb::{AuthInfo, AuthUserAdd};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
+        let lessor = Arc::new(Lessor::new(std::time::Duration::from_secs(1)));
+        let mut applier = Applier::new(lessor, store.connection()).unwrap();
+        let mut index = 0;
+        let mut apply = |r: Request, who: Option<AuthInfo>| {
+            index += 1;
+            let mut b = store.batch().unwrap();
+            let result = b.entry(index, 1, |b| applier.apply_as(b, r, who.as_ref()));
+            b.commit().unwrap();
+            result
+        };
+        let as_user = |user: &str, revision: u64| {
+            Some(AuthInfo {
+                user: user.into(),
+                revision,
+            })
+        };
+        let add_root = AuthUserAdd {
+            name: "root".into(),
+            password_hash: "$2b$10$x".into(),
+            no_password: false,
+        };
+        apply(Request::AuthUserAdd(add_root), None).unwrap();
+        let grant = AuthUserGrantRoleRequest {
+            user: "root".into(),
+            role: "root".into(),
+        };
+        apply(Request::AuthUserGrantRole(grant), None).unwrap();
+        apply(Request::AuthEnable(Default::default()), None).unwrap();
+        let put = || {
+            Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })
+        };
+        assert!(matches!(
+            apply(put(), as_user("", 0)),
+            Err(ApplyError::Auth(AuthError::UserEmpty))
+        ));
+        let grant = Request::LeaseGrant(LeaseGrantRequest { id: 7, ttl: 60 });
+        assert!(apply(grant, as_user("", 0)).is_ok());
+        let checked_at = 2;
+        let role = Request::AuthRoleAdd(AuthRoleAddRequest { name: "r".into() });
+        apply(role, as_user("root", checked_at)).unwrap();
+        assert!(matches!(
+            apply(put(), as_user("root", checked_at)),
+            Err(ApplyError::Auth(AuthError::AuthOldRevision))
+        ));
+        assert!(apply(put(), as_user("root", checked_at + 1)).is_ok());
+        // The auth state went into the database with the entries.
+        let saved = crate::auth::store::load(store.connection()).unwrap();
+        assert!(saved.enabled && saved.roles.contains_key("r"));
     }
 }

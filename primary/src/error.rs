@@ -4,6 +4,7 @@
 use tonic::{Code, Status};
 
 use crate::apply::ApplyError;
+use crate::auth::AuthError;
 use crate::mvcc::MvccError;
 use crate::raft::ProposeError;
 
@@ -37,6 +38,24 @@ pub enum EtcdError {
     NotLeader,
     BadLeaderTransferee,
     LeaderTransferTimeout,
+    RootUserNotExist,
+    RootRoleNotExist,
+    UserAlreadyExist,
+    UserEmpty,
+    UserNotFound,
+    RoleAlreadyExist,
+    RoleNotFound,
+    RoleEmpty,
+    AuthFailed,
+    PermissionNotGiven,
+    PermissionDenied,
+    RoleNotGranted,
+    PermissionNotGranted,
+    AuthNotEnabled,
+    InvalidAuthToken,
+    InvalidAuthMgmt,
+    AuthOldRevision,
+    NoPasswordUser,
 }
 
 impl EtcdError {
@@ -52,6 +71,14 @@ impl EtcdError {
             | NotLeader | BadLeaderTransferee => Code::FailedPrecondition,
             LeaderTransferTimeout => Code::Unavailable,
             MemberBadUrls => Code::InvalidArgument,
+            RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound
+            | RoleAlreadyExist | RoleNotFound | RoleNotGranted | PermissionNotGranted
+            | AuthNotEnabled => Code::FailedPrecondition,
+            UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven | InvalidAuthMgmt
+            | AuthOldRevision => Code::InvalidArgument,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
+            NoPasswordUser => Code::Unknown,
             RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => {
                 Code::Unavailable
             }
@@ -90,8 +117,65 @@ impl EtcdError {
             NotLeader => "etcdserver: not leader",
             BadLeaderTransferee => "etcdserver: bad leader transferee",
             LeaderTransferTimeout => "etcdserver: request timed out, leader transfer took too long",
+            RootUserNotExist => "etcdserver: root user does not exist",
+            RootRoleNotExist => "etcdserver: root user does not have root role",
+            UserAlreadyExist => "etcdserver: user name already exists",
+            UserEmpty => "etcdserver: user name is empty",
+            UserNotFound => "etcdserver: user name not found",
+            RoleAlreadyExist => "etcdserver: role name already exists",
+            RoleNotFound => "etcdserver: role name not found",
+            RoleEmpty => "etcdserver: role name is empty",
+            AuthFailed => "etcdserver: authentication failed, invalid user ID or password",
+            PermissionNotGiven => "etcdserver: permission not given",
+            PermissionDenied => "etcdserver: permission denied",
+            RoleNotGranted => "etcdserver: role is not granted to the user",
+            PermissionNotGranted => "etcdserver: permission is not granted to the role",
+            AuthNotEnabled => "etcdserver: authentication is not enabled",
+            InvalidAuthToken => "etcdserver: invalid auth token",
+            InvalidAuthMgmt => "etcdserver: invalid auth management",
+            AuthOldRevision => "etcdserver: revision of auth store is old",
+            // Not an rpctypes error: etcd passes auth's own text through.
+            NoPasswordUser => {
+                "auth: authentication failed, password was given for no password user"
+            }
         }
     }
+}
+
+impl From<AuthError> for EtcdError {
+    fn from(e: AuthError) -> EtcdError {
+        use EtcdError::*;
+        match e {
+            AuthError::RootUserNotExist => RootUserNotExist,
+            AuthError::RootRoleNotExist => RootRoleNotExist,
+            AuthError::UserAlreadyExist => UserAlreadyExist,
+            AuthError::UserEmpty => UserEmpty,
+            AuthError::UserNotFound => UserNotFound,
+            AuthError::RoleAlreadyExist => RoleAlreadyExist,
+            AuthError::RoleNotFound => RoleNotFound,
+            AuthError::RoleEmpty => RoleEmpty,
+            AuthError::AuthFailed => AuthFailed,
+            AuthError::PermissionNotGiven => PermissionNotGiven,
+            AuthError::PermissionDenied => PermissionDenied,
+            AuthError::RoleNotGranted => RoleNotGranted,
+            AuthError::PermissionNotGranted => PermissionNotGranted,
+            AuthError::AuthNotEnabled => AuthNotEnabled,
+            AuthError::InvalidAuthToken => InvalidAuthToken,
+            AuthError::InvalidAuthMgmt => InvalidAuthMgmt,
+            AuthError::AuthOldRevision => AuthOldRevision,
+            AuthError::NoPasswordUser => NoPasswordUser,
+        }
+    }
+}
+
+pub fn auth_status(e: AuthError) -> Status {
+    EtcdError::from(e).into()
+}
+
+/// etcd's Maintenance service returns auth's errors without translating
+/// them: code Unknown, auth's own text (`auth: permission denied`).
+pub fn auth_status_untranslated(e: AuthError) -> Status {
+    Status::unknown(format!("auth: {e}"))
 }
 
 impl From<EtcdError> for Status {
@@ -109,6 +193,7 @@ pub fn apply_status(e: ApplyError) -> Status {
         ApplyError::Compacted => EtcdError::Compacted.into(),
         ApplyError::FutureRevision => EtcdError::FutureRevision.into(),
         ApplyError::MemberNotFound => EtcdError::MemberNotFound.into(),
+        ApplyError::Auth(e) => auth_status(e),
         ApplyError::Storage(e) => Status::internal(format!("etcdserver: storage failure: {e}")),
     }
 }

@@ -21,6 +21,9 @@
 //!   backend layout the Snapshot RPC streams.
 //! - [`bbolt`]: bbolt files (etcd's backend format): a bulk-load writer for
 //!   the Snapshot RPC, a streaming reader for `tern-restore import-etcd`.
+//! - [`auth`]: users, roles, key-range permissions and simple tokens
+//!   (etcd's RBAC); changed only through the log, checked by [`api`] on
+//!   every member and the learner.
 //! - [`lease`]: lease deadlines (the leader revokes expired leases via Raft).
 //! - [`watch`]: the watch hub (synced fan-out and history replay).
 //! - [`housekeeping`]: lease expiry, auto-compaction, size tracking.
@@ -39,6 +42,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod auth;
 pub mod authority_shim;
 pub mod bbolt;
 pub mod error;

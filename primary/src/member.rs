@@ -9,6 +9,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use crate::apply::{Applied, ApplyResult};
+use crate::auth::{AuthInfo, AuthStore};
 use crate::error::{self, EtcdError};
 use crate::lease::Lessor;
 use crate::metrics::Metrics;
@@ -48,6 +49,8 @@ pub struct Member {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub data_dir: std::path::PathBuf,
+    /// Users, roles and tokens; every handler checks its caller here.
+    pub auth: Arc<AuthStore>,
     /// Database file size, refreshed in the background for the quota check.
     pub db_size: AtomicI64,
     ids: IdGenerator,
@@ -68,6 +71,7 @@ impl Member {
         limits: Limits,
         data_dir: std::path::PathBuf,
         leader_tls: crate::tls::DialTls,
+        auth: Arc<AuthStore>,
     ) -> Self {
         Member {
             cluster_id,
@@ -80,6 +84,7 @@ impl Member {
             metrics,
             limits,
             data_dir,
+            auth,
             db_size: AtomicI64::new(0),
             ids: IdGenerator::new(member_id),
             leader_link: crate::forward::LeaderLink::new(leader_tls),
@@ -200,19 +205,76 @@ impl Member {
         *header = Some(self.header(revision));
     }
 
-    /// Propose through Raft and wait for the entry to be applied.
+    /// etcd's AuthInfoFromCtx: who sent `request`, from its `token`
+    /// metadata (`None`: no token). Refuses a token this member does not
+    /// know.
+    pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Option<AuthInfo>, Status> {
+        self.caller_from(request.metadata()).await
+    }
+
+    pub async fn caller_from(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<AuthInfo>, Status> {
+        self.caller_untranslated(metadata)
+            .await
+            .map_err(error::auth_status)
+    }
+
+    /// [`Member::caller_from`] with auth's own error, for the services
+    /// where etcd passes it through untranslated.
+    pub async fn caller_untranslated(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<AuthInfo>, crate::auth::AuthError> {
+        // etcd also takes the token from `authorization` (its gateway's key).
+        let token = [crate::auth::TOKEN_METADATA, "authorization"]
+            .iter()
+            .find_map(|key| metadata.get(*key))
+            .and_then(|v| v.to_str().ok());
+        self.auth.auth_info(token).await
+    }
+
+    /// etcd's IsAdminPermitted for the caller of `request`.
+    pub async fn require_root<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
+        let who = self.caller(request).await?;
+        self.auth
+            .check_admin(who.as_ref())
+            .map_err(error::auth_status)
+    }
+
+    /// Propose a request of the system itself (lease expiry, alarms,
+    /// publishing) and wait for the entry to be applied.
     pub async fn propose(&self, request: Request) -> Result<ApplyResult, Status> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.node.propose(request)).await {
+        self.propose_as(request, None).await
+    }
+
+    /// Propose a client's request, checked for `who`: apply refuses it if
+    /// auth changed since the check (see [`crate::auth`]).
+    async fn propose_as(
+        &self,
+        request: Request,
+        who: Option<crate::proto::ternpb::AuthInfo>,
+    ) -> Result<ApplyResult, Status> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.node.propose(request, who)).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(e)) => Err(error::propose_status(e)),
             Err(_) => Err(EtcdError::RequestTimeout.into()),
         }
     }
 
-    /// Propose and return the response type the request produces, with its
-    /// header filled in.
-    pub async fn propose_for<T: Applied>(&self, request: Request) -> Result<T, Status> {
-        let result = self.propose(request).await?;
+    /// Propose a client's request, checked for `who` (`None`: no token),
+    /// and return the response type it produces, with its header filled in.
+    pub async fn propose_for<T: Applied>(
+        &self,
+        request: Request,
+        who: Option<&AuthInfo>,
+    ) -> Result<T, Status> {
+        let who = crate::proto::ternpb::AuthInfo {
+            user: who.map(|w| w.user.clone()).unwrap_or_default(),
+            revision: who.map_or(0, |w| w.revision),
+        };
+        let result = self.propose_as(request, Some(who)).await?;
         let mut response = T::from_result(result)
             .ok_or_else(|| Status::internal("apply produced a response of another kind"))?;
         self.fill(response.header_mut());

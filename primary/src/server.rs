@@ -183,6 +183,11 @@ pub async fn run_with(
         .quota_backend_bytes
         .set(config.quota_backend_bytes as i64);
 
+    let auth = Arc::new(crate::auth::AuthStore::new(
+        crate::auth::store::load(store.connection()).map_err(crate::mvcc::MvccError::Sqlite)?,
+        Duration::from_secs(config.auth_token_ttl),
+    ));
+    auth.tokens.note_applied(store.state().applied_index);
     let snapshots = Snapshots::open(&data_dir).map_err(dir_err)?;
     let node_config = NodeConfig {
         id: member_id,
@@ -199,6 +204,7 @@ pub async fn run_with(
         lessor.clone(),
         metrics.clone(),
         snapshots.clone(),
+        auth.clone(),
         tokio::runtime::Handle::current(),
     )?;
     node.start();
@@ -219,6 +225,7 @@ pub async fn run_with(
         },
         data_dir.clone(),
         DialTls::client(&config),
+        auth,
     ));
     tokio::spawn(hub.run_sync());
     tokio::spawn(crate::housekeeping::expire_leases(member.clone()));

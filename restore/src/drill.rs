@@ -138,6 +138,12 @@ pub async fn run(
             token: "etcd-cluster".into(),
         },
     )?;
+    // The drill reads as no user; a backup taken with auth on would refuse
+    // that. The scratch copy is the drill's alone, so auth goes off in it.
+    {
+        let conn = tern_primary::mvcc::schema::open(&data_dir.join("state.db"))?;
+        tern_primary::auth::store::switch_off(&conn)?;
+    }
     let (member, endpoint) = start(tern_primary, &data_dir)?;
     let _member = Member(member);
     let channel = connect(&endpoint).await?;

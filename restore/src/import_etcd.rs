@@ -22,7 +22,9 @@
 //!   started and did not finish (`scheduledCompactRev` ahead) is finished
 //!   here, as etcd finishes it at its next start;
 //! - leases keep their ids and TTLs (a new leader grants every lease a full
-//!   TTL, in etcd and in Tern alike).
+//!   TTL, in etcd and in Tern alike);
+//! - users (with their bcrypt hashes), roles, permissions and whether auth
+//!   is on carry over as they are.
 //!
 //! Members, alarms and the Raft position do not carry over: the new
 //! cluster's ids come from `--name`, `--initial-advertise-peer-urls` and
@@ -86,9 +88,11 @@ pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Resul
     let scratch = crate::restore::scratch_beside(data_dir)?;
     let state_path = scratch.path().join("state.db");
     let mut built = build_state(&db, &state_path).with_context(in_file)?;
-    built
-        .warnings
-        .extend(auth_warning(&db).with_context(in_file)?);
+    let auth = read_auth(&db).with_context(in_file)?;
+    {
+        let conn = tern_primary::mvcc::schema::open(&state_path)?;
+        tern_primary::auth::store::save(&conn, &auth)?;
+    }
 
     if !sha256_checked {
         built.warnings.push(
@@ -309,35 +313,28 @@ fn bucket<'a>(db: &'a bbolt::Reader, name: &[u8]) -> anyhow::Result<bbolt::Entri
     })
 }
 
-/// Tern has no authentication yet: say so if etcd had it on.
-fn auth_warning(db: &bbolt::Reader) -> anyhow::Result<Option<String>> {
-    let mut enabled = false;
+/// etcd's users, roles and enabled flag, to carry over as they are
+/// (passwords are bcrypt hashes both sides check).
+fn read_auth(db: &bbolt::Reader) -> anyhow::Result<tern_primary::auth::AuthState> {
+    let mut auth = etcd_snapshot::EtcdAuth::default();
+    let bad = |e: String| anyhow::anyhow!("auth buckets: {e}");
     if let Some(entries) = db.bucket(b"auth")? {
         for entry in entries {
             let entry = entry?;
-            if entry.key == b"authEnabled" && entry.value == [1] {
-                enabled = true;
-            }
+            auth.add_flag(&entry.key, &entry.value).map_err(bad)?;
         }
     }
-    let count = |name: &[u8]| -> anyhow::Result<usize> {
-        let mut n = 0;
-        if let Some(entries) = db.bucket(name)? {
-            for entry in entries {
-                entry?;
-                n += 1;
-            }
+    if let Some(entries) = db.bucket(b"authUsers")? {
+        for entry in entries {
+            auth.add_user(&entry?.value).map_err(bad)?;
         }
-        Ok(n)
-    };
-    let (users, roles) = (count(b"authUsers")?, count(b"authRoles")?);
-    Ok((enabled || users > 0 || roles > 0).then(|| {
-        format!(
-            "etcd had authentication {} ({users} users, {roles} roles); Tern has none yet: \
-             users and roles are not imported and every client has full access",
-            if enabled { "enabled" } else { "disabled" }
-        )
-    }))
+    }
+    if let Some(entries) = db.bucket(b"authRoles")? {
+        for entry in entries {
+            auth.add_role(&entry?.value).map_err(bad)?;
+        }
+    }
+    Ok(auth.state)
 }
 
 /// Print what `import` did: one line (warnings on stderr), or `--json`.

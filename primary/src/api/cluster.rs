@@ -90,6 +90,8 @@ impl Cluster for ClusterService {
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
         self.member.refuse_if_learner()?;
+        // etcd's checkMembershipOperationPermission.
+        self.member.require_root(&request).await?;
         let r = request.into_inner();
         if !valid_urls(&r.peer_ur_ls) {
             return Err(EtcdError::MemberBadUrls.into());
@@ -142,6 +144,8 @@ impl Cluster for ClusterService {
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         self.member.refuse_if_learner()?;
+        // etcd's checkMembershipOperationPermission.
+        self.member.require_root(&request).await?;
         let id = request.into_inner().id;
         if !self.members().await?.iter().any(|m| m.0 == id) {
             return Err(EtcdError::MemberNotFound.into());
@@ -162,6 +166,8 @@ impl Cluster for ClusterService {
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         self.member.refuse_if_learner()?;
+        // etcd's checkMembershipOperationPermission.
+        self.member.require_root(&request).await?;
         let r = request.into_inner();
         if !valid_urls(&r.peer_ur_ls) {
             return Err(EtcdError::MemberBadUrls.into());
@@ -204,12 +210,20 @@ impl Cluster for ClusterService {
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         self.member.refuse_if_learner()?;
+        // etcd's checkMembershipOperationPermission.
+        self.member.require_root(&request).await?;
+        let token = request.metadata().get(crate::auth::TOKEN_METADATA).cloned();
         let id = request.into_inner().id;
         if !self.member.is_leader() {
             let channel = self.member.leader_channel().await?;
-            let answer = ClusterClient::new(channel)
-                .member_promote(MemberPromoteRequest { id })
-                .await;
+            // The leader checks the caller again: pass the token on.
+            let mut forwarded = Request::new(MemberPromoteRequest { id });
+            if let Some(token) = token {
+                forwarded
+                    .metadata_mut()
+                    .insert(crate::auth::TOKEN_METADATA, token);
+            }
+            let answer = ClusterClient::new(channel).member_promote(forwarded).await;
             if answer.is_err() {
                 self.member.forget_leader_channel();
             }

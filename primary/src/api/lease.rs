@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::{mvcc_status, EtcdError};
+use crate::error::{auth_status, mvcc_status, EtcdError};
 use crate::lease::MAX_LEASE_TTL;
 use crate::member::Member;
 use crate::mvcc::read;
@@ -27,6 +27,13 @@ pub struct LeaseService {
 impl LeaseService {
     pub fn new(member: Arc<Member>) -> Self {
         LeaseService { member }
+    }
+
+    /// The keys attached to lease `id` in this member's state.
+    async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>, Status> {
+        self.member
+            .read(move |conn, _| read::lease_keys(conn, id).map_err(mvcc_status))
+            .await
     }
 }
 
@@ -69,7 +76,9 @@ impl Lease for LeaseService {
         }
         self.member.check_quota(16).await?;
         Ok(Response::new(
-            self.member.propose_for(RaftReq::LeaseGrant(r)).await?,
+            self.member
+                .propose_for(RaftReq::LeaseGrant(r), None)
+                .await?,
         ))
     }
 
@@ -77,9 +86,20 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let who = self.member.caller(&request).await?;
+        let r = request.into_inner();
+        // etcd's checkLeasePuts: revoking deletes the lease's keys, so a
+        // user other than root needs write on each of them.
+        let auth = &self.member.auth;
+        if auth.enabled() && auth.check_admin(who.as_ref()).is_err() {
+            for key in self.lease_keys(r.id).await? {
+                auth.check_write(who.as_ref(), &key, &[])
+                    .map_err(auth_status)?;
+            }
+        }
         Ok(Response::new(
             self.member
-                .propose_for(RaftReq::LeaseRevoke(request.into_inner()))
+                .propose_for(RaftReq::LeaseRevoke(r), who.as_ref())
                 .await?,
         ))
     }
@@ -125,11 +145,33 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let who = self.member.caller(&request).await?;
+        let token = request.metadata().get(crate::auth::TOKEN_METADATA).cloned();
         let r = request.into_inner();
+        // etcd's checkLeaseTimeToLive: listing the keys needs read on each.
+        let auth = &self.member.auth;
+        if r.keys && auth.enabled() {
+            if who.is_none() {
+                return Err(auth_status(crate::auth::AuthError::UserEmpty));
+            }
+            for key in self.lease_keys(r.id).await? {
+                auth.check_range(who.as_ref(), &key, &[])
+                    .map_err(auth_status)?;
+            }
+        }
         if !self.member.is_leader() {
-            // Only the leader's clock knows the time left.
+            // Only the leader's clock knows the time left. The caller's
+            // token goes along: the leader checks it again.
             let channel = self.member.leader_channel().await?;
-            let answer = LeaseClient::new(channel).lease_time_to_live(r).await;
+            let mut forwarded = Request::new(r);
+            if let Some(token) = token {
+                forwarded
+                    .metadata_mut()
+                    .insert(crate::auth::TOKEN_METADATA, token);
+            }
+            let answer = LeaseClient::new(channel)
+                .lease_time_to_live(forwarded)
+                .await;
             if answer.is_err() {
                 self.member.forget_leader_channel();
             }

@@ -40,6 +40,23 @@ impl MaintenanceService {
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
+impl MaintenanceService {
+    /// etcd's authMaintenanceServer: root only, with auth's errors as they
+    /// are (see [`crate::error::auth_status_untranslated`]).
+    async fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let untranslated = crate::error::auth_status_untranslated;
+        let who = self
+            .member
+            .caller_untranslated(request.metadata())
+            .await
+            .map_err(untranslated)?;
+        self.member
+            .auth
+            .check_admin(who.as_ref())
+            .map_err(untranslated)
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(
@@ -48,7 +65,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<AlarmResponse>, Status> {
         Ok(Response::new(
             self.member
-                .propose_for(RaftReq::Alarm(request.into_inner()))
+                .propose_for(RaftReq::Alarm(request.into_inner()), None)
                 .await?,
         ))
     }
@@ -93,8 +110,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.require_root(&request).await?;
         self.member
             .node
             .defragment()
@@ -105,7 +123,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.require_root(&request).await?;
         let hash = self
             .member
             .read(|conn, state| read::hash(conn, state.revision).map_err(mvcc_status))
@@ -120,6 +139,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.require_root(&request).await?;
         let wanted = request.into_inner().revision;
         let (hash, revision, compact_revision) = self
             .member
@@ -150,8 +170,9 @@ impl Maintenance for MaintenanceService {
     /// reads it like etcd's.
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        self.require_root(&request).await?;
         let dir = tempfile::Builder::new()
             .prefix("snapshot-")
             .tempdir_in(&self.member.data_dir)
@@ -222,6 +243,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.require_root(&request).await?;
         let target = request.into_inner().target_id;
         if !self.member.is_leader() {
             return Err(EtcdError::NotLeader.into());

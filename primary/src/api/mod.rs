@@ -4,6 +4,7 @@
 //!
 //! [`Member::propose`]: crate::member::Member::propose
 
+pub mod auth;
 pub mod cluster;
 pub mod kv;
 pub mod lease;
@@ -16,8 +17,8 @@ use tonic::service::Routes;
 
 use crate::member::Member;
 use crate::proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 
 /// grpc-go (and so etcd) answers an oversized request with
@@ -56,13 +57,17 @@ pub async fn etcd_oversize_status(
 /// Range with `etcdserver: rpc not supported for learner`; Range checks
 /// `serializable` itself. Tern also lets Watch and HashKV through: they
 /// read only the learner's own state, which is what a cross-region reader
-/// (and a check that the learner converged) wants.
+/// (and a check that the learner converged) wants; and Authenticate, which
+/// the learner forwards to the leader, so a reader with auth on can get a
+/// token there.
 pub async fn learner_gate(
     axum::extract::State(member): axum::extract::State<Arc<Member>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    const SERVED: [&str; 4] = [
+    const SERVED: [&str; 5] = [
+        // Forwarded to the leader (see api::auth): reads here need a token.
+        "/etcdserverpb.Auth/Authenticate",
         "/etcdserverpb.Maintenance/HashKV",
         "/etcdserverpb.KV/Range",
         "/etcdserverpb.Maintenance/Status",
@@ -101,6 +106,9 @@ pub fn routes(member: Arc<Member>) -> Routes {
     .add_service(
         ClusterServer::new(cluster::ClusterService::new(member.clone()))
             .max_decoding_message_size(max),
+    )
+    .add_service(
+        AuthServer::new(auth::AuthService::new(member.clone())).max_decoding_message_size(max),
     )
     .add_service(
         MaintenanceServer::new(maintenance::MaintenanceService::new(member))

@@ -38,6 +38,7 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let metadata = request.metadata().clone();
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(64);
         let (sink, source) = StreamSink::new();
@@ -48,6 +49,7 @@ impl Watch for WatchService {
             fragment: HashSet::new(),
             next_id: 0,
             out,
+            metadata,
         };
         tokio::spawn(stream.run(inbound, source));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -63,6 +65,8 @@ struct ClientStream {
     fragment: HashSet<i64>,
     next_id: i64,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
+    /// The stream's metadata: each create is authorized with its token.
+    metadata: tonic::metadata::MetadataMap,
 }
 
 impl ClientStream {
@@ -119,6 +123,18 @@ impl ClientStream {
         }
     }
 
+    /// etcd's isWatchPermitted: read on the watched range.
+    async fn permitted(&self, key: &[u8], range_end: &[u8]) -> bool {
+        match self.member.caller_from(&self.metadata).await {
+            Ok(who) => self
+                .member
+                .auth
+                .check_range(who.as_ref(), key, range_end)
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
         // etcd: an empty key means "\0", the smallest key.
         let key = if c.key.is_empty() {
@@ -126,6 +142,22 @@ impl ClientStream {
         } else {
             c.key.clone()
         };
+        if !self.permitted(&key, &c.range_end).await {
+            // etcd answers with a created-and-cancelled watcher carrying
+            // the gRPC error's text.
+            return self
+                .send(WatchResponse {
+                    header: Some(self.member.header(0)),
+                    watch_id: c.watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason:
+                        "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+                            .into(),
+                    ..Default::default()
+                })
+                .await;
+        }
         let watch_id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
                 self.next_id += 1;

@@ -33,7 +33,9 @@ use serde::Serialize;
 
 use super::read::{self, HistoryRow};
 use super::MvccError;
+use crate::auth::AuthState;
 use crate::bbolt;
+use crate::proto::authpb;
 use crate::proto::etcdserverpb::AlarmMember;
 use crate::proto::mvccpb::KeyValue;
 
@@ -204,6 +206,110 @@ impl EtcdMeta {
     }
 }
 
+/// One bbolt record: key, value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
+/// etcd's `auth`, `authRoles` and `authUsers` buckets for `state`, each
+/// in key order: users and roles as the `authpb` records etcd stores (the
+/// bcrypt hashes carry over; etcd and Tern check each other's), the
+/// enabled flag, and the auth revision (etcd's starts at 1).
+pub fn auth_buckets(state: &AuthState) -> [(&'static [u8], Vec<Record>); 3] {
+    let mut flags = Vec::new();
+    if state.enabled {
+        flags.push((b"authEnabled".to_vec(), vec![1]));
+    }
+    flags.push((
+        b"authRevision".to_vec(),
+        state.revision.max(1).to_be_bytes().to_vec(),
+    ));
+    let roles = state
+        .roles
+        .iter()
+        .map(|(name, role)| {
+            let record = authpb::Role {
+                name: name.as_bytes().to_vec(),
+                key_permission: role.permissions.clone(),
+            };
+            (name.as_bytes().to_vec(), record.encode_to_vec())
+        })
+        .collect();
+    let users = state
+        .users
+        .iter()
+        .map(|(name, user)| {
+            let record = authpb::User {
+                name: name.as_bytes().to_vec(),
+                password: user.password_hash.as_bytes().to_vec(),
+                roles: user.roles.clone(),
+                options: Some(authpb::UserAddOptions {
+                    no_password: user.no_password,
+                }),
+            };
+            (name.as_bytes().to_vec(), record.encode_to_vec())
+        })
+        .collect();
+    [
+        (b"auth", flags),
+        (b"authRoles", roles),
+        (b"authUsers", users),
+    ]
+}
+
+/// etcd's auth buckets read back (see [`auth_buckets`]).
+#[derive(Debug, Default)]
+pub struct EtcdAuth {
+    pub state: AuthState,
+}
+
+impl EtcdAuth {
+    /// A record of the `auth` bucket.
+    pub fn add_flag(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        match key {
+            b"authEnabled" => self.state.enabled = value == [1],
+            b"authRevision" => {
+                let bytes: [u8; 8] = value
+                    .try_into()
+                    .map_err(|_| format!("authRevision is {} bytes, not 8", value.len()))?;
+                self.state.revision = u64::from_be_bytes(bytes);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A record of the `authUsers` bucket.
+    pub fn add_user(&mut self, value: &[u8]) -> Result<(), String> {
+        let u = authpb::User::decode(value).map_err(|e| format!("user record: {e}"))?;
+        let name = String::from_utf8(u.name).map_err(|_| "user name is not UTF-8")?;
+        let password_hash =
+            String::from_utf8(u.password).map_err(|_| format!("user {name}: bad password hash"))?;
+        let mut roles = u.roles;
+        roles.sort();
+        self.state.users.insert(
+            name,
+            crate::auth::User {
+                password_hash,
+                no_password: u.options.is_some_and(|o| o.no_password),
+                roles,
+            },
+        );
+        Ok(())
+    }
+
+    /// A record of the `authRoles` bucket.
+    pub fn add_role(&mut self, value: &[u8]) -> Result<(), String> {
+        let r = authpb::Role::decode(value).map_err(|e| format!("role record: {e}"))?;
+        let name = String::from_utf8(r.name).map_err(|_| "role name is not UTF-8")?;
+        self.state.roles.insert(
+            name,
+            crate::auth::Role {
+                permissions: r.key_permission,
+            },
+        );
+        Ok(())
+    }
+}
+
 fn hex_bytes(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -232,11 +338,14 @@ pub fn write_etcd_snapshot(conn: &Connection, dest: &Path) -> Result<(), Snapsho
     }
     b.finish()?;
 
-    let mut b = w.bucket(b"auth");
-    b.put(b"authRevision", &1u64.to_be_bytes())?;
-    b.finish()?;
-    w.bucket(b"authRoles").finish()?;
-    w.bucket(b"authUsers").finish()?;
+    let auth = crate::auth::store::load(conn)?;
+    for (name, records) in auth_buckets(&auth) {
+        let mut b = w.bucket(name);
+        for (key, value) in &records {
+            b.put(key, value)?;
+        }
+        b.finish()?;
+    }
 
     let mut b = w.bucket(b"cluster");
     b.put(b"clusterVersion", CLUSTER_VERSION.as_bytes())?;

@@ -76,10 +76,11 @@ pub fn open(path: &Path) -> Result<Connection, MvccError> {
     let conn = Connection::open(path)?;
     configure(&conn)?;
     conn.execute_batch(TABLES)?;
+    conn.execute_batch(crate::auth::store::TABLES)?;
     {
         let mut about =
             conn.prepare("INSERT OR REPLACE INTO about (topic, text) VALUES (?1, ?2)")?;
-        for (topic, text) in ABOUT {
+        for (topic, text) in ABOUT.iter().chain(crate::auth::store::ABOUT) {
             about.execute((topic, text))?;
         }
     }

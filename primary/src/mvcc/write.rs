@@ -54,6 +54,7 @@ impl MvccStore {
             events: Vec::new(),
             changed: false,
             sub: 0,
+            index: 0,
         })
     }
 
@@ -93,9 +94,15 @@ impl MvccStore {
              DELETE FROM leases;     INSERT INTO leases     SELECT * FROM snap.leases;
              DELETE FROM members;    INSERT INTO members    SELECT * FROM snap.members;
              DELETE FROM alarms;     INSERT INTO alarms     SELECT * FROM snap.alarms;
+             DELETE FROM auth_users; INSERT INTO auth_users SELECT * FROM snap.auth_users;
+             DELETE FROM auth_roles; INSERT INTO auth_roles SELECT * FROM snap.auth_roles;
+             DELETE FROM auth_permissions;
+             INSERT INTO auth_permissions SELECT * FROM snap.auth_permissions;
+             DELETE FROM meta WHERE name IN ('auth_enabled', 'auth_revision');
              INSERT OR REPLACE INTO meta (name, value)
                  SELECT name, value FROM snap.meta
-                 WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term');
+                 WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term',
+                                'auth_enabled', 'auth_revision');
              COMMIT;",
         );
         if copied.is_err() {
@@ -130,6 +137,8 @@ pub struct Batch<'a> {
     /// Whether the entry being applied has changed anything yet.
     changed: bool,
     sub: i64,
+    /// The Raft index of the entry being applied.
+    index: u64,
 }
 
 impl Batch<'_> {
@@ -154,6 +163,7 @@ impl Batch<'_> {
         let saved = (self.state, self.events.len());
         self.changed = false;
         self.sub = 0;
+        self.index = index;
         let result = f(self);
         match &result {
             Ok(_) => {
@@ -180,6 +190,11 @@ impl Batch<'_> {
     fn exec_cached(&self, sql: &str) -> Result<(), MvccError> {
         self.tx.prepare_cached(sql)?.execute([])?;
         Ok(())
+    }
+
+    /// The Raft index of the entry being applied (simple tokens carry it).
+    pub fn entry_index(&self) -> u64 {
+        self.index
     }
 
     /// Mark an entry that changes nothing (a conf change, an empty entry).

@@ -69,6 +69,8 @@ pub enum ProposeError {
 pub enum NodeMsg {
     Propose {
         request: Request,
+        /// The client the proposing member authorized it for.
+        auth: Option<crate::proto::ternpb::AuthInfo>,
         reply: oneshot::Sender<Result<ApplyResult, ProposeError>>,
     },
     /// Linearizable read barrier: replies once the state machine has applied
@@ -187,10 +189,18 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    pub async fn propose(&self, request: Request) -> Result<ApplyResult, ProposeError> {
+    pub async fn propose(
+        &self,
+        request: Request,
+        auth: Option<crate::proto::ternpb::AuthInfo>,
+    ) -> Result<ApplyResult, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(NodeMsg::Propose { request, reply })
+            .send(NodeMsg::Propose {
+                request,
+                auth,
+                reply,
+            })
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
@@ -287,6 +297,8 @@ pub struct RaftNode {
     applier: Applier,
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
+    /// Shared with the applier and the API layer; reloaded after a snapshot.
+    auth: Arc<crate::auth::AuthStore>,
     metrics: Arc<Metrics>,
     status: Arc<NodeStatus>,
     rx: Receiver<NodeMsg>,
@@ -324,6 +336,7 @@ impl RaftNode {
         lessor: Arc<Lessor>,
         metrics: Arc<Metrics>,
         snapshots: Arc<Snapshots>,
+        auth: Arc<crate::auth::AuthStore>,
         runtime: tokio::runtime::Handle,
     ) -> Result<(Self, NodeHandle), NodeError> {
         log.set_snapshots(snapshots.clone());
@@ -359,7 +372,8 @@ impl RaftNode {
         if conf.voters == vec![config.id] {
             raw.campaign()?;
         }
-        let applier = Applier::new(lessor.clone(), store.connection())?;
+        let applier =
+            Applier::new(lessor.clone(), store.connection())?.with_auth_store(auth.clone());
         let (tx, rx) = crossbeam_channel::unbounded();
         let transport = Arc::new(Transport::new(
             runtime,
@@ -384,6 +398,7 @@ impl RaftNode {
                 applier,
                 hub,
                 lessor,
+                auth,
                 metrics,
                 status,
                 rx,
@@ -510,7 +525,11 @@ impl RaftNode {
 
     fn handle(&mut self, msg: NodeMsg) -> Result<(), NodeError> {
         match msg {
-            NodeMsg::Propose { request, reply } => self.propose(request, reply),
+            NodeMsg::Propose {
+                request,
+                auth,
+                reply,
+            } => self.propose(request, auth, reply),
             NodeMsg::ReadIndex { reply } => self.reads_next.push(reply),
             NodeMsg::Defragment { reply } => {
                 let result = self.store.vacuum().map_err(|e| e.to_string());
@@ -587,12 +606,18 @@ impl RaftNode {
         Ok(())
     }
 
-    fn propose(&mut self, request: Request, reply: Reply) {
+    fn propose(
+        &mut self,
+        request: Request,
+        auth: Option<crate::proto::ternpb::AuthInfo>,
+        reply: Reply,
+    ) {
         self.seq += 1;
         let data = RaftRequest {
             origin: self.config.id,
             seq: self.seq,
             request: Some(request),
+            auth,
             proposed_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -634,6 +659,12 @@ impl RaftNode {
 
     fn request_read_index(&mut self) {
         if self.reads_next.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
+        // raft-rs drops (does not queue) a read index a new leader gets
+        // before it has committed an entry of its term; the reads would then
+        // wait until their clients time out. Hold them until it has.
+        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
             return;
         }
         self.read_ctx += 1;
@@ -705,6 +736,9 @@ impl RaftNode {
         let state = self.store.state();
         self.lessor
             .reset(&crate::mvcc::read::leases(self.store.connection())?);
+        self.auth
+            .reload(self.store.connection())
+            .map_err(crate::mvcc::MvccError::Sqlite)?;
         self.hub.set_compacted(state.compact_revision);
         self.hub.restored(state.revision);
         self.status.set_store_state(&state);
@@ -768,7 +802,9 @@ impl RaftNode {
                         }
                     };
                     let result = match request.request {
-                        Some(r) => batch.entry(index, term, |b| self.applier.apply(b, r)),
+                        Some(r) => batch.entry(index, term, |b| {
+                            self.applier.apply_as(b, r, request.auth.as_ref())
+                        }),
                         None => {
                             batch.skip(index, term);
                             continue;
