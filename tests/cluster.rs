@@ -552,3 +552,52 @@ fn disaster_takeover_from_a_learner() {
     );
     assert_eq!(current_revision(&learner), rev + 1);
 }
+
+/// Linearizable reads on a follower while its leader is paused: their read
+/// index requests go to the paused leader (or reach the new leader before
+/// it has committed in its term) and are dropped without an answer. They
+/// must be asked again and answered once a new leader serves, not wait out
+/// the request timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn follower_reads_are_answered_after_the_leader_is_paused() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.leader();
+    let follower = (leader + 1) % 3;
+    let out = c.nodes[follower].etcdctl(&["put", "k", "v"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let endpoint = c.nodes[follower].client.clone();
+    let mut kv = KvClient::new(channel(&endpoint).await);
+    c.nodes[leader].pause(true);
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut kv = kv.clone();
+            tokio::spawn(async move {
+                kv.range(RangeRequest {
+                    key: b"k".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().kvs[0].value.clone())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for read in reads {
+        answers.push(read.await.unwrap());
+    }
+    c.nodes[leader].pause(false);
+    // A read never asked again would end in the request timeout (7 s),
+    // long after a new leader took over.
+    for answer in answers {
+        assert_eq!(answer.expect("a linearizable read on the follower"), b"v");
+    }
+    // And the follower still answers linearizable reads afterwards.
+    let again = kv
+        .range(RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("a read after the leader came back");
+    assert_eq!(again.into_inner().kvs[0].value, b"v");
+}

@@ -53,6 +53,9 @@ const REMOVED_GRACE: Duration = Duration::from_millis(1000);
 const MAX_ARCHIVE_BACKLOG_COUNTS: u64 = 10;
 /// Messages drained per turn, bounding one round's batch.
 const MAX_BATCH: usize = 4096;
+/// How long a read index request may go unanswered before it is asked
+/// again (many round trips even over a WAN link).
+const READ_INDEX_RESEND: Duration = Duration::from_millis(500);
 
 /// Why a proposal or read did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -310,8 +313,9 @@ pub struct RaftNode {
     held: Vec<(u64, Vec<u8>, Reply)>,
     /// Reads that arrived since the last read index request.
     reads_next: Vec<ReadReply>,
-    /// Read index requests in flight, by context.
-    reads_inflight: HashMap<u64, Vec<ReadReply>>,
+    /// Read index requests in flight, by context: when last sent, and the
+    /// reads waiting on it.
+    reads_inflight: HashMap<u64, (Instant, Vec<ReadReply>)>,
     /// Reads whose index is known, waiting for it to be applied.
     reads_ready: Vec<(u64, Vec<ReadReply>)>,
     read_ctx: u64,
@@ -458,6 +462,7 @@ impl RaftNode {
             }
             self.retry_held();
             self.request_read_index();
+            self.resend_unanswered_reads();
             self.on_ready()?;
             self.maybe_compact_log()?;
             self.track_lag();
@@ -483,7 +488,7 @@ impl RaftNode {
         for _ in self.waiting.len()..before {
             self.metrics.proposals_pending.dec();
         }
-        self.reads_inflight.retain(|_, waiters| {
+        self.reads_inflight.retain(|_, (_, waiters)| {
             waiters.retain(|w| !w.is_closed());
             !waiters.is_empty()
         });
@@ -669,8 +674,32 @@ impl RaftNode {
         }
         self.read_ctx += 1;
         self.raw.read_index(self.read_ctx.to_be_bytes().to_vec());
-        self.reads_inflight
-            .insert(self.read_ctx, std::mem::take(&mut self.reads_next));
+        self.reads_inflight.insert(
+            self.read_ctx,
+            (Instant::now(), std::mem::take(&mut self.reads_next)),
+        );
+    }
+
+    /// Ask again for read indexes that got no answer: a follower's request
+    /// is dropped by a leader that has not yet committed in its term (or
+    /// lost with a leader that stepped down), and raft-rs never says so.
+    /// An index from a later request is just as good for the waiting reads
+    /// (they were invoked before it was asked for); a late answer to the
+    /// first request finds nothing left to wake.
+    fn resend_unanswered_reads(&mut self) {
+        if self.reads_inflight.is_empty()
+            || self.raw.raft.leader_id == raft::INVALID_ID
+            || (self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term())
+        {
+            return;
+        }
+        let now = Instant::now();
+        for (ctx, (sent, _)) in self.reads_inflight.iter_mut() {
+            if now.duration_since(*sent) >= READ_INDEX_RESEND {
+                *sent = now;
+                self.raw.read_index(ctx.to_be_bytes().to_vec());
+            }
+        }
     }
 
     fn on_ready(&mut self) -> Result<(), NodeError> {
@@ -690,7 +719,7 @@ impl RaftNode {
                 .try_into()
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
-            if let Some(waiters) = self.reads_inflight.remove(&ctx) {
+            if let Some((_, waiters)) = self.reads_inflight.remove(&ctx) {
                 self.reads_ready.push((rs.index, waiters));
             }
         }
