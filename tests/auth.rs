@@ -281,25 +281,30 @@ fn poll(
     }
 }
 
+/// root, and alice with read on /a/ (and /a/x written).
+const ALICE_READS_A: &[&[&str]] = &[
+    &["user", "add", "root", "--new-user-password=rootpw"],
+    &["user", "grant-role", "root", "root"],
+    &["role", "add", "reader"],
+    &[
+        "role",
+        "grant-permission",
+        "reader",
+        "read",
+        "/a/",
+        "--prefix",
+    ],
+    &["user", "add", "alice", "--new-user-password=alicepw"],
+    &["user", "grant-role", "alice", "reader"],
+    &["put", "/a/x", "1"],
+];
+
 /// Users and roles on a 1-member cluster's voter (auth still off).
 fn set_up_voter(c: &Cluster) {
-    for args in [
-        &["user", "add", "root", "--new-user-password=rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "reader"],
-        &[
-            "role",
-            "grant-permission",
-            "reader",
-            "read",
-            "/a/",
-            "--prefix",
-        ],
-        &["user", "add", "alice", "--new-user-password=alicepw"],
-        &["user", "grant-role", "alice", "reader"],
-        &["put", "/a/x", "1"],
-        &["put", "/b/x", "2"],
-    ] {
+    for args in ALICE_READS_A
+        .iter()
+        .chain([&["put", "/b/x", "2"][..]].iter())
+    {
         let out = c.nodes[0].etcdctl(args);
         assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
     }
@@ -523,23 +528,7 @@ async fn token(endpoint: &str, name: &str, password: &str) -> Result<String, ton
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_expire_and_do_not_outlive_a_restart() {
     let mut t = Tern::start(&["--auth-token-ttl", "1"]);
-    for args in [
-        &["user", "add", "root", "--new-user-password=rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "reader"],
-        &[
-            "role",
-            "grant-permission",
-            "reader",
-            "read",
-            "/a/",
-            "--prefix",
-        ],
-        &["user", "add", "alice", "--new-user-password=alicepw"],
-        &["user", "grant-role", "alice", "reader"],
-        &["put", "/a/x", "1"],
-        &["auth", "enable"],
-    ] {
+    for args in ALICE_READS_A.iter().chain([&["auth", "enable"][..]].iter()) {
         let out = etcdctl(&t.endpoint, args, None);
         assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
     }
