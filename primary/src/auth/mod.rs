@@ -202,7 +202,7 @@ impl AuthStore {
         }
     }
 
-    /// etcd's IsAdminPermitted: auth management, compaction, maintenance
+    /// etcd's IsAdminPermitted: auth management, maintenance
     /// and membership need the root role.
     pub fn check_admin(&self, who: Option<&AuthInfo>) -> Result<(), AuthError> {
         let state = self.state();
