@@ -206,6 +206,11 @@ impl Applier {
             if state.enabled && !who.user.is_empty() && who.revision < state.revision {
                 return Err(AuthError::AuthOldRevision.into());
             }
+            if state.enabled {
+                for lease in leases_touched(&request) {
+                    self.check_lease_keys(b, who, lease)?;
+                }
+            }
         }
         match request {
             Request::Put(p) => {
@@ -326,6 +331,31 @@ impl Applier {
         })
     }
 
+    /// etcd's checkLeasePuts, run here against the lease's keys as they
+    /// are when the entry applies (a check before proposing could miss a
+    /// key attached meanwhile): revoking a lease deletes its keys, and
+    /// attaching a key to a lease ties it to them, so the user must be
+    /// able to write every one of them.
+    fn check_lease_keys(
+        &self,
+        b: &Batch<'_>,
+        who: &crate::proto::ternpb::AuthInfo,
+        lease: i64,
+    ) -> Result<(), ApplyError> {
+        let keys = read::lease_keys(b.conn(), lease)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let user = (!who.user.is_empty()).then(|| auth::AuthInfo {
+            user: who.user.clone(),
+            revision: who.revision,
+        });
+        for key in keys {
+            self.auth.check_write(user.as_ref(), &key, &[])?;
+        }
+        Ok(())
+    }
+
     fn lease_revoke(
         &mut self,
         b: &mut Batch<'_>,
@@ -376,6 +406,29 @@ impl Applier {
             alarms,
         })
     }
+}
+
+/// The leases a client request revokes or attaches keys to (etcd's
+/// checkLeasePuts and checkLeasePutsTxn look at these).
+fn leases_touched(request: &Request) -> Vec<i64> {
+    fn txn_leases(t: &crate::proto::etcdserverpb::TxnRequest, out: &mut Vec<i64>) {
+        use crate::proto::etcdserverpb::request_op::Request as Op;
+        for op in t.success.iter().chain(&t.failure) {
+            match &op.request {
+                Some(Op::RequestPut(p)) if p.lease != 0 => out.push(p.lease),
+                Some(Op::RequestTxn(inner)) => txn_leases(inner, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    match request {
+        Request::Put(p) if p.lease != 0 => out.push(p.lease),
+        Request::Txn(t) => txn_leases(t, &mut out),
+        Request::LeaseRevoke(r) => out.push(r.id),
+        _ => {}
+    }
+    out
 }
 
 /// Requests a client may send only as a user once auth is on (etcd

@@ -193,7 +193,13 @@ fn check_txn_auth(
             Some(request_op::Request::RequestRange(r)) => {
                 auth.check_range(who, &r.key, &r.range_end)?
             }
-            Some(request_op::Request::RequestPut(p)) => auth.check_write(who, &p.key, &[])?,
+            Some(request_op::Request::RequestPut(p)) => {
+                // As for a lone Put: the previous value is a read.
+                if p.prev_kv {
+                    auth.check_range(who, &p.key, &[])?;
+                }
+                auth.check_write(who, &p.key, &[])?
+            }
             Some(request_op::Request::RequestDeleteRange(d)) => {
                 if d.prev_kv {
                     auth.check_range(who, &d.key, &d.range_end)?;

@@ -125,8 +125,14 @@ impl AuthStore {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
     }
 
-    /// After the state file was replaced by a snapshot.
-    pub fn reload(&self, conn: &rusqlite::Connection) -> Result<(), rusqlite::Error> {
+    /// After the state file was replaced by a snapshot at `applied`. The
+    /// entries it skipped may have changed a password, removed a user or
+    /// turned auth off and on, each of which revokes tokens: every token
+    /// goes (clients authenticate again), and one from an entry up to
+    /// `applied` will never arrive here.
+    pub fn reload(&self, conn: &rusqlite::Connection, applied: u64) -> Result<(), rusqlite::Error> {
+        self.tokens.clear();
+        self.tokens.note_applied(applied);
         self.replace(store::load(conn)?);
         Ok(())
     }

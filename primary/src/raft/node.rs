@@ -766,7 +766,7 @@ impl RaftNode {
         self.lessor
             .reset(&crate::mvcc::read::leases(self.store.connection())?);
         self.auth
-            .reload(self.store.connection())
+            .reload(self.store.connection(), state.applied_index)
             .map_err(crate::mvcc::MvccError::Sqlite)?;
         self.hub.set_compacted(state.compact_revision);
         self.hub.restored(state.revision);
