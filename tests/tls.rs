@@ -550,3 +550,61 @@ fn tls_cluster_replicates_forwards_and_refuses_plain_peers() {
             == "yes"
     });
 }
+
+/// With client-cert-auth and auth on, a request without a token acts as
+/// the user its verified client certificate names (its CN), as in etcd;
+/// a token, when given, wins.
+#[test]
+fn a_client_certificate_names_the_user_when_auth_is_on() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let root = pki.leaf(&ca, "root", false);
+    let alice = pki.leaf(&ca, "alice", false);
+    let tern = Tern::start_tls(
+        &as_strs(&server_flags(&ca, &server)),
+        &etcdctl_tls(&ca.cert, Some(&root)),
+    );
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "reader"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "read",
+            "/a/",
+            "--prefix",
+        ],
+        &["user", "add", "alice", "--new-user-password=alicepw"],
+        &["user", "grant-role", "alice", "reader"],
+        &["put", "/a/x", "1"],
+        &["put", "/b/x", "2"],
+        &["auth", "enable"],
+    ] {
+        let out = tern.etcdctl(args);
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+    }
+    let url = tern.url();
+    let as_root = etcdctl_tls(&ca.cert, Some(&root));
+    let as_alice = etcdctl_tls(&ca.cert, Some(&alice));
+    let put = etcdctl_with(&url, &as_root, &["put", "/b/y", "3"]);
+    assert_eq!(put.code, 0, "CN root is root: {put:?}");
+    let get = etcdctl_with(&url, &as_alice, &["get", "/a/x", "--print-value-only"]);
+    assert_eq!(get.stdout.trim(), "1", "CN alice reads /a/: {get:?}");
+    for args in [&["get", "/b/x"][..], &["put", "/a/x", "2"]] {
+        let out = etcdctl_with(&url, &as_alice, args);
+        assert_eq!(
+            out.error_line(),
+            "Error: etcdserver: permission denied",
+            "{args:?}: {out:?}"
+        );
+    }
+    let put = etcdctl_with(
+        &url,
+        &as_alice,
+        &["--user", "root:rootpw", "put", "/b/z", "4"],
+    );
+    assert_eq!(put.code, 0, "a token wins over the certificate: {put:?}");
+}

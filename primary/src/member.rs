@@ -205,18 +205,14 @@ impl Member {
         *header = Some(self.header(revision));
     }
 
-    /// etcd's AuthInfoFromCtx: who sent `request`, from its `token`
-    /// metadata (`None`: no token). Refuses a token this member does not
-    /// know.
+    /// etcd's AuthInfoFromCtx: who sent `request` (`None`: nobody in
+    /// particular). Refuses a token this member does not know.
     pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Option<AuthInfo>, Status> {
-        self.caller_from(request.metadata()).await
+        self.caller_from(&Credentials::of(request)).await
     }
 
-    pub async fn caller_from(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<Option<AuthInfo>, Status> {
-        self.caller_untranslated(metadata)
+    pub async fn caller_from(&self, credentials: &Credentials) -> Result<Option<AuthInfo>, Status> {
+        self.caller_untranslated(credentials)
             .await
             .map_err(error::auth_status)
     }
@@ -225,14 +221,20 @@ impl Member {
     /// where etcd passes it through untranslated.
     pub async fn caller_untranslated(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        credentials: &Credentials,
     ) -> Result<Option<AuthInfo>, crate::auth::AuthError> {
-        // etcd also takes the token from `authorization` (its gateway's key).
-        let token = [crate::auth::TOKEN_METADATA, "authorization"]
-            .iter()
-            .find_map(|key| metadata.get(*key))
-            .and_then(|v| v.to_str().ok());
-        self.auth.auth_info(token).await
+        match self.auth.auth_info(credentials.token.as_deref()).await? {
+            Some(who) => Ok(Some(who)),
+            // No token: the verified client certificate's name, as etcd
+            // does with client-cert-auth on.
+            None => Ok(credentials
+                .common_name
+                .as_ref()
+                .map(|user| crate::auth::AuthInfo {
+                    user: user.clone(),
+                    revision: self.auth.revision(),
+                })),
+        }
     }
 
     /// etcd's IsAdminPermitted for the caller of `request`.
@@ -343,5 +345,29 @@ impl IdGenerator {
     fn next(&self) -> u64 {
         let suffix = self.suffix.fetch_add(1, Ordering::Relaxed) + 1;
         self.prefix | (suffix & ((1 << 48) - 1))
+    }
+}
+
+/// What a request says about who sent it: its token (etcd's `token`
+/// metadata, or `authorization`, its gateway's key) and the common name of
+/// its verified TLS client certificate.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub common_name: Option<String>,
+}
+
+impl Credentials {
+    pub fn of<T>(request: &tonic::Request<T>) -> Credentials {
+        let token = [crate::auth::TOKEN_METADATA, "authorization"]
+            .iter()
+            .find_map(|key| request.metadata().get(*key))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let common_name = request
+            .extensions()
+            .get::<crate::tls::ClientConnectInfo>()
+            .and_then(|info| info.common_name.clone());
+        Credentials { token, common_name }
     }
 }

@@ -374,15 +374,41 @@ pub fn incoming(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+/// What a request knows of its connection (tonic puts it in the request's
+/// extensions): the TCP addresses and, over TLS, the common name of the
+/// client certificate the handshake verified. etcd takes that name as the
+/// user of a request that carries no token.
+#[derive(Clone, Debug)]
+pub struct ClientConnectInfo {
+    pub tcp: TcpConnectInfo,
+    pub common_name: Option<String>,
+}
 
-    fn connect_info(&self) -> TcpConnectInfo {
+impl Connected for Connection {
+    type ConnectInfo = ClientConnectInfo;
+
+    fn connect_info(&self) -> ClientConnectInfo {
         match self {
-            Connection::Plain(s) => s.connect_info(),
-            Connection::Tls(s) => s.get_ref().0.connect_info(),
+            Connection::Plain(s) => ClientConnectInfo {
+                tcp: s.connect_info(),
+                common_name: None,
+            },
+            Connection::Tls(s) => ClientConnectInfo {
+                tcp: s.get_ref().0.connect_info(),
+                common_name: verified_common_name(s),
+            },
         }
     }
+}
+
+/// The subject CN of the client's certificate. rustls only holds one after
+/// verifying it against the trusted CA (with client-cert-auth; without it,
+/// none is asked for).
+fn verified_common_name(tls: &TlsStream<TcpStream>) -> Option<String> {
+    let der = tls.get_ref().1.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    (!cn.is_empty()).then(|| cn.to_string())
 }
 
 impl AsyncRead for Connection {

@@ -47,7 +47,7 @@ impl MaintenanceService {
         let untranslated = crate::error::auth_status_untranslated;
         let who = self
             .member
-            .caller_untranslated(request.metadata())
+            .caller_untranslated(&crate::member::Credentials::of(request))
             .await
             .map_err(untranslated)?;
         self.member

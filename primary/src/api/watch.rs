@@ -38,7 +38,7 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let metadata = request.metadata().clone();
+        let credentials = crate::member::Credentials::of(&request);
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(64);
         let (sink, source) = StreamSink::new();
@@ -49,7 +49,7 @@ impl Watch for WatchService {
             fragment: HashSet::new(),
             next_id: 0,
             out,
-            metadata,
+            credentials,
         };
         tokio::spawn(stream.run(inbound, source));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -65,8 +65,8 @@ struct ClientStream {
     fragment: HashSet<i64>,
     next_id: i64,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
-    /// The stream's metadata: each create is authorized with its token.
-    metadata: tonic::metadata::MetadataMap,
+    /// Who opened the stream: each create is authorized as them.
+    credentials: crate::member::Credentials,
 }
 
 impl ClientStream {
@@ -125,7 +125,7 @@ impl ClientStream {
 
     /// etcd's isWatchPermitted: read on the watched range.
     async fn permitted(&self, key: &[u8], range_end: &[u8]) -> bool {
-        match self.member.caller_from(&self.metadata).await {
+        match self.member.caller_from(&self.credentials).await {
             Ok(who) => self
                 .member
                 .auth
