@@ -12,6 +12,7 @@ use tern_tests::backups::{add_file_learner, age_key, post_backup, tern_restore};
 use tern_tests::cluster::Cluster;
 use tern_tests::{
     channel, etcdctl, etcdctl_for, normalize, workspace_bin, Etcd, Output, Pair, Tern,
+    ALICE_READS_A,
 };
 
 const ROOT: &str = "--user=root:rootpw";
@@ -292,24 +293,6 @@ fn poll(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-
-/// root, and alice with read on /a/ (and /a/x written).
-const ALICE_READS_A: &[&[&str]] = &[
-    &["user", "add", "root", "--new-user-password=rootpw"],
-    &["user", "grant-role", "root", "root"],
-    &["role", "add", "reader"],
-    &[
-        "role",
-        "grant-permission",
-        "reader",
-        "read",
-        "/a/",
-        "--prefix",
-    ],
-    &["user", "add", "alice", "--new-user-password=alicepw"],
-    &["user", "grant-role", "alice", "reader"],
-    &["put", "/a/x", "1"],
-];
 
 /// Users and roles on a 1-member cluster's voter (auth still off).
 fn set_up_voter(c: &Cluster) {

@@ -672,3 +672,22 @@ pub fn normalize(mut out: Output, endpoint: &str) -> Output {
     }
     out
 }
+
+/// Users for auth tests: root, and alice with read on /a/ (and /a/x
+/// written). The etcdctl commands that make them (auth still off).
+pub const ALICE_READS_A: &[&[&str]] = &[
+    &["user", "add", "root", "--new-user-password=rootpw"],
+    &["user", "grant-role", "root", "root"],
+    &["role", "add", "reader"],
+    &[
+        "role",
+        "grant-permission",
+        "reader",
+        "read",
+        "/a/",
+        "--prefix",
+    ],
+    &["user", "add", "alice", "--new-user-password=alicepw"],
+    &["user", "grant-role", "alice", "reader"],
+    &["put", "/a/x", "1"],
+];
