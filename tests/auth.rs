@@ -601,3 +601,43 @@ async fn a_token_from_one_member_works_on_every_member() {
         }
     }
 }
+
+/// A put that returns the previous value reads it: write alone is not
+/// enough, in a txn as much as on its own (etcd 3.4 checks only the lone
+/// put, so this runs on Tern alone).
+#[test]
+fn a_put_returning_the_previous_value_needs_read_in_a_txn_too() {
+    let t = Tern::start(&[]);
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "writer"],
+        &[
+            "role",
+            "grant-permission",
+            "writer",
+            "write",
+            "/w/",
+            "--prefix",
+        ],
+        &["user", "add", "wally", "--new-user-password=wallypw"],
+        &["user", "grant-role", "wally", "writer"],
+        &["put", "/w/x", "secret"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(&t.endpoint, args, None);
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+    }
+    let wally = "--user=wally:wallypw";
+    let denied = "Error: etcdserver: permission denied";
+    let put = etcdctl(&t.endpoint, &[wally, "put", "/w/x", "1"], None);
+    assert_eq!(put.code, 0, "write is granted: {put:?}");
+    let put = etcdctl(&t.endpoint, &[wally, "put", "/w/x", "2", "--prev-kv"], None);
+    assert_eq!(put.error_line(), denied, "{put:?}");
+    let txn = "\nput --prev-kv /w/x 3\n\n\n";
+    let out = etcdctl(&t.endpoint, &[wally, "txn"], Some(txn));
+    assert_eq!(out.error_line(), denied, "{out:?}");
+    let txn = "\nput /w/x 4\n\n\n";
+    let out = etcdctl(&t.endpoint, &[wally, "txn"], Some(txn));
+    assert_eq!(out.code, 0, "{out:?}");
+}
