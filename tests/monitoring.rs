@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use tern_tests::backups::{age_key, post_backup};
 use tern_tests::cluster::Cluster;
 use tern_tests::{current_revision, etcdctl, http_get, workspace_bin};
 
@@ -334,36 +335,6 @@ fn promtool(args: &[&str]) -> std::process::Output {
         .expect("promtool (apt-get install prometheus)")
 }
 
-/// An age identity made with `age-keygen`: (key file, public key).
-fn age_key(dir: &Path) -> (PathBuf, String) {
-    let key = dir.join("key.txt");
-    let out = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&key)
-        .output()
-        .expect("age-keygen (apt-get install age)");
-    assert!(out.status.success(), "{out:?}");
-    let public = std::fs::read_to_string(&key)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_string))
-        .expect("public key line");
-    (key, public)
-}
-
-fn post(endpoint: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// The body of a member's `/metrics`.
 fn scrape(endpoint: &str) -> Scrape {
     let response = http_get(endpoint, "/metrics");
@@ -401,7 +372,7 @@ fn observe() -> Observed {
     let learner = c.nodes[l].client.clone();
     let rev = current_revision(&primary);
     c.converged_hash(&[0, l], rev, Duration::from_secs(20));
-    let answer = post(&learner, "/backup");
+    let answer = post_backup(&learner);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let metrics_file = dir.path().join("tern-drill.prom");
     let drill = Command::new(workspace_bin("tern-restore"))

@@ -390,16 +390,20 @@ fn tampered_backups_and_logs_are_refused_each_with_its_reason() {
 
     // A drill on this store fails, with the reason in its report.
     let metrics = dir.path().join("drill.prom");
-    let out = tern_restore(&[
-        "drill",
-        "--url",
-        &url,
-        "--identity",
-        &key_arg,
-        "--json",
-        "--metrics-file",
-        metrics.to_str().unwrap(),
-    ]);
+    let metrics_arg = metrics.display().to_string();
+    let drill = || {
+        tern_restore(&[
+            "drill",
+            "--url",
+            &url,
+            "--identity",
+            &key_arg,
+            "--json",
+            "--metrics-file",
+            &metrics_arg,
+        ])
+    };
+    let out = drill();
     assert!(!out.status.success());
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ok"], false);
@@ -424,16 +428,7 @@ fn tampered_backups_and_logs_are_refused_each_with_its_reason() {
     // so in its metrics.
     let out = tern_restore(&["verify", "--url", &url, "--identity", &key_arg, "--all"]);
     assert!(out.status.success(), "{out:?}");
-    let out = tern_restore(&[
-        "drill",
-        "--url",
-        &url,
-        "--identity",
-        &key_arg,
-        "--json",
-        "--metrics-file",
-        metrics.to_str().unwrap(),
-    ]);
+    let out = drill();
     assert!(out.status.success(), "{out:?}");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["revision"].as_i64(), Some(target));
