@@ -53,8 +53,6 @@ use crate::report::{Metric, Unit};
 use crate::servers::{free_port, Binaries, Probe, Server, System};
 use crate::{plural, progress};
 
-/// Voting members of every cluster.
-pub const VOTERS: usize = 3;
 /// How long a fresh cluster may take to agree on a leader that answers
 /// Status (every member already served a linearizable Range by then).
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,10 +71,12 @@ const PROBE_KEY: &[u8] = b"bench-lag-probe";
 /// The shape of the cluster section.
 #[derive(Debug, Clone)]
 pub struct ClusterLoad {
+    /// Voting members of every cluster.
+    pub voters: usize,
     /// Closed-loop put clients, spread over the voters.
     pub clients: usize,
     /// Connections those clients share; rounded up to a multiple of
-    /// [`VOTERS`] so each voter gets the same share.
+    /// `voters` so each voter gets the same share.
     pub connections: usize,
     /// Round trip the learner's proxy adds.
     pub learner_rtt: Duration,
@@ -99,15 +99,18 @@ pub async fn bench_system(
     let mut metrics = Vec::new();
     let mut errors = 0;
     {
-        eprintln!("[{system}] starting a {VOTERS}-member cluster");
-        let mut cluster = Cluster::start(system, bins).await?;
+        eprintln!("[{system}] starting a {}-member cluster", load.voters);
+        let mut cluster = Cluster::start(system, bins, load.voters).await?;
         errors += put_throughput(&mut cluster, load, settings, &mut metrics).await?;
         // Dropping the cluster kills its members before the next one starts.
     }
     // A fresh cluster, so the learner catches up on a short log rather than
     // on everything the put step wrote.
-    eprintln!("[{system}] starting a fresh {VOTERS}-member cluster for the learner");
-    let mut cluster = Cluster::start(system, bins).await?;
+    eprintln!(
+        "[{system}] starting a fresh {}-member cluster for the learner",
+        load.voters
+    );
+    let mut cluster = Cluster::start(system, bins, load.voters).await?;
     errors += learner_lag(&mut cluster, bins, load, settings, &mut metrics).await?;
     metrics.push(Metric::new(
         "request errors (cluster steps)",
@@ -127,7 +130,8 @@ async fn put_throughput(
 ) -> Result<u64> {
     let pool = Pool::connect_all(&cluster.voter_urls(), load.connections).await?;
     let what = format!(
-        "{VOTERS} members, put {} {}",
+        "{} members, put {} {}",
+        load.voters,
         load.clients,
         plural(load.clients, "client")
     );
@@ -135,7 +139,7 @@ async fn put_throughput(
         "[{}] {what}: {} connections, {} to each member",
         cluster.system,
         pool.connections(),
-        pool.connections() / VOTERS
+        pool.connections() / load.voters
     );
     let r = cluster
         .step(&what, load::puts(&pool, load.clients, settings))
@@ -234,6 +238,8 @@ async fn learner_lag(
 /// their data.
 struct Cluster {
     system: System,
+    /// How many of `members` vote (the first ones).
+    voters: usize,
     /// The voters, then the learner once added.
     members: Vec<Server>,
     /// In front of the learner's peer listener. Fields drop in order, so
@@ -244,13 +250,13 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Starts [`VOTERS`] voters as a new cluster and waits until each one
+    /// Starts `voters` voters as a new cluster and waits until each one
     /// answers a linearizable Range, which needs an elected leader.
-    async fn start(system: System, bins: &Binaries) -> Result<Cluster> {
+    async fn start(system: System, bins: &Binaries, voters: usize) -> Result<Cluster> {
         let token = format!("tern-bench-{system}");
         // All ports first: every member's flags list every peer URL.
         let mut planned = Vec::new();
-        for i in 0..VOTERS {
+        for i in 0..voters {
             planned.push((
                 format!("m{i}"),
                 loopback_url(free_port()?),
@@ -264,6 +270,7 @@ impl Cluster {
             .join(",");
         let mut cluster = Cluster {
             system,
+            voters,
             members: Vec::new(),
             learner_proxy: None,
             token,
@@ -298,7 +305,7 @@ impl Cluster {
 
     /// The voters' client URLs.
     fn voter_urls(&self) -> Vec<String> {
-        self.members[..VOTERS]
+        self.members[..self.voters]
             .iter()
             .map(|m| m.url().to_string())
             .collect()
@@ -308,7 +315,7 @@ impl Cluster {
     async fn leader(&self) -> Result<usize> {
         let deadline = Instant::now() + LEADER_TIMEOUT;
         loop {
-            for (i, member) in self.members[..VOTERS].iter().enumerate() {
+            for (i, member) in self.members[..self.voters].iter().enumerate() {
                 let Ok((own_id, leader_id)) = status(member.url()).await else {
                     continue;
                 };

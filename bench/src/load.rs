@@ -344,6 +344,45 @@ pub async fn gets(
     .await
 }
 
+/// Serializable ranges of `width` consecutive keys of the ones written by
+/// [`prepare_gets`] (a list of one kind of object, as a Kubernetes API
+/// server's reads of a namespace look).
+pub async fn ranges(
+    pool: &Pool,
+    clients: usize,
+    keys: u64,
+    width: u64,
+    settings: &Settings,
+) -> Result<StepResult> {
+    let starts = keys.saturating_sub(width).max(1);
+    run_clients(
+        pool,
+        clients,
+        settings.budget,
+        settings.request_timeout,
+        move |mut kv, seq| {
+            let first = (seq * width) % starts;
+            let request = RangeRequest {
+                key: key(GET_PREFIX, first),
+                range_end: key(GET_PREFIX, first + width),
+                serializable: true,
+                ..Default::default()
+            };
+            async move {
+                let response = kv.range(request).await?.into_inner();
+                if response.kvs.len() as u64 != width {
+                    return Err(Status::internal(format!(
+                        "a range of {width} keys returned {}",
+                        response.kvs.len()
+                    )));
+                }
+                Ok(())
+            }
+        },
+    )
+    .await
+}
+
 /// Writes keys `0..count` under `prefix` as txns of up to `ops_per_txn` puts
 /// each, from `clients` concurrent clients. One txn per request is what makes
 /// writing a million keys take seconds rather than many minutes.

@@ -88,6 +88,10 @@ struct Args {
     /// Distinct keys written before, and read by, the get steps.
     #[arg(long, default_value_t = 10_000)]
     get_keys: u64,
+    /// Keys in each Range of the range step (serializable, over the get
+    /// keys); 0 skips the step.
+    #[arg(long, default_value_t = 200)]
+    range_keys: u64,
     /// gRPC connections shared round-robin by the clients.
     #[arg(long, default_value_t = 16)]
     connections: usize,
@@ -128,8 +132,11 @@ struct Args {
     /// Run the cluster section only.
     #[arg(long)]
     cluster_only: bool,
+    /// Voting members of the clusters of the cluster section.
+    #[arg(long, default_value_t = 3)]
+    cluster_members: usize,
     /// Concurrent clients of the cluster put step, spread evenly over the
-    /// three members (it runs for --duration or --requests).
+    /// members (it runs for --duration or --requests).
     #[arg(long, default_value_t = 256)]
     cluster_clients: usize,
     /// Round trip added to the learner's link by the proxy in front of its
@@ -180,6 +187,10 @@ impl Args {
             "--put-clients values must be positive"
         );
         ensure!(self.get_clients > 0, "--get-clients must be positive");
+        ensure!(
+            self.range_keys < self.get_keys,
+            "--range-keys must be below --get-keys (the ranges read the get keys)"
+        );
         ensure!(self.connections > 0, "--connections must be positive");
         ensure!(self.watchers > 0, "--watchers must be positive");
         ensure!(
@@ -208,6 +219,10 @@ impl Args {
         ensure!(
             self.cluster_clients > 0,
             "--cluster-clients must be positive"
+        );
+        ensure!(
+            (1..=7).contains(&self.cluster_members),
+            "--cluster-members must be between 1 and 7"
         );
         ensure!(self.learner_rate > 0, "--learner-rate must be positive");
         ensure!(
@@ -250,6 +265,7 @@ impl Args {
 
     fn cluster_load(&self) -> ClusterLoad {
         ClusterLoad {
+            voters: self.cluster_members,
             clients: self.cluster_clients,
             connections: self.connections,
             learner_rtt: self.learner_rtt,
@@ -372,12 +388,12 @@ impl Args {
                  only the learner's acks in etcd (etcd sends appends on the learner's connection \
                  to the leader)",
                 self.cluster_clients,
-                self.connections.div_ceil(cluster::VOTERS) * cluster::VOTERS,
+                self.connections.div_ceil(self.cluster_members) * self.cluster_members,
                 self.learner_rtt,
                 self.learner_rate,
                 self.duration,
                 self.learner_poll,
-                voters = cluster::VOTERS,
+                voters = self.cluster_members,
             ));
         }
         if self.backup() {
@@ -541,6 +557,41 @@ async fn throughput_workloads(
         ));
     }
 
+    if args.range_keys > 0 {
+        let what = format!(
+            "range {} keys, serializable, {} {}",
+            args.range_keys,
+            args.get_clients,
+            plural(args.get_clients, "client")
+        );
+        let ranges = load::ranges(
+            &pool,
+            args.get_clients,
+            args.get_keys,
+            args.range_keys,
+            &settings,
+        );
+        let r = step(server, &what, ranges).await?;
+        progress(system, &what, &r);
+        errors += r.errors;
+        metrics.push(Metric::new(
+            format!("{what} (req/s)"),
+            Unit::Rate,
+            r.per_second(),
+        ));
+        metrics.push(Metric::new(
+            format!("{what} p99 (ms)"),
+            Unit::Millis,
+            r.percentile_ms(0.99),
+        ));
+    }
+
+    metrics.push(Metric::new(
+        "peak RSS, puts and reads (MiB)",
+        Unit::MiB,
+        server.peak_rss_bytes()? as f64 / (1024.0 * 1024.0),
+    ));
+
     let watch = WatchLoad {
         watchers: args.watchers,
         streams: args.watch_streams,
@@ -606,6 +657,13 @@ async fn rss_workload(server: &mut Server, args: &Args, metrics: &mut Vec<Metric
         format!("RSS after {keys} keys (MiB)"),
         Unit::MiB,
         rss_mib,
+    ));
+    let state_mib = server.state_bytes()? as f64 / (1024.0 * 1024.0);
+    eprintln!("[{system}] state on disk after {keys} keys: {state_mib:.1} MiB");
+    metrics.push(Metric::new(
+        format!("state on disk after {keys} keys (MiB)"),
+        Unit::MiB,
+        state_mib,
     ));
     Ok(r.errors)
 }

@@ -202,19 +202,49 @@ impl Server {
 
     /// Resident set size of the server process, from /proc/<pid>/status.
     pub fn rss_bytes(&self) -> Result<u64> {
+        self.status_kib("VmRSS").map(|kib| kib * 1024)
+    }
+
+    /// The largest resident set size the process has had (VmHWM).
+    pub fn peak_rss_bytes(&self) -> Result<u64> {
+        self.status_kib("VmHWM").map(|kib| kib * 1024)
+    }
+
+    fn status_kib(&self, field: &str) -> Result<u64> {
         let path = format!("/proc/{}/status", self.pid());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         let line = status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .with_context(|| format!("no VmRSS line in {path}"))?;
+            .find(|l| {
+                l.strip_prefix(field)
+                    .is_some_and(|rest| rest.starts_with(':'))
+            })
+            .with_context(|| format!("no {field} line in {path}"))?;
         // The line reads "VmRSS:   123456 kB".
-        let kib: u64 = line
-            .split_whitespace()
+        line.split_whitespace()
             .nth(1)
             .and_then(|n| n.parse().ok())
-            .with_context(|| format!("cannot parse {line:?} in {path}"))?;
-        Ok(kib * 1024)
+            .with_context(|| format!("cannot parse {line:?} in {path}"))
+    }
+
+    /// Bytes of the key-value state on disk: etcd's bbolt file
+    /// (`member/snap/db`); Tern's `state.db` with its WAL, so frames not
+    /// yet checkpointed count too.
+    pub fn state_bytes(&self) -> Result<u64> {
+        let data = data_dir(self._dir.path());
+        let files = match self.system {
+            System::Etcd => vec![data.join("member/snap/db")],
+            System::Tern => vec![data.join("state.db"), data.join("state.db-wal")],
+        };
+        let mut total = 0;
+        for file in files {
+            match std::fs::metadata(&file) {
+                Ok(m) => total += m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+            }
+        }
+        Ok(total)
     }
 
     /// The last `n` lines of the server's log, for error messages.

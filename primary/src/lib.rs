@@ -16,6 +16,8 @@
 //! - [`member`]: what a running member owns; shared by all handlers.
 //! - [`forward`]: requests a follower sends on to the leader.
 //! - [`raft`]: the node loop (`on_ready`) and the durable log.
+//! - [`checkpointer`]: SQLite WAL checkpoints on a thread of their own, so
+//!   no commit waits for one.
 //! - [`apply`]: executes committed requests; also serves ranges.
 //! - [`mvcc`]: SQLite schema, writer, reads, history, hash, and the etcd
 //!   backend layout the Snapshot RPC streams.
@@ -45,6 +47,7 @@ pub mod apply;
 pub mod auth;
 pub mod authority_shim;
 pub mod bbolt;
+pub mod checkpointer;
 pub mod error;
 pub mod forward;
 pub mod housekeeping;

@@ -66,12 +66,19 @@ struct Expected {
 }
 
 fn expected(state: &Path) -> anyhow::Result<Expected> {
-    let conn = tern_primary::mvcc::schema::open_reader(state)?;
+    // Opened for writing: a backup in an older format is migrated here, in
+    // the drill's scratch copy, as the member started on it would.
+    let conn = tern_primary::mvcc::schema::open(state)?;
     let store = read::store_state(&conn)?;
-    let key_count: i64 = conn.query_row("SELECT COUNT(*) FROM kv_live", [], |r| r.get(0))?;
+    let key_count = read::key_count(&conn)?;
     let kv_hash = read::hash(&conn, store.revision)?;
     let mut stmt =
-        conn.prepare("SELECT key, value, mod_revision FROM kv_live ORDER BY random() LIMIT ?1")?;
+        // Sample the keys first, so only the sampled values are read.
+        conn.prepare(
+            "SELECT k.key, h.value, k.mod_revision \
+             FROM (SELECT key, mod_revision, history_id FROM kv_keys ORDER BY random() LIMIT ?1) k \
+             JOIN kv_history h ON h.id = k.history_id",
+        )?;
     let sample = stmt
         .query_map([SAMPLE as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;

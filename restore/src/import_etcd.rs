@@ -13,7 +13,7 @@
 //! imported member serves:
 //! - every revision in the `key` bucket, deletions included, becomes a
 //!   `kv_history` row (etcd's sub revision kept), and the newest per key, if
-//!   not a deletion, its `kv_live` row;
+//!   not a deletion, its `kv_keys` row;
 //! - the store revision is the highest main revision there, or the
 //!   compaction revision if that is higher (a compaction can remove the
 //!   newest revisions, deletions, from the bucket), as etcd's
@@ -220,8 +220,8 @@ fn build_state(db: &bbolt::Reader, path: &Path) -> anyhow::Result<Built> {
         }
     }
     tx.execute(
-        "INSERT INTO kv_live (key, create_revision, mod_revision, version, lease, value) \
-         SELECT key, create_revision, mod_revision, version, lease, value FROM kv_history h \
+        "INSERT INTO kv_keys (key, create_revision, mod_revision, version, lease, history_id) \
+         SELECT key, create_revision, mod_revision, version, lease, id FROM kv_history h \
          WHERE tombstone = 0 AND mod_revision = \
            (SELECT max(mod_revision) FROM kv_history h2 WHERE h2.key = h.key)",
         [],
@@ -259,11 +259,11 @@ fn build_state(db: &bbolt::Reader, path: &Path) -> anyhow::Result<Built> {
     }
     let state = store.state();
     let conn = store.connection();
-    let keys: i64 = conn.query_row("SELECT count(*) FROM kv_live", [], |r| r.get(0))?;
+    let keys = read::key_count(conn)?;
     let history_rows: i64 = conn.query_row("SELECT count(*) FROM kv_history", [], |r| r.get(0))?;
     let kv_hash = read::hash(conn, state.revision)?;
     let orphans: i64 = conn.query_row(
-        "SELECT count(*) FROM kv_live WHERE lease != 0 AND lease NOT IN (SELECT id FROM leases)",
+        "SELECT count(*) FROM kv_keys WHERE lease != 0 AND lease NOT IN (SELECT id FROM leases)",
         [],
         |r| r.get(0),
     )?;

@@ -140,7 +140,7 @@ fn check_state(path: &Path, manifest: &Manifest) -> anyhow::Result<Verified> {
         );
     }
     let state = read::store_state(&conn)?;
-    let key_count: i64 = conn.query_row("SELECT COUNT(*) FROM kv_live", [], |r| r.get(0))?;
+    let key_count = read::key_count(&conn)?;
     let kv_hash = read::hash(&conn, state.revision)?;
     let mut wrong = Vec::new();
     if state.revision != manifest.revision {

@@ -1,10 +1,12 @@
 //! Multi-version key-value state in SQLite.
 //!
 //! Every change to a key writes a row into `kv_history` (key, mod revision,
-//! create revision, version, lease, value, tombstone flag) and updates the
-//! key's row in `kv_live`, which holds only keys that exist now. Reads at the
-//! current revision use `kv_live`; reads at older revisions, watch replay and
-//! HashKV use `kv_history`, which keeps every change until compaction.
+//! create revision, version, lease, value, tombstone flag), the only place
+//! a value is stored, and updates the key's row in `kv_keys`, which holds
+//! only keys that exist now and points at the history row with the current
+//! value (the `kv_live` view joins the two). Reads at the current revision
+//! walk `kv_keys`; reads at older revisions, watch replay and HashKV use
+//! `kv_history`, which keeps every change until compaction.
 //!
 //! - [`schema`]: opening a database file, pragmas and tables.
 //! - [`write`]: [`MvccStore`], the single writer (owned by the Raft thread),
@@ -42,4 +44,14 @@ pub enum MvccError {
     FutureRevision,
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "{}: state format {found} is newer than format {}, the newest this build of Tern \
+         reads (it migrates older ones); run a newer Tern",
+        path.display(),
+        schema::FORMAT_VERSION
+    )]
+    Format {
+        path: std::path::PathBuf,
+        found: i64,
+    },
 }

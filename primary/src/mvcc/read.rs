@@ -76,7 +76,12 @@ pub struct RangeResult {
     pub count: i64,
 }
 
-const KV_COLUMNS: &str = "key, create_revision, mod_revision, version, lease, value";
+/// The columns [`kv_from_row`] reads, from `kv_history` (aliased `h`).
+const KV_COLUMNS: &str = "h.key, h.create_revision, h.mod_revision, h.version, h.lease, h.value";
+/// The same columns for live keys: metadata from `kv_keys` (aliased `k`),
+/// the value from the history row it points at.
+const LIVE_COLUMNS: &str = "k.key, k.create_revision, k.mod_revision, k.version, k.lease, h.value";
+const LIVE_SOURCE: &str = "kv_keys k JOIN kv_history h ON h.id = k.history_id";
 
 fn kv_from_row(row: &Row<'_>, keys_only: bool) -> rusqlite::Result<KeyValue> {
     Ok(KeyValue {
@@ -101,18 +106,35 @@ pub fn range(
     }
     let (a, b) = query.range.params();
     let at_head = query.revision >= current;
-    let source = if at_head {
-        format!(
-            "SELECT {KV_COLUMNS} FROM kv_live WHERE {}",
-            query.range.condition("key")
+    // The rows, and the same condition for counting them: at the head the
+    // count needs only `kv_keys`, never the values.
+    let (source, count_source) = if at_head {
+        let condition = query.range.condition("k.key");
+        let columns = if query.keys_only {
+            "k.key, k.create_revision, k.mod_revision, k.version, k.lease"
+        } else {
+            LIVE_COLUMNS
+        };
+        let from = if query.keys_only {
+            "kv_keys k"
+        } else {
+            LIVE_SOURCE
+        };
+        (
+            format!("SELECT {columns} FROM {from} WHERE {condition} ORDER BY k.key"),
+            format!("SELECT count(*) FROM kv_keys k WHERE {condition}"),
         )
     } else {
         // Per key, the newest change at or before the revision, unless it
         // is a deletion.
-        format!(
-            "SELECT {KV_COLUMNS} FROM kv_history h WHERE {} AND tombstone = 0 AND mod_revision = \
+        let condition = format!(
+            "{} AND h.tombstone = 0 AND h.mod_revision = \
              (SELECT max(mod_revision) FROM kv_history h2 WHERE h2.key = h.key AND h2.mod_revision <= ?3)",
             query.range.condition("h.key")
+        );
+        (
+            format!("SELECT {KV_COLUMNS} FROM kv_history h WHERE {condition} ORDER BY h.key"),
+            format!("SELECT count(*) FROM kv_history h WHERE {condition}"),
         )
     };
     let bind = |stmt: &mut rusqlite::Statement<'_>| -> rusqlite::Result<()> {
@@ -125,39 +147,46 @@ pub fn range(
         }
         Ok(())
     };
-    let count_sql = format!("SELECT count(*) FROM ({source})");
-    let mut stmt = conn.prepare_cached(&count_sql)?;
-    bind(&mut stmt)?;
-    let count: i64 = stmt
-        .raw_query()
-        .next()?
-        .map(|r| r.get(0))
-        .transpose()?
-        .unwrap_or(0);
-    if query.count_only || count == 0 {
+    let count_rows = || -> Result<i64, MvccError> {
+        let mut stmt = conn.prepare_cached(&count_source)?;
+        bind(&mut stmt)?;
+        let count = stmt.raw_query().next()?.map(|r| r.get(0)).transpose()?;
+        Ok(count.unwrap_or(0))
+    };
+    if query.count_only {
         return Ok(RangeResult {
             kvs: Vec::new(),
-            count,
+            count: count_rows()?,
         });
     }
-    let mut sql = format!("{source} ORDER BY key");
+    // Read one row past the limit: if it is not there, the rows read are
+    // the count, and the range is walked once instead of twice.
+    let mut sql = source;
     if query.limit > 0 {
-        sql.push_str(&format!(" LIMIT {}", query.limit));
+        sql.push_str(&format!(" LIMIT {}", query.limit.saturating_add(1)));
     }
     let mut stmt = conn.prepare_cached(&sql)?;
     bind(&mut stmt)?;
     let mut rows = stmt.raw_query();
-    let mut kvs = Vec::with_capacity(count.min(query.limit.max(0)).max(0) as usize);
+    let mut kvs = Vec::new();
     while let Some(row) = rows.next()? {
         kvs.push(kv_from_row(row, query.keys_only)?);
     }
+    drop(rows);
+    let count = if query.limit > 0 && kvs.len() as i64 > query.limit {
+        kvs.truncate(query.limit as usize);
+        count_rows()?
+    } else {
+        kvs.len() as i64
+    };
     Ok(RangeResult { kvs, count })
 }
 
 /// The live row of one key, if it exists.
 pub fn get_live(conn: &Connection, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {KV_COLUMNS} FROM kv_live WHERE key = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {LIVE_COLUMNS} FROM {LIVE_SOURCE} WHERE k.key = ?1"
+    ))?;
     Ok(stmt
         .query_row([key], |r| kv_from_row(r, false))
         .optional()?)
@@ -214,9 +243,9 @@ fn history_rows(
 ) -> Result<Vec<Event>, MvccError> {
     let (a, b) = range.params();
     let sql = format!(
-        "SELECT {KV_COLUMNS}, tombstone FROM kv_history WHERE mod_revision >= ?3 AND mod_revision <= ?4 AND {} \
-         ORDER BY mod_revision, sub LIMIT ?5",
-        range.condition("key")
+        "SELECT {KV_COLUMNS}, h.tombstone FROM kv_history h WHERE h.mod_revision >= ?3 AND h.mod_revision <= ?4 AND {} \
+         ORDER BY h.mod_revision, h.id LIMIT ?5",
+        range.condition("h.key")
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     stmt.raw_bind_parameter(1, a)?;
@@ -259,8 +288,8 @@ pub fn previous(
     revision: i64,
 ) -> Result<Option<KeyValue>, MvccError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {KV_COLUMNS}, tombstone FROM kv_history WHERE key = ?1 AND mod_revision < ?2 \
-         ORDER BY mod_revision DESC LIMIT 1"
+        "SELECT {KV_COLUMNS}, h.tombstone FROM kv_history h WHERE h.key = ?1 AND h.mod_revision < ?2 \
+         ORDER BY h.mod_revision DESC LIMIT 1"
     ))?;
     let row = stmt
         .query_row((key, revision), |r| {
@@ -271,7 +300,8 @@ pub fn previous(
 }
 
 /// HashKV: a CRC32 over every stored change at or before `revision`, in
-/// revision order. Two members with the same history (and the same
+/// revision order (by `mod_revision, sub`, which format 1 files, older
+/// backups, have too). Two members with the same history (and the same
 /// compaction) agree; any divergence in keys, values or metadata shows.
 pub fn hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> {
     let mut stmt = conn.prepare_cached(
@@ -342,11 +372,23 @@ impl KvHash {
 
 /// Keys attached to a lease.
 pub fn lease_keys(conn: &Connection, lease: i64) -> Result<Vec<Vec<u8>>, MvccError> {
-    let mut stmt = conn.prepare_cached("SELECT key FROM kv_live WHERE lease = ?1 ORDER BY key")?;
+    let mut stmt = conn.prepare_cached("SELECT key FROM kv_keys WHERE lease = ?1 ORDER BY key")?;
     let keys = stmt
         .query_map([lease], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     Ok(keys)
+}
+
+/// How many keys exist at the current revision. Counts `kv_keys` alone
+/// (the `kv_live` view would read every value); a format 1 file, such as
+/// an older backup being verified, has only its `kv_live` table.
+pub fn key_count(conn: &Connection) -> Result<i64, MvccError> {
+    let table = if super::schema::stored_format(conn)? == Some(1) {
+        "kv_live"
+    } else {
+        "kv_keys"
+    };
+    Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
 }
 
 /// Granted leases: (id, ttl).

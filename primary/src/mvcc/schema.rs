@@ -5,12 +5,12 @@
 
 use std::path::Path;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::MvccError;
 
 /// Bumped whenever a table changes meaning or layout.
-pub const FORMAT_VERSION: i64 = 1;
+pub const FORMAT_VERSION: i64 = 2;
 
 const TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS about (
@@ -21,27 +21,6 @@ CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS kv_history (
-    key             BLOB    NOT NULL,
-    mod_revision    INTEGER NOT NULL,
-    sub             INTEGER NOT NULL,
-    create_revision INTEGER NOT NULL,
-    version         INTEGER NOT NULL,
-    lease           INTEGER NOT NULL,
-    value           BLOB    NOT NULL,
-    tombstone       INTEGER NOT NULL,
-    PRIMARY KEY (key, mod_revision)
-);
-CREATE INDEX IF NOT EXISTS kv_history_by_revision ON kv_history (mod_revision, sub);
-CREATE TABLE IF NOT EXISTS kv_live (
-    key             BLOB    PRIMARY KEY,
-    create_revision INTEGER NOT NULL,
-    mod_revision    INTEGER NOT NULL,
-    version         INTEGER NOT NULL,
-    lease           INTEGER NOT NULL,
-    value           BLOB    NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS kv_live_by_lease ON kv_live (lease) WHERE lease != 0;
 CREATE TABLE IF NOT EXISTS leases (
     id  INTEGER PRIMARY KEY,
     ttl INTEGER NOT NULL
@@ -60,10 +39,68 @@ CREATE TABLE IF NOT EXISTS alarms (
 );
 "#;
 
+/// The key-value tables of format 2. Each value is stored once, in its
+/// `kv_history` row: a rowid table, whose b-tree keeps rows of up to ~4 KB
+/// on the leaf page (a WITHOUT ROWID table spills anything over ~1 KB to a
+/// mostly empty overflow page), and whose rows arrive in `id` order, so
+/// its pages fill completely. `kv_keys` is the small per-key index that
+/// points at the row holding the current value.
+const KV_TABLES: &str = r#"
+CREATE TABLE IF NOT EXISTS kv_history (
+    id              INTEGER PRIMARY KEY,
+    key             BLOB    NOT NULL,
+    mod_revision    INTEGER NOT NULL,
+    sub             INTEGER NOT NULL,
+    create_revision INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    lease           INTEGER NOT NULL,
+    value           BLOB    NOT NULL,
+    tombstone       INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS kv_history_by_key ON kv_history (key, mod_revision);
+CREATE INDEX IF NOT EXISTS kv_history_by_revision ON kv_history (mod_revision);
+CREATE TABLE IF NOT EXISTS kv_keys (
+    key             BLOB    PRIMARY KEY,
+    create_revision INTEGER NOT NULL,
+    mod_revision    INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    lease           INTEGER NOT NULL,
+    history_id      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_keys_by_lease ON kv_keys (lease) WHERE lease != 0;
+CREATE VIEW IF NOT EXISTS kv_live (key, create_revision, mod_revision, version, lease, value) AS
+    SELECT k.key, k.create_revision, k.mod_revision, k.version, k.lease, h.value
+    FROM kv_keys k JOIN kv_history h ON h.id = k.history_id;
+"#;
+
+/// Format 1 kept every value twice (in `kv_history` and in a `kv_live`
+/// table) and spilled 1 KB values to overflow pages: about 4.5 KB on disk
+/// per 1 KB value. Rebuilt into format 2 in one transaction, so a crash
+/// midway leaves format 1 as it was.
+const MIGRATE_1_TO_2: &str = r#"
+DROP INDEX IF EXISTS kv_history_by_revision;
+DROP INDEX IF EXISTS kv_live_by_lease;
+ALTER TABLE kv_history RENAME TO kv_history_v1;
+ALTER TABLE kv_live RENAME TO kv_live_v1;
+"#;
+const MIGRATE_1_TO_2_COPY: &str = r#"
+INSERT INTO kv_history (id, key, mod_revision, sub, create_revision, version, lease, value, tombstone)
+    SELECT row_number() OVER (ORDER BY mod_revision, sub), key, mod_revision, sub,
+           create_revision, version, lease, value, tombstone
+    FROM kv_history_v1 ORDER BY mod_revision, sub;
+INSERT INTO kv_keys (key, create_revision, mod_revision, version, lease, history_id)
+    SELECT l.key, l.create_revision, l.mod_revision, l.version, l.lease, h.id
+    FROM kv_live_v1 l JOIN kv_history h ON h.key = l.key AND h.mod_revision = l.mod_revision;
+DROP TABLE kv_live_v1;
+DROP TABLE kv_history_v1;
+UPDATE meta SET value = 2 WHERE name = 'format_version';
+"#;
+
 const ABOUT: &[(&str, &str)] = &[
     ("format", "Tern MVCC state, an etcd v3 compatible key-value store. Integers that are etcd ids (lease, member) are stored as signed 64-bit two's complement."),
-    ("kv_live", "Keys that exist at the current revision, one row each: create/mod revision, version (number of puts since creation), attached lease id (0: none), value."),
-    ("kv_history", "Every change to every key since the last compaction, keyed by (key, mod_revision); tombstone=1 rows are deletions. The state at revision R is, per key, the newest row with mod_revision <= R if it is not a tombstone."),
+    ("kv_live", "A view: keys that exist at the current revision, one row each: create/mod revision, version (number of puts since creation), attached lease id (0: none), value."),
+    ("kv_keys", "The table behind kv_live: one row per existing key, pointing (history_id) at the kv_history row that holds its current value."),
+    ("kv_history", "Every change to every key since the last compaction, one row each, numbered (id) in revision order; (key, mod_revision) is unique; tombstone=1 rows are deletions. The state at revision R is, per key, the newest row with mod_revision <= R if it is not a tombstone."),
     ("meta", "revision: the store's current revision; compact_revision: history before it is gone; applied_index/applied_term: the last Raft entry applied; cluster_id, member_id."),
     ("leases", "Granted leases: id and TTL in seconds. Keys attached to a lease are deleted when it expires or is revoked."),
     ("members", "Cluster membership: member id, name, peer and client URLs (JSON arrays), learner flag."),
@@ -71,11 +108,26 @@ const ABOUT: &[(&str, &str)] = &[
     ("example", "SELECT CAST(key AS TEXT), CAST(value AS TEXT) FROM kv_live ORDER BY key;"),
 ];
 
-/// Open (creating if needed) the state database at `path`.
+/// Open (creating if needed) the state database at `path`, migrating an
+/// older format in place. A newer format than this build knows is refused
+/// with its version, never read as if it were ours.
 pub fn open(path: &Path) -> Result<Connection, MvccError> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     configure(&conn)?;
     conn.execute_batch(TABLES)?;
+    let found = stored_format(&conn)?;
+    match found {
+        None => {}
+        Some(1) => migrate_1_to_2(&mut conn)?,
+        Some(FORMAT_VERSION) => {}
+        Some(other) => {
+            return Err(MvccError::Format {
+                path: path.to_path_buf(),
+                found: other,
+            })
+        }
+    }
+    conn.execute_batch(KV_TABLES)?;
     conn.execute_batch(crate::auth::store::TABLES)?;
     {
         let mut about =
@@ -91,6 +143,38 @@ pub fn open(path: &Path) -> Result<Connection, MvccError> {
     Ok(conn)
 }
 
+/// The format a state file was written in; `None` for a new, empty file.
+pub fn stored_format(conn: &Connection) -> Result<Option<i64>, MvccError> {
+    let has_meta: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'format_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+fn migrate_1_to_2(conn: &mut Connection) -> Result<(), MvccError> {
+    tracing::info!("migrating the state file from format 1 to format 2");
+    let tx = conn.transaction()?;
+    tx.execute_batch(MIGRATE_1_TO_2)?;
+    tx.execute_batch(KV_TABLES)?;
+    tx.execute_batch(MIGRATE_1_TO_2_COPY)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Page cache of each read connection, in KiB.
+const READER_CACHE_KIB: i64 = 2048;
+
 /// Open a read-only connection for the read pool.
 pub fn open_reader(path: &Path) -> Result<Connection, MvccError> {
     let conn = Connection::open_with_flags(
@@ -98,7 +182,10 @@ pub fn open_reader(path: &Path) -> Result<Connection, MvccError> {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    conn.pragma_update(None, "cache_size", -16384)?;
+    // Small: there is one reader per concurrent read (dozens under load),
+    // each cache is private, and the OS page cache already holds the file
+    // for all of them; 16 MiB each put RSS at several times etcd's.
+    conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
     Ok(conn)
 }
 
@@ -110,4 +197,120 @@ fn configure(conn: &Connection) -> Result<(), MvccError> {
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvcc::read::{self, KeyRange, RangeQuery};
+
+    /// Format 1's key-value tables and a small history in them: `a` put
+    /// twice, `b` put then deleted, `c` put with a lease.
+    const FORMAT_1: &str = r#"
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE kv_history (
+            key BLOB NOT NULL, mod_revision INTEGER NOT NULL, sub INTEGER NOT NULL,
+            create_revision INTEGER NOT NULL, version INTEGER NOT NULL, lease INTEGER NOT NULL,
+            value BLOB NOT NULL, tombstone INTEGER NOT NULL, PRIMARY KEY (key, mod_revision));
+        CREATE INDEX kv_history_by_revision ON kv_history (mod_revision, sub);
+        CREATE TABLE kv_live (
+            key BLOB PRIMARY KEY, create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL,
+            version INTEGER NOT NULL, lease INTEGER NOT NULL, value BLOB NOT NULL) WITHOUT ROWID;
+        CREATE INDEX kv_live_by_lease ON kv_live (lease) WHERE lease != 0;
+        INSERT INTO meta VALUES ('format_version', 1), ('revision', 6);
+        INSERT INTO kv_history VALUES
+            (CAST('a' AS BLOB), 2, 0, 2, 1, 0, CAST('a1' AS BLOB), 0),
+            (CAST('b' AS BLOB), 3, 0, 3, 1, 0, CAST('b1' AS BLOB), 0),
+            (CAST('a' AS BLOB), 4, 0, 2, 2, 0, CAST('a2' AS BLOB), 0),
+            (CAST('b' AS BLOB), 5, 0, 0, 0, 0, x'', 1),
+            (CAST('c' AS BLOB), 6, 0, 6, 1, 7, CAST('c1' AS BLOB), 0);
+        INSERT INTO kv_live VALUES
+            (CAST('a' AS BLOB), 2, 4, 2, 0, CAST('a2' AS BLOB)),
+            (CAST('c' AS BLOB), 6, 6, 1, 7, CAST('c1' AS BLOB));
+    "#;
+
+    fn everything(conn: &Connection, revision: i64) -> Vec<(Vec<u8>, Vec<u8>, i64, i64)> {
+        let query = RangeQuery {
+            range: KeyRange::From(Vec::new()),
+            revision,
+            limit: 0,
+            count_only: false,
+            keys_only: false,
+        };
+        read::range(conn, &query, 6)
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value, kv.mod_revision, kv.lease))
+            .collect()
+    }
+
+    #[test]
+    fn format_1_is_migrated_on_open_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(FORMAT_1).unwrap();
+        let hash_before = read::hash(&old, 6).unwrap();
+        drop(old);
+
+        let conn = open(&path).unwrap();
+        assert_eq!(stored_format(&conn).unwrap(), Some(FORMAT_VERSION));
+        assert_eq!(read::key_count(&conn).unwrap(), 2);
+        assert_eq!(
+            everything(&conn, 6),
+            [
+                (b"a".to_vec(), b"a2".to_vec(), 4, 0),
+                (b"c".to_vec(), b"c1".to_vec(), 6, 7)
+            ]
+        );
+        assert_eq!(
+            everything(&conn, 3),
+            [
+                (b"a".to_vec(), b"a1".to_vec(), 2, 0),
+                (b"b".to_vec(), b"b1".to_vec(), 3, 0)
+            ]
+        );
+        assert_eq!(read::lease_keys(&conn, 7).unwrap(), [b"c".to_vec()]);
+        assert_eq!(read::hash(&conn, 6).unwrap(), hash_before);
+        // The view a person reads with sqlite3 still answers as before.
+        let value: Vec<u8> = conn
+            .query_row(
+                "SELECT value FROM kv_live WHERE key = CAST('a' AS BLOB)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(value, b"a2");
+        drop(conn);
+        // Opening again finds format 2 and changes nothing.
+        let conn = open(&path).unwrap();
+        assert_eq!(everything(&conn, 6).len(), 2);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let conn = open(&path).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = 99 WHERE name = 'format_version'",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let err = open(&path).unwrap_err().to_string();
+        assert!(err.contains("state format 99"), "{err}");
+        assert!(err.contains("state.db"), "{err}");
+    }
+
+    #[test]
+    fn a_format_1_count_reads_its_own_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(FORMAT_1).unwrap();
+        // An older backup being verified is read as it is, not migrated.
+        assert_eq!(read::key_count(&old).unwrap(), 2);
+    }
 }

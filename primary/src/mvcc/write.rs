@@ -62,11 +62,26 @@ impl MvccStore {
     /// WAL before copying it back (and the database after), so after this
     /// the applied index is on disk and the Raft log before it can go.
     /// PASSIVE never waits for readers; frames it cannot copy yet are
-    /// already durable in the synced WAL.
+    /// already durable in the synced WAL. It does not wait for another
+    /// checkpointer either (the [`crate::checkpointer`] thread): it answers
+    /// busy without syncing anything, so it is asked again until it ran.
     pub fn checkpoint(&self) -> Result<(), MvccError> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
-        Ok(())
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let busy: bool = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(0))?;
+            if !busy {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(MvccError::Sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                    Some("the state's WAL could not be checkpointed for 30 s".into()),
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Rebuild the file without free pages (etcd's defragment). The
@@ -83,6 +98,10 @@ impl MvccStore {
     /// then make it durable: the caller drops the Raft log behind it next.
     /// The member's own ids (`member_id`, `cluster_id`) stay.
     pub fn restore(&mut self, snapshot: &Path) -> Result<(), MvccError> {
+        // Tables are copied column for column, so bring the snapshot to
+        // this build's format first (a leader still on an older Tern sends
+        // an older one; a newer one is refused).
+        drop(super::schema::open(snapshot)?);
         self.conn.execute(
             "ATTACH DATABASE ?1 AS snap",
             [snapshot.to_string_lossy().as_ref()],
@@ -90,7 +109,7 @@ impl MvccStore {
         let copied = self.conn.execute_batch(
             "BEGIN IMMEDIATE;
              DELETE FROM kv_history; INSERT INTO kv_history SELECT * FROM snap.kv_history;
-             DELETE FROM kv_live;    INSERT INTO kv_live    SELECT * FROM snap.kv_live;
+             DELETE FROM kv_keys;    INSERT INTO kv_keys    SELECT * FROM snap.kv_keys;
              DELETE FROM leases;     INSERT INTO leases     SELECT * FROM snap.leases;
              DELETE FROM members;    INSERT INTO members    SELECT * FROM snap.members;
              DELETE FROM alarms;     INSERT INTO alarms     SELECT * FROM snap.alarms;
@@ -236,12 +255,13 @@ impl Batch<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
             )?
             .execute((&kv.key, rev, self.sub, kv.create_revision, kv.version, lease, &kv.value))?;
+        let history_id = self.tx.last_insert_rowid();
         self.tx
             .prepare_cached(
-                "INSERT OR REPLACE INTO kv_live (key, create_revision, mod_revision, version, lease, value) \
+                "INSERT OR REPLACE INTO kv_keys (key, create_revision, mod_revision, version, lease, history_id) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute((&kv.key, kv.create_revision, rev, kv.version, lease, &kv.value))?;
+            .execute((&kv.key, kv.create_revision, rev, kv.version, lease, history_id))?;
         self.sub += 1;
         self.changed = true;
         self.events.push(Event {
@@ -277,7 +297,7 @@ impl Batch<'_> {
             )?
             .execute((&prev.key, rev, self.sub))?;
         self.tx
-            .prepare_cached("DELETE FROM kv_live WHERE key = ?1")?
+            .prepare_cached("DELETE FROM kv_keys WHERE key = ?1")?
             .execute([&prev.key])?;
         self.sub += 1;
         self.changed = true;

@@ -31,6 +31,8 @@ pub enum LogError {
     },
     #[error("raft log: entries are not contiguous (expected index {expected}, found {found})")]
     Gap { expected: u64, found: u64 },
+    #[error("raft log: cannot start its writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 pub struct LogStore {
@@ -118,6 +120,12 @@ impl LogStore {
             entries,
             snapshots: None,
         })
+    }
+
+    /// The log's SQLite connection (the node hands its checkpoints to a
+    /// [`crate::checkpointer::Checkpointer`]).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     pub fn hard_state(&self) -> &HardState {

@@ -35,6 +35,7 @@ use super::log_store::{LogError, LogStore};
 use super::snapshot::{snapshot_path, Snapshots};
 use super::transport::Transport;
 use crate::apply::{Applier, ApplyError, ApplyResult};
+use crate::checkpointer::Checkpointer;
 use crate::lease::Lessor;
 use crate::metrics::Metrics;
 use crate::mvcc::write::{change_member, members, MemberRow};
@@ -327,6 +328,11 @@ pub struct RaftNode {
     leader_contact: Instant,
     /// When this member applied its own removal; it exits shortly after.
     removed_at: Option<Instant>,
+    /// Committed entries handed out by the last turn's light ready, left
+    /// to be applied during the next fsync (see [`RaftNode::on_ready`]).
+    deferred: Vec<Entry>,
+    /// Checkpoints of the log's and the state's WAL, off this thread.
+    _checkpoints: [Checkpointer; 2],
 }
 
 impl RaftNode {
@@ -344,6 +350,10 @@ impl RaftNode {
         runtime: tokio::runtime::Handle,
     ) -> Result<(Self, NodeHandle), NodeError> {
         log.set_snapshots(snapshots.clone());
+        let checkpoints = [
+            Checkpointer::take_over(log.connection()).map_err(LogError::Sqlite)?,
+            Checkpointer::take_over(store.connection()).map_err(MvccError::Sqlite)?,
+        ];
         let state = store.state();
         // Every applied entry was committed; the persisted commit index may
         // lag because light-ready commits are persisted lazily.
@@ -419,6 +429,8 @@ impl RaftNode {
                 last_sweep: Instant::now(),
                 leader_contact: Instant::now(),
                 removed_at: None,
+                deferred: Vec::new(),
+                _checkpoints: checkpoints,
             },
             handle,
         ))
@@ -704,14 +716,23 @@ impl RaftNode {
 
     fn on_ready(&mut self) -> Result<(), NodeError> {
         if !self.raw.has_ready() {
+            if !self.deferred.is_empty() {
+                let entries = std::mem::take(&mut self.deferred);
+                self.apply(entries)?;
+                self.raw.advance_apply();
+                self.release_reads();
+            }
             return Ok(());
         }
         let mut ready = self.raw.ready();
         self.transport.send(ready.take_messages());
+        // Entries deferred from the last turn come first, in index order.
+        let mut committed = std::mem::take(&mut self.deferred);
         if !ready.snapshot().is_empty() {
+            self.apply(std::mem::take(&mut committed))?;
             self.apply_snapshot(ready.snapshot().clone())?;
         }
-        self.apply(ready.take_committed_entries())?;
+        committed.extend(ready.take_committed_entries());
         for rs in ready.take_read_states() {
             let ctx = rs
                 .request_ctx
@@ -723,13 +744,7 @@ impl RaftNode {
                 self.reads_ready.push((rs.index, waiters));
             }
         }
-        let started = Instant::now();
-        self.raw.mut_store().persist(ready.entries(), ready.hs())?;
-        if !ready.entries().is_empty() || ready.hs().is_some() {
-            self.metrics
-                .wal_fsync
-                .observe(started.elapsed().as_secs_f64());
-        }
+        self.persist_and_apply(&ready, committed)?;
         self.status
             .last_index
             .store(self.raw.raft.raft_log.last_index(), Ordering::Release);
@@ -742,13 +757,74 @@ impl RaftNode {
             self.raw.mut_store().set_commit(commit);
         }
         self.transport.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
+        let committed = light.take_committed_entries();
+        if self.rx.is_empty() {
+            self.apply(committed)?;
+            self.raw.advance_apply();
+        } else {
+            // More proposals are queued: their fsync, next turn, is when
+            // these get applied (a lone voter commits on its own fsync, so
+            // without this its apply and fsync would never overlap).
+            // Nothing waits for them meanwhile but their clients.
+            self.deferred = committed;
+        }
         self.status
             .commit_index
             .store(self.raw.raft.raft_log.committed, Ordering::Release);
         self.release_reads();
         Ok(())
+    }
+
+    /// Append `ready`'s entries and hard state to the log (one fsync) and
+    /// apply `committed` to the state at the same time, on two threads:
+    /// committed entries are already durable, so applying them need not
+    /// wait for the new ones, and the fsync's wait and the SQLite work
+    /// overlap instead of adding up.
+    fn persist_and_apply(
+        &mut self,
+        ready: &raft::Ready,
+        committed: Vec<Entry>,
+    ) -> Result<(), NodeError> {
+        let (entries, hs) = (ready.entries(), ready.hs());
+        let persists = !entries.is_empty() || hs.is_some();
+        if !persists || committed.is_empty() {
+            if persists {
+                let started = Instant::now();
+                self.raw.mut_store().persist(entries, hs)?;
+                self.metrics
+                    .wal_fsync
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            return self.apply(committed);
+        }
+        let state_machine = StateMachine {
+            id: self.config.id,
+            store: &mut self.store,
+            applier: &mut self.applier,
+            waiting: &mut self.waiting,
+            metrics: &self.metrics,
+            status: &self.status,
+        };
+        let log = self.raw.mut_store();
+        let (persisted, applied) = std::thread::scope(|scope| {
+            let writer = std::thread::Builder::new()
+                .name("raft-log".into())
+                .spawn_scoped(scope, move || {
+                    let started = Instant::now();
+                    log.persist(entries, hs).map(|()| started.elapsed())
+                });
+            let applied = state_machine.apply_batch(committed);
+            let persisted = match writer {
+                Ok(writer) => writer
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(e) => Err(LogError::Thread(e)),
+            };
+            (persisted, applied)
+        });
+        let fsync = persisted?;
+        self.metrics.wal_fsync.observe(fsync.as_secs_f64());
+        self.finish_apply(applied?)
     }
 
     /// Replace the state with a leader's snapshot: the state file first
@@ -807,104 +883,50 @@ impl RaftNode {
         self.role = role;
     }
 
+    /// Apply committed entries: [`apply_batch`], then what only this
+    /// thread's Raft node may do.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
-        let compacted_before = self.store.state().compact_revision;
-        let mut replies = Vec::new();
-        let mut conf_changes = Vec::new();
-        let mut members_changed = false;
-        let mut batch = self.store.batch()?;
-        for entry in entries {
-            let (index, term) = (entry.index, entry.term);
-            match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => batch.skip(index, term),
-                EntryType::EntryNormal => {
-                    let request = match RaftRequest::decode(&entry.data[..]) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(index, error = %e, "undecodable log entry skipped");
-                            batch.skip(index, term);
-                            continue;
-                        }
-                    };
-                    let result = match request.request {
-                        Some(r) => batch.entry(index, term, |b| {
-                            self.applier.apply_as(b, r, request.auth.as_ref())
-                        }),
-                        None => {
-                            batch.skip(index, term);
-                            continue;
-                        }
-                    };
-                    if let Err(ApplyError::Storage(e)) = result {
-                        return Err(NodeError::Apply {
-                            index,
-                            source: ApplyError::Storage(e),
-                        });
-                    }
-                    members_changed |= matches!(result, Ok(ApplyResult::Membership(_)));
-                    if request.origin == self.config.id {
-                        if let Some(reply) = self.waiting.remove(&request.seq) {
-                            self.metrics.proposals_pending.dec();
-                            replies.push((reply, result.map_err(ProposeError::from)));
-                        }
-                    }
-                }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let change = MemberChange::decode(&entry.context[..]).unwrap_or_default();
-                    let removed = conf_change_kind(&entry)? == ConfChangeType::RemoveNode;
-                    let row: MemberRow = (
-                        change.id,
-                        change.name.clone(),
-                        change.peer_urls.clone(),
-                        Vec::new(),
-                        change.is_learner,
-                    );
-                    let result = batch.entry(index, term, |b| {
-                        change_member(b.conn(), &row, removed)?;
-                        Ok(ApplyResult::Membership(members(b.conn())?))
-                    });
-                    if let Err(ApplyError::Storage(e)) = result {
-                        return Err(NodeError::Apply {
-                            index,
-                            source: ApplyError::Storage(e),
-                        });
-                    }
-                    if change.origin == self.config.id {
-                        if let Some(reply) = self.waiting.remove(&change.seq) {
-                            self.metrics.proposals_pending.dec();
-                            replies.push((reply, result.map_err(ProposeError::from)));
-                        }
-                    }
-                    conf_changes.push(entry);
-                }
-            }
+        let applied = self.state_machine().apply_batch(entries)?;
+        self.finish_apply(applied)
+    }
+
+    /// The parts of the node that applying entries to the state uses; none
+    /// of them is the Raft node, so the log can be written meanwhile.
+    fn state_machine(&mut self) -> StateMachine<'_> {
+        StateMachine {
+            id: self.config.id,
+            store: &mut self.store,
+            applier: &mut self.applier,
+            waiting: &mut self.waiting,
+            metrics: &self.metrics,
+            status: &self.status,
         }
-        batch.record_lag(
-            self.status.leader_commit.load(Ordering::Acquire),
-            self.status.caught_up_at_ms.load(Ordering::Acquire),
-        )?;
-        let events = batch.commit()?;
-        members_changed |= !conf_changes.is_empty();
-        for entry in conf_changes {
+    }
+
+    /// After a batch is committed to the state: membership changes reach
+    /// the Raft node and the transport, events the watchers, results the
+    /// clients.
+    fn finish_apply(&mut self, applied: Applied) -> Result<(), NodeError> {
+        let members_changed = applied.members_changed || !applied.conf_changes.is_empty();
+        for entry in applied.conf_changes {
             self.apply_conf_change(&entry)?;
         }
         if members_changed {
             self.refresh_peers()?;
         }
         let state = self.store.state();
-        if state.compact_revision != compacted_before {
+        if state.compact_revision != applied.compacted_before {
             self.hub.set_compacted(state.compact_revision);
         }
-        self.hub.publish(&events, state.revision);
+        self.hub.publish(&applied.events, state.revision);
         self.status.set_store_state(&state);
         self.metrics
             .backend_commit
-            .observe(started.elapsed().as_secs_f64());
-        for (reply, result) in replies {
+            .observe(applied.started.elapsed().as_secs_f64());
+        for (reply, result) in applied.replies {
             let _ = reply.send(result);
         }
         Ok(())
@@ -991,6 +1013,119 @@ impl RaftNode {
         self.raw.mut_store().compact(upto)?;
         tracing::debug!(upto, "raft log compacted");
         Ok(())
+    }
+}
+
+/// What applying one batch of entries needs, borrowed from the node.
+struct StateMachine<'a> {
+    id: u64,
+    store: &'a mut MvccStore,
+    applier: &'a mut Applier,
+    waiting: &'a mut HashMap<u64, Reply>,
+    metrics: &'a Metrics,
+    status: &'a NodeStatus,
+}
+
+/// A batch committed to the state, with what is left to do on the node.
+struct Applied {
+    started: Instant,
+    compacted_before: i64,
+    replies: Vec<(Reply, Result<ApplyResult, ProposeError>)>,
+    conf_changes: Vec<Entry>,
+    members_changed: bool,
+    events: Vec<crate::proto::mvccpb::Event>,
+}
+
+impl StateMachine<'_> {
+    /// Apply `entries` to the state in one SQLite transaction (no fsync:
+    /// the log is the durability boundary) and collect the waiting
+    /// proposals' results.
+    fn apply_batch(self, entries: Vec<Entry>) -> Result<Applied, NodeError> {
+        let started = Instant::now();
+        let compacted_before = self.store.state().compact_revision;
+        let mut replies = Vec::new();
+        let mut conf_changes = Vec::new();
+        let mut members_changed = false;
+        let mut batch = self.store.batch()?;
+        for entry in entries {
+            let (index, term) = (entry.index, entry.term);
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => batch.skip(index, term),
+                EntryType::EntryNormal => {
+                    let request = match RaftRequest::decode(&entry.data[..]) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(index, error = %e, "undecodable log entry skipped");
+                            batch.skip(index, term);
+                            continue;
+                        }
+                    };
+                    let result = match request.request {
+                        Some(r) => batch.entry(index, term, |b| {
+                            self.applier.apply_as(b, r, request.auth.as_ref())
+                        }),
+                        None => {
+                            batch.skip(index, term);
+                            continue;
+                        }
+                    };
+                    if let Err(ApplyError::Storage(e)) = result {
+                        return Err(NodeError::Apply {
+                            index,
+                            source: ApplyError::Storage(e),
+                        });
+                    }
+                    members_changed |= matches!(result, Ok(ApplyResult::Membership(_)));
+                    if request.origin == self.id {
+                        if let Some(reply) = self.waiting.remove(&request.seq) {
+                            self.metrics.proposals_pending.dec();
+                            replies.push((reply, result.map_err(ProposeError::from)));
+                        }
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let change = MemberChange::decode(&entry.context[..]).unwrap_or_default();
+                    let removed = conf_change_kind(&entry)? == ConfChangeType::RemoveNode;
+                    let row: MemberRow = (
+                        change.id,
+                        change.name.clone(),
+                        change.peer_urls.clone(),
+                        Vec::new(),
+                        change.is_learner,
+                    );
+                    let result = batch.entry(index, term, |b| {
+                        change_member(b.conn(), &row, removed)?;
+                        Ok(ApplyResult::Membership(members(b.conn())?))
+                    });
+                    if let Err(ApplyError::Storage(e)) = result {
+                        return Err(NodeError::Apply {
+                            index,
+                            source: ApplyError::Storage(e),
+                        });
+                    }
+                    if change.origin == self.id {
+                        if let Some(reply) = self.waiting.remove(&change.seq) {
+                            self.metrics.proposals_pending.dec();
+                            replies.push((reply, result.map_err(ProposeError::from)));
+                        }
+                    }
+                    conf_changes.push(entry);
+                }
+            }
+        }
+        batch.record_lag(
+            self.status.leader_commit.load(Ordering::Acquire),
+            self.status.caught_up_at_ms.load(Ordering::Acquire),
+        )?;
+        let events = batch.commit()?;
+        Ok(Applied {
+            started,
+            compacted_before,
+            replies,
+            conf_changes,
+            members_changed,
+            events,
+        })
     }
 }
 
