@@ -227,14 +227,15 @@ impl Server {
             .with_context(|| format!("cannot parse {line:?} in {path}"))
     }
 
-    /// Bytes of the key-value state on disk: etcd's bbolt file
-    /// (`member/snap/db`); Tern's `state.db` with its WAL, so frames not
-    /// yet checkpointed count too.
+    /// Bytes of the key-value state on disk, the file the quota counts:
+    /// etcd's bbolt file (`member/snap/db`), Tern's `state.db`. Neither
+    /// counts its log (etcd's `member/wal`, Tern's `raft.db` and the
+    /// state's WAL, at most 16 MiB).
     pub fn state_bytes(&self) -> Result<u64> {
         let data = data_dir(self._dir.path());
         let files = match self.system {
             System::Etcd => vec![data.join("member/snap/db")],
-            System::Tern => vec![data.join("state.db"), data.join("state.db-wal")],
+            System::Tern => vec![data.join("state.db")],
         };
         let mut total = 0;
         for file in files {

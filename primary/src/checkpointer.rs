@@ -11,9 +11,12 @@
 //! frame, the next commit starts the WAL from its beginning again, so it
 //! stays small.
 //!
-//! The writer connections keep SQLite's automatic checkpoint as a
-//! backstop, at [`BACKSTOP_PAGES`], for when this thread falls behind
-//! (a long reader pins old frames, say).
+//! Under steady writes a PASSIVE checkpoint rarely catches the newest
+//! frame (the writer commits while it copies), and only a complete one lets
+//! the WAL start over. So the writer connections keep SQLite's automatic
+//! checkpoint at [`BACKSTOP_PAGES`]: when it fires, this thread has already
+//! copied and synced nearly every frame, and the commit that runs it only
+//! copies and syncs what arrived since the last pass.
 
 use std::path::Path;
 use std::thread::JoinHandle;
@@ -26,9 +29,9 @@ use rusqlite::Connection;
 /// under full load, rare enough that an idle member does nothing.
 pub const INTERVAL: Duration = Duration::from_millis(100);
 
-/// `wal_autocheckpoint` of the writer connections: a commit checkpoints
-/// by itself only once the WAL holds this many pages (64 MiB at 4 KiB).
-pub const BACKSTOP_PAGES: i64 = 16384;
+/// `wal_autocheckpoint` of the writer connections: a commit finishes the
+/// checkpoint itself once the WAL holds this many pages (16 MiB at 4 KiB).
+pub const BACKSTOP_PAGES: i64 = 4096;
 
 /// A thread checkpointing one database file every [`INTERVAL`]; stops
 /// when dropped.

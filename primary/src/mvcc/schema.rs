@@ -172,6 +172,14 @@ fn migrate_1_to_2(conn: &mut Connection) -> Result<(), MvccError> {
     Ok(())
 }
 
+/// Bytes per database page. A `kv_history` leaf holds whole rows, so up to
+/// one row's worth is wasted at the end of each: at 4 KiB, three 1.1 KiB
+/// rows fill 3.3 KiB. 16 KiB pages waste less (16% less disk at 1 KiB
+/// values, measured) but every commit writes each page it touches whole
+/// into the WAL, and a put touches four or five: they cost 30–50% of the
+/// put throughput. Writes win.
+pub const PAGE_SIZE: i64 = 4096;
+
 /// Page cache of each read connection, in KiB.
 const READER_CACHE_KIB: i64 = 2048;
 
@@ -191,6 +199,8 @@ pub fn open_reader(path: &Path) -> Result<Connection, MvccError> {
 
 fn configure(conn: &Connection) -> Result<(), MvccError> {
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    // Only takes effect on a new file (and on VACUUM).
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // The Raft log is the durability boundary; see the module docs.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
