@@ -417,11 +417,11 @@ async fn backup_memory_stays_bounded_for_a_large_state() {
     let (_, public) = age_key(dir.path());
     let store = dir.path().join("store");
     let mut c = Cluster::start(1, &["--quota-backend-bytes", "8589934592"]);
-    // 60 MiB of incompressible values (state.db holds them twice, and
-    // 1 KiB rows cost an overflow page in kv_live: ~360 MB of state), in
-    // txns of 100.
+    // 52k incompressible 4 KiB values, ~210 MB (state.db holds each value
+    // once), in txns of 100.
     let leader = c.nodes[0].client.clone();
-    tern_tests::bulk_write(&leader, "mem/", 60_000, 4, random_kib).await;
+    let random_4kib = |n: usize| (4 * n..4 * n + 4).flat_map(random_kib).collect();
+    tern_tests::bulk_write(&leader, "mem/", 52_000, 4, random_4kib).await;
     let url = format!("file://{}", store.display());
     let l = add_file_learner(&mut c, &url, &public, &[]);
     let learner = c.nodes[l].client.clone();
