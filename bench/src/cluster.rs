@@ -51,7 +51,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::load::{self, Pool, Settings};
 use crate::report::{Metric, Unit};
 use crate::servers::{free_port, Binaries, Probe, Server, System};
-use crate::{plural, progress};
+use crate::{plural, progress, push_rate_and_latency};
 
 /// How long a fresh cluster may take to agree on a leader that answers
 /// Status (every member already served a linearizable Range by then).
@@ -145,21 +145,7 @@ async fn put_throughput(
         .step(&what, load::puts(&pool, load.clients, settings))
         .await?;
     progress(cluster.system, &what, &r);
-    metrics.push(Metric::new(
-        format!("{what} (req/s)"),
-        Unit::Rate,
-        r.per_second(),
-    ));
-    metrics.push(Metric::new(
-        format!("{what} p50 (ms)"),
-        Unit::Millis,
-        r.percentile_ms(0.5),
-    ));
-    metrics.push(Metric::new(
-        format!("{what} p99 (ms)"),
-        Unit::Millis,
-        r.percentile_ms(0.99),
-    ));
+    push_rate_and_latency(metrics, &what, &r, &[0.5, 0.99]);
     Ok(r.errors)
 }
 

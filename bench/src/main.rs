@@ -515,21 +515,7 @@ async fn throughput_workloads(
         let r = step(server, &what, load::puts(&pool, clients, &settings)).await?;
         progress(system, &what, &r);
         errors += r.errors;
-        metrics.push(Metric::new(
-            format!("{what} (req/s)"),
-            Unit::Rate,
-            r.per_second(),
-        ));
-        metrics.push(Metric::new(
-            format!("{what} p50 (ms)"),
-            Unit::Millis,
-            r.percentile_ms(0.5),
-        ));
-        metrics.push(Metric::new(
-            format!("{what} p99 (ms)"),
-            Unit::Millis,
-            r.percentile_ms(0.99),
-        ));
+        push_rate_and_latency(metrics, &what, &r, &[0.5, 0.99]);
     }
 
     let get_keys = load::prepare_gets(&pool, args.get_keys, &settings);
@@ -574,16 +560,7 @@ async fn throughput_workloads(
         let r = step(server, &what, ranges).await?;
         progress(system, &what, &r);
         errors += r.errors;
-        metrics.push(Metric::new(
-            format!("{what} (req/s)"),
-            Unit::Rate,
-            r.per_second(),
-        ));
-        metrics.push(Metric::new(
-            format!("{what} p99 (ms)"),
-            Unit::Millis,
-            r.percentile_ms(0.99),
-        ));
+        push_rate_and_latency(metrics, &what, &r, &[0.99]);
     }
 
     metrics.push(Metric::new(
@@ -666,6 +643,27 @@ async fn rss_workload(server: &mut Server, args: &Args, metrics: &mut Vec<Metric
         state_mib,
     ));
     Ok(r.errors)
+}
+
+/// The rows of one step: its rate, and its latency at each quantile.
+fn push_rate_and_latency(
+    metrics: &mut Vec<Metric>,
+    what: &str,
+    r: &load::StepResult,
+    quantiles: &[f64],
+) {
+    metrics.push(Metric::new(
+        format!("{what} (req/s)"),
+        Unit::Rate,
+        r.per_second(),
+    ));
+    for &q in quantiles {
+        metrics.push(Metric::new(
+            format!("{what} p{} (ms)", (q * 100.0).round()),
+            Unit::Millis,
+            r.percentile_ms(q),
+        ));
+    }
 }
 
 /// Awaits one workload; on failure says which server and step, and why: a

@@ -9,9 +9,12 @@
 //! 2. ticks the Raft clock when due, and asks for one read index on behalf
 //!    of every linearizable read that arrived (reads are batched too);
 //! 3. handles `Ready` in raft-rs's order ([`RaftNode::on_ready`]): send
-//!    messages, apply committed entries, append entries and hard state with
-//!    one fsync, send persisted messages, advance, apply what the light
-//!    ready committed, release reads whose index is applied.
+//!    messages, then append entries and hard state with one fsync on a
+//!    second thread while this one applies the committed entries (they are
+//!    durable already), send persisted messages, advance, apply what the
+//!    light ready committed (or, when more proposals are queued, keep it
+//!    for the next turn's fsync to overlap), release reads whose index is
+//!    applied.
 //!
 //! A single voter uses exactly this path; a cluster adds the peer transport
 //! (messages out through [`Transport`], in through [`NodeMsg::Step`]) and
@@ -797,15 +800,7 @@ impl RaftNode {
             }
             return self.apply(committed);
         }
-        let state_machine = StateMachine {
-            id: self.config.id,
-            store: &mut self.store,
-            applier: &mut self.applier,
-            waiting: &mut self.waiting,
-            metrics: &self.metrics,
-            status: &self.status,
-        };
-        let log = self.raw.mut_store();
+        let (log, state_machine) = self.log_and_state_machine();
         let (persisted, applied) = std::thread::scope(|scope| {
             let writer = std::thread::Builder::new()
                 .name("raft-log".into())
@@ -889,21 +884,25 @@ impl RaftNode {
         if entries.is_empty() {
             return Ok(());
         }
-        let applied = self.state_machine().apply_batch(entries)?;
+        let applied = self.log_and_state_machine().1.apply_batch(entries)?;
         self.finish_apply(applied)
     }
 
-    /// The parts of the node that applying entries to the state uses; none
-    /// of them is the Raft node, so the log can be written meanwhile.
-    fn state_machine(&mut self) -> StateMachine<'_> {
-        StateMachine {
-            id: self.config.id,
-            store: &mut self.store,
-            applier: &mut self.applier,
-            waiting: &mut self.waiting,
-            metrics: &self.metrics,
-            status: &self.status,
-        }
+    /// The log, and the parts of the node that applying entries to the
+    /// state uses, borrowed apart: none of the latter is the Raft node, so
+    /// the log can be written while entries are applied.
+    fn log_and_state_machine(&mut self) -> (&mut LogStore, StateMachine<'_>) {
+        (
+            self.raw.mut_store(),
+            StateMachine {
+                id: self.config.id,
+                store: &mut self.store,
+                applier: &mut self.applier,
+                waiting: &mut self.waiting,
+                metrics: &self.metrics,
+                status: &self.status,
+            },
+        )
     }
 
     /// After a batch is committed to the state: membership changes reach
