@@ -372,7 +372,11 @@ impl KvHash {
 
 /// Keys attached to a lease.
 pub fn lease_keys(conn: &Connection, lease: i64) -> Result<Vec<Vec<u8>>, MvccError> {
-    let mut stmt = conn.prepare_cached("SELECT key FROM kv_keys WHERE lease = ?1 ORDER BY key")?;
+    // `lease != 0` lets SQLite use the partial index `kv_keys_by_lease`
+    // (`lease = ?1` alone does not prove the index's condition), instead
+    // of scanning every key on each revoke.
+    let mut stmt = conn
+        .prepare_cached("SELECT key FROM kv_keys WHERE lease = ?1 AND lease != 0 ORDER BY key")?;
     let keys = stmt
         .query_map([lease], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
