@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 use tern_primary::proto::etcdserverpb::kv_client::KvClient;
+use tern_primary::proto::etcdserverpb::DeleteRangeRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -52,6 +53,12 @@ const PRIMARY_NAME: &str = "m0";
 pub const TXN_OPS: u64 = 100;
 pub const LOAD_CLIENTS: usize = 16;
 const MIB: f64 = 1024.0 * 1024.0;
+/// Puts per second to the primary while the learner's lag is measured in
+/// the backup section, for [`LAG_DURATION`], its revision read every
+/// [`LAG_POLL`].
+const LAG_RATE: u64 = 500;
+const LAG_DURATION: Duration = Duration::from_secs(5);
+const LAG_POLL: Duration = Duration::from_millis(2);
 
 /// The shape of the backup section.
 #[derive(Debug, Clone)]
@@ -86,19 +93,32 @@ pub async fn bench_system(
 ) -> Result<Vec<Metric>> {
     // The backed-up servers are gone once these return; only what they
     // wrote is left for the restores.
-    let (runs, restores) = match system {
+    let (idle_lag, backup_lag) = (
+        "learner lag p99, no backup (ms)",
+        "learner lag p99, during a backup (ms)",
+    );
+    let (runs, restores, lag) = match system {
         System::Etcd => {
             let (runs, snapshot) = etcd_snapshots(bins, load, settings).await?;
             eprintln!("[{system}] restoring the last snapshot");
             let restored = restore::etcd(bins, &snapshot, load.keys, load.runs, settings).await?;
-            (runs, restore::metrics(restored, None)?)
+            // etcd's learner takes no backups.
+            let lag = vec![
+                Metric::none(idle_lag, Unit::Millis),
+                Metric::none(backup_lag, Unit::Millis),
+            ];
+            (runs, restore::metrics(restored, None)?, lag)
         }
         System::Tern => {
             let (runs, backups) = tern_backups(bins, load, settings).await?;
             eprintln!("[{system}] restoring the newest backup");
             let restored = restore::tern(bins, &backups, load.keys, load.runs, settings).await?;
             let rto = restore::drill(bins, &backups).await?;
-            (runs, restore::metrics(restored, Some(rto))?)
+            let lag = vec![
+                Metric::new(idle_lag, Unit::Millis, backups.lag.0),
+                Metric::new(backup_lag, Unit::Millis, backups.lag.1),
+            ];
+            (runs, restore::metrics(restored, Some(rto))?, lag)
         }
     };
     let run = median(runs).context("no backup was taken")?;
@@ -132,6 +152,7 @@ pub async fn bench_system(
         ),
     });
     metrics.extend(restores);
+    metrics.extend(lag);
     Ok(metrics)
 }
 
@@ -319,6 +340,7 @@ async fn tern_backups(
         &args,
     )?;
     learner.wait_ready(Probe::Serializable).await?;
+    let lag = learner_lag_with_a_backup(&primary, &mut learner, load, settings).await?;
 
     // Nothing writes any more, so the primary's revision now is the one
     // the learner must reach.
@@ -381,8 +403,61 @@ async fn tern_backups(
             url,
             identity,
             revision,
+            lag,
         },
     ))
+}
+
+/// The learner's lag behind its primary (p99, ms) under [`LAG_RATE`]
+/// puts/s: with nothing else going on, then while a backup runs; a backup
+/// must not hold up the learner's apply. The lag keys are deleted after,
+/// so every later backup holds exactly the loaded keys.
+async fn learner_lag_with_a_backup(
+    primary: &Server,
+    learner: &mut Server,
+    load: &BackupLoad,
+    settings: &Settings,
+) -> Result<(f64, f64)> {
+    let system = System::Tern;
+    let lag_load = cluster::ClusterLoad {
+        voters: 1,
+        clients: 1,
+        connections: load.connections,
+        learner_rtt: Duration::ZERO,
+        learner_rate: LAG_RATE,
+        learner_duration: LAG_DURATION,
+        poll_interval: LAG_POLL,
+    };
+    let (primary_url, learner_url) = (primary.url().to_string(), learner.url().to_string());
+    let idle = crate::step(
+        learner,
+        "learner lag, no backup",
+        cluster::measure_lag(&primary_url, &learner_url, &lag_load, settings),
+    )
+    .await?;
+    let (during, backup) = tokio::join!(
+        cluster::measure_lag(&primary_url, &learner_url, &lag_load, settings),
+        post_backup(&learner_url)
+    );
+    let during = crate::step(learner, "learner lag during a backup", async { during }).await?;
+    backup.context("the backup taken while the learner's lag was measured")?;
+    let (idle, during) = (idle.percentile_ms(0.99), during.percentile_ms(0.99));
+    eprintln!(
+        "[{system}] learner lag at {LAG_RATE} puts/s, p99: {idle:.3} ms without a backup, \
+         {during:.3} ms during one"
+    );
+    let mut kv = KvClient::new(cluster::connect(&primary_url).await?);
+    let prefix = load::key(load::LAG_PREFIX, 0)[..1].to_vec();
+    let mut range_end = prefix.clone();
+    range_end[0] += 1;
+    kv.delete_range(DeleteRangeRequest {
+        key: prefix,
+        range_end,
+        ..Default::default()
+    })
+    .await
+    .context("deleting the lag keys")?;
+    Ok((idle, during))
 }
 
 /// Writes the data set: `load.keys` keys in txns of [`TXN_OPS`]. Fails if

@@ -220,6 +220,13 @@ async fn learner_lag(
     Ok(lag.errors)
 }
 
+impl LagResult {
+    /// The lag at `quantile`, in milliseconds.
+    pub fn percentile_ms(&self, quantile: f64) -> f64 {
+        millis(percentile(&self.lags, quantile))
+    }
+}
+
 /// Running members of one system. Dropping it kills them all and removes
 /// their data.
 struct Cluster {
@@ -517,7 +524,7 @@ pub async fn connect(url: &str) -> Result<Channel> {
 }
 
 /// What the lag measurement saw.
-struct LagResult {
+pub struct LagResult {
     /// Lag of every acknowledged timed write, sorted.
     lags: Vec<Duration>,
     /// From the first timed put sent to the last one acknowledged.
@@ -531,7 +538,7 @@ struct LagResult {
 
 /// Warms up, waits for the learner to catch up, then writes to the leader
 /// at the steady rate while polling the learner; see the module docs.
-async fn measure_lag(
+pub async fn measure_lag(
     leader_url: &str,
     learner_url: &str,
     load: &ClusterLoad,

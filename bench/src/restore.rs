@@ -74,6 +74,8 @@ pub struct TernBackups {
     pub identity: PathBuf,
     /// The newest backup's revision.
     pub revision: i64,
+    /// The learner's lag p99 in ms, without and during a backup.
+    pub lag: (f64, f64),
 }
 
 /// One restore, split where the member is started.

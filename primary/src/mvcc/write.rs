@@ -44,9 +44,15 @@ impl MvccStore {
         &self.conn
     }
 
-    /// Start applying a group of entries.
+    /// Start applying a group of entries. The transaction takes the write
+    /// lock at once (IMMEDIATE): a deferred one would read first and then
+    /// upgrade, and SQLite answers an upgrade that finds the lock held
+    /// (for a moment, by the checkpointer's connection) with "database is
+    /// locked" at once instead of waiting, which would stop the node.
     pub fn batch(&mut self) -> Result<Batch<'_>, MvccError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         Ok(Batch {
             state: self.state,
             target: &mut self.state,
