@@ -404,3 +404,59 @@ fn endpoints_with_a_scheme_match_etcd() {
         assert_eq!(on_tern.code, 0, "{args:?} on tern: {}", on_tern.stderr);
     }
 }
+
+/// `endpoint hashkv` prints etcd's number on Tern after the same mixed
+/// history (puts over several versions, a lease, deletes, a txn, a
+/// compaction), now and at older revisions; `compact_revision` is -1
+/// until the first compaction, as in etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn hashkv_matches_etcd() {
+    let p = Pair::start();
+    let hashkv = |args: &[&str]| -> (Value, Value) {
+        let mut all = vec!["endpoint", "hashkv", "-w", "json"];
+        all.extend_from_slice(args);
+        let (e, t) = p.run(&all, None);
+        assert_eq!(
+            (e.code, e.error_line()),
+            (t.code, t.error_line()),
+            "{args:?}"
+        );
+        let parse = |s: &str| -> Value {
+            serde_json::from_str::<Value>(s).map_or(Value::Null, |v| v[0]["HashKV"].clone())
+        };
+        (parse(&e.stdout), parse(&t.stdout))
+    };
+    let same_hash = |args: &[&str]| {
+        let (e, t) = hashkv(args);
+        for field in ["hash", "compact_revision"] {
+            assert_eq!(e[field], t[field], "{field} of hashkv {args:?}");
+        }
+        assert_eq!(e["header"]["revision"], t["header"]["revision"]);
+    };
+    same_hash(&[]);
+    let (e, _) = hashkv(&[]);
+    assert_eq!(e["compact_revision"], -1, "nothing compacted yet");
+    session_put(&p);
+    same_hash(&[]);
+    p.grant(0x77, 600).await;
+    p.same(&["put", "leased", "v", "--lease=77"]);
+    for v in ["2", "3", "4"] {
+        p.same(&["put", "foo", v]);
+    }
+    p.same(&["del", "k1"]);
+    p.same(&["del", "--prefix", "foo"]);
+    p.same_stdin(&["txn"], Some("\nput t1 one\nput t2 two\ndel a\n\n\n"));
+    p.same(&["put", "foo", "back"]);
+    same_hash(&[]);
+    for rev in 1..=16 {
+        same_hash(&["--rev", &rev.to_string()]);
+    }
+    p.same(&["compaction", "9"]);
+    p.same(&["put", "k2", "after"]);
+    p.same(&["del", "k2"]);
+    for rev in ["0", "9", "10", "12", "14", "18", "19", "100"] {
+        same_hash(&["--rev", rev]);
+    }
+    let (e, _) = hashkv(&[]);
+    assert_eq!(e["compact_revision"], 9);
+}

@@ -1932,7 +1932,8 @@ fn forged_log_entries_replay_without_panicking() {
                 batch.commit().expect("commit");
                 // The state is whole: its hash can be computed at its revision.
                 let state = read::store_state(store.connection()).expect("state");
-                read::hash(store.connection(), state.revision).expect("hash");
+                read::hash(store.connection(), state.revision, state.compact_revision)
+                    .expect("hash");
             })
         });
         if let Err(e) = result {

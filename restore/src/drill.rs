@@ -71,7 +71,7 @@ fn expected(state: &Path) -> anyhow::Result<Expected> {
     let conn = tern_primary::mvcc::schema::open(state)?;
     let store = read::store_state(&conn)?;
     let key_count = read::key_count(&conn)?;
-    let kv_hash = read::hash(&conn, store.revision)?;
+    let kv_hash = read::hash(&conn, store.revision, store.compact_revision)?;
     let mut stmt =
         // Sample the keys first, so only the sampled values are read.
         conn.prepare(

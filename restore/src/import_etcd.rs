@@ -261,7 +261,7 @@ fn build_state(db: &bbolt::Reader, path: &Path) -> anyhow::Result<Built> {
     let conn = store.connection();
     let keys = read::key_count(conn)?;
     let history_rows: i64 = conn.query_row("SELECT count(*) FROM kv_history", [], |r| r.get(0))?;
-    let kv_hash = read::hash(conn, state.revision)?;
+    let kv_hash = read::hash(conn, state.revision, state.compact_revision)?;
     let orphans: i64 = conn.query_row(
         "SELECT count(*) FROM kv_keys WHERE lease != 0 AND lease NOT IN (SELECT id FROM leases)",
         [],

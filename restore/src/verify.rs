@@ -141,7 +141,12 @@ fn check_state(path: &Path, manifest: &Manifest) -> anyhow::Result<Verified> {
     }
     let state = read::store_state(&conn)?;
     let key_count = read::key_count(&conn)?;
-    let kv_hash = read::hash(&conn, state.revision)?;
+    // Format 1 manifests carry Tern's own first hash; later ones etcd's.
+    let kv_hash = if manifest.format_version < 2 {
+        read::tern_v1_hash(&conn, state.revision)?
+    } else {
+        read::hash(&conn, state.revision, state.compact_revision)?
+    };
     let mut wrong = Vec::new();
     if state.revision != manifest.revision {
         wrong.push(format!(

@@ -4,8 +4,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Bumped when the manifest or the backup file changes meaning.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped when the manifest or the backup file changes meaning. 2:
+/// `kv_hash` is etcd's HashKV (1: Tern's own CRC-32 over its history rows,
+/// which `tern-restore verify` still checks).
+pub const FORMAT_VERSION: u32 = 2;
 /// What the decrypted, decompressed object is.
 pub const CONTENT: &str = "sqlite3: Tern MVCC state (tables explain themselves in `about`)";
 

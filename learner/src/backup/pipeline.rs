@@ -149,7 +149,8 @@ fn describe_copy(state_path: &FsPath, path: &FsPath) -> Result<Copy, BackupError
         e => snapshot(&e),
     })?;
     let conn = rusqlite::Connection::open(path).map_err(|e| sqlite_failure(&e))?;
-    let kv_hash = read::hash(&conn, state.revision).map_err(|e| snapshot(&e))?;
+    let kv_hash =
+        read::hash(&conn, state.revision, state.compact_revision).map_err(|e| snapshot(&e))?;
     let key_count = read::key_count(&conn).map_err(|e| snapshot(&e))?;
     let cluster_id = read::meta(&conn, "cluster_id").map_err(|e| snapshot(&e))? as u64;
     let member_id = read::meta(&conn, "member_id").map_err(|e| snapshot(&e))? as u64;

@@ -118,16 +118,17 @@ impl Maintenance for MaintenanceService {
             .defragment()
             .await
             .map_err(Status::internal)?;
-        Ok(Response::new(DefragmentResponse {
-            header: Some(self.member.header(0)),
-        }))
+        // etcd 3.4 answers with no header.
+        Ok(Response::new(DefragmentResponse { header: None }))
     }
 
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         self.require_root(&request).await?;
         let hash = self
             .member
-            .read(|conn, state| read::hash(conn, state.revision).map_err(mvcc_status))
+            .read(|conn, state| {
+                read::hash(conn, state.revision, state.compact_revision).map_err(mvcc_status)
+            })
             .await?;
         Ok(Response::new(HashResponse {
             header: Some(self.member.header(0)),
@@ -144,15 +145,23 @@ impl Maintenance for MaintenanceService {
         let (hash, revision, compact_revision) = self
             .member
             .read(move |conn, state| {
-                let revision = if wanted <= 0 { state.revision } else { wanted };
-                if revision > state.revision {
-                    return Err(EtcdError::FutureRevision.into());
-                }
-                if revision < state.compact_revision {
+                // etcd: a revision at or below the compaction is gone.
+                if wanted > 0 && state.compact_revision > 0 && wanted <= state.compact_revision {
                     return Err(EtcdError::Compacted.into());
                 }
-                let hash = read::hash(conn, revision).map_err(mvcc_status)?;
-                Ok((hash, state.revision, state.compact_revision))
+                if wanted > state.revision {
+                    return Err(EtcdError::FutureRevision.into());
+                }
+                let revision = if wanted <= 0 { state.revision } else { wanted };
+                let hash =
+                    read::hash(conn, revision, state.compact_revision).map_err(mvcc_status)?;
+                // etcd's compactMainRev is -1 until the first compaction.
+                let compacted = if state.compact_revision > 0 {
+                    state.compact_revision
+                } else {
+                    -1
+                };
+                Ok((hash, state.revision, compacted))
             })
             .await?;
         Ok(Response::new(HashKvResponse {
@@ -269,9 +278,8 @@ impl Maintenance for MaintenanceService {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
-        Ok(Response::new(MoveLeaderResponse {
-            header: Some(self.member.header(0)),
-        }))
+        // etcd 3.4 answers with no header.
+        Ok(Response::new(MoveLeaderResponse { header: None }))
     }
 }
 

@@ -419,25 +419,17 @@ fn write_key_bucket(
     let mut rows = stmt.query([compact_revision])?;
     let mut value = Vec::new();
     while let Some(row) = rows.next()? {
-        let tombstone: bool = row.get(6)?;
-        let mod_revision: i64 = row.get(2)?;
-        let mut key = revision_key(mod_revision, row.get(7)?).to_vec();
-        let kv = if tombstone {
-            key.push(b't');
-            KeyValue {
-                key: row.get(0)?,
-                ..Default::default()
-            }
-        } else {
-            KeyValue {
-                key: row.get(0)?,
-                create_revision: row.get(1)?,
-                mod_revision,
-                version: row.get(3)?,
-                lease: row.get(4)?,
-                value: row.get(5)?,
-            }
-        };
+        let (key, kv) = HistoryRow {
+            key: row.get(0)?,
+            create_revision: row.get(1)?,
+            mod_revision: row.get(2)?,
+            version: row.get(3)?,
+            lease: row.get(4)?,
+            value: row.get(5)?,
+            tombstone: row.get(6)?,
+            sub: row.get(7)?,
+        }
+        .into_etcd_record();
         value.clear();
         kv.encode(&mut value)
             .map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -299,30 +299,83 @@ pub fn previous(
     Ok(row.and_then(|(kv, tombstone)| (!tombstone).then_some(kv)))
 }
 
-/// HashKV: a CRC32 over every stored change at or before `revision`, in
-/// revision order (by `mod_revision, sub`, which format 1 files, older
-/// backups, have too). Two members with the same history (and the same
-/// compaction) agree; any divergence in keys, values or metadata shows.
-pub fn hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> {
+/// HashKV exactly as etcd 3.4 computes it (`mvcc.store.HashByRev`), so
+/// `etcdctl endpoint hashkv` agrees between an etcd and a Tern that hold
+/// the same keys, values and history: CRC-32C over the bucket name `key`,
+/// then, in revision order, each `key` bucket record etcd's backend would
+/// hold (its 17-byte revision key, `t`-marked for a deletion, and the
+/// marshalled `mvccpb.KeyValue`) at or before `revision`.
+///
+/// At or before the compaction revision etcd counts only the records its
+/// index keeps at `revision`: per key, the newest change at or before
+/// `revision` if that is not a deletion (all of them when no key is kept).
+/// Tern's history also keeps a deletion at exactly the compaction
+/// revision, which etcd's compaction drops; it is never counted.
+pub fn hash(conn: &Connection, revision: i64, compact_revision: i64) -> Result<u32, MvccError> {
+    let newest_by_then = "NOT EXISTS (SELECT 1 FROM kv_history n WHERE n.key = h.key \
+         AND n.mod_revision > h.mod_revision AND n.mod_revision <= ?1)";
+    let keeps_none: bool = conn
+        .prepare_cached(&format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM kv_history h WHERE h.mod_revision <= ?1 \
+             AND h.tombstone = 0 AND {newest_by_then})"
+        ))?
+        .query_row([revision], |r| r.get(0))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT key, mod_revision, sub, create_revision, version, lease, value, tombstone \
+         FROM kv_history h WHERE h.mod_revision <= ?1 AND (h.mod_revision > ?2 \
+         OR (h.tombstone = 0 AND (?3 OR {newest_by_then}))) ORDER BY h.mod_revision, h.sub"
+    ))?;
+    let mut hasher = EtcdKvHash::default();
+    let mut rows = stmt.query((revision, compact_revision, keeps_none))?;
+    while let Some(row) = rows.next()? {
+        hasher.add(history_row(row)?);
+    }
+    Ok(hasher.finish())
+}
+
+/// The hash format 1 backup manifests carry (CRC-32 over Tern's own
+/// history rows, every row at or before `revision`), kept so `tern-restore
+/// verify` still checks backups taken before HashKV became etcd's.
+pub fn tern_v1_hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> {
     let mut stmt = conn.prepare_cached(
         "SELECT key, mod_revision, sub, create_revision, version, lease, value, tombstone \
          FROM kv_history WHERE mod_revision <= ?1 ORDER BY mod_revision, sub",
     )?;
-    let mut hasher = KvHash::default();
+    let mut h = crc32fast::Hasher::new();
     let mut rows = stmt.query([revision])?;
     while let Some(row) = rows.next()? {
-        hasher.add(&HistoryRow {
-            key: row.get(0)?,
-            mod_revision: row.get(1)?,
-            sub: row.get(2)?,
-            create_revision: row.get(3)?,
-            version: row.get(4)?,
-            lease: row.get(5)?,
-            value: row.get(6)?,
-            tombstone: row.get(7)?,
-        });
+        let row = history_row(row)?;
+        h.update(&(row.key.len() as u64).to_be_bytes());
+        h.update(&row.key);
+        for n in [
+            row.mod_revision,
+            row.sub,
+            row.create_revision,
+            row.version,
+            row.lease,
+            i64::from(row.tombstone),
+        ] {
+            h.update(&n.to_be_bytes());
+        }
+        h.update(&(row.value.len() as u64).to_be_bytes());
+        h.update(&row.value);
     }
-    Ok(hasher.finish())
+    Ok(h.finalize())
+}
+
+/// A row selected as `key, mod_revision, sub, create_revision, version,
+/// lease, value, tombstone`.
+fn history_row(row: &Row) -> rusqlite::Result<HistoryRow> {
+    Ok(HistoryRow {
+        key: row.get(0)?,
+        mod_revision: row.get(1)?,
+        sub: row.get(2)?,
+        create_revision: row.get(3)?,
+        version: row.get(4)?,
+        lease: row.get(5)?,
+        value: row.get(6)?,
+        tombstone: row.get(7)?,
+    })
 }
 
 /// One row of `kv_history`: a put, or (`tombstone`) a deletion, whose
@@ -340,33 +393,64 @@ pub struct HistoryRow {
     pub tombstone: bool,
 }
 
-/// The running CRC behind [`hash`], public so a history that is not (yet)
-/// in a database, such as an etcd snapshot's `key` bucket, can be hashed
-/// the same way. Rows must be added in revision order.
-#[derive(Default)]
-pub struct KvHash(crc32fast::Hasher);
+impl HistoryRow {
+    /// The record etcd's backend keeps for this change in its `key`
+    /// bucket: the revision key (`revToBytes`, then `t` for a deletion)
+    /// and the `mvccpb.KeyValue` it marshals (only the key for a deletion).
+    pub fn into_etcd_record(self) -> (Vec<u8>, KeyValue) {
+        let mut key = Vec::with_capacity(18);
+        key.extend_from_slice(&self.mod_revision.to_be_bytes());
+        key.push(b'_');
+        key.extend_from_slice(&self.sub.to_be_bytes());
+        let kv = if self.tombstone {
+            key.push(b't');
+            KeyValue {
+                key: self.key,
+                ..Default::default()
+            }
+        } else {
+            KeyValue {
+                key: self.key,
+                create_revision: self.create_revision,
+                mod_revision: self.mod_revision,
+                version: self.version,
+                value: self.value,
+                lease: self.lease,
+            }
+        };
+        (key, kv)
+    }
+}
 
-impl KvHash {
-    pub fn add(&mut self, row: &HistoryRow) {
-        let h = &mut self.0;
-        h.update(&(row.key.len() as u64).to_be_bytes());
-        h.update(&row.key);
-        for n in [
-            row.mod_revision,
-            row.sub,
-            row.create_revision,
-            row.version,
-            row.lease,
-            i64::from(row.tombstone),
-        ] {
-            h.update(&n.to_be_bytes());
+/// etcd's running HashKV (CRC-32C, seeded with the bucket name), public so
+/// a history that is not in a database, such as an etcd snapshot's `key`
+/// bucket, can be hashed the same way. Records must be added in revision
+/// order, already filtered as [`hash`] filters them.
+pub struct EtcdKvHash {
+    crc: u32,
+    value: Vec<u8>,
+}
+
+impl Default for EtcdKvHash {
+    fn default() -> Self {
+        EtcdKvHash {
+            crc: crc32c::crc32c(b"key"),
+            value: Vec::new(),
         }
-        h.update(&(row.value.len() as u64).to_be_bytes());
-        h.update(&row.value);
+    }
+}
+
+impl EtcdKvHash {
+    pub fn add(&mut self, row: HistoryRow) {
+        let (key, kv) = row.into_etcd_record();
+        self.value.clear();
+        prost::Message::encode(&kv, &mut self.value).expect("a Vec grows");
+        self.crc = crc32c::crc32c_append(self.crc, &key);
+        self.crc = crc32c::crc32c_append(self.crc, &self.value);
     }
 
     pub fn finish(self) -> u32 {
-        self.0.finalize()
+        self.crc
     }
 }
 

@@ -261,7 +261,7 @@ mod tests {
         let path = dir.path().join("state.db");
         let old = Connection::open(&path).unwrap();
         old.execute_batch(FORMAT_1).unwrap();
-        let hash_before = read::hash(&old, 6).unwrap();
+        let hash_before = read::hash(&old, 6, 0).unwrap();
         drop(old);
 
         let conn = open(&path).unwrap();
@@ -282,7 +282,7 @@ mod tests {
             ]
         );
         assert_eq!(read::lease_keys(&conn, 7).unwrap(), [b"c".to_vec()]);
-        assert_eq!(read::hash(&conn, 6).unwrap(), hash_before);
+        assert_eq!(read::hash(&conn, 6, 0).unwrap(), hash_before);
         // The view a person reads with sqlite3 still answers as before.
         let value: Vec<u8> = conn
             .query_row(
