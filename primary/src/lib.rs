@@ -29,7 +29,9 @@
 //! - [`lease`]: lease deadlines (the leader revokes expired leases via Raft).
 //! - [`watch`]: the watch hub (synced fan-out and history replay).
 //! - [`housekeeping`]: lease expiry, auto-compaction, size tracking.
-//! - [`http`]: `/health` and `/metrics`; [`metrics`]: etcd-named metrics
+//! - [`gateway`]: etcd's JSON gateway (`/v3/kv/range`…), calling into the
+//!   gRPC services.
+//! - [`http`]: `/version`, `/health`, `/livez`, `/readyz` and `/metrics`; [`metrics`]: etcd-named metrics
 //!   (server, disk, peer network, gRPC, process).
 //! - [`readiness`]: systemd's `Type=notify` (`READY=1` once clients are
 //!   served, `STATUS=`, `STOPPING=1`).
@@ -50,6 +52,7 @@ pub mod bbolt;
 pub mod checkpointer;
 pub mod error;
 pub mod forward;
+pub mod gateway;
 pub mod housekeeping;
 pub mod http;
 pub mod identity;
@@ -69,12 +72,23 @@ pub mod proto {
     #![allow(clippy::all, missing_docs)]
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
+        include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
     }
     pub mod authpb {
         tonic::include_proto!("authpb");
+        include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
     }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+        include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+        include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
     }
     pub mod ternpb {
         tonic::include_proto!("ternpb");

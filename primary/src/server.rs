@@ -243,7 +243,7 @@ pub async fn run_with(
 
     // From the outside in: the learner gate (refusals are not counted, as
     // in etcd), the gRPC metrics, etcd's oversize status, the services.
-    let router = crate::api::routes(member.clone())
+    let grpc = crate::api::routes(member.clone())
         .into_axum_router()
         .layer(axum::middleware::map_response(
             crate::api::etcd_oversize_status,
@@ -255,9 +255,14 @@ pub async fn run_with(
         .layer(axum::middleware::from_fn_with_state(
             member.clone(),
             crate::api::learner_gate,
-        ))
+        ));
+    // The JSON gateway calls back into the gRPC router, layers and all.
+    let router = grpc
+        .clone()
+        .merge(crate::gateway::router(member.clone(), grpc))
         .merge(crate::http::router(member.clone()))
-        .merge(extension.map_or_else(axum::Router::new, |extend| extend(member.clone())));
+        .merge(extension.map_or_else(axum::Router::new, |extend| extend(member.clone())))
+        .layer(axum::middleware::from_fn(crate::http::cors));
     let mut servers = tokio::task::JoinSet::new();
     for url in &config.listen_peer_urls {
         let listener = bind(url).await?;

@@ -6,8 +6,11 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod concurrency;
+pub mod election;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod watch;
 
@@ -20,6 +23,8 @@ use crate::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
 
 /// grpc-go (and so etcd) answers an oversized request with
 /// RESOURCE_EXHAUSTED "grpc: received message larger than max (N vs. M)";
@@ -53,8 +58,8 @@ pub async fn etcd_oversize_status(
     response
 }
 
-/// etcd's learner interceptor: a learner answers every RPC but Status and
-/// Range with `etcdserver: rpc not supported for learner`; Range checks
+/// etcd's learner interceptor: a learner answers every RPC (Lock and
+/// Election included) but Status and Range with `etcdserver: rpc not supported for learner`; Range checks
 /// `serializable` itself. Tern also lets Watch and HashKV through: they
 /// read only the learner's own state, which is what a cross-region reader
 /// (and a check that the learner converged) wants; and Authenticate, which
@@ -75,7 +80,9 @@ pub async fn learner_gate(
     ];
     let path = request.uri().path();
     if member.node.status.is_learner()
-        && path.starts_with("/etcdserverpb.")
+        && ["/etcdserverpb.", "/v3lockpb.", "/v3electionpb."]
+            .iter()
+            .any(|service| path.starts_with(service))
         && !SERVED.contains(&path)
     {
         let status = tonic::Status::from(crate::error::EtcdError::NotSupportedForLearner);
@@ -109,6 +116,13 @@ pub fn routes(member: Arc<Member>) -> Routes {
     )
     .add_service(
         AuthServer::new(auth::AuthService::new(member.clone())).max_decoding_message_size(max),
+    )
+    .add_service(
+        LockServer::new(lock::LockService::new(member.clone())).max_decoding_message_size(max),
+    )
+    .add_service(
+        ElectionServer::new(election::ElectionService::new(member.clone()))
+            .max_decoding_message_size(max),
     )
     .add_service(
         MaintenanceServer::new(maintenance::MaintenanceService::new(member))
