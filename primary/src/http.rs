@@ -242,22 +242,36 @@ async fn run_probe(
         .into_response()
 }
 
-/// etcd's access controller on every HTTP (not gRPC) answer of the client
-/// URLs: CORS headers for any origin (its default `--cors=*`), and an
-/// empty 200 to a preflight OPTIONS.
-pub async fn cors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let grpc = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if grpc {
+/// etcd's access controller and mux on every HTTP (not gRPC) request of
+/// the client URLs: CORS headers for any origin (its default `--cors=*`),
+/// an empty 200 to a preflight OPTIONS, and Go's 404s for paths nothing
+/// serves (which would otherwise reach the gRPC router's "unimplemented").
+pub async fn plain_http(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let is_grpc = |headers: &axum::http::HeaderMap| {
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"))
+    };
+    if is_grpc(request.headers()) {
         return next.run(request).await;
     }
+    let gateway_path = request.uri().path().starts_with("/v3/");
     let mut response = if request.method() == Method::OPTIONS {
         StatusCode::OK.into_response()
     } else {
-        next.run(request).await
+        let response = next.run(request).await;
+        if is_grpc(response.headers()) {
+            // grpc-gateway's mux, or Go's ServeMux, found no route.
+            let text = if gateway_path {
+                "Not Found\n"
+            } else {
+                "404 page not found\n"
+            };
+            plain_error(StatusCode::NOT_FOUND, text)
+        } else {
+            response
+        }
     };
     let headers = response.headers_mut();
     headers.insert(

@@ -261,8 +261,12 @@ pub async fn run_with(
         .clone()
         .merge(crate::gateway::router(member.clone(), grpc))
         .merge(crate::http::router(member.clone()))
-        .merge(extension.map_or_else(axum::Router::new, |extend| extend(member.clone())))
-        .layer(axum::middleware::from_fn(crate::http::cors));
+        .merge(extension.map_or_else(axum::Router::new, |extend| extend(member.clone())));
+    // HTTP (not gRPC) requests get etcd's HTTP conventions around all of
+    // it, the routing included.
+    let router = axum::Router::new()
+        .fallback_service(router)
+        .layer(axum::middleware::from_fn(crate::http::plain_http));
     let mut servers = tokio::task::JoinSet::new();
     for url in &config.listen_peer_urls {
         let listener = bind(url).await?;
