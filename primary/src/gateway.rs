@@ -596,10 +596,23 @@ fn error_response(status: &tonic::Status) -> Response {
         code: status.code() as i32,
     })
     .expect("serializable");
+    // grpc-gateway passes the call's trailers on as HTTP trailers.
+    let mut trailers = HeaderMap::new();
+    trailers.insert(
+        header::HeaderName::from_static("grpc-trailer-content-type"),
+        HeaderValue::from_static("application/grpc"),
+    );
+    let frames = futures::stream::iter([
+        Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(body))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ]);
     (
         http_status(status.code()),
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::TRAILER, "Grpc-Trailer-Content-Type"),
+        ],
+        Body::new(http_body_util::StreamBody::new(frames)),
     )
         .into_response()
 }

@@ -15,8 +15,8 @@ use axum::Router;
 use crate::member::Member;
 use crate::proto::etcdserverpb::AlarmType;
 
-/// The etcd release whose API Tern serves, and its cluster version.
-pub const ETCD_VERSION: &str = "3.4.23";
+pub use crate::api::maintenance::ETCD_VERSION;
+/// The cluster version etcd 3.4 reports beside its own.
 pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 
 pub fn router(member: Arc<Member>) -> Router {

@@ -30,6 +30,12 @@ use super::lease::LeaseService;
 /// lease (`concurrency.defaultSessionTTL`).
 const DEFAULT_SESSION_TTL: i64 = 60;
 
+/// etcd's services get their client's errors as plain Go errors, which
+/// gRPC answers with code Unknown and the same message.
+fn as_client_error(status: Status) -> Status {
+    Status::unknown(status.message())
+}
+
 /// An etcd client inside this member, acting for one caller.
 #[derive(Clone)]
 pub struct LocalClient {
@@ -65,12 +71,20 @@ impl LocalClient {
 
     pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Status> {
         let kv = KvService::new(self.member.clone());
-        Ok(kv.txn(self.request(txn)).await?.into_inner())
+        Ok(kv
+            .txn(self.request(txn))
+            .await
+            .map_err(as_client_error)?
+            .into_inner())
     }
 
     pub async fn range(&self, range: RangeRequest) -> Result<RangeResponse, Status> {
         let kv = KvService::new(self.member.clone());
-        Ok(kv.range(self.request(range)).await?.into_inner())
+        Ok(kv
+            .range(self.request(range))
+            .await
+            .map_err(as_client_error)?
+            .into_inner())
     }
 
     pub async fn delete(&self, key: Vec<u8>) -> Result<DeleteRangeResponse, Status> {
@@ -79,7 +93,11 @@ impl LocalClient {
             key,
             ..Default::default()
         };
-        Ok(kv.delete_range(self.request(request)).await?.into_inner())
+        Ok(kv
+            .delete_range(self.request(request))
+            .await
+            .map_err(as_client_error)?
+            .into_inner())
     }
 
     /// `concurrency.NewSession(WithLease(lease))` as etcd's services open

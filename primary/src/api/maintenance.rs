@@ -63,11 +63,13 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        Ok(Response::new(
-            self.member
-                .propose_for(RaftReq::Alarm(request.into_inner()), None)
-                .await?,
-        ))
+        let mut response: AlarmResponse = self
+            .member
+            .propose_for(RaftReq::Alarm(request.into_inner()), None)
+            .await?;
+        // etcd 3.4 answers Alarm with no header.
+        response.header = None;
+        Ok(Response::new(response))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

@@ -71,16 +71,22 @@ struct ClientStream {
 
 impl ClientStream {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut source: StreamSource) {
+        // As in etcd, a client that closes its side (the JSON gateway's
+        // long POST once its body is read) keeps receiving events until
+        // it goes away.
+        let mut requests_open = true;
         loop {
             tokio::select! {
-                request = inbound.message() => match request {
+                request = inbound.message(), if requests_open => match request {
                     Ok(Some(r)) => if !self.handle(r).await { break },
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => requests_open = false,
+                    Err(_) => break,
                 },
                 message = source.recv() => match message {
                     Some(m) => if !self.deliver(m).await { break },
                     None => break,
                 },
+                _ = self.out.closed() => break,
             }
         }
         for key in self.watchers.values() {
