@@ -179,3 +179,62 @@ fn check_state(path: &Path, manifest: &Manifest) -> anyhow::Result<Verified> {
         raw_bytes: manifest.object.raw_size,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_primary::mvcc::MvccStore;
+
+    fn manifest(format_version: u32, revision: i64, kv_hash: u32) -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format_version": format_version,
+            "id": "20261203T120000.000Z-r3",
+            "cluster_id": "1",
+            "member_id": "2",
+            "revision": revision,
+            "raft_index": 3,
+            "raft_term": 1,
+            "compact_revision": 0,
+            "key_count": 2,
+            "kv_hash": kv_hash,
+            "object": {"name": "x", "size": 0, "sha256": "", "raw_size": 0},
+            "compression": {"algorithm": "zstd", "level": 3},
+            "encryption": {"algorithm": "age", "recipients": []},
+            "content": "",
+            "started_at": "2026-12-03T12:00:00Z",
+            "finished_at": "2026-12-03T12:00:01Z",
+            "tool": "test",
+        }))
+        .unwrap()
+    }
+
+    /// Backups taken before HashKV became etcd's carry Tern's first hash
+    /// (manifest format 1); both kinds verify, and neither passes with the
+    /// other's number.
+    #[test]
+    fn both_manifest_hashes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut store = MvccStore::open(&path).unwrap();
+        let mut batch = store.batch().unwrap();
+        for (i, key) in [&b"a"[..], b"b", b"a"].iter().enumerate() {
+            batch
+                .entry(i as u64 + 1, 1, |b| {
+                    b.put(key, b"v", 0)?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        batch.commit().unwrap();
+        let state = store.state();
+        let conn = store.connection();
+        let etcd = read::hash(conn, state.revision, state.compact_revision).unwrap();
+        let v1 = read::tern_v1_hash(conn, state.revision).unwrap();
+        assert_ne!(etcd, v1);
+        drop(store);
+        check_state(&path, &manifest(2, state.revision, etcd)).expect("format 2");
+        check_state(&path, &manifest(1, state.revision, v1)).expect("format 1");
+        assert!(check_state(&path, &manifest(2, state.revision, v1)).is_err());
+        assert!(check_state(&path, &manifest(1, state.revision, etcd)).is_err());
+    }
+}
