@@ -232,7 +232,7 @@ fn kv_routes_match_etcd() {
         format!(
             r#"{{"key":"{foo}","range_end":"{prefix_end}","keys_only":true,"serializable":true}}"#
         ),
-        format!(r#"{{"key":"AA==","range_end":"AA=="}}"#),
+        r#"{"key":"AA==","range_end":"AA=="}"#.to_string(),
         format!(r#"{{"key":"{foo}","revision":"2"}}"#),
         format!(r#"{{"key":"{foo}","revision":"100"}}"#),
         format!(r#"{{"key":"{foo}","sortOrder":1,"bogus":7}}"#),

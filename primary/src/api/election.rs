@@ -91,7 +91,7 @@ impl Election for ElectionService {
                 failure: vec![get_op(&key)],
             })
             .await?;
-        let header = txn.header.clone().unwrap_or_default();
+        let header = txn.header.unwrap_or_default();
         let mut leader = LeaderKey {
             name: r.name.clone(),
             key: key.clone(),

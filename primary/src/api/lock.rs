@@ -44,7 +44,7 @@ impl Lock for LockService {
                 failure: vec![get_op(&my_key), first_created_op(&prefix)],
             })
             .await?;
-        let header = txn.header.clone().unwrap_or_default();
+        let header = txn.header.unwrap_or_default();
         let my_revision = if txn.succeeded {
             header.revision
         } else {
