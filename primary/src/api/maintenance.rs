@@ -124,16 +124,35 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(DefragmentResponse { header: None }))
     }
 
+    /// etcd's Hash covers its whole backend, not only the keys: the same
+    /// etcd 3.4 backend the Snapshot RPC streams is written from one read
+    /// transaction and hashed as etcd hashes its own.
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         self.require_root(&request).await?;
-        let hash = self
-            .member
-            .read(|conn, state| {
-                read::hash(conn, state.revision, state.compact_revision).map_err(mvcc_status)
+        let failed = |e: &dyn std::fmt::Display| Status::internal(format!("hash: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("hash-")
+            .tempdir_in(&self.member.data_dir)
+            .map_err(|e| failed(&e))?;
+        let path = dir.path().join("backend.db");
+        let source = self.member.data_dir.join("state.db");
+        let (hash, revision) =
+            tokio::task::spawn_blocking(move || -> Result<(u32, i64), Status> {
+                let mut conn = schema::open_reader(&source).map_err(mvcc_status)?;
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)
+                    .map_err(|e| mvcc_status(e.into()))?;
+                let revision = read::store_state(&tx).map_err(mvcc_status)?.revision;
+                write_etcd_snapshot(&tx, &path).map_err(|e| failed(&e))?;
+                let hash =
+                    crate::mvcc::etcd_snapshot::backend_hash(&path).map_err(|e| failed(&e))?;
+                Ok((hash, revision))
             })
-            .await?;
+            .await
+            .map_err(|e| failed(&e))??;
+        drop(dir);
         Ok(Response::new(HashResponse {
-            header: Some(self.member.header(0)),
+            header: Some(self.member.header(revision)),
             hash,
         }))
     }

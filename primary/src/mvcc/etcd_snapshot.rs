@@ -401,6 +401,27 @@ pub fn write_etcd_snapshot(conn: &Connection, dest: &Path) -> Result<(), Snapsho
     Ok(())
 }
 
+/// etcd 3.4's Maintenance Hash (`backend.Hash(DefaultIgnores)`) of a bbolt
+/// backend: CRC-32C over each bucket's name and then its keys and values,
+/// buckets and keys in bbolt's order, leaving out `meta/consistent_index`
+/// (which moves with the Raft log, not with the data).
+pub fn backend_hash(path: &Path) -> Result<u32, bbolt::ReadError> {
+    let db = bbolt::Reader::open(path)?;
+    let mut crc = 0;
+    for name in db.bucket_names()? {
+        crc = crc32c::crc32c_append(crc, &name);
+        for entry in db.bucket(&name)?.into_iter().flatten() {
+            let entry = entry?;
+            if name == b"meta" && entry.key == b"consistent_index" {
+                continue;
+            }
+            crc = crc32c::crc32c_append(crc, &entry.key);
+            crc = crc32c::crc32c_append(crc, &entry.value);
+        }
+    }
+    Ok(crc)
+}
+
 /// The `key` bucket, streamed in revision order. After a compaction at C
 /// etcd keeps, per key, the newest put at or before C and everything after
 /// C; Tern's history matches that except that it also keeps a deletion at
