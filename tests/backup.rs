@@ -135,7 +135,7 @@ fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
         m["kv_hash"].as_u64(),
         "the manifest's hash is the leader's HashKV at its revision"
     );
-    assert_eq!(m["format_version"].as_u64(), Some(1));
+    assert_eq!(m["format_version"].as_u64(), Some(2));
     assert_eq!(m["compression"]["algorithm"], "zstd");
     assert_eq!(m["encryption"]["recipients"][0], public.as_str());
 

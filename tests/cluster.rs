@@ -215,12 +215,18 @@ fn etcdctl_membership_workflow() {
     c.nodes[0].etcdctl(&["put", "w1", "live"]);
     let watched = live.join().expect("watch thread");
     assert_eq!(watched.stdout, "PUT\nw1\nv\nPUT\nw1\nlive\n", "{watched:?}");
-    // etcd's learner answers: serializable reads and status only.
+    // Writes are refused with etcd's learner error; a linearizable read
+    // (beyond etcd 3.4) sees the voter's latest write at once.
     let put = etcdctl(&learner, &["put", "x", "y"], None);
     assert_ne!(put.code, 0);
     assert!(put.error_line().contains(LEARNER_ERROR), "{put:?}");
-    let lin = etcdctl(&learner, &["get", "w1"], None);
-    assert!(lin.error_line().contains(LEARNER_ERROR), "{lin:?}");
+    let txn = etcdctl(&learner, &["txn"], Some("\nput x y\n\n\n"));
+    assert!(txn.error_line().contains(LEARNER_ERROR), "{txn:?}");
+    c.nodes[0].etcdctl(&["put", "w1", "newest"]);
+    let lin = etcdctl(&learner, &["get", "w1", "--print-value-only"], None);
+    assert_eq!((lin.code, lin.stdout.as_str()), (0, "newest\n"), "{lin:?}");
+    let read_txn = etcdctl(&learner, &["txn"], Some("\nget w1\n\n\n"));
+    assert_eq!(read_txn.stdout, "SUCCESS\n\nw1\nnewest\n", "{read_txn:?}");
     let status = c.status(l).expect("status on a learner");
     assert_eq!(status["isLearner"].as_bool(), Some(true), "{status}");
     // Asked of a voter: etcdctl spreads requests over all its endpoints,
@@ -536,6 +542,25 @@ fn disaster_takeover_from_a_learner() {
     for i in 0..3 {
         c.nodes[i].kill9();
     }
+    // With no voter left, a linearizable read on the learner times out
+    // with etcd's error; a serializable one is still served.
+    let lin = etcdctl(
+        &c.nodes[l].client,
+        &["get", "dr00", "--command-timeout=15s"],
+        None,
+    );
+    // etcdctl retries etcd's (Unavailable) timeout until its own deadline.
+    assert_ne!(lin.code, 0);
+    assert!(
+        lin.stderr.contains("desc = etcdserver: request timed out"),
+        "{lin:?}"
+    );
+    let ser = etcdctl(
+        &c.nodes[l].client,
+        &["get", "dr00", "--consistency=s"],
+        None,
+    );
+    assert_eq!(ser.code, 0, "{ser:?}");
     c.nodes[l].restart_as("tern-primary", &["--force-new-cluster"]);
     let learner = c.nodes[l].client.clone();
     eventually("the new cluster serves", Duration::from_secs(20), || {

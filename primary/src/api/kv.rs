@@ -36,11 +36,11 @@ impl Kv for KvService {
     ) -> Result<Response<RangeResponse>, Status> {
         let who = self.member.caller(&request).await?;
         let r = request.into_inner();
-        if !r.serializable {
-            self.member.refuse_if_learner()?;
-        }
         check_range(&r)?;
         // etcd's order: the read index first, then the permission check.
+        // A learner gets its read index from the leader (raft-rs forwards a
+        // learner's request), so it answers a linearizable read with a
+        // voter's guarantee once it has applied up to that index.
         if !r.serializable {
             self.member.linearizable_barrier().await?;
         }
@@ -91,6 +91,10 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        // A learner serves read-only txns (as it serves ranges), no writes.
+        if !is_read_only(request.get_ref()) {
+            self.member.refuse_if_learner()?;
+        }
         let who = self.member.caller(&request).await?;
         let r = request.into_inner();
         check_txn(&r, self.member.limits.max_txn_ops, 0)?;

@@ -59,22 +59,25 @@ pub async fn etcd_oversize_status(
 }
 
 /// etcd's learner interceptor: a learner answers every RPC (Lock and
-/// Election included) but Status and Range with `etcdserver: rpc not supported for learner`; Range checks
-/// `serializable` itself. Tern also lets Watch and HashKV through: they
-/// read only the learner's own state, which is what a cross-region reader
-/// (and a check that the learner converged) wants; and Authenticate, which
-/// the learner forwards to the leader, so a reader with auth on can get a
-/// token there.
+/// Election included) with `etcdserver: rpc not supported for learner`,
+/// except Status and Range. Tern also serves, beyond etcd 3.4: linearizable
+/// Range and read-only Txn (with a read index from the leader; the KV
+/// service refuses a Txn that writes); Watch and HashKV, which read only
+/// the learner's own state, what a cross-region reader (and a check that
+/// the learner converged) wants; and Authenticate, which the learner
+/// forwards to the leader, so a reader with auth on can get a token there.
 pub async fn learner_gate(
     axum::extract::State(member): axum::extract::State<Arc<Member>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    const SERVED: [&str; 5] = [
+    const SERVED: [&str; 6] = [
         // Forwarded to the leader (see api::auth): reads here need a token.
         "/etcdserverpb.Auth/Authenticate",
         "/etcdserverpb.Maintenance/HashKV",
         "/etcdserverpb.KV/Range",
+        // Read-only only: the service refuses a txn that writes.
+        "/etcdserverpb.KV/Txn",
         "/etcdserverpb.Maintenance/Status",
         "/etcdserverpb.Watch/Watch",
     ];
