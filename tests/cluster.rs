@@ -628,3 +628,40 @@ async fn follower_reads_are_answered_after_the_leader_is_paused() {
         .expect("a read after the leader came back");
     assert_eq!(again.into_inner().kvs[0].value, b"v");
 }
+
+/// Three learners at once (`--max-learners`, 3 by default) behind links
+/// of 20, 100 and 250 ms round trip, the farthest capped at 1 MB/s toward
+/// it, all converge on the voters' HashKV; a fourth is refused with etcd's
+/// error. Each learner added after the leader's latest Raft snapshot needs
+/// a new one that names it (raft-rs ignores one that does not).
+#[test]
+fn three_learners_at_different_distances_converge() {
+    let mut c = Cluster::start(3, &[]);
+    let mut members = vec![0, 1, 2];
+    for (rtt, cap) in [(20, None), (100, None), (250, Some(1_000_000))] {
+        let l = c.add_member(true, &[]);
+        c.nodes[l].proxy.set_rtt(Duration::from_millis(rtt));
+        c.nodes[l].proxy.set_bandwidth(Direction::Upstream, cap);
+        members.push(l);
+    }
+    for i in 0..40 {
+        let put = c.nodes[i % 3].etcdctl(&["put", &format!("region/{i:02}"), &"x".repeat(2048)]);
+        assert_eq!(put.code, 0, "{put:?}");
+    }
+    let rev = current_revision(&c.nodes[0].client);
+    c.converged_hash(&members, rev, Duration::from_secs(60));
+    let list = c.nodes[0].etcdctl(&["member", "list"]);
+    assert_eq!(list.stdout.matches(", true\n").count(), 3, "{list:?}");
+    let fourth = c.nodes[0].etcdctl(&[
+        "member",
+        "add",
+        "fourth",
+        "--learner",
+        "--peer-urls=http://127.0.0.1:1",
+    ]);
+    assert_eq!(
+        fourth.error_line(),
+        "Error: etcdserver: too many learner members in cluster",
+        "{fourth:?}"
+    );
+}

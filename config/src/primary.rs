@@ -80,6 +80,12 @@ pub struct PrimaryConfig {
     #[arg(long, default_value_t = 128)]
     pub max_txn_ops: u32,
 
+    /// Most learners the cluster may hold (etcd 3.6's `--max-learners`;
+    /// etcd 3.4 allows one). Set the same on every member, as etcd
+    /// requires: the member that takes a `member add --learner` checks it.
+    #[arg(long, default_value_t = 3)]
+    pub max_learners: u32,
+
     /// Seconds an auth token (etcd's simple token) stays valid after its
     /// last use (etcd's `--auth-token-ttl`).
     #[arg(long, default_value_t = 300)]
@@ -302,6 +308,9 @@ impl PrimaryConfig {
         }
         if self.max_txn_ops == 0 {
             return Err(ConfigError::invalid("max-txn-ops", 0, "must be positive"));
+        }
+        if self.max_learners == 0 {
+            return Err(ConfigError::invalid("max-learners", 0, "must be positive"));
         }
         if self.auth_token_ttl == 0 {
             return Err(ConfigError::invalid(

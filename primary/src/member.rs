@@ -36,6 +36,8 @@ pub struct Limits {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub quota_backend_bytes: u64,
+    /// `--max-learners`.
+    pub max_learners: usize,
 }
 
 pub struct Member {

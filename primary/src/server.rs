@@ -222,6 +222,7 @@ pub async fn run_with(
             max_request_bytes: config.max_request_bytes as usize,
             max_txn_ops: config.max_txn_ops as usize,
             quota_backend_bytes: config.quota_backend_bytes,
+            max_learners: config.max_learners as usize,
         },
         data_dir.clone(),
         DialTls::client(&config),

@@ -21,8 +21,6 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::ternpb::{raft_request::Request as RaftReq, MemberChange};
 
-/// etcd 3.4 allows one learner at a time.
-const MAX_LEARNERS: usize = 1;
 /// etcd's readiness bar for promotion: the learner's log matches at least
 /// this share of the leader's.
 const PROMOTE_READY: f64 = 0.9;
@@ -103,7 +101,8 @@ impl Cluster for ClusterService {
         {
             return Err(EtcdError::PeerUrlExist.into());
         }
-        if r.is_learner && existing.iter().filter(|m| m.4).count() >= MAX_LEARNERS {
+        let learners = existing.iter().filter(|m| m.4).count();
+        if r.is_learner && learners >= self.member.limits.max_learners {
             return Err(EtcdError::TooManyLearners.into());
         }
         let now = std::time::SystemTime::now()

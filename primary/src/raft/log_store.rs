@@ -356,9 +356,9 @@ impl Storage for LogStore {
     /// The state for a follower whose next entry was compacted away: any
     /// snapshot at or after both the compaction point and what the
     /// follower asked for will do.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         match &self.snapshots {
-            Some(s) => s.get(request_index.max(self.snapshot.index)),
+            Some(s) => s.get(request_index.max(self.snapshot.index), to),
             None => Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             )),

@@ -47,14 +47,22 @@ impl Snapshots {
         }))
     }
 
-    /// The newest snapshot at `min_index` or later, for raft-rs's
-    /// `Storage::snapshot`. When there is none yet, one is started in the
-    /// background and raft-rs is told to ask again (it does, on the next
-    /// heartbeat response).
-    pub fn get(self: &Arc<Self>, min_index: u64) -> raft::Result<Snapshot> {
+    /// The newest snapshot at `min_index` or later whose configuration
+    /// names member `to`, for raft-rs's `Storage::snapshot`. When there is
+    /// none yet, one is started in the background and raft-rs is told to
+    /// ask again (it does, on the next heartbeat response).
+    ///
+    /// A member added after the latest snapshot was made is not in that
+    /// snapshot's configuration, and raft-rs on the receiver ignores a
+    /// snapshot that does not name it: sending it again and again would
+    /// leave the new member (a second or third learner) waiting forever.
+    pub fn get(self: &Arc<Self>, min_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = &inner.latest {
-            if s.get_metadata().index >= min_index {
+            let meta = s.get_metadata();
+            let conf = meta.get_conf_state();
+            let names_to = conf.voters.contains(&to) || conf.learners.contains(&to);
+            if meta.index >= min_index && names_to {
                 return Ok(s.clone());
             }
         }
