@@ -346,9 +346,9 @@ impl Gateway {
         if let Some(status) =
             tonic::Status::from_header_map(&head.headers).filter(|s| s.code() != Code::Ok)
         {
-            return stream_response(Body::from(stream_error_line(&status)));
+            return ok_json(Body::from(stream_error_line(&status)));
         }
-        stream_response(Body::from_stream(response_lines::<Resp>(body)))
+        ok_json(Body::from_stream(response_lines::<Resp>(body)))
     }
 
     /// The same call a gRPC client would make, through every layer of this
@@ -520,24 +520,12 @@ fn grpc_status(headers: &HeaderMap, trailers: &HeaderMap) -> Option<tonic::Statu
 
 fn json_response<M: Serialize>(message: &M) -> Response {
     let body = serde_json::to_vec(message).expect("generated serializers do not fail");
-    (
-        StatusCode::OK,
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-            (
-                header::HeaderName::from_static("grpc-metadata-content-type"),
-                HeaderValue::from_static("application/grpc"),
-            ),
-        ],
-        body,
-    )
-        .into_response()
+    ok_json(Body::from(body))
 }
 
-fn stream_response(body: Body) -> Response {
+/// A 200 with the headers grpc-gateway sends: JSON, and the gRPC server's
+/// content type passed on as `Grpc-Metadata-*`.
+fn ok_json(body: Body) -> Response {
     (
         StatusCode::OK,
         [

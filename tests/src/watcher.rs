@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tern_primary::mvcc::read::prefix_end;
 use tern_primary::proto::etcdserverpb::{
     watch_client::WatchClient, watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
 };
@@ -231,16 +232,4 @@ pub fn compare(reference: &[Event], seen: &WatchLog) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// etcd's prefix range end: the prefix with its last byte incremented.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }

@@ -14,6 +14,7 @@ use tonic::{Request, Status};
 
 use crate::error::EtcdError;
 use crate::member::Member;
+use crate::mvcc::read::prefix_end;
 use crate::mvcc::KeyRange;
 use crate::proto::etcdserverpb::{
     compare, kv_server::Kv, lease_server::Lease, range_request, request_op, Compare,
@@ -227,18 +228,6 @@ fn by_create(prefix: &[u8], first: bool, max_create_revision: i64) -> RangeReque
     }
 }
 
-/// The end of the range of keys starting with `prefix` (`clientv3.GetPrefixRangeEnd`).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// A compare of `key`'s create revision.
 pub fn create_revision_is(key: &[u8], revision: i64) -> Compare {
     Compare {
@@ -295,17 +284,5 @@ pub fn range_of(txn: &TxnResponse, n: usize) -> RangeResponse {
     match txn.responses.get(n).and_then(|r| r.response.clone()) {
         Some(Response::ResponseRange(range)) => range,
         _ => RangeResponse::default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_end_is_clientv3s() {
-        assert_eq!(prefix_end(b"lock/"), b"lock0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }

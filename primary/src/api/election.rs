@@ -208,7 +208,7 @@ async fn observe(
             Some(kv) => (revision, kv),
             None => {
                 // No leader: the first key put under the prefix is.
-                let end = super::concurrency::prefix_end(prefix);
+                let end = crate::mvcc::read::prefix_end(prefix);
                 let mut watch = client.watch(KeyRange::new(prefix, &end), revision)?;
                 loop {
                     let (_, events) = watch.next().await?;

@@ -74,24 +74,12 @@ impl Keys {
     fn bounds(&self) -> (Vec<u8>, Vec<u8>) {
         match *self {
             Keys::One(k) => (k.into(), Vec::new()),
-            Keys::Prefix(p) => (p.into(), prefix_end(p.as_bytes())),
+            Keys::Prefix(p) => (p.into(), read::prefix_end(p.as_bytes())),
             Keys::From(k) => (k.into(), vec![0]),
             Keys::Between(a, b) => (a.into(), b.into()),
             Keys::All => (vec![0], vec![0]),
         }
     }
-}
-
-/// etcd's `GetPrefixRangeEnd`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// Whether `key` is in etcd's `[start, end)`, `end` empty meaning exactly

@@ -9,6 +9,20 @@ use rusqlite::{Connection, OptionalExtension, Row};
 use super::MvccError;
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 
+/// The end of the range of keys that start with `prefix` (etcd's
+/// `GetPrefixRangeEnd`): the prefix with its last byte below 0xff
+/// incremented; `\0` (every key from there on) if there is none.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// etcd's key/range_end pair, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRange {
@@ -573,5 +587,17 @@ impl Reader {
             idle.push(conn);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_etcds() {
+        assert_eq!(prefix_end(b"lock/"), b"lock0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }
