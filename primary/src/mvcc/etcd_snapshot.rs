@@ -433,24 +433,14 @@ fn write_key_bucket(
 ) -> Result<(), SnapshotError> {
     let mut b = w.bucket(b"key");
     let mut stmt = conn.prepare(
-        "SELECT key, create_revision, mod_revision, version, lease, value, tombstone, sub \
+        "SELECT key, mod_revision, sub, create_revision, version, lease, value, tombstone \
          FROM kv_history WHERE NOT (tombstone = 1 AND mod_revision <= ?1) \
          ORDER BY mod_revision, sub",
     )?;
     let mut rows = stmt.query([compact_revision])?;
     let mut value = Vec::new();
     while let Some(row) = rows.next()? {
-        let (key, kv) = HistoryRow {
-            key: row.get(0)?,
-            create_revision: row.get(1)?,
-            mod_revision: row.get(2)?,
-            version: row.get(3)?,
-            lease: row.get(4)?,
-            value: row.get(5)?,
-            tombstone: row.get(6)?,
-            sub: row.get(7)?,
-        }
-        .into_etcd_record();
+        let (key, kv) = read::history_row(row)?.into_etcd_record();
         value.clear();
         kv.encode(&mut value)
             .map_err(|e| std::io::Error::other(e.to_string()))?;

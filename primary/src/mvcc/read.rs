@@ -379,7 +379,7 @@ pub fn tern_v1_hash(conn: &Connection, revision: i64) -> Result<u32, MvccError> 
 
 /// A row selected as `key, mod_revision, sub, create_revision, version,
 /// lease, value, tombstone`.
-fn history_row(row: &Row) -> rusqlite::Result<HistoryRow> {
+pub fn history_row(row: &Row) -> rusqlite::Result<HistoryRow> {
     Ok(HistoryRow {
         key: row.get(0)?,
         mod_revision: row.get(1)?,
