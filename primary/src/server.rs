@@ -522,6 +522,8 @@ async fn join_existing(
     let dial = DialTls::peer(config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last_error = String::new();
+    // How long a member list that lacks this member is taken as lag.
+    let listed_by = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
         for urls in &others {
             let answer = async {
@@ -547,7 +549,10 @@ async fn join_existing(
                 .iter()
                 .find(|m| m.peer_urls.iter().any(|u| mine.contains(u)))
             else {
-                return Err(StartError::Bootstrap(format!(
+                // The peer asked may not have applied the `member add` yet
+                // (a follower or learner a little behind the leader): ask
+                // the others, and again, for a few seconds.
+                let refusal = StartError::Bootstrap(format!(
                     "the cluster has no member with peer URLs {}: add it first with \
                      `etcdctl member add {} {}--peer-urls={}`",
                     mine.join(","),
@@ -558,7 +563,11 @@ async fn join_existing(
                         ""
                     },
                     mine.join(",")
-                )));
+                ));
+                if tokio::time::Instant::now() >= listed_by {
+                    return Err(refusal);
+                }
+                continue;
             };
             if role == Role::Learner && !me.is_learner {
                 return Err(StartError::Bootstrap(format!(
