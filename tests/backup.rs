@@ -141,6 +141,10 @@ fn scheduled_backups_open_with_age_zstd_and_sqlite_and_match_hashkv() {
 
     // Backup now, on demand: answers with the manifest.
     fill(&c.nodes[0].client, "more", 5);
+    // The learner applies the puts a moment after the voter acknowledges
+    // them: back up once it has them.
+    let rev = current_revision(&c.nodes[0].client);
+    c.converged_hash(&[0, l], rev, Duration::from_secs(20));
     let answer = post_backup(&learner);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"key_count\": 35"), "{answer}");
