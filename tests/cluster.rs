@@ -1,7 +1,8 @@
 //! Replication with real processes: 3-voter clusters, the etcdctl
 //! membership workflow, a learner behind a slow and then broken link,
 //! SIGKILL of the leader under load, a partitioned leader, and disaster
-//! takeover from a learner.
+//! takeover from a learner (at restart, and of a running learner that keeps
+//! the other learners).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use tern_primary::proto::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
 use tern_tests::cluster::{hashkv, Cluster};
 use tern_tests::proxy::Direction;
-use tern_tests::{bulk_write, channel, current_revision, etcdctl, etcdctl_for, metric};
+use tern_tests::{bulk_write, channel, current_revision, etcdctl, etcdctl_for, http_post, metric};
 
 const LEARNER_ERROR: &str = "etcdserver: rpc not supported for learner";
 
@@ -578,6 +579,122 @@ fn disaster_takeover_from_a_learner() {
         0
     );
     assert_eq!(current_revision(&learner), rev + 1);
+}
+
+/// The primary region is lost with three regions attached: one command on
+/// a running learner (`POST /takeover`) makes it the only voter, and the
+/// other two learners go on following it without being re-added; a new
+/// voter joins it with `member add`.
+#[test]
+fn takeover_keeps_the_other_learners() {
+    let mut c = Cluster::start(3, &[]);
+    let learners: Vec<usize> = [20, 100, 60]
+        .into_iter()
+        .map(|rtt| {
+            let l = c.add_member(true, &[]);
+            c.nodes[l].proxy.set_rtt(Duration::from_millis(rtt));
+            l
+        })
+        .collect();
+    for i in 0..30 {
+        let put = c.nodes[i % 3].etcdctl(&["put", &format!("dr/{i:02}"), "before"]);
+        assert_eq!(put.code, 0, "{put:?}");
+    }
+    let rev = current_revision(&c.nodes[0].client);
+    let mut all = vec![0, 1, 2];
+    all.extend(&learners);
+    c.converged_hash(&all, rev, Duration::from_secs(30));
+    let chosen = learners[0];
+    let endpoint = c.nodes[chosen].client.clone();
+    // While the voters live, a takeover is refused: two clusters would
+    // take different writes.
+    let (code, body) = http_post(&endpoint, "/takeover");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("the cluster is alive"), "{body}");
+    // Every learner's revision and last contact, in one place.
+    for &l in &learners {
+        let contact = metric(
+            &c.nodes[l].client,
+            "tern_raft_leader_last_contact_timestamp_seconds",
+        );
+        assert!(contact.is_some_and(|t| t > 1e9), "{contact:?}");
+        assert_eq!(current_revision(&c.nodes[l].client), rev);
+    }
+    let voter_ids: Vec<u64> = (0..3).map(|i| c.member_id(i)).collect();
+    let learner_ids: Vec<u64> = learners.iter().map(|&l| c.member_id(l)).collect();
+    for i in 0..3 {
+        c.nodes[i].kill9();
+    }
+    // Once no leader has been heard from for an election timeout.
+    let started = Instant::now();
+    let mut answer = (0, String::new());
+    while started.elapsed() < Duration::from_secs(10) {
+        answer = http_post(&endpoint, "/takeover");
+        if answer.0 != 409 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = answer;
+    assert_eq!(code, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).expect("a JSON report");
+    assert_eq!(report["revision"].as_i64(), Some(rev), "{body}");
+    let hex = |ids: &[u64]| -> Vec<String> { ids.iter().map(|id| format!("{id:x}")).collect() };
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    let reported = |field: &str| sorted(serde_json::from_value(report[field].clone()).unwrap());
+    assert_eq!(reported("removed"), sorted(hex(&voter_ids)), "{body}");
+    assert_eq!(
+        reported("kept_learners"),
+        sorted(hex(&learner_ids[1..])),
+        "{body}"
+    );
+    // Writable on the same process, and the writes reach the other two.
+    let commanded = Instant::now();
+    eventually(
+        "the taken-over learner takes writes",
+        Duration::from_secs(10),
+        || etcdctl(&endpoint, &["put", "dr/after", "takeover"], None).code == 0,
+    );
+    let rto = commanded.elapsed();
+    assert!(
+        rto < Duration::from_secs(5),
+        "writable {rto:?} after the takeover"
+    );
+    for i in 0..20 {
+        let put = etcdctl(&endpoint, &["put", &format!("dr/new{i:02}"), "after"], None);
+        assert_eq!(put.code, 0, "{put:?}");
+    }
+    let rev = current_revision(&endpoint);
+    c.converged_hash(&learners, rev, Duration::from_secs(30));
+    let new_leader = learner_ids[0];
+    for &l in &learners[1..] {
+        assert_eq!(value(&c.nodes[l].client, "dr/after", true), "takeover");
+        let status = c.status(l).expect("status");
+        assert_eq!(status["leader"].as_u64(), Some(new_leader), "{status}");
+        assert_eq!(status["isLearner"].as_bool(), Some(true), "{status}");
+    }
+    // A kept learner restarted from its own data dir follows the new
+    // cluster too: its stored membership is the new one.
+    let last = learners[2];
+    c.nodes[last].restart();
+    let put = etcdctl(&endpoint, &["put", "dr/restarted", "x"], None);
+    assert_eq!(put.code, 0, "{put:?}");
+    let rev = current_revision(&endpoint);
+    c.converged_hash(&learners, rev, Duration::from_secs(30));
+    // A new voter joins the new cluster the usual way.
+    let voter = c.add_member(false, &[]);
+    let mut members = learners.clone();
+    members.push(voter);
+    eventually("the two voters commit", Duration::from_secs(30), || {
+        etcdctl(&endpoint, &["put", "dr/last", "x"], None).code == 0
+    });
+    let rev = current_revision(&endpoint);
+    c.converged_hash(&members, rev, Duration::from_secs(30));
+    let list = etcdctl(&endpoint, &["member", "list"], None).stdout;
+    assert_eq!(list.matches(", false\n").count(), 2, "two voters: {list}");
 }
 
 /// Linearizable reads on a follower while its leader is paused: their read

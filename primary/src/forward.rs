@@ -41,12 +41,27 @@ impl LeaderLink {
             }
         }
         let urls = row.map(|r| r.3).unwrap_or_default();
-        let mut last = None;
+        match self.dial(&urls).await {
+            Ok(ch) => {
+                *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((leader, ch.clone()));
+                Ok(ch)
+            }
+            Err(e) => {
+                tracing::debug!(leader = format!("{leader:x}"), error = %e, "leader unreachable");
+                Err(EtcdError::NoLeader.into())
+            }
+        }
+    }
+
+    /// A new channel to the first of `urls` (a member's client URLs) that
+    /// answers.
+    pub async fn dial(&self, urls: &[String]) -> Result<Channel, String> {
+        let mut last = "no client URL".to_string();
         for url in urls {
-            let endpoint = match self.tls.endpoint(&url).await {
+            let endpoint = match self.tls.endpoint(url).await {
                 Ok(endpoint) => endpoint,
                 Err(e) => {
-                    last = Some(e.to_string());
+                    last = e.to_string();
                     continue;
                 }
             };
@@ -56,16 +71,11 @@ impl LeaderLink {
                 .connect()
                 .await
             {
-                Ok(ch) => {
-                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some((leader, ch.clone()));
-                    return Ok(ch);
-                }
-                Err(e) => last = Some(e.to_string()),
+                Ok(ch) => return Ok(ch),
+                Err(e) => last = e.to_string(),
             }
         }
-        tracing::debug!(leader = format!("{leader:x}"), error = ?last, "leader unreachable");
-        Err(EtcdError::NoLeader.into())
+        Err(last)
     }
 
     /// Drop the channel after a failure, so the next call reconnects.

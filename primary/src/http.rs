@@ -312,6 +312,12 @@ async fn metrics(State(member): State<Arc<Member>>) -> impl IntoResponse {
     );
     m.lag_entries.set(lag_entries as i64);
     m.lag_seconds.set(lag_time.as_secs_f64());
+    m.leader_contact.set(
+        status
+            .leader_contact_ms
+            .load(std::sync::atomic::Ordering::Acquire) as f64
+            / 1000.0,
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -38,6 +38,7 @@
 //! - [`identity`]: etcd-compatible member and cluster ids.
 //! - [`server`]: start-up (bootstrap, join, disaster takeover) and serving;
 //!   [`launch`]: logging and runtime for the binaries.
+//! - [`takeover`]: `POST /takeover`, disaster takeover of a running learner.
 //! - [`authority_shim`]: lets etcdctl 3.4's `:authority: http://host:port`
 //!   through h2 on the client listeners.
 //! - [`tls`]: rustls on `https://` listeners (client, metrics, peer), with
@@ -64,6 +65,7 @@ pub mod mvcc;
 pub mod raft;
 pub mod readiness;
 pub mod server;
+pub mod takeover;
 pub mod tls;
 pub mod watch;
 

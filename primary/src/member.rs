@@ -126,6 +126,14 @@ impl Member {
         self.leader_link.channel(leader, row).await
     }
 
+    /// A new channel to another member's client URLs.
+    pub async fn member_channel(
+        &self,
+        row: &crate::mvcc::write::MemberRow,
+    ) -> Result<tonic::transport::Channel, String> {
+        self.leader_link.dial(&row.3).await
+    }
+
     /// After a forwarded request failed: reconnect next time.
     pub fn forget_leader_channel(&self) {
         self.leader_link.forget();

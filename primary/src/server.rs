@@ -160,7 +160,7 @@ pub async fn run_with(
     drop(store);
     let mut store = MvccStore::open(&state_path)?;
     let mut log = LogStore::open(&data_dir.join("raft.db"), bootstrap.as_ref())?;
-    let sole_voter = log.conf_state().voters == [member_id] && log.conf_state().learners.is_empty();
+    let sole_voter = log.conf_state().voters == [member_id];
     if config.force_new_cluster && sole_voter {
         // Already taken over (the flag was left on): redoing it would drop
         // committed entries not yet applied.
@@ -262,6 +262,7 @@ pub async fn run_with(
         .clone()
         .merge(crate::gateway::router(member.clone(), grpc))
         .merge(crate::http::router(member.clone()))
+        .merge(crate::takeover::router(member.clone()))
         .merge(extension.map_or_else(axum::Router::new, |extend| extend(member.clone())));
     // HTTP (not gRPC) requests get etcd's HTTP conventions around all of
     // it, the routing included.
@@ -600,40 +601,29 @@ async fn join_existing(
     )))
 }
 
-/// Disaster takeover: this data dir becomes a new single-voter cluster
-/// with every revision it applied. Says what it kept and how far behind
-/// the old leader it was last seen.
+/// Disaster takeover at start-up (`--force-new-cluster`): this data dir
+/// becomes a new single-voter cluster with every revision it applied,
+/// keeping the other learners (see [`crate::raft::takeover`]). Says what it
+/// kept and how far behind the old leader it was last seen. A running
+/// learner does the same on `POST /takeover` without a restart.
 fn take_over(store: &mut MvccStore, log: &mut LogStore, member_id: u64) -> Result<(), StartError> {
     let state = store.state();
     let conn = store.connection();
     let leader_commit = read::meta(conn, "leader_commit_seen")? as u64;
     let caught_up_ms = read::meta(conn, "caught_up_at_ms")? as u64;
-    let tx = conn
-        .unchecked_transaction()
-        .map_err(crate::mvcc::MvccError::from)?;
-    for m in write::members(&tx)? {
-        if m.0 == member_id {
-            write::upsert_member(&tx, &(m.0, m.1, m.2, m.3, false))?;
-        } else {
-            write::change_member(&tx, &m, true)?;
-        }
-    }
-    tx.commit().map_err(crate::mvcc::MvccError::from)?;
-    store.checkpoint()?;
-    log.force_new_cluster(member_id, state.applied_index, state.applied_term)?;
-    let behind = leader_commit.saturating_sub(state.applied_index);
-    let seen = if caught_up_ms == 0 {
-        "never".to_string()
-    } else {
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(caught_up_ms);
-        format!("{}", humantime::format_rfc3339_seconds(at))
+    let plan = crate::raft::takeover::Plan::new(member_id, log.conf_state(), &[]);
+    log.force_new_cluster(member_id, &plan, state.applied_index, state.applied_term)?;
+    let report = crate::raft::node::TakeoverReport {
+        member_id,
+        revision: state.revision,
+        raft_index: state.applied_index,
+        leader_commit_seen: leader_commit,
+        entries_behind: leader_commit.saturating_sub(state.applied_index),
+        caught_up_at_ms: caught_up_ms,
+        kept_learners: plan.kept,
+        removed: plan.removed,
     };
-    let summary = format!(
-        "forced a new single-member cluster: member {member_id:x} keeps revision {} \
-         (raft index {}); last seen {behind} entries behind the old leader's commit index \
-         {leader_commit}; last fully caught up at {seen}",
-        state.revision, state.applied_index
-    );
+    let summary = report.summary();
     tracing::warn!("{summary}");
     println!("{summary}");
     Ok(())

@@ -108,14 +108,14 @@ pub async fn run(
         &manifest,
         identities,
         scratch.path(),
-        &crate::bytes_bar(json),
+        &crate::progress::bytes_bar(json),
     )
     .await?;
     let chain = Chain::after(&replay::archived(target).await?, manifest.raft_index);
     if let Some(gap) = chain.gap_error() {
         bail!("{gap}");
     }
-    let bar = crate::count_bar(json, "replaying log segments");
+    let bar = crate::progress::count_bar(json, "replaying log segments");
     let replayed = replay::replay(target, &chain, identities, &state, Until::End, &bar).await?;
     bar.finish_and_clear();
     if let Some(named) = chain.segments.last().and_then(|s| s.name.revision) {

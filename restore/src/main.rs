@@ -1,22 +1,8 @@
 //! `tern-restore`: list, verify and restore Tern backups, and run restore
-//! drills.
-//!
-//! - [`catalog`]: the backups in a store, newest first.
-//! - [`verify`]: download, sha256, decrypt, decompress, integrity check,
-//!   recomputed hash against the manifest.
-//! - [`restore`]: a verified backup becomes a new single-member cluster's
-//!   data dir.
-//! - [`drill`]: restore the newest backup, start a real member, check it
-//!   through the etcd API, report RTO and RPO.
-//! - [`import_etcd`]: an `etcdctl snapshot save` file becomes a new
-//!   single-member cluster's data dir.
+//! drills. The work is in the library ([`tern_restore`]); this is its CLI.
 
-mod catalog;
-mod drill;
-mod import_etcd;
-mod replay;
-mod restore;
-mod verify;
+use tern_restore::progress::{bytes_bar, count_bar};
+use tern_restore::{catalog, drill, import_etcd, replay, restore, verify};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +11,6 @@ use std::str::FromStr;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tern_learner::backup::target::{S3Options, Target};
 
 use replay::{Chain, Until};
@@ -375,39 +360,6 @@ impl NewMember {
 /// `latest` (or nothing) means the newest backup.
 fn latest(id: Option<&str>) -> Option<&str> {
     id.filter(|id| *id != "latest")
-}
-
-/// A byte-count progress bar on stderr; hidden for `--json` and when
-/// stderr is not a terminal.
-fn bytes_bar(json: bool) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(None, draw_target(json));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    bar
-}
-
-fn count_bar(json: bool, message: &'static str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(None, draw_target(json));
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(message);
-    bar
-}
-
-fn draw_target(json: bool) -> ProgressDrawTarget {
-    if json {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
-    }
 }
 
 async fn verify_backups(

@@ -63,7 +63,8 @@ pub fn into_data_dir(state: &Path, data_dir: &Path, who: &Identity) -> anyhow::R
     drop(conn);
     {
         let mut log = LogStore::open(&built.join("raft.db"), None)?;
-        log.force_new_cluster(member_id, state.applied_index, state.applied_term)?;
+        let alone = tern_primary::raft::takeover::Plan::new(member_id, &Default::default(), &[]);
+        log.force_new_cluster(member_id, &alone, state.applied_index, state.applied_term)?;
     }
     refuse_non_empty(data_dir)?;
     if data_dir.exists() {

@@ -478,6 +478,28 @@ pub fn http_get(endpoint: &str, path: &str) -> String {
     response
 }
 
+/// `POST path` with an empty body: the status code and the body.
+pub fn http_post(endpoint: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (code, body)
+}
+
 /// The value of an unlabelled metric in a member's `/metrics`.
 pub fn metric(endpoint: &str, name: &str) -> Option<f64> {
     http_get(endpoint, "/metrics").lines().find_map(|l| {

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub applied_index: Gauge,
     pub leader_commit: Gauge,
     pub lag_entries: Gauge,
+    pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub snapshots_applied: Counter,
     /// Raft messages and snapshots sent to each peer, in bytes.
@@ -103,6 +104,7 @@ impl Metrics {
             applied_index: Gauge::default(),
             leader_commit: Gauge::default(),
             lag_entries: Gauge::default(),
+            leader_contact: Gauge::default(),
             lag_seconds: Gauge::default(),
             snapshots_applied: Counter::default(),
             peer_sent_bytes: Family::default(),
@@ -201,6 +203,12 @@ impl Metrics {
             "tern_replication_lag_entries",
             "Entries the leader has committed that this member has not applied",
             m.lag_entries.clone(),
+        );
+        registry.register(
+            "tern_raft_leader_last_contact_timestamp_seconds",
+            "When this member last heard from a leader, or was one (Unix time; 0 for never): \
+             with etcd_debugging_mvcc_current_revision, what picks the learner to take over",
+            m.leader_contact.clone(),
         );
         registry.register(
             "tern_replication_lag_seconds",

@@ -240,30 +240,47 @@ impl LogStore {
     }
 
     /// Disaster takeover (etcd's `--force-new-cluster`): the log restarts
-    /// after `applied` with `me` as the only voter; entries after it were
-    /// never applied here and may never have been committed, so they go.
+    /// after `applied_index` with `plan`'s configuration, followed by its
+    /// membership entries, committed, in a term after every term seen.
+    /// Entries after `applied_index` were never applied here and may never
+    /// have been committed, so they go.
     pub fn force_new_cluster(
         &mut self,
         me: u64,
+        plan: &super::takeover::Plan,
         applied_index: u64,
         applied_term: u64,
     ) -> Result<(), LogError> {
-        let cs = ConfState {
-            voters: vec![me],
-            ..Default::default()
-        };
         let meta = SnapshotMetadata {
             index: applied_index,
             term: applied_term,
-            conf_state: Some(cs).into(),
+            conf_state: Some(plan.conf.clone()).into(),
             ..Default::default()
         };
+        let term = self.hard_state.term.max(applied_term) + 1;
         let mut hs = self.hard_state.clone();
-        hs.term = hs.term.max(applied_term);
         hs.commit = applied_index;
         hs.vote = 0;
-        self.hard_state = hs;
-        self.apply_snapshot(&meta)
+        self.hard_state = hs.clone();
+        self.apply_snapshot(&meta)?;
+        let entries = plan.entries(me, applied_index + 1, term);
+        hs.term = term;
+        hs.commit = applied_index + entries.len() as u64;
+        self.persist(&entries, Some(&hs))
+    }
+
+    /// A second handle on this log's file (the node builds a new Raft node
+    /// on it after a takeover; raft-rs owns the first).
+    pub fn reopen(&self) -> Result<LogStore, LogError> {
+        let path = self.conn.path().unwrap_or_default().to_owned();
+        let mut log = LogStore::open(Path::new(&path), None)?;
+        let autocheckpoint: i64 =
+            self.conn
+                .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))?;
+        log.conn
+            .pragma_update(None, "wal_autocheckpoint", autocheckpoint)?;
+        log.snapshots = self.snapshots.clone();
+        Ok(log)
     }
 
     /// Entries in memory since the last compaction.

@@ -8,11 +8,14 @@
 //! - [`transport`]: sending messages and snapshots to peers over gRPC;
 //!   [`peer_service`]: receiving them (the `ternpb.Peer` service).
 //! - [`snapshot`]: state snapshots for members too far behind the log.
+//! - [`takeover`]: what a disaster takeover keeps and the entries that
+//!   tell the other learners.
 
 pub mod log_store;
 pub mod node;
 pub mod peer_service;
 pub mod snapshot;
+pub mod takeover;
 pub mod transport;
 
 pub use log_store::LogStore;

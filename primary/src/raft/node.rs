@@ -107,6 +107,66 @@ pub enum NodeMsg {
     Progress {
         reply: oneshot::Sender<Option<Progress>>,
     },
+    /// Disaster takeover: become the only voter of a new cluster, keeping
+    /// the other learners but those in `drop` (see [`super::takeover`]).
+    TakeOver {
+        drop: Vec<u64>,
+        reply: oneshot::Sender<Result<TakeoverReport, String>>,
+    },
+}
+
+/// What a takeover kept, and how far behind the old leader it was.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TakeoverReport {
+    pub member_id: u64,
+    pub revision: i64,
+    pub raft_index: u64,
+    /// The highest commit index the old leader reported to this member.
+    pub leader_commit_seen: u64,
+    /// Entries committed by the old leader that this member never applied,
+    /// as far as it knows.
+    pub entries_behind: u64,
+    /// When this member was last in step with the old leader (ms since
+    /// the Unix epoch; 0 for never).
+    pub caught_up_at_ms: u64,
+    /// Learners that go on following this member.
+    pub kept_learners: Vec<u64>,
+    /// Members that left the configuration.
+    pub removed: Vec<u64>,
+}
+
+impl TakeoverReport {
+    /// The line a takeover prints and logs.
+    pub fn summary(&self) -> String {
+        let seen = if self.caught_up_at_ms == 0 {
+            "never".to_string()
+        } else {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(self.caught_up_at_ms);
+            humantime::format_rfc3339_seconds(at).to_string()
+        };
+        let hex = |ids: &[u64]| {
+            if ids.is_empty() {
+                "none".to_string()
+            } else {
+                ids.iter()
+                    .map(|id| format!("{id:x}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        format!(
+            "forced a new single-member cluster: member {:x} keeps revision {} \
+             (raft index {}); last seen {} entries behind the old leader's commit index \
+             {}; last fully caught up at {seen}; learners kept: {}; members removed: {}",
+            self.member_id,
+            self.revision,
+            self.raft_index,
+            self.entries_behind,
+            self.leader_commit_seen,
+            hex(&self.kept_learners),
+            hex(&self.removed),
+        )
+    }
 }
 
 /// The leader's view of replication: its last index and each member's
@@ -134,6 +194,11 @@ pub struct NodeStatus {
     /// When this member last had applied everything the leader had
     /// committed (milliseconds since the Unix epoch).
     pub caught_up_at_ms: AtomicU64,
+    /// When this member last heard from a leader, or was one (ms since
+    /// the Unix epoch; 0 for never).
+    pub leader_contact_ms: AtomicU64,
+    /// The election timeout, for judging how recent that contact is.
+    pub election_timeout_ms: AtomicU64,
     /// Log archiving (the learner's): entries after this index are not
     /// shipped yet and stay in the log (within a bound). 0: no archiver.
     pub archive_floor: AtomicU64,
@@ -247,6 +312,14 @@ impl NodeHandle {
         self.tx
             .send(NodeMsg::TransferLeader(to))
             .map_err(|_| ProposeError::Stopped)
+    }
+
+    pub async fn take_over(&self, drop: Vec<u64>) -> Result<TakeoverReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::TakeOver { drop, reply })
+            .map_err(|_| "server stopped".to_string())?;
+        rx.await.map_err(|_| "server stopped".to_string())?
     }
 
     pub async fn progress(&self) -> Result<Option<Progress>, ProposeError> {
@@ -365,25 +438,7 @@ impl RaftNode {
             hs.commit = state.applied_index;
             log.persist(&[], Some(&hs))?;
         }
-        let raft_config = raft::Config {
-            id: config.id,
-            election_tick: config.election_ticks,
-            heartbeat_tick: 1,
-            applied: state.applied_index,
-            // Flow control for cross-region members: up to 256 appends of
-            // up to 1 MiB in flight per member covers the bandwidth-delay
-            // product of a 100 ms link at well over 100 MB/s, and a slow
-            // link only fills the window (the voters' commits never wait
-            // for a learner).
-            max_size_per_msg: 1024 * 1024,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            ..Default::default()
-        };
-        raft_config.validate()?;
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let mut raw = RawNode::new(&raft_config, log, &logger)?;
+        let mut raw = raw_node(&config, state.applied_index, log)?;
         // A lone voter need not wait an election timeout to lead.
         let conf = raw.store().conf_state().clone();
         if conf.voters == vec![config.id] {
@@ -403,6 +458,10 @@ impl RaftNode {
             .is_learner
             .store(conf.learners.contains(&config.id), Ordering::Release);
         status.set_store_state(&state);
+        status.election_timeout_ms.store(
+            (config.tick * config.election_ticks as u32).as_millis() as u64,
+            Ordering::Release,
+        );
         let handle = NodeHandle {
             tx,
             status: status.clone(),
@@ -518,7 +577,7 @@ impl RaftNode {
             self.status
                 .leader_commit
                 .store(self.raw.raft.raft_log.committed, Ordering::Release);
-            self.leader_contact = Instant::now();
+            self.note_leader_contact();
         }
         let applied = self.store.state().applied_index;
         let election_timeout = self.config.tick * self.config.election_ticks as u32;
@@ -529,6 +588,13 @@ impl RaftNode {
                 .caught_up_at_ms
                 .store(unix_millis(), Ordering::Release);
         }
+    }
+
+    fn note_leader_contact(&mut self) {
+        self.leader_contact = Instant::now();
+        self.status
+            .leader_contact_ms
+            .store(unix_millis(), Ordering::Release);
     }
 
     /// Point the transport at the members in the stored member list.
@@ -562,10 +628,10 @@ impl RaftNode {
                             self.status
                                 .leader_commit
                                 .fetch_max(m.commit, Ordering::AcqRel);
-                            self.leader_contact = Instant::now();
+                            self.note_leader_contact();
                         }
                         MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
-                            self.leader_contact = Instant::now();
+                            self.note_leader_contact();
                         }
                         _ => {}
                     }
@@ -622,8 +688,59 @@ impl RaftNode {
                 });
                 let _ = reply.send(progress);
             }
+            NodeMsg::TakeOver { drop, reply } => {
+                let report = self.take_over(&drop)?;
+                let _ = reply.send(Ok(report));
+            }
         }
         Ok(())
+    }
+
+    /// Disaster takeover on the running member: apply everything committed
+    /// here, restart the log as a new single-voter cluster (see
+    /// [`super::takeover`]) and build a new Raft node on it. The process,
+    /// its listeners and its clients' streams stay up.
+    fn take_over(&mut self, drop: &[u64]) -> Result<TakeoverReport, NodeError> {
+        // Committed entries waiting in raft-rs or deferred are applied
+        // first: they are this member's to keep.
+        while self.raw.has_ready() || !self.deferred.is_empty() {
+            self.on_ready()?;
+        }
+        let state = self.store.state();
+        let me = self.config.id;
+        let plan = super::takeover::Plan::new(me, self.raw.store().conf_state(), drop);
+        self.raw.mut_store().force_new_cluster(
+            me,
+            &plan,
+            state.applied_index,
+            state.applied_term,
+        )?;
+        let log = self.raw.store().reopen()?;
+        self.raw = raw_node(&self.config, state.applied_index, log)?;
+        self.raw.campaign()?;
+        // Reads waiting on the old leader's read index would never be
+        // answered; dropping them answers their clients with an error.
+        self.reads_next.clear();
+        self.reads_inflight.clear();
+        self.reads_ready.clear();
+        self.status.is_learner.store(false, Ordering::Release);
+        self.role = StateRole::Follower;
+        let report = TakeoverReport {
+            member_id: me,
+            revision: state.revision,
+            raft_index: state.applied_index,
+            leader_commit_seen: self.status.leader_commit.load(Ordering::Acquire),
+            entries_behind: self
+                .status
+                .leader_commit
+                .load(Ordering::Acquire)
+                .saturating_sub(state.applied_index),
+            caught_up_at_ms: self.status.caught_up_at_ms.load(Ordering::Acquire),
+            kept_learners: plan.kept,
+            removed: plan.removed,
+        };
+        tracing::warn!("{}", report.summary());
+        Ok(report)
     }
 
     fn propose(
@@ -1129,6 +1246,33 @@ impl StateMachine<'_> {
 }
 
 use raft::Storage as _;
+
+/// The raft-rs node over `log`, which has applied up to `applied`.
+fn raw_node(
+    config: &NodeConfig,
+    applied: u64,
+    log: LogStore,
+) -> Result<RawNode<LogStore>, NodeError> {
+    let raft_config = raft::Config {
+        id: config.id,
+        election_tick: config.election_ticks,
+        heartbeat_tick: 1,
+        applied,
+        // Flow control for cross-region members: up to 256 appends of
+        // up to 1 MiB in flight per member covers the bandwidth-delay
+        // product of a 100 ms link at well over 100 MB/s, and a slow
+        // link only fills the window (the voters' commits never wait
+        // for a learner).
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    raft_config.validate()?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    Ok(RawNode::new(&raft_config, log, &logger)?)
+}
 
 fn conf_change_kind(entry: &Entry) -> Result<ConfChangeType, NodeError> {
     let decode_err = |e| LogError::Decode {
