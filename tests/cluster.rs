@@ -750,7 +750,10 @@ async fn follower_reads_are_answered_after_the_leader_is_paused() {
 /// of 20, 100 and 250 ms round trip, the farthest capped at 1 MB/s toward
 /// it, all converge on the voters' HashKV; a fourth is refused with etcd's
 /// error. Each learner added after the leader's latest Raft snapshot needs
-/// a new one that names it (raft-rs ignores one that does not).
+/// a new one that names it (raft-rs ignores one that does not). Then the
+/// 100 ms learner is cut off for 60 s under a steady write load: the
+/// voters' put latency and the 20 ms learner's lag stay what they were,
+/// and the cut-off learner catches up once the link heals.
 #[test]
 fn three_learners_at_different_distances_converge() {
     let mut c = Cluster::start(3, &[]);
@@ -781,4 +784,129 @@ fn three_learners_at_different_distances_converge() {
         "Error: etcdserver: too many learner members in cluster",
         "{fourth:?}"
     );
+
+    let leader = c.leader();
+    let (near, cut) = (&c.nodes[members[3]], &c.nodes[members[4]]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let before = runtime.block_on(load(
+        &c.nodes[leader].client,
+        &near.client,
+        Duration::from_secs(10),
+    ));
+    cut.proxy.blackhole(true);
+    let during = runtime.block_on(load(
+        &c.nodes[leader].client,
+        &near.client,
+        Duration::from_secs(60),
+    ));
+    cut.proxy.blackhole(false);
+    // Beyond noise: a voter waiting on the cut-off learner would stall for
+    // whole seconds (its window, then its retries), not milliseconds.
+    let (put_before, put_during) = (before.puts.p99(), during.puts.p99());
+    assert!(
+        put_during <= put_before * 2 + Duration::from_millis(50),
+        "voters' put p99 {put_before:?} before the cut, {put_during:?} during it"
+    );
+    let (p50_before, p50_during) = (before.puts.p50(), during.puts.p50());
+    assert!(
+        p50_during <= p50_before * 2 + Duration::from_millis(10),
+        "voters' put p50 {p50_before:?} before the cut, {p50_during:?} during it"
+    );
+    let (lag_before, lag_during) = (before.lag.p99(), during.lag.p99());
+    assert!(
+        lag_during <= lag_before * 2 + Duration::from_millis(100),
+        "the 20 ms learner's lag p99 {lag_before:?} before the cut, {lag_during:?} during it"
+    );
+    let rev = current_revision(&c.nodes[leader].client);
+    c.converged_hash(&members, rev, Duration::from_secs(60));
+}
+
+/// Latencies, sorted on demand.
+#[derive(Default)]
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn quantile(&self, q: f64) -> Duration {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        assert!(!v.is_empty(), "no samples");
+        v[((v.len() - 1) as f64 * q) as usize]
+    }
+    fn p50(&self) -> Duration {
+        self.quantile(0.5)
+    }
+    fn p99(&self) -> Duration {
+        self.quantile(0.99)
+    }
+}
+
+struct Load {
+    /// Each put's latency on the leader.
+    puts: Samples,
+    /// From a put's acknowledgement to the learner serving its revision.
+    lag: Samples,
+}
+
+/// Puts of 1 KiB from 4 clients on `leader` for `how_long`, and every
+/// 50th put, the time until `learner` serves its revision.
+async fn load(leader: &str, learner: &str, how_long: Duration) -> Load {
+    let writer = KvClient::new(channel(leader).await);
+    let reader = KvClient::new(channel(learner).await);
+    let until = Instant::now() + how_long;
+    let tasks: Vec<_> = (0..4)
+        .map(|t| {
+            let (mut writer, mut reader) = (writer.clone(), reader.clone());
+            tokio::spawn(async move {
+                let (mut puts, mut lag) = (Vec::new(), Vec::new());
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    let put = writer
+                        .put(PutRequest {
+                            key: format!("load/{t}/{}", n % 100).into_bytes(),
+                            value: vec![b'v'; 1024],
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("a put on the leader");
+                    let acked = Instant::now();
+                    puts.push(acked - started);
+                    n += 1;
+                    if t == 0 && n % 50 == 0 {
+                        let rev = put.into_inner().header.map_or(0, |h| h.revision);
+                        loop {
+                            let seen = reader
+                                .range(RangeRequest {
+                                    key: b"load/".to_vec(),
+                                    serializable: true,
+                                    limit: 1,
+                                    ..Default::default()
+                                })
+                                .await
+                                .expect("a read on the learner")
+                                .into_inner()
+                                .header
+                                .map_or(0, |h| h.revision);
+                            if seen >= rev {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        lag.push(acked.elapsed());
+                    }
+                }
+                (puts, lag)
+            })
+        })
+        .collect();
+    let mut load = Load {
+        puts: Samples::default(),
+        lag: Samples::default(),
+    };
+    for task in tasks {
+        let (puts, lag) = task.await.expect("load task");
+        load.puts.0.extend(puts);
+        load.lag.0.extend(lag);
+    }
+    load
 }
