@@ -3,8 +3,9 @@
 //! pauses and partitions members and slows the learner's link; the
 //! linearizability checker must accept the whole history, and watchers
 //! that reconnect across the faults must see the store's history exactly.
-//! A last test shows the checker catches a stale read when a client asks
-//! a cut-off member for serializable reads.
+//! Linearizable reads go to the learner as well as the voters. The last
+//! tests show the checker catches a stale read when a client asks a
+//! cut-off member, a follower or the learner, for serializable reads.
 //!
 //! Runs are short for CI (20 s of faults each). For a long run:
 //! `TERN_NEMESIS_SECS=600 cargo test -p tern-tests --test linearizability`;
@@ -93,6 +94,7 @@ async fn scenario(name: &str, faults: Vec<Fault>, flags: &'static [&'static str]
     let cluster = cluster_with_learner(flags).await;
     let voters = members(&cluster, &[0, 1, 2]);
     let everyone = members(&cluster, &[0, 1, 2, 3]);
+    let learner = members(&cluster, &[3]);
     let clock = Clock::start();
     eprintln!("{name}: seed {seed} (TERN_NEMESIS_SEED), {duration:?} of faults");
 
@@ -122,6 +124,10 @@ async fn scenario(name: &str, faults: Vec<Fault>, flags: &'static [&'static str]
         prefix: PREFIX.to_string(),
         members: voters.clone(),
         clients: 10,
+        // Linearizable reads on the learner too: a read index from the
+        // leader, answered once the learner has applied up to it.
+        readers: learner.clone(),
+        reader_clients: 2,
         keys: 3,
         ops_per_key: 150,
         reads: Reads::Linearizable,
@@ -181,6 +187,17 @@ async fn scenario(name: &str, faults: Vec<Fault>, flags: &'static [&'static str]
         ok_after_heal > 0,
         "nothing succeeded after healing: {context}"
     );
+    let on_learner = format!("@{}", learner[0].0);
+    let learner_reads = history
+        .iter()
+        .filter(|o| o.client.ends_with(&on_learner) && o.input == Input::Get)
+        .filter(|o| matches!(o.outcome, Outcome::Ok(_)))
+        .count();
+    assert!(
+        learner_reads >= 20,
+        "only {learner_reads} linearizable reads answered on the learner: {context}"
+    );
+    eprintln!("{name}: {learner_reads} linearizable reads answered on the learner");
 
     // The store's history of the prefix, as a voter has it, and what every
     // watcher saw of it.
@@ -377,6 +394,26 @@ async fn serializable_reads_on_a_partitioned_member_are_caught() {
     .await
     .expect("cluster");
     let follower = (leader + 1) % 3;
+    stale_read_is_caught(cluster, leader, follower).await;
+}
+
+/// The same on a learner: its serializable reads are local and go stale
+/// when it is cut off; its linearizable reads cannot answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn serializable_reads_on_a_partitioned_learner_are_caught() {
+    let cluster = cluster_with_learner(&[]).await;
+    let (cluster, leader) = tokio::task::spawn_blocking(move || {
+        let leader = cluster.leader();
+        (cluster, leader)
+    })
+    .await
+    .expect("leader");
+    stale_read_is_caught(cluster, leader, 3).await;
+}
+
+/// With `reader` cut off, a write on `leader` commits; a serializable read
+/// on `reader` returns the value before it and the checker rejects it.
+async fn stale_read_is_caught(cluster: Cluster, leader: usize, follower: usize) {
     let recorder = Recorder::new(Clock::start());
     let client = |name: &str, i: usize, reads, timeout| {
         let name = format!("{name}@{}", cluster.nodes[i].name);

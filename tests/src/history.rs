@@ -334,6 +334,11 @@ pub struct Workload {
     /// `(member name, client endpoint)`; clients are spread round robin.
     pub members: Vec<(String, String)>,
     pub clients: usize,
+    /// `(member name, client endpoint)` of members that only read (a
+    /// learner refuses writes), each with `reader_clients` clients of its
+    /// own doing gets in `reads` mode.
+    pub readers: Vec<(String, String)>,
+    pub reader_clients: usize,
     pub keys: u64,
     pub ops_per_key: u64,
     pub reads: Reads,
@@ -347,8 +352,14 @@ impl Workload {
         let issued = Arc::new(AtomicU64::new(0));
         let deadline = tokio::time::Instant::now() + duration;
         let mut tasks = Vec::new();
-        for c in 0..self.clients {
-            let (member, endpoint) = &self.members[c % self.members.len()];
+        let readers = self
+            .readers
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r, self.reader_clients));
+        let everyone = (0..self.clients)
+            .map(|c| (&self.members[c % self.members.len()], false))
+            .chain(readers.map(|r| (r, true)));
+        for (c, ((member, endpoint), only_reads)) in everyone.enumerate() {
             let mut client = Client::new(
                 &format!("c{c}@{member}"),
                 endpoint,
@@ -366,7 +377,8 @@ impl Workload {
                     let n = issued.fetch_add(1, Ordering::Relaxed);
                     let epoch = n / (w.keys * w.ops_per_key);
                     let key = format!("{}{epoch:05}/{}", w.prefix, rng.below(w.keys));
-                    let outcome = match rng.below(10) {
+                    let choice = if only_reads { 0 } else { rng.below(10) };
+                    let outcome = match choice {
                         0..=4 => {
                             let o = client.get(&key).await;
                             if let Outcome::Ok(Output::Read(v)) = o {
