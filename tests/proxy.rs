@@ -168,6 +168,24 @@ fn one_way_delay_only_delays_its_direction() {
 }
 
 #[test]
+fn spared_processes_cross_without_faults() {
+    let proxy = Proxy::start(echo_server());
+    proxy.set_rtt(Duration::from_millis(300));
+    let round_trip = |proxy: &Proxy| {
+        let stream = connect(proxy);
+        let started = Instant::now();
+        assert_eq!(echo(&stream, b"ping"), b"ping");
+        started.elapsed()
+    };
+    // Some other process is spared: this one's connections are delayed.
+    proxy.spare(&[1]);
+    assert!(round_trip(&proxy) >= Duration::from_millis(300));
+    // This process is spared: its new connections are not.
+    proxy.spare(&[std::process::id()]);
+    assert!(round_trip(&proxy) < Duration::from_millis(150));
+}
+
+#[test]
 fn jitter_never_reorders_bytes() {
     let proxy = Proxy::start(echo_server());
     for direction in [Direction::Upstream, Direction::Downstream] {

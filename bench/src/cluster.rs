@@ -19,17 +19,18 @@
 //!   on the learner, or zero if the learner had it before the
 //!   acknowledgement arrived. The polling period is the resolution.
 //!
-//! The proxy delays only the connections dialed to the learner's peer URL,
-//! and the two systems use them for opposite directions: a Tern member
-//! sends its Raft messages on connections it dials itself, so the leader's
-//! appends to the learner cross the proxy and the learner's answers go
-//! straight to the leader; etcd's rafthttp sends a member's messages on
-//! streams its peer dialed to it, so there the learner's answers cross the
-//! proxy and the leader's appends travel, undelayed, on the learner's own
-//! connection to the leader. No proxy in front of the voters could delay
-//! that connection alone, since the voters use the same URLs among
-//! themselves. The step prints the bytes that crossed the proxy each way,
-//! which shows this.
+//! The link is delayed both ways for both systems, whichever side dials:
+//! a Tern member sends its Raft messages on connections it dials itself,
+//! etcd's rafthttp on streams its peer dialed to it, so each direction of
+//! the leader-learner exchange rides a different connection, and the two
+//! systems use them oppositely. So in the learner step every voter's
+//! advertised peer URL is a proxy too: the voters cross it undelayed
+//! ([`Proxy::spare`] recognises their connections), the learner's own
+//! connections to a voter are delayed half the RTT each way, as is every
+//! connection to the learner's proxy. Every byte between the learner and a
+//! voter then waits half the RTT, in both directions, for both systems;
+//! the step prints the bytes each proxy carried. The voters' put latency
+//! during the step (open loop, to the leader) is reported beside the lag.
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -100,7 +101,7 @@ pub async fn bench_system(
     let mut errors = 0;
     {
         eprintln!("[{system}] starting a {}-member cluster", load.voters);
-        let mut cluster = Cluster::start(system, bins, load.voters).await?;
+        let mut cluster = Cluster::start(system, bins, load.voters, false).await?;
         errors += put_throughput(&mut cluster, load, settings, &mut metrics).await?;
         // Dropping the cluster kills its members before the next one starts.
     }
@@ -110,7 +111,7 @@ pub async fn bench_system(
         "[{system}] starting a fresh {}-member cluster for the learner",
         load.voters
     );
-    let mut cluster = Cluster::start(system, bins, load.voters).await?;
+    let mut cluster = Cluster::start(system, bins, load.voters, true).await?;
     errors += learner_lag(&mut cluster, bins, load, settings, &mut metrics).await?;
     metrics.push(Metric::new(
         "request errors (cluster steps)",
@@ -168,7 +169,7 @@ async fn learner_lag(
     let learner = cluster.add_learner(bins, load.learner_rtt).await?;
     let learner_url = cluster.members[learner].url().to_string();
 
-    let bytes_before = cluster.learner_proxy_bytes();
+    let bytes_before = cluster.proxy_bytes();
     let what = format!(
         "learner lag, {:?} RTT, {} puts/s",
         load.learner_rtt, load.learner_rate
@@ -179,7 +180,7 @@ async fn learner_lag(
             measure_lag(&leader_url, &learner_url, load, settings),
         )
         .await?;
-    let bytes_after = cluster.learner_proxy_bytes();
+    let bytes_after = cluster.proxy_bytes();
 
     eprintln!(
         "[{system}] {what}: {} writes acknowledged in {:.2?} ({:.0}/s), {} learner polls; \
@@ -192,13 +193,21 @@ async fn learner_lag(
         millis(percentile(&lag.lags, 0.99)),
         millis(percentile(&lag.lags, 1.0)),
     );
-    // Which way the bytes went shows what the proxy actually delayed: a
-    // member sends its Raft messages over connections it dials (Tern) or
-    // over connections its peer dialed to it (etcd's rafthttp streams).
+    // Which connections carried the bytes: a member sends its Raft
+    // messages over connections it dials (Tern) or over connections its
+    // peer dialed to it (etcd's rafthttp streams); both are delayed.
     eprintln!(
-        "[{system}] through the learner's proxy during that step: {} KiB to its peer listener, {} KiB back",
-        (bytes_after.0 - bytes_before.0) / 1024,
-        (bytes_after.1 - bytes_before.1) / 1024,
+        "[{system}] during that step: {} KiB to the learner's peer listener and {} KiB back; \
+         {} KiB to the voters' peer listeners and {} KiB back (the voters' own traffic included)",
+        (bytes_after[0] - bytes_before[0]) / 1024,
+        (bytes_after[1] - bytes_before[1]) / 1024,
+        (bytes_after[2] - bytes_before[2]) / 1024,
+        (bytes_after[3] - bytes_before[3]) / 1024,
+    );
+    eprintln!(
+        "[{system}] {what}: the leader's put latency meanwhile p50 {:.3} ms, p99 {:.3} ms",
+        millis(percentile(&lag.put_latencies, 0.5)),
+        millis(percentile(&lag.put_latencies, 0.99)),
     );
     if lag.errors > 0 {
         eprintln!(
@@ -217,6 +226,16 @@ async fn learner_lag(
         Unit::Millis,
         millis(percentile(&lag.lags, 0.99)),
     ));
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        metrics.push(Metric::new(
+            format!(
+                "voter put latency, learner at {:?} RTT, {name} (ms)",
+                load.learner_rtt
+            ),
+            Unit::Millis,
+            millis(percentile(&lag.put_latencies, q)),
+        ));
+    }
     Ok(lag.errors)
 }
 
@@ -236,29 +255,49 @@ struct Cluster {
     /// The voters, then the learner once added.
     members: Vec<Server>,
     /// In front of the learner's peer listener. Fields drop in order, so
-    /// the proxy stops after the members are dead.
+    /// the proxies stop after the members are dead.
     learner_proxy: Option<Proxy>,
+    /// In front of each voter's peer listener, when started behind them.
+    voter_proxies: Vec<Proxy>,
     /// `--initial-cluster-token`, also given to the learner.
     token: String,
 }
 
 impl Cluster {
     /// Starts `voters` voters as a new cluster and waits until each one
-    /// answers a linearizable Range, which needs an elected leader.
-    async fn start(system: System, bins: &Binaries, voters: usize) -> Result<Cluster> {
+    /// answers a linearizable Range, which needs an elected leader. With
+    /// `behind_proxies`, each advertises a proxy in front of its peer
+    /// listener (which spares the voters' own connections).
+    async fn start(
+        system: System,
+        bins: &Binaries,
+        voters: usize,
+        behind_proxies: bool,
+    ) -> Result<Cluster> {
         let token = format!("tern-bench-{system}");
+        let mut voter_proxies = Vec::new();
         // All ports first: every member's flags list every peer URL.
         let mut planned = Vec::new();
         for i in 0..voters {
+            let peer_port = free_port()?;
+            let advertised = if behind_proxies {
+                let proxy = Proxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, peer_port)));
+                let url = proxy.url();
+                voter_proxies.push(proxy);
+                url
+            } else {
+                loopback_url(peer_port)
+            };
             planned.push((
                 format!("m{i}"),
                 loopback_url(free_port()?),
-                loopback_url(free_port()?),
+                loopback_url(peer_port),
+                advertised,
             ));
         }
         let initial_cluster = planned
             .iter()
-            .map(|(name, _, peer)| format!("{name}={peer}"))
+            .map(|(name, _, _, advertised)| format!("{name}={advertised}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Cluster {
@@ -266,16 +305,17 @@ impl Cluster {
             voters,
             members: Vec::new(),
             learner_proxy: None,
+            voter_proxies,
             token,
         };
         // Spawn them all before waiting for any: one member alone cannot
         // elect a leader.
-        for (name, client, peer) in planned {
+        for (name, client, peer, advertised) in planned {
             let args = MemberFlags {
                 name: &name,
                 client: &client,
                 listen_peer: &peer,
-                advertise_peer: &peer,
+                advertise_peer: &advertised,
                 initial_cluster: &initial_cluster,
                 state: "new",
                 token: &cluster.token,
@@ -289,6 +329,10 @@ impl Cluster {
                 &args,
             )?;
             cluster.members.push(server);
+        }
+        let pids: Vec<u32> = cluster.members.iter().map(Server::pid).collect();
+        for proxy in &cluster.voter_proxies {
+            proxy.spare(&pids);
         }
         for member in &mut cluster.members {
             member.wait_ready(Probe::Linearizable).await?;
@@ -350,6 +394,10 @@ impl Cluster {
         // Slow from the start, so the learner's whole life (joining,
         // catching up) is across the slow link.
         proxy.set_rtt(rtt);
+        // The learner's own connections to the voters, the same.
+        for voter in &self.voter_proxies {
+            voter.set_rtt(rtt);
+        }
         let advertised_peer = proxy.url();
         self.learner_proxy = Some(proxy);
 
@@ -374,12 +422,18 @@ impl Cluster {
         Ok(index)
     }
 
-    /// Bytes the learner's proxy has forwarded so far: (to the learner's
-    /// peer listener, back from it).
-    fn learner_proxy_bytes(&self) -> (u64, u64) {
-        self.learner_proxy.as_ref().map_or((0, 0), |p| {
-            (p.bytes(Direction::Upstream), p.bytes(Direction::Downstream))
-        })
+    /// Bytes forwarded so far: to the learner's peer listener, back from
+    /// it, to the voters' peer listeners, back from them.
+    fn proxy_bytes(&self) -> [u64; 4] {
+        let learner = self.learner_proxy.iter();
+        let voters = self.voter_proxies.iter();
+        let sum = |proxies: std::slice::Iter<'_, Proxy>, d| proxies.map(|p| p.bytes(d)).sum();
+        [
+            learner.clone().map(|p| p.bytes(Direction::Upstream)).sum(),
+            learner.map(|p| p.bytes(Direction::Downstream)).sum(),
+            sum(voters.clone(), Direction::Upstream),
+            sum(voters, Direction::Downstream),
+        ]
     }
 
     /// Awaits one workload; on failure says which step, and why: a crash
@@ -527,6 +581,8 @@ pub async fn connect(url: &str) -> Result<Channel> {
 pub struct LagResult {
     /// Lag of every acknowledged timed write, sorted.
     lags: Vec<Duration>,
+    /// Latency of every acknowledged timed write on the leader, sorted.
+    put_latencies: Vec<Duration>,
     /// From the first timed put sent to the last one acknowledged.
     write_elapsed: Duration,
     /// Failed puts and failed polls.
@@ -603,8 +659,11 @@ pub async fn measure_lag(
         .context("the learner poller was not started")?
         .context("the learner poller panicked")??;
 
+    let mut put_latencies = writes.latencies;
+    put_latencies.sort_unstable();
     Ok(LagResult {
         lags: lags(&writes.acked, &polled.seen),
+        put_latencies,
         write_elapsed: writes.elapsed,
         errors: writes.errors + polled.errors,
         first_error: writes.first_error.or(polled.first_error),
@@ -658,6 +717,8 @@ pub async fn wait_for_revision(
 struct Writes {
     /// (revision, instant the answer arrived) of each acknowledged put.
     acked: Vec<(i64, Instant)>,
+    /// From each acknowledged put's send to its answer.
+    latencies: Vec<Duration>,
     elapsed: Duration,
     errors: u64,
     first_error: Option<String>,
@@ -688,11 +749,12 @@ async fn steady_writes(
             ..Default::default()
         };
         puts.spawn(async move {
+            let sent = Instant::now();
             let answer = tokio::time::timeout(request_timeout, kv.put(request)).await;
             let acked = Instant::now();
             match answer {
                 Ok(Ok(response)) => match response.into_inner().header {
-                    Some(header) => Ok((header.revision, acked)),
+                    Some(header) => Ok((header.revision, acked, acked - sent)),
                     None => Err("Put answered without a header".to_string()),
                 },
                 Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
@@ -702,13 +764,17 @@ async fn steady_writes(
     }
     let mut writes = Writes {
         acked: Vec::new(),
+        latencies: Vec::new(),
         elapsed: Duration::ZERO,
         errors: 0,
         first_error: None,
     };
     while let Some(joined) = puts.join_next().await {
         match joined {
-            Ok(Ok(acked)) => writes.acked.push(acked),
+            Ok(Ok((revision, at, latency))) => {
+                writes.acked.push((revision, at));
+                writes.latencies.push(latency);
+            }
             Ok(Err(error)) => {
                 writes.errors += 1;
                 writes.first_error.get_or_insert(error);

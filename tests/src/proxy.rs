@@ -89,7 +89,7 @@ use std::future::pending;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -163,6 +163,9 @@ pub struct Proxy {
     addr: SocketAddr,
     target: SocketAddr,
     control: watch::Sender<Control>,
+    /// Processes whose connections to the proxy get no latency, jitter or
+    /// bandwidth cap (see [`Proxy::spare`]).
+    spared: Arc<Mutex<Vec<u32>>>,
     counters: Arc<Counters>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -182,6 +185,8 @@ impl Proxy {
         let counters = Arc::new(Counters::default());
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let thread_counters = counters.clone();
+        let spared = Arc::new(Mutex::new(Vec::new()));
+        let thread_spared = spared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("proxy-{}", addr.port()))
             .spawn(move || {
@@ -192,7 +197,7 @@ impl Proxy {
                 rt.block_on(async move {
                     let listener = TcpListener::from_std(listener).expect("proxy: listener");
                     tokio::select! {
-                        _ = accept_loop(listener, target, control_rx, thread_counters) => {}
+                        _ = accept_loop(listener, target, control_rx, thread_counters, thread_spared) => {}
                         _ = shutdown_rx => {}
                     }
                 });
@@ -204,6 +209,7 @@ impl Proxy {
             addr,
             target,
             control,
+            spared,
             counters,
             shutdown: Some(shutdown),
             thread: Some(thread),
@@ -261,6 +267,17 @@ impl Proxy {
             }
             *c != old
         });
+    }
+
+    /// Latency, jitter and the bandwidth cap apply to every connection
+    /// accepted from now on except those dialed by the processes `pids`
+    /// (found at accept through `/proc`: the socket at the connection's
+    /// client address belongs to one of them). In front of the voters'
+    /// peer URLs, sparing the voters delays only a learner's own
+    /// connections to them, so both directions of a learner's link are
+    /// delayed whichever side dials. Blackholes and resets apply to all.
+    pub fn spare(&self, pids: &[u32]) {
+        *self.spared.lock().unwrap_or_else(|e| e.into_inner()) = pids.to_vec();
     }
 
     /// Partition (`true`) or heal (`false`). While on, nothing flows either
@@ -340,11 +357,14 @@ async fn accept_loop(
     target: SocketAddr,
     control: watch::Receiver<Control>,
     counters: Arc<Counters>,
+    spared: Arc<Mutex<Vec<u32>>>,
 ) {
     let mut rng = Rng::from_time(target.port());
     loop {
         match listener.accept().await {
-            Ok((client, _)) => {
+            Ok((client, from)) => {
+                let pids = spared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let faulty = pids.is_empty() || !dialed_by(&pids, from);
                 counters.connections.fetch_add(1, Ordering::SeqCst);
                 let guard = ConnectionGuard(counters.clone());
                 // Taken here, not in the task, so a reset() or blackhole
@@ -356,7 +376,7 @@ async fn accept_loop(
                     start,
                     control.clone(),
                     counters.clone(),
-                    rng.next_u64(),
+                    (rng.next_u64(), faulty),
                     guard,
                 ));
             }
@@ -364,6 +384,51 @@ async fn accept_loop(
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
+}
+
+/// The faults on direction `d` of a connection: none on a spared one.
+fn link_of(control: &mut watch::Receiver<Control>, d: usize, faulty: bool) -> Link {
+    let link = control.borrow_and_update().links[d];
+    if faulty {
+        link
+    } else {
+        Link::default()
+    }
+}
+
+/// Whether the TCP socket at `client` (a connection's far end, on this
+/// machine) is open in one of the processes `pids`: its inode, from
+/// `/proc/net/tcp`, among their file descriptors.
+fn dialed_by(pids: &[u32], client: SocketAddr) -> bool {
+    let SocketAddr::V4(v4) = client else {
+        return false;
+    };
+    // The kernel prints the address as the host-order value of the
+    // network-order word, and the port in hex.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let Some(inode) = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()))
+            .then(|| fields.get(9).map(|i| i.to_string()))
+            .flatten()
+    }) else {
+        return false;
+    };
+    let wanted = format!("socket:[{inode}]");
+    pids.iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()))
+    })
 }
 
 /// Why a connection stopped forwarding before it finished.
@@ -419,7 +484,7 @@ async fn connection(
     start: Control,
     mut control: watch::Receiver<Control>,
     counters: Arc<Counters>,
-    seed: u64,
+    (seed, faulty): (u64, bool),
     _guard: ConnectionGuard,
 ) {
     let _ = client.set_nodelay(true);
@@ -448,7 +513,13 @@ async fn connection(
     let _ = server.set_nodelay(true);
 
     let outcome = {
-        let pipes = pipes(&mut client, &mut server, control.clone(), &counters, seed);
+        let pipes = pipes(
+            &mut client,
+            &mut server,
+            control.clone(),
+            &counters,
+            (seed, faulty),
+        );
         tokio::select! {
             biased;
             why = interrupted(&mut control, &start) => Err(why),
@@ -481,7 +552,7 @@ async fn pipes(
     server: &mut TcpStream,
     control: watch::Receiver<Control>,
     counters: &Counters,
-    seed: u64,
+    (seed, faulty): (u64, bool),
 ) -> io::Result<()> {
     let (client_read, client_write) = client.split();
     let (server_read, server_write) = server.split();
@@ -489,7 +560,7 @@ async fn pipes(
         pump(
             client_read,
             server_write,
-            Direction::Upstream,
+            (Direction::Upstream, faulty),
             control.clone(),
             counters,
             Rng::new(seed),
@@ -497,7 +568,7 @@ async fn pipes(
         pump(
             server_read,
             client_write,
-            Direction::Downstream,
+            (Direction::Downstream, faulty),
             control.clone(),
             counters,
             Rng::new(seed ^ 0xa5a5_a5a5_a5a5_a5a5),
@@ -520,7 +591,7 @@ struct Chunk {
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    direction: Direction,
+    (direction, faulty): (Direction, bool),
     mut control: watch::Receiver<Control>,
     counters: &Counters,
     mut rng: Rng,
@@ -562,7 +633,7 @@ async fn pump(
         while let Some(chunk) = rx.recv().await {
             // Delay: recomputed whenever the settings change.
             let due = loop {
-                let link = control.borrow_and_update().links[d];
+                let link = link_of(&mut control, d, faulty);
                 let mut due = chunk.read_at + link.latency + link.jitter.mul_f64(chunk.jitter);
                 if let Some(last) = last_due {
                     due = due.max(last); // never overtake the previous chunk
@@ -576,7 +647,7 @@ async fn pump(
             // Pace and write.
             let mut rest = &chunk.data[..];
             while !rest.is_empty() {
-                let link = control.borrow_and_update().links[d];
+                let link = link_of(&mut control, d, faulty);
                 match link.bandwidth {
                     None => {
                         to.write_all(rest).await?;
