@@ -139,8 +139,8 @@ struct Args {
     /// members (it runs for --duration or --requests).
     #[arg(long, default_value_t = 256)]
     cluster_clients: usize,
-    /// Round trip added to the learner's link by the proxy in front of its
-    /// peer listener.
+    /// Round trip added to the learner's link: half of it each way, on
+    /// every connection between the learner and a voter.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     learner_rtt: Duration,
     /// Puts per second to the leader while the learner's lag is measured;
@@ -381,12 +381,10 @@ impl Args {
             parts.push(format!(
                 "cluster: {voters} voters on loopback, puts from {} clients on {} connections \
                  spread evenly over all {voters}; learner: added with `etcdctl member add \
-                 --learner`, its advertised peer URL a proxy adding {:?} RTT, {} puts/s to the \
-                 leader for {:?}, lag = time from a put's ack to the first serializable Range on \
-                 the learner (one every {:?}) that shows its revision; the proxy only delays \
-                 connections dialed to the learner, which carry the leader's appends in Tern but \
-                 only the learner's acks in etcd (etcd sends appends on the learner's connection \
-                 to the leader)",
+                 --learner` across a link of {:?} RTT (half each way on every connection between \
+                 it and a voter, whichever side dials), {} puts/s to the leader for {:?}, lag = \
+                 time from a put's ack to the first serializable Range on the learner (one every \
+                 {:?}) that shows its revision; voter put latency = those puts' latency",
                 self.cluster_clients,
                 self.connections.div_ceil(self.cluster_members) * self.cluster_members,
                 self.learner_rtt,
