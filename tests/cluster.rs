@@ -821,6 +821,41 @@ fn three_learners_at_different_distances_converge() {
     c.converged_hash(&members, rev, Duration::from_secs(60));
 }
 
+/// `--learner-bandwidth-limit`: the leader feeds a learner no faster than
+/// its budget, while its own commits do not wait for it.
+#[test]
+fn a_learner_is_fed_within_its_bandwidth_budget() {
+    const BUDGET: u64 = 256 * 1024;
+    let mut c = Cluster::start(1, &["--learner-bandwidth-limit", "262144"]);
+    let l = c.add_member(true, &[]);
+    let rev = current_revision(&c.nodes[0].client);
+    c.converged_hash(&[0, l], rev, Duration::from_secs(30));
+    let before = c.nodes[l].proxy.bytes(Direction::Upstream);
+    // 1.5 MiB of writes, acknowledged at the voter's own pace.
+    let started = Instant::now();
+    let value = "v".repeat(64 * 1024);
+    for i in 0..24 {
+        let put = c.nodes[0].etcdctl(&["put", &format!("budget/{i:02}"), &value]);
+        assert_eq!(put.code, 0, "{put:?}");
+    }
+    let written = started.elapsed();
+    let rev = current_revision(&c.nodes[0].client);
+    c.converged_hash(&[0, l], rev, Duration::from_secs(60));
+    let caught_up = started.elapsed();
+    let sent = c.nodes[l].proxy.bytes(Direction::Upstream) - before;
+    assert!(sent >= 24 * 64 * 1024, "{sent} bytes reached the learner");
+    // Paid for at the budget's rate, less the pacer's 100 ms of credit.
+    let floor = Duration::from_secs_f64(sent as f64 / BUDGET as f64) - Duration::from_millis(300);
+    assert!(
+        caught_up >= floor,
+        "{sent} bytes in {caught_up:?}: faster than {BUDGET} B/s"
+    );
+    assert!(
+        written < floor,
+        "the voter's puts took {written:?}: they waited for the learner"
+    );
+}
+
 /// Latencies, sorted on demand.
 #[derive(Default)]
 struct Samples(Vec<Duration>);
@@ -872,7 +907,7 @@ async fn load(leader: &str, learner: &str, how_long: Duration) -> Load {
                     let acked = Instant::now();
                     puts.push(acked - started);
                     n += 1;
-                    if t == 0 && n % 50 == 0 {
+                    if t == 0 && n.is_multiple_of(50) {
                         let rev = put.into_inner().header.map_or(0, |h| h.revision);
                         loop {
                             let seen = reader

@@ -86,6 +86,14 @@ pub struct PrimaryConfig {
     #[arg(long, default_value_t = 3)]
     pub max_learners: u32,
 
+    /// Most bytes per second this member, as leader, sends to each learner
+    /// (its appends, and a snapshot on its own stream; 0: no limit). A
+    /// budget per learner, so one
+    /// region catching up cannot take the uplink every other region and
+    /// the voters share. Below the write rate the learner falls behind.
+    #[arg(long, default_value_t = 0)]
+    pub learner_bandwidth_limit: u64,
+
     /// Seconds an auth token (etcd's simple token) stays valid after its
     /// last use (etcd's `--auth-token-ttl`).
     #[arg(long, default_value_t = 300)]

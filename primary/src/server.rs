@@ -195,6 +195,7 @@ pub async fn run_with(
         election_ticks: (config.election_timeout / config.heartbeat_interval) as usize,
         snapshot_count: config.snapshot_count,
         peer_tls: Arc::new(DialTls::peer(&config)),
+        learner_bandwidth_limit: config.learner_bandwidth_limit,
     };
     let (node, handle) = RaftNode::new(
         node_config,

@@ -365,6 +365,8 @@ pub struct NodeConfig {
     pub snapshot_count: u64,
     /// How `https://` peer URLs are dialed.
     pub peer_tls: Arc<crate::tls::DialTls>,
+    /// Bytes per second sent to each learner (0: no limit).
+    pub learner_bandwidth_limit: u64,
 }
 
 type Reply = oneshot::Sender<Result<ApplyResult, ProposeError>>;
@@ -452,6 +454,7 @@ impl RaftNode {
             tx.clone(),
             metrics.clone(),
             config.peer_tls.clone(),
+            Some(config.learner_bandwidth_limit).filter(|b| *b > 0),
         ));
         let status = Arc::new(NodeStatus::default());
         status
@@ -600,10 +603,10 @@ impl RaftNode {
     /// Point the transport at the members in the stored member list.
     fn refresh_peers(&mut self) -> Result<(), NodeError> {
         let rows = members(self.store.connection())?;
-        let peers: Vec<(u64, Vec<String>)> = rows
+        let peers: Vec<super::transport::PeerAddr> = rows
             .into_iter()
             .filter(|m| m.0 != self.config.id)
-            .map(|m| (m.0, m.2))
+            .map(|m| (m.0, m.2, m.4))
             .collect();
         self.transport.set_peers(&peers);
         Ok(())

@@ -12,6 +12,10 @@
 //! sent in [`SNAPSHOT_CHUNK`] pieces, so memory stays bounded whatever the
 //! state size; the outcome is reported back to Raft.
 //!
+//! A learner's link (its appends, and its snapshots on their own stream)
+//! may run under a bandwidth budget (`--learner-bandwidth-limit`), so one
+//! region catching up cannot take the uplink the others share.
+//!
 //! HTTP/2 flow-control windows are sized for cross-region links: with the
 //! default 64 KiB window a 100 ms round trip caps a stream at 640 KiB/s.
 //!
@@ -53,6 +57,8 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Transport {
     runtime: tokio::runtime::Handle,
+    /// Bytes per second each learner's link may carry (`None`: no limit).
+    learner_budget: Option<u64>,
     node: Sender<NodeMsg>,
     peers: Mutex<HashMap<u64, Link>>,
     metrics: Arc<Metrics>,
@@ -62,8 +68,14 @@ pub struct Transport {
 
 struct Link {
     urls: Vec<String>,
+    /// The bandwidth budget it runs under (a learner's).
+    budget: Option<u64>,
     queue: mpsc::Sender<Message>,
 }
+
+/// A peer as the transport sees it: id, peer URLs, and whether it is a
+/// learner (whose link runs under the learner bandwidth budget).
+pub type PeerAddr = (u64, Vec<String>, bool);
 
 impl Transport {
     pub fn new(
@@ -71,9 +83,11 @@ impl Transport {
         node: Sender<NodeMsg>,
         metrics: Arc<Metrics>,
         tls: Arc<DialTls>,
+        learner_budget: Option<u64>,
     ) -> Self {
         Transport {
             runtime,
+            learner_budget,
             node,
             peers: Mutex::new(HashMap::new()),
             metrics,
@@ -81,12 +95,17 @@ impl Transport {
         }
     }
 
-    /// Make the set of peers `peers` (id, peer URLs): new ones get a link,
-    /// removed ones lose theirs, changed URLs reconnect.
-    pub fn set_peers(&self, peers: &[(u64, Vec<String>)]) {
+    /// Make the set of peers `peers`: new ones get a link, removed ones
+    /// lose theirs, changed URLs (or a learner promoted) reconnect.
+    pub fn set_peers(&self, peers: &[PeerAddr]) {
+        let budget = |learner: bool| self.learner_budget.filter(|_| learner);
         let mut links = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        links.retain(|id, link| peers.iter().any(|(p, urls)| p == id && *urls == link.urls));
-        for (id, urls) in peers {
+        links.retain(|id, link| {
+            peers.iter().any(|(p, urls, learner)| {
+                p == id && *urls == link.urls && budget(*learner) == link.budget
+            })
+        });
+        for (id, urls, learner) in peers {
             if links.contains_key(id) || urls.is_empty() {
                 continue;
             }
@@ -97,12 +116,13 @@ impl Transport {
                 rx,
                 self.node.clone(),
                 self.metrics.clone(),
-                self.tls.clone(),
+                (self.tls.clone(), budget(*learner)),
             ));
             links.insert(
                 *id,
                 Link {
                     urls: urls.clone(),
+                    budget: budget(*learner),
                     queue,
                 },
             );
@@ -132,7 +152,7 @@ impl Transport {
                     m,
                     self.node.clone(),
                     self.metrics.clone(),
-                    self.tls.clone(),
+                    (self.tls.clone(), link.budget),
                 ));
                 continue;
             }
@@ -184,8 +204,9 @@ async fn run_link(
     mut queue: mpsc::Receiver<Message>,
     node: Sender<NodeMsg>,
     metrics: Arc<Metrics>,
-    tls: Arc<DialTls>,
+    (tls, budget): (Arc<DialTls>, Option<u64>),
 ) {
+    let mut pacer = budget.map(Pacer::new);
     let label = to_peer(id);
     let failures = metrics.peer_sent_failures.get_or_create_owned(&label);
     let sent_bytes = metrics.peer_sent_bytes.get_or_create_owned(&label);
@@ -234,6 +255,9 @@ async fn run_link(
                         }
                     }
                     let count = batch.messages.len() as u64;
+                    if let Some(pacer) = &mut pacer {
+                        pacer.spend(bytes).await;
+                    }
                     if batches.send(batch).await.is_err() {
                         failures.inc_by(count);
                         break;
@@ -251,6 +275,40 @@ async fn run_link(
         let _ = node.send(NodeMsg::Unreachable(id));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Keeps a link within its bandwidth budget: each send is paid for in
+/// time at the budget's rate, with up to [`PACER_BURST`] of credit, so a
+/// learner's average never exceeds it and an idle link can still send a
+/// small batch at once.
+struct Pacer {
+    rate: u64,
+    /// When everything sent so far is paid for.
+    paid_until: Instant,
+}
+
+/// Credit a paced link may build up while idle.
+const PACER_BURST: Duration = Duration::from_millis(100);
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate: rate.max(1),
+            paid_until: Instant::now(),
+        }
+    }
+
+    /// Wait until `bytes` more fit in the budget.
+    async fn spend(&mut self, bytes: usize) {
+        let now = Instant::now();
+        let start = self
+            .paid_until
+            .max(now.checked_sub(PACER_BURST).unwrap_or(now));
+        self.paid_until = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        if let Some(wait) = self.paid_until.checked_duration_since(now + PACER_BURST) {
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -294,8 +352,9 @@ async fn send_snapshot(
     mut m: Message,
     node: Sender<NodeMsg>,
     metrics: Arc<Metrics>,
-    tls: Arc<DialTls>,
+    (tls, budget): (Arc<DialTls>, Option<u64>),
 ) {
+    let mut pacer = budget.map(Pacer::new);
     let path = snapshot_path(m.get_snapshot());
     let result = async {
         let mut file = tokio::fs::File::open(&path).await?;
@@ -323,6 +382,9 @@ async fn send_snapshot(
             data.truncate(filled);
             let done = filled < SNAPSHOT_CHUNK;
             sent += filled;
+            if let Some(pacer) = &mut pacer {
+                pacer.spend(filled).await;
+            }
             let chunk = SnapshotChunk {
                 message: first.take().unwrap_or_default(),
                 data,
