@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 use tern_primary::proto::etcdserverpb::kv_client::KvClient;
-use tern_primary::proto::etcdserverpb::DeleteRangeRequest;
+use tern_primary::proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -97,6 +97,12 @@ pub async fn bench_system(
         "learner lag p99, no backup (ms)",
         "learner lag p99, during a backup (ms)",
     );
+    // etcd has no takeover of a running learner (only a restart with
+    // --force-new-cluster, on a voter's data).
+    let (takeover_answer, takeover_writable) = (
+        "POST /takeover on the learner, answered (s)",
+        "POST /takeover on the learner, to a put acknowledged (s)",
+    );
     let (runs, restores, lag) = match system {
         System::Etcd => {
             let (runs, snapshot) = etcd_snapshots(bins, load, settings).await?;
@@ -106,6 +112,8 @@ pub async fn bench_system(
             let lag = vec![
                 Metric::none(idle_lag, Unit::Millis),
                 Metric::none(backup_lag, Unit::Millis),
+                Metric::none(takeover_answer, Unit::Seconds),
+                Metric::none(takeover_writable, Unit::Seconds),
             ];
             (runs, restore::metrics(restored, None)?, lag)
         }
@@ -117,6 +125,8 @@ pub async fn bench_system(
             let lag = vec![
                 Metric::new(idle_lag, Unit::Millis, backups.lag.0),
                 Metric::new(backup_lag, Unit::Millis, backups.lag.1),
+                Metric::new(takeover_answer, Unit::Seconds, backups.takeover.0),
+                Metric::new(takeover_writable, Unit::Seconds, backups.takeover.1),
             ];
             (runs, restore::metrics(restored, Some(rto))?, lag)
         }
@@ -312,7 +322,12 @@ async fn tern_backups(
     let learner_client = cluster::loopback_url(free_port()?);
     let learner_peer = cluster::loopback_url(free_port()?);
     let initial_cluster =
-        cluster::member_add_learner(etcdctl, &[primary.url().to_string()], &learner_peer)
+        cluster::member_add_learner(
+            etcdctl,
+            &[primary.url().to_string()],
+            LEARNER_NAME,
+            &learner_peer,
+        )
             .await
             .context("adding a learner to the tern primary")?;
     let mut args = MemberFlags {
@@ -339,7 +354,9 @@ async fn tern_backups(
         learner_client,
         &args,
     )?;
-    learner.wait_ready(Probe::Serializable).await?;
+    learner
+        .wait_ready_within(Probe::Serializable, CATCH_UP_TIMEOUT)
+        .await?;
     let lag = learner_lag_with_a_backup(&primary, &mut learner, load, settings).await?;
 
     // Nothing writes any more, so the primary's revision now is the one
@@ -396,6 +413,12 @@ async fn tern_backups(
     }
     primary.ensure_running()?;
     let revision = newest.context("no backup was taken")?;
+    drop(primary);
+    let takeover = crate::step(&mut learner, "disaster takeover", take_over(&learner_url)).await?;
+    eprintln!(
+        "[{system}] POST /takeover with {} keys: answered in {:.3} s, writable {:.3} s after the command",
+        load.keys, takeover.0, takeover.1
+    );
     Ok((
         runs,
         TernBackups {
@@ -404,6 +427,7 @@ async fn tern_backups(
             identity,
             revision,
             lag,
+            takeover,
         },
     ))
 }
@@ -554,6 +578,52 @@ fn file_url(dir: &TempDir, name: &str) -> Result<String> {
 /// port); returns the body, the manifest, which arrives once the backup is
 /// visible.
 async fn post_backup(url: &str) -> Result<String> {
+    let (status, body) = post(url, "/backup").await?;
+    ensure!(status == 200, "POST /backup answered {status}: {}", body.trim());
+    Ok(body)
+}
+
+/// `POST /takeover` on the learner (its primary is gone), asked again
+/// while it answers 409 (a leader was heard from within an election
+/// timeout); then puts until one is acknowledged. Seconds from the
+/// accepted command's start to its answer, and to that put.
+async fn take_over(url: &str) -> Result<(f64, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (started, answered) = loop {
+        let started = Instant::now();
+        let (status, body) = post(url, "/takeover").await?;
+        if status == 200 {
+            break (started, started.elapsed());
+        }
+        ensure!(
+            status == 409 && Instant::now() < deadline,
+            "POST /takeover answered {status}: {}",
+            body.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut kv = KvClient::new(cluster::connect(url).await?);
+    loop {
+        let put = kv
+            .put(PutRequest {
+                key: b"bench-after-takeover".to_vec(),
+                value: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await;
+        if put.is_ok() {
+            return Ok((answered.as_secs_f64(), started.elapsed().as_secs_f64()));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no put acknowledged after the takeover: {put:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `POST path` with an empty body: the status and the body.
+async fn post(url: &str, path: &str) -> Result<(u16, String)> {
     let address = url
         .strip_prefix("http://")
         .with_context(|| format!("{url} is not an http:// URL"))?;
@@ -562,44 +632,44 @@ async fn post_backup(url: &str) -> Result<String> {
             .await
             .with_context(|| format!("connecting to {address}"))?;
         let request = format!(
-            "POST /backup HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
         stream
             .write_all(request.as_bytes())
             .await
-            .context("sending POST /backup")?;
+            .with_context(|| format!("sending POST {path}"))?;
         let mut response = Vec::new();
         stream
             .read_to_end(&mut response)
             .await
-            .context("reading the answer to POST /backup")?;
+            .with_context(|| format!("reading the answer to POST {path}"))?;
         anyhow::Ok(response)
     };
     let response = tokio::time::timeout(BACKUP_TIMEOUT, exchange)
         .await
-        .with_context(|| format!("POST /backup was not answered within {BACKUP_TIMEOUT:?}"))??;
-    response_body(&response)
+        .with_context(|| format!("POST {path} was not answered within {BACKUP_TIMEOUT:?}"))??;
+    response_body(&response, path)
 }
 
-/// The body of a `200 OK` HTTP/1.1 response with a Content-Length.
-fn response_body(response: &[u8]) -> Result<String> {
+/// The status and body of an HTTP/1.1 response with a Content-Length.
+fn response_body(response: &[u8], path: &str) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(response);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .with_context(|| format!("an HTTP response without a blank line: {text:?}"))?;
-    let status = head.lines().next().unwrap_or_default();
-    ensure!(
-        status.split_whitespace().nth(1) == Some("200"),
-        "POST /backup answered `{status}`: {}",
-        body.trim()
-    );
+    let status_line = head.lines().next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("POST {path} answered `{status_line}`"))?;
     ensure!(
         !head
             .to_ascii_lowercase()
             .contains("transfer-encoding: chunked"),
-        "POST /backup answered with a chunked body, which this client does not decode"
+        "POST {path} answered with a chunked body, which this client does not decode"
     );
-    Ok(body.to_string())
+    Ok((status, body.to_string()))
 }
 
 /// The manifest fields the table needs.
@@ -669,13 +739,17 @@ mod tests {
     }
 
     #[test]
-    fn takes_the_body_of_a_200_only() {
+    fn reads_the_status_and_body() {
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(response_body(ok).unwrap(), "{}");
-        let failed = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 6\r\n\r\nboom\r\n";
-        let e = response_body(failed).unwrap_err().to_string();
-        assert!(e.contains("500") && e.contains("boom"), "{e}");
-        assert!(response_body(b"garbage").is_err());
+        assert_eq!(response_body(ok, "/backup").unwrap(), (200, "{}".into()));
+        let failed = b"HTTP/1.1 409 Conflict\r\ncontent-length: 6\r\n\r\nbusy\r\n";
+        assert_eq!(
+            response_body(failed, "/takeover").unwrap(),
+            (409, "busy\r\n".into())
+        );
+        assert!(response_body(b"garbage", "/backup").is_err());
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}";
+        assert!(response_body(chunked, "/backup").is_err());
     }
 
     #[test]

@@ -162,11 +162,20 @@ async fn learner_lag(
     let system = cluster.system;
     let leader = cluster.leader().await?;
     let leader_url = cluster.members[leader].url().to_string();
+    let alone = cluster
+        .step(
+            "voter puts, no learner",
+            voter_latencies(&leader_url, load, settings, 0),
+        )
+        .await?;
+    push_latency_rows(metrics, "no learner", &alone);
     eprintln!(
         "[{system}] adding a learner behind a {:?} round trip",
         load.learner_rtt
     );
-    let learner = cluster.add_learner(bins, load.learner_rtt).await?;
+    let learner = cluster
+        .add_learner(bins, (LEARNER_NAME, load.learner_rtt, None))
+        .await?;
     let learner_url = cluster.members[learner].url().to_string();
 
     let bytes_before = cluster.proxy_bytes();
@@ -226,17 +235,79 @@ async fn learner_lag(
         Unit::Millis,
         millis(percentile(&lag.lags, 0.99)),
     ));
-    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-        metrics.push(Metric::new(
-            format!(
-                "voter put latency, learner at {:?} RTT, {name} (ms)",
-                load.learner_rtt
-            ),
-            Unit::Millis,
-            millis(percentile(&lag.put_latencies, q)),
-        ));
+    push_latency_rows(
+        metrics,
+        &format!("learner at {:?} RTT", load.learner_rtt),
+        &lag.put_latencies,
+    );
+    // Three learners, the last behind a 1 MB/s link: Tern only (etcd 3.4
+    // allows one learner).
+    let three = format!("3 learners at {:?} RTT, one capped at 1 MB/s", load.learner_rtt);
+    match system {
+        System::Etcd => {
+            for q in ["p50", "p99"] {
+                metrics.push(Metric::none(
+                    format!("voter put latency, {three}, {q} (ms)"),
+                    Unit::Millis,
+                ));
+            }
+        }
+        System::Tern => {
+            for (name, cap) in [("learner2", None), ("learner3", Some(1_000_000))] {
+                eprintln!("[{system}] adding {name}");
+                cluster.add_learner(bins, (name, load.learner_rtt, cap)).await?;
+            }
+            let latencies = cluster
+                .step(
+                    "voter puts, 3 learners",
+                    voter_latencies(&leader_url, load, settings, 1),
+                )
+                .await?;
+            push_latency_rows(metrics, &three, &latencies);
+        }
     }
     Ok(lag.errors)
+}
+
+/// p50 and p99 rows of the leader's put latency in the situation `what`.
+fn push_latency_rows(metrics: &mut Vec<Metric>, what: &str, latencies: &[Duration]) {
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        metrics.push(Metric::new(
+            format!("voter put latency, {what}, {name} (ms)"),
+            Unit::Millis,
+            millis(percentile(latencies, q)),
+        ));
+    }
+}
+
+/// The leader's put latencies under the lag step's steady load
+/// (`--learner-rate` for `--duration`), on keys of their own (`round`
+/// picks which); sorted.
+async fn voter_latencies(
+    leader_url: &str,
+    load: &ClusterLoad,
+    settings: &Settings,
+    round: u64,
+) -> Result<Vec<Duration>> {
+    let leader = KvClient::new(connect(leader_url).await?);
+    let count = ((load.learner_rate as f64) * load.learner_duration.as_secs_f64())
+        .round()
+        .max(1.0) as u64;
+    let first = 1_000_000 * (round + 1);
+    let writes = steady_writes(
+        leader,
+        load.learner_rate,
+        first..first + count,
+        load::value(settings.value_size),
+        settings.request_timeout,
+    )
+    .await;
+    if let Some(error) = writes.first_error {
+        bail!("{} of {count} puts failed, first: {error}", writes.errors);
+    }
+    let mut latencies = writes.latencies;
+    latencies.sort_unstable();
+    Ok(latencies)
 }
 
 impl LagResult {
@@ -256,7 +327,7 @@ struct Cluster {
     members: Vec<Server>,
     /// In front of the learner's peer listener. Fields drop in order, so
     /// the proxies stop after the members are dead.
-    learner_proxy: Option<Proxy>,
+    learner_proxies: Vec<Proxy>,
     /// In front of each voter's peer listener, when started behind them.
     voter_proxies: Vec<Proxy>,
     /// `--initial-cluster-token`, also given to the learner.
@@ -304,7 +375,7 @@ impl Cluster {
             system,
             voters,
             members: Vec::new(),
-            learner_proxy: None,
+            learner_proxies: Vec::new(),
             voter_proxies,
             token,
         };
@@ -375,7 +446,11 @@ impl Cluster {
     /// its advertised peer URL a proxy adding `rtt` to every round trip to
     /// its peer listener. Returns its index once it answers a serializable
     /// Range; it may still be catching up.
-    async fn add_learner(&mut self, bins: &Binaries, rtt: Duration) -> Result<usize> {
+    async fn add_learner(
+        &mut self,
+        bins: &Binaries,
+        (name, rtt, cap): (&str, Duration, Option<u64>),
+    ) -> Result<usize> {
         let system = self.system;
         let etcdctl = bins
             .etcdctl
@@ -399,14 +474,17 @@ impl Cluster {
             voter.set_rtt(rtt);
         }
         let advertised_peer = proxy.url();
-        self.learner_proxy = Some(proxy);
+        if let Some(cap) = cap {
+            proxy.set_bandwidth(Direction::Upstream, Some(cap));
+        }
+        self.learner_proxies.push(proxy);
 
-        let initial_cluster = member_add_learner(etcdctl, &self.voter_urls(), &advertised_peer)
+        let initial_cluster = member_add_learner(etcdctl, &self.voter_urls(), name, &advertised_peer)
             .await
             .with_context(|| format!("adding a learner to the {system} cluster"))?;
 
         let args = MemberFlags {
-            name: LEARNER_NAME,
+            name,
             client: &client,
             listen_peer: &loopback_url(peer_port),
             advertise_peer: &advertised_peer,
@@ -415,7 +493,7 @@ impl Cluster {
             token: &self.token,
         }
         .to_args();
-        let server = Server::spawn(system, format!("{system} learner"), bin, client, &args)?;
+        let server = Server::spawn(system, format!("{system} {name}"), bin, client, &args)?;
         self.members.push(server);
         let index = self.members.len() - 1;
         self.members[index].wait_ready(Probe::Serializable).await?;
@@ -425,12 +503,12 @@ impl Cluster {
     /// Bytes forwarded so far: to the learner's peer listener, back from
     /// it, to the voters' peer listeners, back from them.
     fn proxy_bytes(&self) -> [u64; 4] {
-        let learner = self.learner_proxy.iter();
+        let learner = self.learner_proxies.iter();
         let voters = self.voter_proxies.iter();
         let sum = |proxies: std::slice::Iter<'_, Proxy>, d| proxies.map(|p| p.bytes(d)).sum();
         [
-            learner.clone().map(|p| p.bytes(Direction::Upstream)).sum(),
-            learner.map(|p| p.bytes(Direction::Downstream)).sum(),
+            sum(learner.clone(), Direction::Upstream),
+            sum(learner, Direction::Downstream),
             sum(voters.clone(), Direction::Upstream),
             sum(voters, Direction::Downstream),
         ]
@@ -466,11 +544,12 @@ impl Cluster {
 /// itself unhealthy.
 const MEMBER_ADD_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// `etcdctl member add learner --learner --peer-urls=<peer_url>`; returns
+/// `etcdctl member add <name> --learner --peer-urls=<peer_url>`; returns
 /// the ETCD_INITIAL_CLUSTER value it prints for the new member.
 pub async fn member_add_learner(
     etcdctl: &Path,
     endpoints: &[String],
+    name: &str,
     peer_url: &str,
 ) -> Result<String> {
     let deadline = Instant::now() + MEMBER_ADD_TIMEOUT;
@@ -478,7 +557,7 @@ pub async fn member_add_learner(
         let output = tokio::process::Command::new(etcdctl)
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", endpoints.join(",")))
-            .args(["member", "add", LEARNER_NAME, "--learner"])
+            .args(["member", "add", name, "--learner"])
             .arg(format!("--peer-urls={peer_url}"))
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -503,7 +582,7 @@ pub async fn member_add_learner(
                 continue;
             }
             bail!(
-                "`etcdctl member add {LEARNER_NAME} --learner` failed ({}): {error}",
+                "`etcdctl member add {name} --learner` failed ({}): {error}",
                 output.status
             );
         }

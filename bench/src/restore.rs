@@ -76,6 +76,10 @@ pub struct TernBackups {
     pub revision: i64,
     /// The learner's lag p99 in ms, without and during a backup.
     pub lag: (f64, f64),
+    /// Disaster takeover of that learner once its primary was killed:
+    /// seconds until `POST /takeover` answered, and until a put on it was
+    /// acknowledged (both from the accepted command's start).
+    pub takeover: (f64, f64),
 }
 
 /// One restore, split where the member is started.

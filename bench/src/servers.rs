@@ -262,7 +262,13 @@ impl Server {
     /// Polls with `probe` Ranges until one succeeds; fails if the process
     /// exits or [`READY_TIMEOUT`] passes first.
     pub async fn wait_ready(&mut self, probe: Probe) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        self.wait_ready_within(probe, READY_TIMEOUT).await
+    }
+
+    /// [`Server::wait_ready`] with another deadline (a learner that joins
+    /// by receiving a large snapshot serves once it has applied it).
+    pub async fn wait_ready_within(&mut self, probe: Probe, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         let endpoint = self.probe_endpoint()?;
         let mut last_error = String::from("no attempt made");
         while Instant::now() < deadline {
@@ -274,7 +280,7 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "{} did not answer a {probe:?} Range within {READY_TIMEOUT:?} (last error: {last_error}); last lines of {}:\n{}",
+            "{} did not answer a {probe:?} Range within {timeout:?} (last error: {last_error}); last lines of {}:\n{}",
             self.name,
             self.log_path.display(),
             self.log_tail(20)

@@ -466,29 +466,12 @@ pub async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<Vec<u8>> {
 /// A plain HTTP/1.1 GET (for `/health` and `/metrics`): the whole response,
 /// status line and headers included.
 pub fn http_get(endpoint: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    response
+    http_exchange(endpoint, "GET", path)
 }
 
 /// `POST path` with an empty body: the status code and the body.
 pub fn http_post(endpoint: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
+    let response = http_exchange(endpoint, "POST", path);
     let code = response
         .split(' ')
         .nth(1)
@@ -498,6 +481,20 @@ pub fn http_post(endpoint: &str, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string());
     (code, body)
+}
+
+/// One HTTP/1.1 request with no body; the whole response as text.
+fn http_exchange(endpoint: &str, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).expect("connect");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 /// The value of an unlabelled metric in a member's `/metrics`.
