@@ -321,15 +321,14 @@ async fn tern_backups(
     eprintln!("[{system}] adding a learner that writes backups");
     let learner_client = cluster::loopback_url(free_port()?);
     let learner_peer = cluster::loopback_url(free_port()?);
-    let initial_cluster =
-        cluster::member_add_learner(
-            etcdctl,
-            &[primary.url().to_string()],
-            LEARNER_NAME,
-            &learner_peer,
-        )
-            .await
-            .context("adding a learner to the tern primary")?;
+    let initial_cluster = cluster::member_add_learner(
+        etcdctl,
+        &[primary.url().to_string()],
+        LEARNER_NAME,
+        &learner_peer,
+    )
+    .await
+    .context("adding a learner to the tern primary")?;
     let mut args = MemberFlags {
         name: LEARNER_NAME,
         client: &learner_client,
@@ -579,7 +578,11 @@ fn file_url(dir: &TempDir, name: &str) -> Result<String> {
 /// visible.
 async fn post_backup(url: &str) -> Result<String> {
     let (status, body) = post(url, "/backup").await?;
-    ensure!(status == 200, "POST /backup answered {status}: {}", body.trim());
+    ensure!(
+        status == 200,
+        "POST /backup answered {status}: {}",
+        body.trim()
+    );
     Ok(body)
 }
 

@@ -242,7 +242,10 @@ async fn learner_lag(
     );
     // Three learners, the last behind a 1 MB/s link: Tern only (etcd 3.4
     // allows one learner).
-    let three = format!("3 learners at {:?} RTT, one capped at 1 MB/s", load.learner_rtt);
+    let three = format!(
+        "3 learners at {:?} RTT, one capped at 1 MB/s",
+        load.learner_rtt
+    );
     match system {
         System::Etcd => {
             for q in ["p50", "p99"] {
@@ -255,7 +258,9 @@ async fn learner_lag(
         System::Tern => {
             for (name, cap) in [("learner2", None), ("learner3", Some(1_000_000))] {
                 eprintln!("[{system}] adding {name}");
-                cluster.add_learner(bins, (name, load.learner_rtt, cap)).await?;
+                cluster
+                    .add_learner(bins, (name, load.learner_rtt, cap))
+                    .await?;
             }
             let latencies = cluster
                 .step(
@@ -479,9 +484,10 @@ impl Cluster {
         }
         self.learner_proxies.push(proxy);
 
-        let initial_cluster = member_add_learner(etcdctl, &self.voter_urls(), name, &advertised_peer)
-            .await
-            .with_context(|| format!("adding a learner to the {system} cluster"))?;
+        let initial_cluster =
+            member_add_learner(etcdctl, &self.voter_urls(), name, &advertised_peer)
+                .await
+                .with_context(|| format!("adding a learner to the {system} cluster"))?;
 
         let args = MemberFlags {
             name,

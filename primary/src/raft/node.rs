@@ -406,6 +406,9 @@ pub struct RaftNode {
     leader_contact: Instant,
     /// When this member applied its own removal; it exits shortly after.
     removed_at: Option<Instant>,
+    /// Campaign once everything committed is applied (a lone voter at
+    /// start-up or after a takeover); see [`RaftNode::maybe_campaign`].
+    campaign_when_applied: bool,
     /// Committed entries handed out by the last turn's light ready, left
     /// to be applied during the next fsync (see [`RaftNode::on_ready`]).
     deferred: Vec<Entry>,
@@ -440,12 +443,10 @@ impl RaftNode {
             hs.commit = state.applied_index;
             log.persist(&[], Some(&hs))?;
         }
-        let mut raw = raw_node(&config, state.applied_index, log)?;
-        // A lone voter need not wait an election timeout to lead.
+        let raw = raw_node(&config, state.applied_index, log)?;
         let conf = raw.store().conf_state().clone();
-        if conf.voters == vec![config.id] {
-            raw.campaign()?;
-        }
+        // A lone voter need not wait an election timeout to lead.
+        let lone_voter = conf.voters == vec![config.id];
         let applier =
             Applier::new(lessor.clone(), store.connection())?.with_auth_store(auth.clone());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -494,6 +495,7 @@ impl RaftNode {
                 last_sweep: Instant::now(),
                 leader_contact: Instant::now(),
                 removed_at: None,
+                campaign_when_applied: lone_voter,
                 deferred: Vec::new(),
                 _checkpoints: checkpoints,
             },
@@ -517,6 +519,7 @@ impl RaftNode {
 
     fn run(mut self) -> Result<(), NodeError> {
         self.refresh_peers()?;
+        self.maybe_campaign()?;
         let mut next_tick = Instant::now() + self.config.tick;
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -541,6 +544,7 @@ impl RaftNode {
             self.request_read_index();
             self.resend_unanswered_reads();
             self.on_ready()?;
+            self.maybe_campaign()?;
             self.maybe_compact_log()?;
             self.track_lag();
             if self
@@ -554,6 +558,25 @@ impl RaftNode {
                 self.sweep_abandoned();
             }
         }
+    }
+
+    /// A lone voter campaigns at once instead of after an election
+    /// timeout, but only once it has applied what it committed: raft-rs
+    /// refuses to campaign while a committed membership change (a
+    /// takeover's) is unapplied.
+    fn maybe_campaign(&mut self) -> Result<(), NodeError> {
+        if !self.campaign_when_applied {
+            return Ok(());
+        }
+        let log = &self.raw.raft.raft_log;
+        if log.applied < log.committed || log.applied < self.raw.raft.pending_conf_index {
+            return Ok(());
+        }
+        self.campaign_when_applied = false;
+        if self.raw.raft.state != StateRole::Leader {
+            self.raw.campaign()?;
+        }
+        Ok(())
     }
 
     /// Forget waiters whose client gave up (timed out): a proposal the
@@ -720,7 +743,7 @@ impl RaftNode {
         )?;
         let log = self.raw.store().reopen()?;
         self.raw = raw_node(&self.config, state.applied_index, log)?;
-        self.raw.campaign()?;
+        self.campaign_when_applied = true;
         // Reads waiting on the old leader's read index would never be
         // answered; dropping them answers their clients with an error.
         self.reads_next.clear();
