@@ -7,11 +7,12 @@
 //! refused with its own message and nothing is written to the target.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tern_tests::backups::{
-    add_file_learner, add_s3_learner, age_key, file_manifests, post_backup, tern_restore, S3,
+    add_file_learner, add_s3_learner, age_key, file_manifests, post_backup, tern_restore,
+    wait_archived, S3,
 };
 use tern_tests::cluster::{hashkv, Cluster};
 use tern_tests::{current_revision, etcdctl, Tern};
@@ -69,26 +70,6 @@ fn serves(dir: &Path, want: &Seen) {
 fn backup_now(learner: &str) {
     let answer = post_backup(learner);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-}
-
-/// Wait until `tern-restore list` shows the archived log reaching `rev`.
-fn wait_archived(store: &[&str], rev: i64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut args = vec!["list", "--json"];
-        args.extend_from_slice(store);
-        let out = tern_restore(&args);
-        assert!(out.status.success(), "{out:?}");
-        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
-        if listed[0]["reachable"]["to_revision"].as_i64() >= Some(rev) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the archived log did not reach revision {rev}: {listed}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 /// Writes, deletes, a lease, a compaction and two full backups; restores

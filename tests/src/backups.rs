@@ -142,6 +142,48 @@ impl S3 {
     }
 }
 
+impl S3 {
+    /// Replace an object (moto checks no signature).
+    pub fn put_object(&self, bucket: &str, key: &str, data: &[u8]) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.endpoint).unwrap();
+        write!(
+            s,
+            "PUT /{bucket}/{key} HTTP/1.1\r\nHost: {}\r\nAuthorization: AWS4-HMAC-SHA256 \
+             Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, \
+             Signature=0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.endpoint,
+            data.len()
+        )
+        .unwrap();
+        s.write_all(data).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+}
+
+/// Wait until the newest backup in the store (`store`: tern-restore's
+/// flags for it) is reachable with the archived log up to `rev`.
+pub fn wait_archived(store: &[&str], rev: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut args = vec!["list", "--json"];
+        args.extend_from_slice(store);
+        let out = tern_restore(&args);
+        assert!(out.status.success(), "{out:?}");
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if listed[0]["reachable"]["to_revision"].as_i64() >= Some(rev) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archived log did not reach revision {rev}: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 impl Drop for S3 {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -35,6 +35,7 @@ pub mod linearizability;
 pub mod nemesis;
 pub mod proxy;
 pub mod rng;
+pub mod stores;
 pub mod watcher;
 pub use proxy::Proxy;
 
