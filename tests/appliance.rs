@@ -84,12 +84,16 @@ impl Appliance {
     }
 }
 
+/// Processes whose command line names a data dir under `dir`.
 fn member_processes(dir: &std::path::Path) -> usize {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("--data-dir={}", dir.display())])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    let wanted = format!("--data-dir={}", dir.display());
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&wanted))
+        .count()
 }
 
 #[test]
@@ -112,6 +116,7 @@ fn the_appliance_runs_a_primary_a_learner_backups_and_drills() {
     let text = std::fs::read_to_string(&key).unwrap();
     assert!(text.contains("\nAGE-SECRET-KEY-"), "age-keygen's format");
     first.wait_for("tern-appliance is up");
+    assert_eq!(member_processes(&dir), 2, "a primary and a learner");
     let backup = first.wait_for("first backup: ");
     assert!(backup.contains("at revision"), "{backup}");
     let drill = first.wait_for("drill ");
