@@ -684,8 +684,9 @@ fn takeover_keeps_the_other_learners() {
     assert_eq!(put.code, 0, "{put:?}");
     let rev = current_revision(&endpoint);
     c.converged_hash(&learners, rev, Duration::from_secs(30));
-    // A new voter joins the new cluster the usual way.
-    let voter = c.add_member(false, &[]);
+    // A new voter joins the new cluster the usual way (asked of the new
+    // leader: the learners refuse membership changes).
+    let voter = c.add_member_through(&endpoint, false, &[]);
     let mut members = learners.clone();
     members.push(voter);
     eventually("the two voters commit", Duration::from_secs(30), || {
