@@ -3,9 +3,9 @@
 //! Azure Blob (Azurite). Each run: scheduled log segments and on-demand
 //! backups from a learner, retention keeping the newest two, `list`,
 //! `verify`, a point-in-time `restore` served by a real member, a `drill`,
-//! and a tampered backup refused. Google Cloud Storage is not among them:
-//! no emulator available here takes object_store's XML multipart upload
-//! (see the README's store table).
+//! a tampered backup refused, and no secret in any log or output. Google
+//! Cloud Storage is not among them: no emulator available here takes
+//! object_store's XML multipart upload (see the README's store table).
 
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ use tern_tests::stores::Store;
 use tern_tests::{current_revision, etcdctl, Tern};
 
 fn suite(store: Store, dir: &tempfile::TempDir) {
+    // SAFETY: set before any member starts; every test of this binary
+    // sets the same value.
+    unsafe { std::env::set_var("TERN_TEST_MEMBER_LOGS", "1") };
     let name = store.name();
     let (key, public) = age_key(dir.path());
     let key_arg = key.display().to_string();
@@ -43,10 +46,16 @@ fn suite(store: Store, dir: &tempfile::TempDir) {
         args.extend(restore_args.iter().cloned());
         args
     };
+    // Everything tern-restore printed, for the secret check at the end.
+    let printed = std::cell::RefCell::new(String::new());
     let run = |extra: &[&str]| {
         let args = with(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        tern_restore(&args)
+        let out = tern_restore(&args);
+        let mut all = printed.borrow_mut();
+        all.push_str(&String::from_utf8_lossy(&out.stdout));
+        all.push_str(&String::from_utf8_lossy(&out.stderr));
+        out
     };
 
     // Three backups, writes between them; retention keeps the newest two.
@@ -148,6 +157,24 @@ fn suite(store: Store, dir: &tempfile::TempDir) {
         0,
         "{name}"
     );
+
+    // No secret in the learner's log nor in anything tern-restore printed.
+    let log = std::fs::read_to_string(format!("{}.log", c.nodes[l].data_dir.display()))
+        .expect("the learner's log");
+    assert!(
+        log.contains("backup"),
+        "{name}: the learner logged its backups: {log}"
+    );
+    if let Some(secret) = store.secret() {
+        assert!(
+            !log.contains(secret),
+            "{name}: the learner logged its secret key"
+        );
+        assert!(
+            !printed.borrow().contains(secret),
+            "{name}: tern-restore printed the secret key"
+        );
+    }
 }
 
 #[test]

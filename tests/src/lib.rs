@@ -244,10 +244,21 @@ pub fn spawn_member(bin: &str, args: &[String]) -> (Child, String) {
         .spawn()
         .expect("spawn tern-primary");
     let stderr = child.stderr.take().expect("stderr piped");
+    let mut log = member_log(args).and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(file) = log.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(file, "{line}");
+            }
             if !sent {
                 if let Some(rest) = line.split("serving client traffic address=").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
@@ -280,6 +291,24 @@ pub fn spawn_member(bin: &str, args: &[String]) -> (Child, String) {
             panic!("tern-primary did not report its address within 30 s")
         }
     }
+}
+
+/// Where a member started with `args` logs, when the test process has
+/// `TERN_TEST_MEMBER_LOGS` set: `<data dir>.log`, beside its data dir (so a
+/// test can read what a member wrote, e.g. that it logged no secret).
+/// Opt-in, so a member on a deliberately small disk never shares it with
+/// a log.
+pub fn member_log(args: &[String]) -> Option<PathBuf> {
+    std::env::var_os("TERN_TEST_MEMBER_LOGS")?;
+    let dir = args
+        .iter()
+        .position(|a| a == "--data-dir")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--data-dir=").map(str::to_string))
+        })?;
+    Some(PathBuf::from(format!("{dir}.log")))
 }
 
 /// Poll until a serializable Range succeeds and a leader exists.

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use crate::backups::S3;
 use crate::free_port;
 
+/// The S3 secret key the suite runs with: moto checks no signature, and a
+/// value this distinctive shows up if anything logs it.
+pub const S3_SECRET: &str = "tern-test-secret-Qm9vT3JH7z";
+
 /// Azurite's well-known development account.
 const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str =
@@ -40,7 +44,7 @@ impl Store {
         s3.create_bucket("tern");
         for (k, v) in [
             ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
             ("AWS_REGION", "us-east-1"),
         ] {
             // SAFETY: set before any member starts, to the values every
@@ -60,6 +64,14 @@ impl Store {
             std::env::set_var("AZURITE_BLOB_STORAGE_URL", azurite.url());
         }
         Store::Azure(azurite)
+    }
+
+    /// The secret this store's credentials carry, which nothing may log.
+    pub fn secret(&self) -> Option<&'static str> {
+        match self {
+            Store::S3(_) => Some(S3_SECRET),
+            Store::File { .. } | Store::Azure(_) => None,
+        }
     }
 
     pub fn name(&self) -> &'static str {
