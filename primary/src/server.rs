@@ -614,16 +614,12 @@ fn take_over(store: &mut MvccStore, log: &mut LogStore, member_id: u64) -> Resul
     let caught_up_ms = read::meta(conn, "caught_up_at_ms")? as u64;
     let plan = crate::raft::takeover::Plan::new(member_id, log.conf_state(), &[]);
     log.force_new_cluster(member_id, &plan, state.applied_index, state.applied_term)?;
-    let report = crate::raft::node::TakeoverReport {
+    let report = crate::raft::node::TakeoverReport::new(
         member_id,
-        revision: state.revision,
-        raft_index: state.applied_index,
-        leader_commit_seen: leader_commit,
-        entries_behind: leader_commit.saturating_sub(state.applied_index),
-        caught_up_at_ms: caught_up_ms,
-        kept_learners: plan.kept,
-        removed: plan.removed,
-    };
+        &state,
+        (leader_commit, caught_up_ms),
+        plan,
+    );
     let summary = report.summary();
     tracing::warn!("{summary}");
     println!("{summary}");

@@ -84,27 +84,23 @@ impl Store {
 
     /// `--backup-url` and the store's other flags, for a learner.
     pub fn learner_args(&self) -> Vec<String> {
-        let mut args = vec!["--backup-url".to_string(), self.url()];
-        if let Store::S3(s3) = self {
-            args.extend([
-                "--backup-s3-endpoint".into(),
-                format!("http://{}", s3.endpoint),
-                "--backup-s3-path-style".into(),
-                "--backup-s3-allow-http".into(),
-            ]);
-        }
-        args
+        self.flags("backup-")
     }
 
     /// `--url` and the store's other flags, for `tern-restore`.
     pub fn restore_args(&self) -> Vec<String> {
-        let mut args = vec!["--url".to_string(), self.url()];
+        self.flags("")
+    }
+
+    /// The learner's flags are tern-restore's with `backup-` in front.
+    fn flags(&self, prefix: &str) -> Vec<String> {
+        let mut args = vec![format!("--{prefix}url"), self.url()];
         if let Store::S3(s3) = self {
             args.extend([
-                "--s3-endpoint".into(),
+                format!("--{prefix}s3-endpoint"),
                 format!("http://{}", s3.endpoint),
-                "--s3-path-style".into(),
-                "--s3-allow-http".into(),
+                format!("--{prefix}s3-path-style"),
+                format!("--{prefix}s3-allow-http"),
             ]);
         }
         args

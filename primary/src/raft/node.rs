@@ -136,6 +136,26 @@ pub struct TakeoverReport {
 }
 
 impl TakeoverReport {
+    /// The report of `plan` carried out by `member_id` on `state`, having
+    /// last heard of `leader_commit` and been in step at `caught_up_at_ms`.
+    pub fn new(
+        member_id: u64,
+        state: &crate::mvcc::StoreState,
+        (leader_commit, caught_up_at_ms): (u64, u64),
+        plan: super::takeover::Plan,
+    ) -> TakeoverReport {
+        TakeoverReport {
+            member_id,
+            revision: state.revision,
+            raft_index: state.applied_index,
+            leader_commit_seen: leader_commit,
+            entries_behind: leader_commit.saturating_sub(state.applied_index),
+            caught_up_at_ms,
+            kept_learners: plan.kept,
+            removed: plan.removed,
+        }
+    }
+
     /// The line a takeover prints and logs.
     pub fn summary(&self) -> String {
         let seen = if self.caught_up_at_ms == 0 {
@@ -751,20 +771,11 @@ impl RaftNode {
         self.reads_ready.clear();
         self.status.is_learner.store(false, Ordering::Release);
         self.role = StateRole::Follower;
-        let report = TakeoverReport {
-            member_id: me,
-            revision: state.revision,
-            raft_index: state.applied_index,
-            leader_commit_seen: self.status.leader_commit.load(Ordering::Acquire),
-            entries_behind: self
-                .status
-                .leader_commit
-                .load(Ordering::Acquire)
-                .saturating_sub(state.applied_index),
-            caught_up_at_ms: self.status.caught_up_at_ms.load(Ordering::Acquire),
-            kept_learners: plan.kept,
-            removed: plan.removed,
-        };
+        let seen = (
+            self.status.leader_commit.load(Ordering::Acquire),
+            self.status.caught_up_at_ms.load(Ordering::Acquire),
+        );
+        let report = TakeoverReport::new(me, &state, seen, plan);
         tracing::warn!("{}", report.summary());
         Ok(report)
     }
