@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tern_learner::backup::archive::SegmentName;
 use tern_tests::backups::{
-    add_file_learner, add_s3_learner, age_key, file_manifests, fill, post_backup, s3_backups,
-    tern_restore, S3,
+    add_file_learner, add_s3_learner, age_key, file_manifests, fill, fill_incompressible,
+    post_backup, s3_backups, tern_restore, S3,
 };
 use tern_tests::cluster::{hashkv, Cluster};
 use tern_tests::{current_revision, etcdctl, http_get, metric, Proxy, SmallFilesystem};
@@ -252,20 +252,7 @@ fn backups_to_s3_survive_a_reset_store_and_a_killed_learner() {
     let mut c = Cluster::start(1, &[]);
     // Incompressible values, so an upload takes a while through the proxy.
     let leader = c.nodes[0].client.clone();
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    for i in 0..40 {
-        let value: String = (0..60_000)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(b'!' + (seed % 90) as u8)
-            })
-            .filter(|c| *c != '\'' && *c != '\\')
-            .collect();
-        let out = etcdctl(&leader, &["put", &format!("big{i:02}"), &value], None);
-        assert_eq!(out.code, 0, "{out:?}");
-    }
+    fill_incompressible(&leader, "big", 40, 60_000);
     let l = add_s3_learner(&mut c, &proxy.url(), &public, &[]);
     let learner = c.nodes[l].client.clone();
     let rev = current_revision(&leader);

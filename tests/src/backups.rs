@@ -71,6 +71,25 @@ pub fn fill(endpoint: &str, prefix: &str, n: usize) {
     }
 }
 
+/// Put `n` keys `<prefix>NN` with `size` bytes of incompressible printable
+/// values each, so a backup of them takes a while through a capped link.
+pub fn fill_incompressible(endpoint: &str, prefix: &str, n: usize, size: usize) {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..n {
+        let value: String = (0..size)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .filter(|c| *c != '\'' && *c != '\\')
+            .collect();
+        let out = etcdctl(endpoint, &["put", &format!("{prefix}{i:02}"), &value], None);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+}
+
 /// A moto S3 server on loopback, killed on drop.
 pub struct S3 {
     child: Child,

@@ -437,9 +437,39 @@ impl Backups {
                 self.target.store.delete(&self.target.path(name)).await?;
             }
         }
+        if let Some(dir) = &self.target.local_backups {
+            remove_staged_uploads(dir);
+        }
         Ok(())
     }
+}
 
+/// Remove the staging files (`<data object>#<n>`) that killed uploads
+/// left in a `file://` store's `backups/`. Runs are serialized and a
+/// prefix belongs to one learner (retention assumes it too), so none of
+/// them is an upload still under way.
+fn remove_staged_uploads(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((object, n)) = name.to_str().and_then(|n| n.rsplit_once('#')) else {
+            continue;
+        };
+        let staged = manifest::id_of_data(object).is_some()
+            && !n.is_empty()
+            && n.bytes().all(|b| b.is_ascii_digit());
+        if staged {
+            tracing::info!(object = %object, "removing the staging file of an interrupted upload");
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(error = %e, file = %entry.path().display(), "cannot remove it");
+            }
+        }
+    }
+}
+
+impl Backups {
     /// Delete what the policy does not keep: manifest first (the backup
     /// disappears), then its data.
     async fn apply_retention(&self) -> Result<(), object_store::Error> {

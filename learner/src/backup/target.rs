@@ -19,6 +19,11 @@ pub struct Target {
     pub backups: Path,
     /// The URL as configured (no credentials ever appear in it).
     pub url: String,
+    /// For a `file://` URL, the directory `backups/` is: object_store's
+    /// local store stages an upload in `<name>#<n>` beside its object and
+    /// hides such files from listings, so what a killed upload left can
+    /// only be found (and removed) on the filesystem.
+    pub local_backups: Option<std::path::PathBuf>,
 }
 
 /// Options for S3-compatible stores (the `--backup-s3-*` flags).
@@ -90,7 +95,13 @@ impl Target {
                 key: "backup-url",
                 reason: format!("'{url}': {e}"),
             })?;
+        let local_backups = (parsed.scheme() == "file").then(|| {
+            std::path::Path::new("/")
+                .join(prefix.as_ref())
+                .join("backups")
+        });
         Ok(Target {
+            local_backups,
             store: Arc::from(store),
             backups: prefix.clone().join("backups"),
             root: prefix,
