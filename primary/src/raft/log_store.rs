@@ -144,14 +144,32 @@ impl LogStore {
         self.entries.last().map_or(self.snapshot.index, |e| e.index)
     }
 
+    /// Whether [`persist`](Self::persist) of these writes (and fsyncs)
+    /// anything: entries, or a new term or vote. A hard state that moves
+    /// only the commit index is kept in memory and written with the next
+    /// write, as etcd's WAL skips the fsync then (`raft.MustSync`): a lost
+    /// commit index is re-learned from the leader, and at start-up it is
+    /// raised to the applied index. A follower gets one such update per
+    /// commit; an fsync for each would sit in front of the next append.
+    pub fn must_sync(&self, entries: &[Entry], hard_state: Option<&HardState>) -> bool {
+        !entries.is_empty()
+            || hard_state.is_some_and(|hs| {
+                hs.term != self.hard_state.term || hs.vote != self.hard_state.vote
+            })
+    }
+
     /// Append `entries` (replacing any conflicting suffix) and record
-    /// `hard_state`, in one fsynced transaction.
+    /// `hard_state`, in one fsynced transaction, unless there is nothing
+    /// to [sync](Self::must_sync).
     pub fn persist(
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), LogError> {
-        if entries.is_empty() && hard_state.is_none() {
+        if !self.must_sync(entries, hard_state) {
+            if let Some(hs) = hard_state {
+                self.hard_state = hs.clone();
+            }
             return Ok(());
         }
         let tx = self.conn.transaction()?;
@@ -166,9 +184,10 @@ impl LogStore {
                 stmt.execute((e.index as i64, bytes))?;
             }
         }
-        if let Some(hs) = hard_state {
-            store(&tx, "hard_state", hs)?;
-        }
+        // Always the whole hard state, so a commit index held back above
+        // goes out with the next write.
+        let hs = hard_state.unwrap_or(&self.hard_state);
+        store(&tx, "hard_state", hs)?;
         tx.commit()?;
         if let Some(first) = entries.first() {
             let keep = first.index.saturating_sub(self.first()) as usize;
@@ -430,5 +449,37 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn a_commit_only_hard_state_waits_for_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let mut log = LogStore::open(&path, None).unwrap();
+        let mut hs = HardState {
+            term: 2,
+            vote: 1,
+            commit: 1,
+            ..Default::default()
+        };
+        log.persist(&[entry(1, 2), entry(2, 2)], Some(&hs)).unwrap();
+        hs.commit = 2;
+        log.persist(&[], Some(&hs)).unwrap();
+        assert_eq!(log.hard_state().commit, 2, "known in memory at once");
+        drop(log);
+        let mut log = LogStore::open(&path, None).unwrap();
+        assert_eq!(log.hard_state().commit, 1, "not written on its own");
+        log.set_commit(2);
+        log.persist(&[entry(3, 2)], None).unwrap();
+        drop(log);
+        let mut log = LogStore::open(&path, None).unwrap();
+        assert_eq!(log.hard_state().commit, 2, "written with the next entries");
+        // A new term or vote is written at once, entries or not.
+        hs.term = 3;
+        hs.vote = 2;
+        log.persist(&[], Some(&hs)).unwrap();
+        drop(log);
+        let log = LogStore::open(&path, None).unwrap();
+        assert_eq!((log.hard_state().term, log.hard_state().vote), (3, 2));
     }
 }

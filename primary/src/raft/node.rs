@@ -943,11 +943,11 @@ impl RaftNode {
         committed: Vec<Entry>,
     ) -> Result<(), NodeError> {
         let (entries, hs) = (ready.entries(), ready.hs());
-        let persists = !entries.is_empty() || hs.is_some();
-        if !persists || committed.is_empty() {
-            if persists {
-                let started = Instant::now();
-                self.raw.mut_store().persist(entries, hs)?;
+        let syncs = self.raw.store().must_sync(entries, hs);
+        if !syncs || committed.is_empty() {
+            let started = Instant::now();
+            self.raw.mut_store().persist(entries, hs)?;
+            if syncs {
                 self.metrics
                     .wal_fsync
                     .observe(started.elapsed().as_secs_f64());
