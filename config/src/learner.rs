@@ -21,6 +21,104 @@ pub struct LearnerConfig {
 
     #[command(flatten)]
     pub backup: BackupConfig,
+
+    #[command(flatten)]
+    pub follow: FollowConfig,
+}
+
+/// Follow mode: the learner follows a running etcd cluster through its
+/// client API instead of joining a Tern cluster. Named as etcdctl names its
+/// flags, with an `etcd-` prefix.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FollowConfig {
+    /// The source etcd's client URLs, comma-separated (or repeated). Set,
+    /// the learner follows that etcd; `--initial-cluster` is then not used.
+    #[arg(long = "etcd-endpoints", value_delimiter = ',', action = ArgAction::Append)]
+    pub endpoints: Vec<String>,
+
+    /// The CA bundle that signed the source's server certificates.
+    #[arg(long = "etcd-cacert")]
+    pub cacert: Option<PathBuf>,
+
+    /// The client certificate presented to the source.
+    #[arg(long = "etcd-cert")]
+    pub cert: Option<PathBuf>,
+
+    /// The client certificate's private key.
+    #[arg(long = "etcd-key")]
+    pub key: Option<PathBuf>,
+
+    /// `NAME:PASSWORD` of a user of the source (with auth on there).
+    #[arg(long = "etcd-user")]
+    pub user: Option<String>,
+
+    /// A file holding the password of `--etcd-user` (then given as NAME
+    /// alone), so it stays out of the process list.
+    #[arg(long = "etcd-password-file")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl FollowConfig {
+    /// Whether the learner follows an etcd instead of joining a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for url in &self.endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    "etcd-endpoints",
+                    url,
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(ConfigError::invalid(
+                "etcd-cert",
+                self.cert.as_ref().map_or("", |_| "set").to_string(),
+                "--etcd-cert and --etcd-key go together",
+            ));
+        }
+        if !self.enabled() && (self.cacert.is_some() || self.cert.is_some() || self.user.is_some())
+        {
+            return Err(ConfigError::invalid(
+                "etcd-endpoints",
+                "",
+                "the --etcd-* flags need --etcd-endpoints",
+            ));
+        }
+        if let Some(user) = &self.user {
+            if self.password_file.is_none() && !user.contains(':') {
+                return Err(ConfigError::invalid(
+                    "etcd-user",
+                    user,
+                    "give NAME:PASSWORD, or NAME with --etcd-password-file",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user name and password for the source, read from the password
+    /// file when one is given.
+    pub fn credentials(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        if let Some(file) = &self.password_file {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError::invalid("etcd-password-file", file.display(), e))?;
+            let name = user.split_once(':').map_or(user.as_str(), |(n, _)| n);
+            return Ok(Some((
+                name.to_string(),
+                password.trim_end_matches(['\r', '\n']).to_string(),
+            )));
+        }
+        let (name, password) = user.split_once(':').unwrap_or((user, ""));
+        Ok(Some((name.to_string(), password.to_string())))
+    }
 }
 
 /// Where, when and how the learner writes backups. Without `backup-url`
@@ -171,6 +269,7 @@ impl LearnerConfig {
         let mut config: LearnerConfig = crate::load(args)?;
         config.member.validate()?;
         config.backup.validate()?;
+        config.follow.validate()?;
         Ok(config)
     }
 }

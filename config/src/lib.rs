@@ -18,7 +18,7 @@ pub mod learner;
 pub mod primary;
 
 pub use file::load;
-pub use learner::{BackupConfig, LearnerConfig};
+pub use learner::{BackupConfig, FollowConfig, LearnerConfig};
 pub use primary::{
     AutoCompaction, AutoCompactionMode, ClusterState, InitialMember, PrimaryConfig, TlsKeys,
 };

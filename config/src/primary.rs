@@ -537,6 +537,13 @@ impl TlsKeys {
         trusted_ca: "peer-trusted-ca-file",
         cert_auth: "peer-client-cert-auth",
     };
+    /// A follower's flags for its source etcd (etcdctl's names).
+    pub const SOURCE: TlsKeys = TlsKeys {
+        cert: "etcd-cert",
+        key: "etcd-key",
+        trusted_ca: "etcd-cacert",
+        cert_auth: "etcd-cert",
+    };
 }
 
 /// A URL as etcd prints it: no trailing slash for an empty path.

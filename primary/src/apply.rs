@@ -43,6 +43,9 @@ pub enum ApplyResult {
     /// typed, header-only response).
     Auth(ResponseHeader),
     Authenticate(crate::proto::etcdserverpb::AuthenticateResponse),
+    /// A follower's entry of its source's revisions took effect; the
+    /// store revision after it.
+    Mirrored(i64),
 }
 
 /// A response type that a proposal produces, so handlers can ask for the
@@ -97,6 +100,12 @@ pub enum ApplyError {
     FutureRevision,
     #[error("member not found")]
     MemberNotFound,
+    /// A follower's entry does not continue this store (a lost or doubled
+    /// revision): nothing of it is applied.
+    #[error(
+        "mirror: the source's revision {got} does not follow this store's revision {expected}"
+    )]
+    MirrorGap { expected: i64, got: i64 },
     #[error("auth: {0}")]
     Auth(#[from] AuthError),
     /// The state database failed; the member cannot go on applying.
@@ -272,7 +281,66 @@ impl Applier {
             Request::AuthRoleRevokePermission(r) => {
                 self.auth_change(b, |s| s.role_revoke_permission(&r).map(|()| None))
             }
+            Request::Mirror(m) => self.mirror(b, &m).map(ApplyResult::Mirrored),
         }
+    }
+
+    /// A follower's entry: its source etcd's revisions, each applied at the
+    /// same revision with the source's key fields, so reads and watches at
+    /// any revision held answer as the source does. No quota check: the
+    /// source already took these writes.
+    fn mirror(
+        &mut self,
+        b: &mut Batch<'_>,
+        m: &crate::proto::ternpb::Mirror,
+    ) -> Result<i64, ApplyError> {
+        use crate::proto::mvccpb::event::EventType;
+        // Checked before anything changes, leases in memory included.
+        if let Some(first) = m.revisions.first() {
+            if first.revision != b.write_revision() {
+                return Err(ApplyError::MirrorGap {
+                    expected: b.write_revision(),
+                    got: first.revision,
+                });
+            }
+        }
+        for g in &m.grant_leases {
+            if !b.lease_exists(g.id)? {
+                b.grant_lease(g.id, g.ttl)?;
+                self.lessor.grant(g.id, g.ttl);
+            }
+        }
+        for revision in &m.revisions {
+            let expected = b.write_revision();
+            if revision.revision != expected {
+                return Err(ApplyError::MirrorGap {
+                    expected,
+                    got: revision.revision,
+                });
+            }
+            for event in &revision.events {
+                let Some(kv) = &event.kv else { continue };
+                if event.r#type == EventType::Delete as i32 {
+                    b.delete_exact(&kv.key)?;
+                } else {
+                    let mut kv = kv.clone();
+                    kv.mod_revision = expected;
+                    b.put_exact(&kv)?;
+                }
+            }
+            b.end_revision();
+        }
+        for id in &m.drop_leases {
+            if b.lease_exists(*id)? {
+                b.forget_lease(*id)?;
+                self.lessor.revoke(*id);
+            }
+        }
+        let state = b.state();
+        if m.compact_revision > state.compact_revision && m.compact_revision <= state.revision {
+            b.compact(m.compact_revision)?;
+        }
+        Ok(b.state().revision)
     }
 
     /// etcd's Authenticate apply: the password was checked by the serving

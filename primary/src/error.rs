@@ -194,6 +194,7 @@ pub fn apply_status(e: ApplyError) -> Status {
         ApplyError::FutureRevision => EtcdError::FutureRevision.into(),
         ApplyError::MemberNotFound => EtcdError::MemberNotFound.into(),
         ApplyError::Auth(e) => auth_status(e),
+        e @ ApplyError::MirrorGap { .. } => Status::internal(e.to_string()),
         ApplyError::Storage(e) => Status::internal(format!("etcdserver: storage failure: {e}")),
     }
 }

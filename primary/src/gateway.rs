@@ -293,7 +293,7 @@ impl Gateway {
     {
         let (parts, body) = request.into_parts();
         if let Some(refused) = self.refuse_common_name(&parts) {
-            return refused;
+            return drained(body, refused).await;
         }
         let message = match read_one::<Req>(body).await {
             Ok(m) => m,
@@ -331,7 +331,7 @@ impl Gateway {
     {
         let (parts, body) = request.into_parts();
         if let Some(refused) = self.refuse_common_name(&parts) {
-            return refused;
+            return drained(body, refused).await;
         }
         let requests = if client_stream {
             Body::from_stream(request_frames::<Req>(body))
@@ -388,6 +388,14 @@ impl Gateway {
                 .into_response()
         })
     }
+}
+
+/// `response`, sent once the request's body is read: closing an HTTP/1
+/// connection with body bytes still unread makes the kernel reset it, and
+/// the client can lose the response (curl then reports no status at all).
+async fn drained(body: Body, response: Response) -> Response {
+    let _ = axum::body::to_bytes(body, MAX_JSON_BODY).await;
+    response
 }
 
 /// The request in the body: its first JSON value (grpc-gateway decodes one

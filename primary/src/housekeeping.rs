@@ -17,7 +17,9 @@ pub async fn expire_leases(member: Arc<Member>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if member.node.status.leader() != member.member_id {
+        // A follower's leases expire at its source, whose deletions of
+        // their keys arrive as revisions.
+        if member.node.status.leader() != member.member_id || member.node.status.follows_source() {
             continue;
         }
         for id in member.lessor.expired() {
@@ -92,7 +94,11 @@ pub async fn auto_compact(member: Arc<Member>, policy: AutoCompaction) {
             }
         };
         let compacted = member.node.status.compact_revision.load(Ordering::Acquire);
-        if target <= compacted || target <= 0 || member.node.status.leader() != member.member_id {
+        if target <= compacted
+            || target <= 0
+            || member.node.status.leader() != member.member_id
+            || member.node.status.follows_source()
+        {
             continue;
         }
         let request = Request::Compaction(CompactionRequest {

@@ -294,7 +294,7 @@ async fn metrics(State(member): State<Arc<Member>>) -> impl IntoResponse {
     let status = &member.node.status;
     let m = &member.metrics;
     let (lag_entries, lag_time) = status.lag();
-    m.is_learner.set(i64::from(status.is_learner()));
+    m.is_learner.set(i64::from(status.serves_as_learner()));
     m.applied_index.set(status.applied_index() as i64);
     // etcd's proposals_committed_total and proposals_applied_total are the
     // commit and applied indexes (gauges, despite the names).

@@ -15,6 +15,20 @@ pub fn launch_with(
     role: Role,
     extension: Option<Extension>,
 ) -> anyhow::Result<()> {
+    launch_prepared(config, role, extension, |_| Box::pin(async { Ok(()) }))
+}
+
+/// [`launch_with`], with `prepare` run first on the runtime, once logging is
+/// set up (a follower seeds its data dir from its source there).
+pub fn launch_prepared(
+    config: PrimaryConfig,
+    role: Role,
+    extension: Option<Extension>,
+    prepare: impl FnOnce(
+        PrimaryConfig,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>,
+) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log_level).map_err(|e| {
         anyhow::anyhow!(
             "invalid value '{}' for '--log-level': {e}",
@@ -33,6 +47,9 @@ pub fn launch_with(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_with(config, role, extension))?;
-    Ok(())
+    runtime.block_on(async {
+        prepare(config.clone()).await?;
+        run_with(config, role, extension).await?;
+        anyhow::Ok(())
+    })
 }

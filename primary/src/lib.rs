@@ -36,6 +36,8 @@
 //! - [`readiness`]: systemd's `Type=notify` (`READY=1` once clients are
 //!   served, `STATUS=`, `STOPPING=1`).
 //! - [`identity`]: etcd-compatible member and cluster ids.
+//! - [`seed`]: a state file becomes a new single-member cluster's data dir
+//!   (restores, imports); [`import_etcd`]: an etcd snapshot becomes one.
 //! - [`server`]: start-up (bootstrap, join, disaster takeover) and serving;
 //!   [`launch`]: logging and runtime for the binaries.
 //! - [`takeover`]: `POST /takeover`, disaster takeover of a running learner.
@@ -57,6 +59,7 @@ pub mod gateway;
 pub mod housekeeping;
 pub mod http;
 pub mod identity;
+pub mod import_etcd;
 pub mod launch;
 pub mod lease;
 pub mod member;
@@ -64,6 +67,7 @@ pub mod metrics;
 pub mod mvcc;
 pub mod raft;
 pub mod readiness;
+pub mod seed;
 pub mod server;
 pub mod takeover;
 pub mod tls;

@@ -101,7 +101,7 @@ impl Member {
     /// etcd's learner check: a learner serves only serializable reads and
     /// Status (and Watch, which etcd cannot do there).
     pub fn refuse_if_learner(&self) -> Result<(), Status> {
-        if self.node.status.is_learner() {
+        if self.node.status.serves_as_learner() {
             Err(EtcdError::NotSupportedForLearner.into())
         } else {
             Ok(())

@@ -68,6 +68,9 @@ pub enum Role {
     Primary,
     /// `tern-learner`: joins only as a learner.
     Learner,
+    /// `tern-learner --etcd-endpoints`: the sole voter of its own log, fed
+    /// by a source etcd, serving clients as a learner.
+    Follower,
 }
 
 /// Run a member until SIGINT or SIGTERM.
@@ -208,6 +211,11 @@ pub async fn run_with(
         auth.clone(),
         tokio::runtime::Handle::current(),
     )?;
+    // Before the node runs, so it never acts on its own as a leader would.
+    handle
+        .status
+        .follows_source
+        .store(role == Role::Follower, std::sync::atomic::Ordering::Release);
     node.start();
 
     let member = Arc::new(Member::new(

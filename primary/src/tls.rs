@@ -509,6 +509,16 @@ impl DialTls {
         }
     }
 
+    /// For a follower's source etcd: `--etcd-cacert`, `--etcd-cert` and
+    /// `--etcd-key`.
+    pub fn source(trusted_ca: Option<PathBuf>, identity: Option<(PathBuf, PathBuf)>) -> DialTls {
+        DialTls {
+            keys: TlsKeys::SOURCE,
+            trusted_ca,
+            identity,
+        }
+    }
+
     /// An endpoint for `url`, with TLS when it is `https://`.
     pub async fn endpoint(&self, url: &str) -> Result<Endpoint, DialError> {
         let endpoint = Endpoint::from_shared(url.to_string())?;

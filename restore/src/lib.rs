@@ -17,8 +17,11 @@
 pub mod appliance;
 pub mod catalog;
 pub mod drill;
-pub mod import_etcd;
 pub mod progress;
 pub mod replay;
-pub mod restore;
 pub mod verify;
+
+// Shared with tern-learner's follow mode, which bootstraps from an etcd
+// snapshot the way `import-etcd` does.
+pub use tern_primary::import_etcd;
+pub use tern_primary::seed as restore;

@@ -106,7 +106,7 @@ impl Maintenance for MaintenanceService {
                 .load(std::sync::atomic::Ordering::Acquire),
             errors,
             db_size_in_use: in_use,
-            is_learner: status.is_learner(),
+            is_learner: status.serves_as_learner(),
         }))
     }
 

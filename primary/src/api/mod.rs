@@ -82,7 +82,7 @@ pub async fn learner_gate(
         "/etcdserverpb.Watch/Watch",
     ];
     let path = request.uri().path();
-    if member.node.status.is_learner()
+    if member.node.status.serves_as_learner()
         && ["/etcdserverpb.", "/v3lockpb.", "/v3electionpb."]
             .iter()
             .any(|service| path.starts_with(service))

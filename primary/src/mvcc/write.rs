@@ -255,27 +255,60 @@ impl Batch<'_> {
             value: value.to_vec(),
             lease,
         };
+        self.write(kv, prev.clone())?;
+        Ok(prev)
+    }
+
+    /// A follower's put: `kv` as its source etcd wrote it, all four
+    /// revision fields and the lease kept, at this entry's revision
+    /// (which is `kv.mod_revision`: the caller checked).
+    pub fn put_exact(&mut self, kv: &KeyValue) -> Result<(), MvccError> {
+        let prev = read::get_live(&self.tx, &kv.key)?;
+        self.write(kv.clone(), prev)
+    }
+
+    fn write(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<(), MvccError> {
+        let rev = kv.mod_revision;
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
             )?
-            .execute((&kv.key, rev, self.sub, kv.create_revision, kv.version, lease, &kv.value))?;
+            .execute((&kv.key, rev, self.sub, kv.create_revision, kv.version, kv.lease, &kv.value))?;
         let history_id = self.tx.last_insert_rowid();
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO kv_keys (key, create_revision, mod_revision, version, lease, history_id) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute((&kv.key, kv.create_revision, rev, kv.version, lease, history_id))?;
+            .execute((&kv.key, kv.create_revision, rev, kv.version, kv.lease, history_id))?;
         self.sub += 1;
         self.changed = true;
         self.events.push(Event {
             r#type: EventType::Put as i32,
             kv: Some(kv),
-            prev_kv: prev.clone(),
+            prev_kv: prev,
         });
-        Ok(prev)
+        Ok(())
+    }
+
+    /// A follower's delete of one key; false when the key is not live
+    /// here (the source and this store differ).
+    pub fn delete_exact(&mut self, key: &[u8]) -> Result<bool, MvccError> {
+        match read::get_live(&self.tx, key)? {
+            Some(prev) => self.delete_key(&prev).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// End one revision inside an entry: a follower's entry carries many
+    /// of its source's revisions, each its own revision here too.
+    pub fn end_revision(&mut self) {
+        if self.changed {
+            self.state.revision += 1;
+            self.changed = false;
+            self.sub = 0;
+        }
     }
 
     /// Delete every live key in `range`; returns what was deleted.
@@ -348,6 +381,13 @@ impl Batch<'_> {
                 self.delete_key(&kv)?;
             }
         }
+        self.tx.execute("DELETE FROM leases WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Remove a lease, keeping its keys (a follower: the source's
+    /// deletions of them arrive as revisions of their own).
+    pub fn forget_lease(&mut self, id: i64) -> Result<(), MvccError> {
         self.tx.execute("DELETE FROM leases WHERE id = ?1", [id])?;
         Ok(())
     }

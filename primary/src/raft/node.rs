@@ -209,6 +209,11 @@ pub struct NodeStatus {
     pub compact_revision: AtomicI64,
     /// Whether this member is a learner in the current configuration.
     pub is_learner: AtomicBool,
+    /// A follower of an etcd cluster (`tern-learner --etcd-endpoints`),
+    /// until a takeover: the sole voter of its own log, fed by its source,
+    /// it serves clients as a learner does and never writes on its own
+    /// (no lease expiry, no auto-compaction).
+    pub follows_source: AtomicBool,
     /// The highest commit index a leader has told this member about.
     pub leader_commit: AtomicU64,
     /// When this member last had applied everything the leader had
@@ -245,6 +250,14 @@ impl NodeStatus {
 
     pub fn is_learner(&self) -> bool {
         self.is_learner.load(Ordering::Acquire)
+    }
+    pub fn follows_source(&self) -> bool {
+        self.follows_source.load(Ordering::Acquire)
+    }
+    /// Whether clients get the learner's answers here: a learner, or a
+    /// follower of an etcd cluster.
+    pub fn serves_as_learner(&self) -> bool {
+        self.is_learner() || self.follows_source()
     }
     pub fn applied_index(&self) -> u64 {
         self.applied_index.load(Ordering::Acquire)

@@ -1,4 +1,5 @@
-//! `restore`: a verified backup becomes the data dir of a new
+//! Seeding a data dir: a state file (a verified backup's, or one built from
+//! an etcd snapshot) becomes the data dir of a new
 //! single-member cluster, like `etcdutl snapshot restore`: new member and
 //! cluster ids from `--name`, `--initial-advertise-peer-urls` and
 //! `--initial-cluster-token` (the same flags then start it), the member
@@ -8,9 +9,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use tern_primary::identity;
-use tern_primary::mvcc::{read, write};
-use tern_primary::raft::LogStore;
+
+use crate::identity;
+use crate::mvcc::{read, write};
+use crate::raft::LogStore;
 
 pub struct Identity {
     pub name: String,
@@ -63,7 +65,7 @@ pub fn into_data_dir(state: &Path, data_dir: &Path, who: &Identity) -> anyhow::R
     drop(conn);
     {
         let mut log = LogStore::open(&built.join("raft.db"), None)?;
-        let alone = tern_primary::raft::takeover::Plan::new(member_id, &Default::default(), &[]);
+        let alone = crate::raft::takeover::Plan::new(member_id, &Default::default(), &[]);
         log.force_new_cluster(member_id, &alone, state.applied_index, state.applied_term)?;
     }
     refuse_non_empty(data_dir)?;

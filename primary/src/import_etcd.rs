@@ -5,7 +5,7 @@
 //!
 //! The snapshot is read with [`bbolt::Reader`] and its records decoded with
 //! [`etcd_snapshot`], both streaming; the state is built in a scratch file
-//! next to the target and handed to [`restore::into_data_dir`], the step a
+//! next to the target and handed to [`seed::into_data_dir`], the step a
 //! Tern backup's restore ends with too. A bad file fails before anything is
 //! written into the target.
 //!
@@ -36,14 +36,13 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::bbolt;
+use crate::mvcc::etcd_snapshot::{self, EtcdMeta};
+use crate::mvcc::{read, write, MvccStore};
+use crate::seed::{self, Identity};
 use anyhow::{bail, Context};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tern_primary::bbolt;
-use tern_primary::mvcc::etcd_snapshot::{self, EtcdMeta};
-use tern_primary::mvcc::{read, write, MvccStore};
-
-use crate::restore::{self, Identity};
 
 /// What an import did, for the human line and `--json`.
 #[derive(Debug, Serialize)]
@@ -77,7 +76,7 @@ pub struct Imported {
 pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Result<Imported> {
     // Checked before the work, and again by into_data_dir just before the
     // state moves in.
-    crate::restore::refuse_non_empty(data_dir)?;
+    seed::refuse_non_empty(data_dir)?;
     // Every failure that is the file's names the file.
     let in_file = || snapshot.display().to_string();
     let db = bbolt::Reader::open(snapshot).with_context(in_file)?;
@@ -85,13 +84,13 @@ pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Resul
     require_etcd_buckets(&db).with_context(in_file)?;
 
     // It goes away with everything in it if anything fails.
-    let scratch = crate::restore::scratch_beside(data_dir)?;
+    let scratch = seed::scratch_beside(data_dir)?;
     let state_path = scratch.path().join("state.db");
     let mut built = build_state(&db, &state_path).with_context(in_file)?;
     let auth = read_auth(&db).with_context(in_file)?;
     {
-        let conn = tern_primary::mvcc::schema::open(&state_path)?;
-        tern_primary::auth::store::save(&conn, &auth)?;
+        let conn = crate::mvcc::schema::open(&state_path)?;
+        crate::auth::store::save(&conn, &auth)?;
     }
 
     if !sha256_checked {
@@ -102,7 +101,7 @@ pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Resul
         );
     }
 
-    let restored = restore::into_data_dir(&state_path, data_dir, who)?;
+    let restored = seed::into_data_dir(&state_path, data_dir, who)?;
     Ok(Imported {
         snapshot: snapshot.to_path_buf(),
         data_dir: data_dir.to_path_buf(),
@@ -315,7 +314,7 @@ fn bucket<'a>(db: &'a bbolt::Reader, name: &[u8]) -> anyhow::Result<bbolt::Entri
 
 /// etcd's users, roles and enabled flag, to carry over as they are
 /// (passwords are bcrypt hashes both sides check).
-fn read_auth(db: &bbolt::Reader) -> anyhow::Result<tern_primary::auth::AuthState> {
+fn read_auth(db: &bbolt::Reader) -> anyhow::Result<crate::auth::AuthState> {
     let mut auth = etcd_snapshot::EtcdAuth::default();
     let bad = |e: String| anyhow::anyhow!("auth buckets: {e}");
     if let Some(entries) = db.bucket(b"auth")? {

@@ -1,0 +1,644 @@
+//! Follow mode (`tern-learner --etcd-endpoints`): a Tern learner as the DR
+//! replica of a running etcd cluster, through etcd's public client API.
+//!
+//! The follower is the sole voter of a Raft log of its own, and that log is
+//! fed by its source instead of by clients ([`NodeStatus::follows_source`]
+//! makes it answer clients as a learner does). So everything downstream of
+//! the log works unchanged: backups of the state, archived log segments for
+//! point-in-time restores, drills, and a takeover (which only stops the
+//! feed).
+//!
+//! - [`seed`]: on an empty data dir, etcd's Maintenance.Snapshot stream
+//!   (an `etcdctl snapshot save` file) is imported as `import-etcd` does:
+//!   keys, history, leases, compaction point, users and roles.
+//! - [`Follower`]: a Watch of the whole keyspace from the state's revision
+//!   + 1; each response's revisions go into one [`Mirror`] entry, applied
+//!   at the same revisions with the source's create_revision, mod_revision,
+//!   version and lease per key. Leases are mirrored beside (their ids and
+//!   TTLs, from LeaseTimeToLive and LeaseLeases), and so is the compaction
+//!   point. Lost links, restarted members and leader changes reconnect and
+//!   resume from the applied revision + 1.
+//! - A source whose cluster id changed, or whose revision went below the
+//!   applied one (an etcd restored from a backup), is never applied: the
+//!   follower stops there and says so (log and metric) until it is fixed.
+//!
+//! [`NodeStatus::follows_source`]: tern_primary::raft::node::NodeStatus::follows_source
+
+pub mod source;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tern_config::{FollowConfig, PrimaryConfig};
+use tern_primary::apply::ApplyResult;
+use tern_primary::member::Member;
+use tern_primary::proto::etcdserverpb::{
+    watch_request::RequestUnion, LeaseGrantRequest, LeaseLeasesRequest, LeaseTimeToLiveRequest,
+    RangeRequest, SnapshotRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    WatchResponse,
+};
+use tern_primary::proto::ternpb::{raft_request::Request, Mirror, MirroredRevision};
+use tern_primary::server::Extension;
+use tokio::sync::mpsc;
+
+use source::Source;
+
+/// A Mirror entry is closed at this size (a single revision may exceed it).
+const MAX_ENTRY_BYTES: usize = 1 << 20;
+/// How often the source's leases and compaction point are compared.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the watch asks for the source's current revision.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// The wait before reconnecting after a failure.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The meta row holding the source's cluster id, written at seeding.
+const SOURCE_CLUSTER_ID: &str = "source_cluster_id";
+
+/// On an empty data dir: the source's snapshot, imported into a new
+/// single-member data dir with this member's identity. A data dir that
+/// holds a state is left as it is (the follower resumes from it).
+pub async fn seed(config: &FollowConfig, member: &PrimaryConfig) -> anyhow::Result<()> {
+    let data_dir = member.data_dir();
+    if data_dir.join("state.db").exists() {
+        return Ok(());
+    }
+    let mut source = Source::new(config)?;
+    let started = Instant::now();
+    let (cluster_id, snapshot) = loop {
+        match download_snapshot(&mut source, &data_dir).await {
+            Ok(downloaded) => break downloaded,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot take the source's snapshot yet; retrying");
+                source.failed();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let me = member
+        .initial_members()?
+        .into_iter()
+        .find(|m| m.name == member.name)
+        .ok_or_else(|| anyhow::anyhow!("no peer URLs for --name {}", member.name))?;
+    let who = tern_primary::seed::Identity {
+        name: member.name.clone(),
+        peer_urls: me
+            .peer_urls
+            .iter()
+            .map(tern_config::primary::url_string)
+            .collect(),
+        token: member.initial_cluster_token.clone(),
+    };
+    let imported = {
+        let (snapshot, data_dir) = (snapshot.path().to_path_buf(), data_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            tern_primary::import_etcd::import(&snapshot, &data_dir, &who)
+        })
+        .await??
+    };
+    let conn = rusqlite::Connection::open(data_dir.join("state.db"))?;
+    tern_primary::mvcc::write::set_meta(&conn, SOURCE_CLUSTER_ID, cluster_id as i64)?;
+    tracing::info!(
+        revision = imported.revision,
+        compact_revision = imported.compact_revision,
+        keys = imported.keys,
+        leases = imported.leases,
+        source_cluster_id = format!("{cluster_id:x}"),
+        elapsed = ?started.elapsed(),
+        "seeded from the source's snapshot"
+    );
+    Ok(())
+}
+
+/// The source's Maintenance.Snapshot, written as `etcdctl snapshot save`
+/// writes it (etcd appends the sha256), into a temporary file beside the
+/// data dir; and the source's cluster id.
+async fn download_snapshot(
+    source: &mut Source,
+    data_dir: &Path,
+) -> anyhow::Result<(u64, tempfile::NamedTempFile)> {
+    use std::io::Write;
+    let parent = std::path::absolute(data_dir)?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ".".into());
+    std::fs::create_dir_all(&parent)?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".tern-follow-snapshot-")
+        .tempfile_in(&parent)?;
+    let mut client = source.maintenance().await?;
+    let mut stream = client
+        .snapshot(source.request(SnapshotRequest {}))
+        .await?
+        .into_inner();
+    let mut cluster_id = 0;
+    while let Some(chunk) = stream.message().await? {
+        if let Some(h) = &chunk.header {
+            cluster_id = h.cluster_id;
+        }
+        file.write_all(&chunk.blob)?;
+    }
+    file.as_file().sync_all()?;
+    Ok((cluster_id, file))
+}
+
+/// The follow loop, started once the member serves.
+pub fn extension(config: FollowConfig) -> Extension {
+    Box::new(move |member: Arc<Member>| {
+        let metrics = Arc::new(FollowMetrics::default());
+        metrics.register(&member);
+        let follower = Follower {
+            member,
+            source: Source::new(&config).expect("checked at start-up"),
+            metrics,
+            known_leases: HashSet::new(),
+        };
+        tokio::spawn(follower.run());
+        axum::Router::new()
+    })
+}
+
+#[derive(Default)]
+struct FollowMetrics {
+    source_revision: Gauge,
+    applied_revision: Gauge,
+    lag_revisions: Gauge,
+    lag_seconds: Gauge<f64, AtomicU64>,
+    /// 1 while the source cannot be applied (another cluster, or history
+    /// that went backwards).
+    diverged: Gauge,
+    reconnects: Counter,
+}
+
+impl FollowMetrics {
+    fn register(&self, member: &Member) {
+        let m = &member.metrics;
+        m.register(
+            "tern_follow_source_revision",
+            "The source etcd's revision, from its latest response header",
+            self.source_revision.clone(),
+        );
+        m.register(
+            "tern_follow_applied_revision",
+            "The source revision this follower has applied",
+            self.applied_revision.clone(),
+        );
+        m.register(
+            "tern_follow_lag_revisions",
+            "Source revisions not yet applied here",
+            self.lag_revisions.clone(),
+        );
+        m.register(
+            "tern_follow_lag_seconds",
+            "How long this follower has been behind its source (0 when in step)",
+            self.lag_seconds.clone(),
+        );
+        m.register(
+            "tern_follow_source_diverged",
+            "1 while the source is not applied: its cluster id changed or its revision went backwards",
+            self.diverged.clone(),
+        );
+        m.register(
+            "tern_follow_reconnects",
+            "Times the follower reconnected to its source",
+            self.reconnects.clone(),
+        );
+    }
+}
+
+/// Why a watch session ended.
+enum Ended {
+    /// The link or the member failed: reconnect and resume.
+    Failed(anyhow::Error),
+    /// The source refuses to be applied: wait for an operator.
+    Diverged(String),
+    /// The source compacted past the revision to resume from.
+    Compacted(i64),
+}
+
+struct Follower {
+    member: Arc<Member>,
+    source: Source,
+    metrics: Arc<FollowMetrics>,
+    /// The leases this state holds, as far as the follower told it.
+    known_leases: HashSet<i64>,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        self.known_leases = self.local_leases().await;
+        loop {
+            if !self.member.node.status.follows_source() {
+                tracing::info!("taken over: no longer following the source");
+                return;
+            }
+            match self.session().await {
+                Ended::Failed(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "source link failed; resuming");
+                    self.metrics.reconnects.inc();
+                    self.source.failed();
+                }
+                Ended::Diverged(why) => {
+                    self.metrics.diverged.set(1);
+                    tracing::error!(
+                        "not applying the source: {why}; the follower keeps what it holds \
+                         (restart it on an empty data dir to follow the new history)"
+                    );
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    self.source.failed();
+                    continue;
+                }
+                Ended::Compacted(at) => {
+                    self.metrics.diverged.set(1);
+                    tracing::error!(
+                        compact_revision = at,
+                        applied = self.member.node.status.revision(),
+                        "the source compacted past this follower's revision: restart it on an \
+                         empty data dir to bootstrap from a fresh snapshot"
+                    );
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    self.source.failed();
+                    continue;
+                }
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn local_leases(&self) -> HashSet<i64> {
+        let leases = self
+            .member
+            .read(|conn, _| {
+                tern_primary::mvcc::read::leases(conn).map_err(tern_primary::error::mvcc_status)
+            })
+            .await
+            .unwrap_or_default();
+        leases.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// One watch from the applied revision + 1, until it fails.
+    async fn session(&mut self) -> Ended {
+        let expected_cluster = self
+            .member
+            .read(|conn, _| {
+                tern_primary::mvcc::read::meta(conn, SOURCE_CLUSTER_ID)
+                    .map_err(tern_primary::error::mvcc_status)
+            })
+            .await
+            .unwrap_or(0) as u64;
+        if let Err(ended) = self.check_source(expected_cluster).await {
+            return ended;
+        }
+        let mut watch = match self.source.watch().await {
+            Ok(w) => w,
+            Err(e) => return Ended::Failed(e),
+        };
+        let from = self.member.node.status.revision() + 1;
+        let (requests, rx) = mpsc::channel::<WatchRequest>(4);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: vec![0],
+                range_end: vec![0],
+                start_revision: from,
+                progress_notify: true,
+                ..Default::default()
+            })),
+        };
+        if requests.send(create).await.is_err() {
+            return Ended::Failed(anyhow::anyhow!("watch request channel closed"));
+        }
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut responses = match watch.watch(self.source.request(stream)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return Ended::Failed(e.into()),
+        };
+        let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        let mut behind_since: Option<Instant> = None;
+        let mut pending: Vec<WatchResponse> = Vec::new();
+        loop {
+            // Every response that is already here goes into one entry.
+            let response = tokio::select! {
+                r = responses.next() => r,
+                _ = progress.tick() => {
+                    let ask = WatchRequest {
+                        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                    };
+                    let _ = requests.try_send(ask);
+                    continue;
+                }
+                _ = poll.tick() => {
+                    if let Err(e) = self.poll_leases_and_compaction().await {
+                        return Ended::Failed(e);
+                    }
+                    continue;
+                }
+            };
+            let response = match response {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => return Ended::Failed(anyhow::anyhow!("watch: {}", e.message())),
+                None => return Ended::Failed(anyhow::anyhow!("watch stream ended")),
+            };
+            pending.push(response);
+            while let Some(Some(Ok(more))) = futures::FutureExt::now_or_never(responses.next()) {
+                pending.push(more);
+            }
+            for r in &pending {
+                if r.compact_revision != 0 {
+                    return Ended::Compacted(r.compact_revision);
+                }
+                if r.canceled {
+                    return Ended::Failed(anyhow::anyhow!("watch canceled: {}", r.cancel_reason));
+                }
+                if let Some(h) = &r.header {
+                    if expected_cluster != 0 && h.cluster_id != expected_cluster {
+                        return Ended::Diverged(format!(
+                            "its cluster id is {:x}, the follower's state came from {:x}",
+                            h.cluster_id, expected_cluster
+                        ));
+                    }
+                    self.metrics
+                        .source_revision
+                        .set(self.metrics.source_revision.get().max(h.revision));
+                }
+            }
+            let revisions = group(std::mem::take(&mut pending));
+            if let Err(ended) = self.apply(revisions).await {
+                return ended;
+            }
+            let applied = self.member.node.status.revision();
+            let source = self.metrics.source_revision.get();
+            self.metrics.applied_revision.set(applied);
+            self.metrics.lag_revisions.set((source - applied).max(0));
+            if source > applied {
+                let since = *behind_since.get_or_insert_with(Instant::now);
+                self.metrics.lag_seconds.set(since.elapsed().as_secs_f64());
+            } else {
+                behind_since = None;
+                self.metrics.lag_seconds.set(0.0);
+            }
+        }
+    }
+
+    /// The source as a linearizable read sees it: the cluster this state
+    /// came from, at a revision at least the applied one. (A single
+    /// member's watch header may lag behind what another member served.)
+    async fn check_source(&mut self, expected_cluster: u64) -> Result<(), Ended> {
+        let mut kv = self.source.kv().await.map_err(Ended::Failed)?;
+        let head = kv
+            .range(self.source.request(RangeRequest {
+                key: vec![0],
+                count_only: true,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|s| Ended::Failed(anyhow::anyhow!("range: {}", s.message())))?
+            .into_inner()
+            .header
+            .unwrap_or_default();
+        if expected_cluster != 0 && head.cluster_id != expected_cluster {
+            return Err(Ended::Diverged(format!(
+                "its cluster id is {:x}, the follower's state came from {:x}",
+                head.cluster_id, expected_cluster
+            )));
+        }
+        let applied = self.member.node.status.revision();
+        if head.revision < applied {
+            return Err(Ended::Diverged(format!(
+                "its revision {} is below the applied revision {applied} (restored from a \
+                 backup?)",
+                head.revision
+            )));
+        }
+        self.metrics.diverged.set(0);
+        self.metrics
+            .source_revision
+            .set(self.metrics.source_revision.get().max(head.revision));
+        Ok(())
+    }
+
+    /// Propose `revisions` in entries of at most [`MAX_ENTRY_BYTES`], with
+    /// the leases their keys name that this state does not hold yet.
+    async fn apply(&mut self, revisions: Vec<MirroredRevision>) -> Result<(), Ended> {
+        let mut entry = Mirror::default();
+        let mut size = 0;
+        for revision in revisions {
+            if revision.revision <= self.member.node.status.revision() {
+                // Already applied (a resumed watch repeats nothing, but a
+                // doubled response must not be applied twice).
+                continue;
+            }
+            for event in &revision.events {
+                let lease = event.kv.as_ref().map_or(0, |kv| kv.lease);
+                if lease != 0 && !self.known_leases.contains(&lease) {
+                    entry.grant_leases.push(self.lease_grant(lease).await?);
+                    self.known_leases.insert(lease);
+                }
+            }
+            size += prost::Message::encoded_len(&revision);
+            entry.revisions.push(revision);
+            if size >= MAX_ENTRY_BYTES {
+                self.propose(std::mem::take(&mut entry)).await?;
+                size = 0;
+            }
+        }
+        if !entry.revisions.is_empty() || !entry.grant_leases.is_empty() {
+            self.propose(entry).await?;
+        }
+        Ok(())
+    }
+
+    async fn propose(&self, entry: Mirror) -> Result<(), Ended> {
+        match self.member.propose(Request::Mirror(entry)).await {
+            Ok(ApplyResult::Mirrored(_)) => Ok(()),
+            Ok(other) => Err(Ended::Failed(anyhow::anyhow!(
+                "unexpected apply result {other:?}"
+            ))),
+            // A gap (never expected) or a timeout: resume from what the
+            // state holds.
+            Err(status) => Err(Ended::Failed(anyhow::anyhow!(
+                "applying the source's revisions: {}",
+                status.message()
+            ))),
+        }
+    }
+
+    /// The grant of a lease the source holds, with the TTL it was granted.
+    /// A lease already gone there is granted with its remaining TTL of 0:
+    /// the source's deletion of its keys follows.
+    async fn lease_grant(&mut self, id: i64) -> Result<LeaseGrantRequest, Ended> {
+        let mut client = self.source.lease().await.map_err(Ended::Failed)?;
+        let ttl = match client
+            .lease_time_to_live(
+                self.source
+                    .request(LeaseTimeToLiveRequest { id, keys: false }),
+            )
+            .await
+        {
+            Ok(r) => r.into_inner().granted_ttl.max(0),
+            Err(s) if s.message().contains("lease not found") => 0,
+            Err(s) => {
+                return Err(Ended::Failed(anyhow::anyhow!(
+                    "lease {id:x}: {}",
+                    s.message()
+                )))
+            }
+        };
+        Ok(LeaseGrantRequest { id, ttl })
+    }
+
+    /// Mirror the source's lease set and compaction point.
+    async fn poll_leases_and_compaction(&mut self) -> anyhow::Result<()> {
+        let mut lease = self.source.lease().await?;
+        let leases = lease
+            .lease_leases(self.source.request(LeaseLeasesRequest {}))
+            .await?
+            .into_inner()
+            .leases;
+        let at_source: HashSet<i64> = leases.iter().map(|l| l.id).collect();
+        let mut entry = Mirror::default();
+        for id in &at_source {
+            if !self.known_leases.contains(id) {
+                match self.lease_grant(*id).await {
+                    Ok(g) => entry.grant_leases.push(g),
+                    Err(Ended::Failed(e)) => return Err(e),
+                    Err(_) => unreachable!("lease_grant only fails the link"),
+                }
+            }
+        }
+        entry.drop_leases = self
+            .known_leases
+            .iter()
+            .filter(|id| !at_source.contains(id))
+            .copied()
+            .collect();
+        entry.compact_revision = self.source_compaction().await?;
+        let compacted = self
+            .member
+            .node
+            .status
+            .compact_revision
+            .load(Ordering::Acquire);
+        if entry.grant_leases.is_empty()
+            && entry.drop_leases.is_empty()
+            && entry.compact_revision <= compacted
+        {
+            return Ok(());
+        }
+        let (granted, dropped) = (entry.grant_leases.clone(), entry.drop_leases.clone());
+        match self.member.propose(Request::Mirror(entry)).await {
+            Ok(_) => {
+                self.known_leases.extend(granted.iter().map(|g| g.id));
+                for id in dropped {
+                    self.known_leases.remove(&id);
+                }
+                Ok(())
+            }
+            Err(s) => anyhow::bail!("mirroring leases and compaction: {}", s.message()),
+        }
+    }
+
+    /// The source's compaction point, as far as this follower holds
+    /// history: the lowest revision a Range can still read at (etcd's
+    /// Status does not tell it). One probe when it has not moved.
+    async fn source_compaction(&mut self) -> anyhow::Result<i64> {
+        let status = &self.member.node.status;
+        let local = status.compact_revision.load(Ordering::Acquire);
+        let applied = status.revision();
+        let kv = self.source.kv().await?;
+        let readable = |revision: i64| {
+            let request = self.source.request(RangeRequest {
+                key: vec![0],
+                revision,
+                count_only: true,
+                serializable: true,
+                ..Default::default()
+            });
+            let mut kv = kv.clone();
+            async move {
+                match kv.range(request).await {
+                    Ok(_) => Ok(true),
+                    Err(s) if s.message().contains("compacted") => Ok(false),
+                    Err(s) => Err(anyhow::anyhow!("range at {revision}: {}", s.message())),
+                }
+            }
+        };
+        if applied <= local || readable(local.max(1)).await? {
+            return Ok(local);
+        }
+        // Readable at `hi`, not at `lo`: the compaction point is in (lo, hi].
+        let (mut lo, mut hi) = (local.max(1), applied);
+        if !readable(hi).await? {
+            return Ok(hi);
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if readable(mid).await? {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Ok(hi)
+    }
+}
+
+/// The events of watch responses, revision by revision.
+fn group(responses: Vec<WatchResponse>) -> Vec<MirroredRevision> {
+    let mut revisions: Vec<MirroredRevision> = Vec::new();
+    for event in responses.into_iter().flat_map(|r| r.events) {
+        let revision = event.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        match revisions.last_mut() {
+            Some(last) if last.revision == revision => last.events.push(event),
+            _ => revisions.push(MirroredRevision {
+                revision,
+                events: vec![event],
+            }),
+        }
+    }
+    revisions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_primary::proto::mvccpb::{Event, KeyValue};
+
+    fn put(key: &str, revision: i64) -> Event {
+        Event {
+            kv: Some(KeyValue {
+                key: key.into(),
+                mod_revision: revision,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_group_by_revision_across_responses() {
+        let responses = vec![
+            WatchResponse {
+                events: vec![put("a", 5), put("b", 5), put("c", 6)],
+                ..Default::default()
+            },
+            WatchResponse::default(),
+            WatchResponse {
+                events: vec![put("d", 7)],
+                ..Default::default()
+            },
+        ];
+        let grouped = group(responses);
+        let shape: Vec<(i64, usize)> = grouped
+            .iter()
+            .map(|r| (r.revision, r.events.len()))
+            .collect();
+        assert_eq!(shape, [(5, 2), (6, 1), (7, 1)]);
+    }
+}
