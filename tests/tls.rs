@@ -8,107 +8,18 @@
 //! CA with a client certificate of its own, and an expired client
 //! certificate.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tern_primary::proto::ternpb::{peer_client::PeerClient, MembersRequest};
 use tern_tests::cluster::{Cluster, Options};
+use tern_tests::pki::{write_atomically, Ca, Leaf, Pki};
 use tern_tests::{etcdctl, free_port, Output, Tern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-/// Certificates written to a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-/// A CA that can sign leaf certificates.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    cert: PathBuf,
-}
-
-/// A leaf certificate and its key, as files.
-#[derive(Clone)]
-struct Leaf {
-    cert: PathBuf,
-    key: PathBuf,
-    der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ca(&self, name: &str) -> Ca {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        let path = self.path(&format!("{name}.pem"));
-        std::fs::write(&path, cert.pem()).expect("write CA");
-        Ca {
-            issuer: Issuer::new(params, key),
-            cert: path,
-        }
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, usable by a server and a
-    /// client alike (peers are both), written as `{name}.pem` and
-    /// `{name}-key.pem`.
-    fn leaf(&self, ca: &Ca, name: &str, expired: bool) -> Leaf {
-        let key = KeyPair::generate().expect("key");
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-                .expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let cert = params.signed_by(&key, &ca.issuer).expect("sign");
-        let leaf = Leaf {
-            cert: self.path(&format!("{name}.pem")),
-            key: self.path(&format!("{name}-key.pem")),
-            der: cert.der().clone(),
-        };
-        write_atomically(&leaf.cert, cert.pem().as_bytes());
-        write_atomically(&leaf.key, key.serialize_pem().as_bytes());
-        leaf
-    }
-}
-
-/// Replace a file whole (write beside it, then rename), as an operator's
-/// certificate tooling does: a reader sees the old file or the new one.
-fn write_atomically(path: &Path, bytes: &[u8]) {
-    let temp = path.with_extension("tmp");
-    std::fs::write(&temp, bytes).expect("write");
-    std::fs::rename(&temp, path).expect("rename");
-}
 
 fn s(p: &Path) -> String {
     p.display().to_string()

@@ -29,10 +29,12 @@ use tonic::transport::Channel;
 
 pub mod backups;
 pub mod cluster;
+pub mod etcd_cluster;
 pub mod history;
 pub mod http_faults;
 pub mod linearizability;
 pub mod nemesis;
+pub mod pki;
 pub mod proxy;
 pub mod rng;
 pub mod stores;

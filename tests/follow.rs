@@ -1,0 +1,292 @@
+//! Follow mode against a real 3-member etcd 3.4 cluster with client TLS:
+//! `tern-learner --etcd-endpoints` seeds from the source's snapshot, then
+//! mirrors every revision. Its keys (all four revision fields, lease ids),
+//! its HashKV at the same revision and a watch from an old revision match
+//! etcd's, across a leader kill and a cut link; it refuses writes as a
+//! learner does.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tern_tests::etcd_cluster::EtcdCluster;
+use tern_tests::pki::Pki;
+use tern_tests::{etcdctl, etcdctl_for, free_port, metric, spawn_member, Proxy};
+
+/// etcdctl's `get --from-key "" -w json`: the header's revision and the
+/// kvs whole (the ids in the header differ between the two clusters).
+fn keys(out: &tern_tests::Output) -> (i64, Value) {
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(&out.stdout).expect("get json");
+    (
+        v["header"]["revision"].as_i64().expect("revision"),
+        v.get("kvs").cloned().unwrap_or(Value::Null),
+    )
+}
+
+/// `endpoint hashkv --rev` as (hash, compact_revision).
+fn hashkv(out: &tern_tests::Output) -> (u64, i64) {
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(&out.stdout).expect("hashkv json");
+    let h = &v[0]["HashKV"];
+    (
+        h["hash"].as_u64().expect("hash"),
+        h["compact_revision"].as_i64().unwrap_or(0),
+    )
+}
+
+/// The events of `etcdctl watch -w json` output, flattened across its
+/// responses (the two servers may batch them differently).
+fn watched_events(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .flat_map(|l| {
+            let v: Value = serde_json::from_str(l).expect("watch json");
+            v["Events"].as_array().cloned().unwrap_or_default()
+        })
+        .collect()
+}
+
+fn wait_for_revision(follower: &str, revision: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = etcdctl(
+            follower,
+            &["get", "--from-key", "", "-w", "json", "--limit", "1"],
+            None,
+        );
+        if out.code == 0 && keys(&out).0 >= revision {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follower not at revision {revision} within {within:?}: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` puts, each retried (as a client would) while the source elects a
+/// new leader.
+fn put_many(etcd: &EtcdCluster, prefix: &str, n: usize) {
+    for i in 0..n {
+        let (key, value) = (format!("{prefix}{i:03}"), format!("v{i}-{prefix}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = etcd.etcdctl(&["put", &key, &value]);
+            if out.code == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The follower holds exactly what the source holds: at the source's
+/// revision, the same keys with the same revision fields and lease ids,
+/// and the same HashKV. Returns that revision.
+fn same(etcd: &EtcdCluster, follower: &str, label: &str) -> i64 {
+    let (revision, source_kvs) = keys(&etcd.etcdctl(&["get", "--from-key", "", "-w", "json"]));
+    wait_for_revision(follower, revision, Duration::from_secs(30));
+    let (at, follower_kvs) = keys(&etcdctl(
+        follower,
+        &["get", "--from-key", "", "-w", "json"],
+        None,
+    ));
+    assert_eq!(at, revision, "{label}: follower's revision");
+    assert_eq!(
+        follower_kvs, source_kvs,
+        "{label}: keys and their revision fields"
+    );
+    let rev = revision.to_string();
+    let source_hash = hashkv(&etcd.etcdctl(&["endpoint", "hashkv", "--rev", &rev, "-w", "json"]));
+    let follower_hash = hashkv(&etcdctl(
+        follower,
+        &["endpoint", "hashkv", "--rev", &rev, "-w", "json"],
+        None,
+    ));
+    assert_eq!(follower_hash, source_hash, "{label}: HashKV at {rev}");
+    revision
+}
+
+#[test]
+fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let client = pki.leaf(&ca, "follower", false);
+    let mut etcd = EtcdCluster::start_tls(3, &ca, &server, &client);
+
+    // History before the follower exists: it arrives in the snapshot.
+    put_many(&etcd, "a/", 30);
+    assert_eq!(etcd.etcdctl(&["del", "a/003"]).code, 0);
+    let lease = etcd.etcdctl(&["lease", "grant", "600"]);
+    let lease_id = lease
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    assert_eq!(
+        etcd.etcdctl(&["put", "leased/1", "x", "--lease", &lease_id])
+            .code,
+        0
+    );
+    assert_eq!(etcd.etcdctl(&["compact", "10"]).code, 0);
+    put_many(&etcd, "a/", 5);
+
+    // The follower reaches each etcd member through a proxy of ours, so the
+    // link can be cut.
+    let proxies: Vec<Proxy> = etcd
+        .endpoints
+        .iter()
+        .map(|e| Proxy::start(e.parse().expect("addr")))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client_port, peer_port) = (free_port(), free_port());
+    let s = |p: &std::path::Path| p.display().to_string();
+    let args: Vec<String> = [
+        "--name",
+        "dr",
+        "--data-dir",
+        &s(&dir.path().join("follower")),
+        "--listen-client-urls",
+        &format!("http://127.0.0.1:{client_port}"),
+        "--advertise-client-urls",
+        &format!("http://127.0.0.1:{client_port}"),
+        "--listen-peer-urls",
+        &format!("http://127.0.0.1:{peer_port}"),
+        "--initial-advertise-peer-urls",
+        &format!("http://127.0.0.1:{peer_port}"),
+        "--etcd-endpoints",
+        &proxies
+            .iter()
+            .map(|p| format!("https://{}", p.addr()))
+            .collect::<Vec<_>>()
+            .join(","),
+        "--etcd-cacert",
+        &s(&ca.cert),
+        "--etcd-cert",
+        &s(&client.cert),
+        "--etcd-key",
+        &s(&client.key),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+
+    // Load while it follows: puts, deletes, a multi-op txn, a lease that
+    // expires (its keys go at the source), a compaction.
+    put_many(&etcd, "b/", 40);
+    assert_eq!(etcd.etcdctl(&["del", "--prefix", "a/01"]).code, 0);
+    let txn = etcd.etcdctl_stdin(
+        &["txn"],
+        Some("value(\"a/000\") = \"v0-a/\"\n\nput t/1 one\nput t/2 two\ndel a/020\n\nput t/else no\n\n"),
+    );
+    assert_eq!(txn.code, 0, "{txn:?}");
+    let short = etcd.etcdctl(&["lease", "grant", "2"]);
+    let short_id = short
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    assert_eq!(
+        etcd.etcdctl(&["put", "leased/short", "y", "--lease", &short_id])
+            .code,
+        0
+    );
+    let before_compaction = keys(&etcd.etcdctl(&["get", "--from-key", "", "-w", "json"])).0;
+    put_many(&etcd, "c/", 10);
+    assert_eq!(
+        etcd.etcdctl(&["compact", &before_compaction.to_string()])
+            .code,
+        0
+    );
+    // Past the short lease's expiry (etcd checks every 500 ms).
+    std::thread::sleep(Duration::from_secs(4));
+
+    let revision = same(&etcd, &follower, "after the load");
+    let (_, kvs) = keys(&etcdctl(
+        &follower,
+        &["get", "leased/1", "-w", "json"],
+        None,
+    ));
+    assert_eq!(
+        format!("{:x}", kvs[0]["lease"].as_i64().expect("lease")),
+        lease_id,
+        "the lease id is kept"
+    );
+    assert!(
+        keys(&etcdctl(
+            &follower,
+            &["get", "leased/short", "-w", "json"],
+            None
+        ))
+        .1
+        .is_null(),
+        "the expired lease's key is gone"
+    );
+
+    // A watch from an old revision (after the compaction) gives etcd's events.
+    let from = (before_compaction + 1).to_string();
+    let watch = [
+        "watch",
+        "--prefix",
+        "",
+        "--rev",
+        &from,
+        "--prev-kv",
+        "-w",
+        "json",
+    ];
+    let mut source_args: Vec<&str> = etcd.tls.iter().map(String::as_str).collect();
+    source_args.extend(watch);
+    let source_watch = etcdctl_for(&etcd.endpoints[0], &source_args, Duration::from_secs(2));
+    let follower_watch = etcdctl_for(&follower, &watch, Duration::from_secs(2));
+    let source_events = watched_events(&source_watch.stdout);
+    assert!(!source_events.is_empty(), "{source_watch:?}");
+    assert_eq!(watched_events(&follower_watch.stdout), source_events);
+
+    // It serves as a learner: reads yes, writes no.
+    let refused = etcdctl(&follower, &["put", "x", "y"], None);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .stderr
+            .contains("etcdserver: rpc not supported for learner"),
+        "{refused:?}"
+    );
+
+    // The source's leader dies; the follower resumes on another member.
+    let leader = etcd.leader();
+    etcd.kill9(leader);
+    put_many(&etcd, "d/", 20);
+    same(&etcd, &follower, "after a leader kill");
+
+    // The link is cut under load, then healed: no gap, nothing twice.
+    for p in &proxies {
+        p.blackhole(true);
+    }
+    put_many(&etcd, "e/", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    for p in &proxies {
+        p.blackhole(false);
+    }
+    let healed = same(&etcd, &follower, "after a cut link");
+    assert!(healed > revision);
+    let lag = metric(&follower, "tern_follow_lag_revisions");
+    assert_eq!(lag, Some(0.0));
+    assert_eq!(metric(&follower, "tern_follow_source_diverged"), Some(0.0));
+
+    // A restart resumes from the state on disk (no second seeding).
+    let _ = learner.kill();
+    let _ = learner.wait();
+    put_many(&etcd, "f/", 5);
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+    same(&etcd, &follower, "after a follower restart");
+    let _ = learner.kill();
+    let _ = learner.wait();
+}
