@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tern_tests::etcd_cluster::EtcdCluster;
 use tern_tests::pki::Pki;
-use tern_tests::{etcdctl, etcdctl_for, free_port, metric, spawn_member, Proxy};
+use tern_tests::{etcdctl, etcdctl_for, free_port, http_post, metric, spawn_member, Proxy};
 
 /// etcdctl's `get --from-key "" -w json`: the header's revision and the
 /// kvs whole (the ids in the header differ between the two clusters).
@@ -286,7 +286,25 @@ fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
     let _ = learner.wait();
     put_many(&etcd, "f/", 5);
     let (mut learner, follower) = spawn_member("tern-learner", &args);
-    same(&etcd, &follower, "after a follower restart");
+    let revision = same(&etcd, &follower, "after a follower restart");
+
+    // Takeover: refused while the source answers, then forced; the
+    // follower takes writes right after the source's last revision.
+    let (code, body) = http_post(&follower, "/takeover");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("the source is alive"), "{body}");
+    let (code, body) = http_post(&follower, "/takeover?force=true");
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("takeover json");
+    assert_eq!(answer["revision"], revision);
+    let put = etcdctl(
+        &follower,
+        &["put", "after/takeover", "1", "-w", "json"],
+        None,
+    );
+    assert_eq!(put.code, 0, "{put:?}");
+    let header: Value = serde_json::from_str(&put.stdout).expect("put json");
+    assert_eq!(header["header"]["revision"], revision + 1);
     let _ = learner.kill();
     let _ = learner.wait();
 }

@@ -102,6 +102,9 @@ async fn take_over(
     if let Err(e) = admitted {
         return refuse(StatusCode::UNAUTHORIZED, e.to_string(), Vec::new());
     }
+    if status.follows_source() {
+        return stop_following(&member, params.force);
+    }
     let contact_ms = status.leader_contact_ms.load(Ordering::Acquire);
     let since = unix_millis().saturating_sub(contact_ms);
     let timeout = status.election_timeout_ms.load(Ordering::Acquire);
@@ -175,6 +178,58 @@ async fn take_over(
         }
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e, seen),
     }
+}
+
+/// How recently a follower must have heard from its source etcd for a
+/// takeover to be refused without `force`.
+const SOURCE_ALIVE: Duration = Duration::from_secs(5);
+
+/// A follower's takeover: it is already the sole voter of its own log, so
+/// stopping the feed from its source is all it takes; it then takes
+/// writes at the revisions it holds.
+fn stop_following(member: &Member, force: bool) -> Response {
+    let status = &member.node.status;
+    let contact_ms = status.source_contact_ms.load(Ordering::Acquire);
+    let since = Duration::from_millis(unix_millis().saturating_sub(contact_ms));
+    if !force && contact_ms != 0 && since <= SOURCE_ALIVE {
+        return json(
+            StatusCode::CONFLICT,
+            &Refusal {
+                error: format!(
+                    "member {:x} heard from its source etcd {} ms ago: the source is alive; \
+                     a takeover is for when it is gone (force=true takes over anyway)",
+                    member.member_id,
+                    since.as_millis()
+                ),
+                learners_seen: Vec::new(),
+            },
+        );
+    }
+    status.follows_source.store(false, Ordering::Release);
+    let revision = status.revision();
+    let raft_index = status.applied_index();
+    let summary = format!(
+        "stopped following the source etcd: member {:x} is a writable single-member cluster \
+         at revision {revision} (raft index {raft_index}); last heard from the source {} ms ago",
+        member.member_id,
+        since.as_millis()
+    );
+    println!("{summary}");
+    json(
+        StatusCode::OK,
+        &Answer {
+            summary,
+            member_id: format!("{:x}", member.member_id),
+            revision,
+            raft_index,
+            leader_commit_seen: raft_index,
+            entries_behind: 0,
+            caught_up_at_ms: contact_ms,
+            kept_learners: Vec::new(),
+            removed: Vec::new(),
+            learners_seen: Vec::new(),
+        },
+    )
 }
 
 async fn peer_status(member: &Member, row: &MemberRow) -> PeerLearner {

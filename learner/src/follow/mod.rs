@@ -220,6 +220,8 @@ enum Ended {
     Diverged(String),
     /// The source compacted past the revision to resume from.
     Compacted(i64),
+    /// `POST /takeover` made this member a cluster of its own.
+    TakenOver,
 }
 
 struct Follower {
@@ -239,6 +241,7 @@ impl Follower {
                 return;
             }
             match self.session().await {
+                Ended::TakenOver => continue,
                 Ended::Failed(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "source link failed; resuming");
                     self.metrics.reconnects.inc();
@@ -341,7 +344,10 @@ impl Follower {
                 }
             };
             let response = match response {
-                Some(Ok(r)) => r,
+                Some(Ok(r)) => {
+                    self.heard_from_source();
+                    r
+                }
                 Some(Err(e)) => return Ended::Failed(anyhow::anyhow!("watch: {}", e.message())),
                 None => return Ended::Failed(anyhow::anyhow!("watch stream ended")),
             };
@@ -416,6 +422,7 @@ impl Follower {
                 head.revision
             )));
         }
+        self.heard_from_source();
         self.metrics.diverged.set(0);
         self.metrics
             .source_revision
@@ -454,7 +461,19 @@ impl Follower {
         Ok(())
     }
 
+    fn heard_from_source(&self) {
+        self.member
+            .node
+            .status
+            .source_contact_ms
+            .store(tern_primary::raft::node::unix_millis(), Ordering::Release);
+    }
+
     async fn propose(&self, entry: Mirror) -> Result<(), Ended> {
+        // A takeover stops the feed at once, not at the next session.
+        if !self.member.node.status.follows_source() {
+            return Err(Ended::TakenOver);
+        }
         match self.member.propose(Request::Mirror(entry)).await {
             Ok(ApplyResult::Mirrored(_)) => Ok(()),
             Ok(other) => Err(Ended::Failed(anyhow::anyhow!(
@@ -495,6 +514,7 @@ impl Follower {
 
     /// Mirror the source's lease set and compaction point.
     async fn poll_leases_and_compaction(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.member.node.status.follows_source(), "taken over");
         let mut lease = self.source.lease().await?;
         let leases = lease
             .lease_leases(self.source.request(LeaseLeasesRequest {}))

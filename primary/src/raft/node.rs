@@ -214,6 +214,9 @@ pub struct NodeStatus {
     /// it serves clients as a learner does and never writes on its own
     /// (no lease expiry, no auto-compaction).
     pub follows_source: AtomicBool,
+    /// When a follower last heard from its source etcd (ms since the Unix
+    /// epoch; 0 for never).
+    pub source_contact_ms: AtomicU64,
     /// The highest commit index a leader has told this member about.
     pub leader_commit: AtomicU64,
     /// When this member last had applied everything the leader had
