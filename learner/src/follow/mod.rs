@@ -11,13 +11,13 @@
 //! - [`seed`]: on an empty data dir, etcd's Maintenance.Snapshot stream
 //!   (an `etcdctl snapshot save` file) is imported as `import-etcd` does:
 //!   keys, history, leases, compaction point, users and roles.
-//! - [`Follower`]: a Watch of the whole keyspace from the state's revision
-//!   + 1; each response's revisions go into one [`Mirror`] entry, applied
-//!   at the same revisions with the source's create_revision, mod_revision,
-//!   version and lease per key. Leases are mirrored beside (their ids and
-//!   TTLs, from LeaseTimeToLive and LeaseLeases), and so is the compaction
-//!   point. Lost links, restarted members and leader changes reconnect and
-//!   resume from the applied revision + 1.
+//! - [`Follower`]: a Watch of the whole keyspace from the revision after
+//!   the state's; each response's revisions go into one [`Mirror`] entry,
+//!   applied at the same revisions with the source's create_revision,
+//!   mod_revision, version and lease per key. Leases are mirrored beside
+//!   (their ids and TTLs, from LeaseTimeToLive and LeaseLeases), and so is
+//!   the compaction point. Lost links, restarted members and leader changes
+//!   reconnect and resume after the applied revision.
 //! - A source whose cluster id changed, or whose revision went below the
 //!   applied one (an etcd restored from a backup), is never applied: the
 //!   follower stops there and says so (log and metric) until it is fixed.
