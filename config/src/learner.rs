@@ -280,6 +280,56 @@ mod tests {
 
     /// The examples shipped in systemd/ must keep loading.
     #[test]
+    fn follow_flags_parse_and_are_checked() {
+        let load = |args: &[&str]| {
+            LearnerConfig::load(
+                std::iter::once("tern-learner")
+                    .chain(args.iter().copied())
+                    .map(Into::into),
+            )
+        };
+        let config = load(&[
+            "--etcd-endpoints",
+            "https://10.0.0.1:2379,https://10.0.0.2:2379",
+            "--etcd-user",
+            "root:secret:with:colons",
+        ])
+        .unwrap();
+        assert!(config.follow.enabled());
+        assert_eq!(config.follow.endpoints.len(), 2);
+        assert_eq!(
+            config.follow.credentials().unwrap(),
+            Some(("root".into(), "secret:with:colons".into()))
+        );
+        assert!(!load(&[]).unwrap().follow.enabled());
+        for bad in [
+            &["--etcd-endpoints", "10.0.0.1:2379"][..],
+            &["--etcd-endpoints", "https://a:2379", "--etcd-cert", "c.pem"],
+            &["--etcd-cacert", "ca.pem"],
+            &["--etcd-endpoints", "https://a:2379", "--etcd-user", "root"],
+        ] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(e.contains("etcd-"), "{bad:?}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let config = load(&[
+            "--etcd-endpoints",
+            "https://a:2379",
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.follow.credentials().unwrap(),
+            Some(("root".into(), "s3cret".into()))
+        );
+    }
+
+    #[test]
     fn shipped_examples_load() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
         let learner = dir.join("learner.toml");
