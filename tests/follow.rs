@@ -5,12 +5,14 @@
 //! etcd's, across a leader kill and a cut link; it refuses writes as a
 //! learner does.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tern_tests::backups::{age_key, post_backup, tern_restore, wait_archived};
 use tern_tests::etcd_cluster::EtcdCluster;
-use tern_tests::pki::Pki;
-use tern_tests::{etcdctl, etcdctl_for, free_port, http_post, metric, spawn_member, Proxy};
+use tern_tests::pki::{Ca, Leaf, Pki};
+use tern_tests::{etcdctl, etcdctl_for, free_port, http_post, metric, spawn_member, Proxy, Tern};
 
 /// etcdctl's `get --from-key "" -w json`: the header's revision and the
 /// kvs whole (the ids in the header differ between the two clusters).
@@ -110,6 +112,165 @@ fn same(etcd: &EtcdCluster, follower: &str, label: &str) -> i64 {
     revision
 }
 
+/// tern-learner's flags to follow the TLS etcd at `endpoints`, with a data
+/// dir in `dir`, plus `extra`.
+fn follower_args(
+    dir: &Path,
+    endpoints: &[String],
+    ca: &Ca,
+    client: &Leaf,
+    extra: &[&str],
+) -> Vec<String> {
+    let (client_port, peer_port) = (free_port(), free_port());
+    let s = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = [
+        "--name",
+        "dr",
+        "--data-dir",
+        &s(&dir.join("follower")),
+        "--listen-client-urls",
+        &format!("http://127.0.0.1:{client_port}"),
+        "--advertise-client-urls",
+        &format!("http://127.0.0.1:{client_port}"),
+        "--listen-peer-urls",
+        &format!("http://127.0.0.1:{peer_port}"),
+        "--initial-advertise-peer-urls",
+        &format!("http://127.0.0.1:{peer_port}"),
+        "--etcd-endpoints",
+        &endpoints
+            .iter()
+            .map(|e| format!("https://{e}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        "--etcd-cacert",
+        &s(&ca.cert),
+        "--etcd-cert",
+        &s(&client.cert),
+        "--etcd-key",
+        &s(&client.key),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// The source etcd's keys at `revision`, as `get --rev` shows them.
+fn source_at(etcd: &EtcdCluster, revision: i64) -> Value {
+    let rev = revision.to_string();
+    keys(&etcd.etcdctl(&["get", "--from-key", "", "--rev", &rev, "-w", "json"])).1
+}
+
+#[test]
+fn a_follower_behind_the_compaction_point_seeds_again() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let client = pki.leaf(&ca, "follower", false);
+    let etcd = EtcdCluster::start_tls(1, &ca, &server, &client);
+    put_many(&etcd, "a/", 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = follower_args(dir.path(), &etcd.endpoints, &ca, &client, &[]);
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+    same(&etcd, &follower, "seeded");
+
+    // Down while the source moves on and compacts past it.
+    let _ = learner.kill();
+    let _ = learner.wait();
+    put_many(&etcd, "b/", 10);
+    assert_eq!(etcd.etcdctl(&["del", "a/001"]).code, 0);
+    let head = keys(&etcd.etcdctl(&["get", "--from-key", "", "-w", "json"])).0;
+    assert_eq!(etcd.etcdctl(&["compact", &head.to_string()]).code, 0);
+    put_many(&etcd, "c/", 3);
+
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+    same(&etcd, &follower, "seeded again");
+    assert_eq!(metric(&follower, "tern_follow_reseeds_total"), Some(1.0));
+    // It goes on following after it.
+    put_many(&etcd, "d/", 3);
+    same(&etcd, &follower, "following after the second seeding");
+    let _ = learner.kill();
+    let _ = learner.wait();
+}
+
+/// Backups of a follower's state with its archived log restore to any
+/// revision of the source: a point-in-time restore between two backups is
+/// exactly etcd's state at that revision.
+#[test]
+fn a_followers_backups_restore_the_sources_revisions() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let client = pki.leaf(&ca, "follower", false);
+    let etcd = EtcdCluster::start_tls(1, &ca, &server, &client);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = age_key(dir.path());
+    let store = dir.path().join("store");
+    let url = format!("file://{}", store.display());
+    let args = follower_args(
+        dir.path(),
+        &etcd.endpoints,
+        &ca,
+        &client,
+        &[
+            "--backup-url",
+            &url,
+            "--backup-recipient",
+            &public,
+            "--backup-segment-interval",
+            "500ms",
+        ],
+    );
+    put_many(&etcd, "a/", 10);
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+    same(&etcd, &follower, "seeded");
+    let answer = post_backup(&follower);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    put_many(&etcd, "b/", 10);
+    assert_eq!(etcd.etcdctl(&["del", "--prefix", "a/00"]).code, 0);
+    let middle = same(&etcd, &follower, "between the backups");
+    put_many(&etcd, "c/", 10);
+    same(&etcd, &follower, "before the second backup");
+    let answer = post_backup(&follower);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    put_many(&etcd, "d/", 5);
+    let last = same(&etcd, &follower, "after the second backup");
+    wait_archived(&["--url", &url], last);
+
+    let key_arg = key.display().to_string();
+    let verify = tern_restore(&["verify", "--all", "--url", &url, "--identity", &key_arg]);
+    assert!(verify.status.success(), "{verify:?}");
+    for revision in [middle, last] {
+        let data_dir = dir.path().join(format!("restored-{revision}"));
+        let data_arg = data_dir.display().to_string();
+        let rev = revision.to_string();
+        let out = tern_restore(&[
+            "restore",
+            "--url",
+            &url,
+            "--identity",
+            &key_arg,
+            "--data-dir",
+            &data_arg,
+            "--to-revision",
+            &rev,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let restored = Tern::start_in(&data_dir, &[]);
+        let (at, kvs) = keys(&restored.etcdctl(&["get", "--from-key", "", "-w", "json"]));
+        assert_eq!(at, revision);
+        assert_eq!(kvs, source_at(&etcd, revision), "restored to {revision}");
+    }
+    let drill = tern_restore(&["drill", "--url", &url, "--identity", &key_arg, "--json"]);
+    assert!(drill.status.success(), "{drill:?}");
+    let report: Value = serde_json::from_slice(&drill.stdout).expect("drill json");
+    assert_eq!(report["revision"].as_i64(), Some(last));
+    let _ = learner.kill();
+    let _ = learner.wait();
+}
+
 #[test]
 fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
     let pki = Pki::new();
@@ -144,37 +305,8 @@ fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
         .map(|e| Proxy::start(e.parse().expect("addr")))
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (client_port, peer_port) = (free_port(), free_port());
-    let s = |p: &std::path::Path| p.display().to_string();
-    let args: Vec<String> = [
-        "--name",
-        "dr",
-        "--data-dir",
-        &s(&dir.path().join("follower")),
-        "--listen-client-urls",
-        &format!("http://127.0.0.1:{client_port}"),
-        "--advertise-client-urls",
-        &format!("http://127.0.0.1:{client_port}"),
-        "--listen-peer-urls",
-        &format!("http://127.0.0.1:{peer_port}"),
-        "--initial-advertise-peer-urls",
-        &format!("http://127.0.0.1:{peer_port}"),
-        "--etcd-endpoints",
-        &proxies
-            .iter()
-            .map(|p| format!("https://{}", p.addr()))
-            .collect::<Vec<_>>()
-            .join(","),
-        "--etcd-cacert",
-        &s(&ca.cert),
-        "--etcd-cert",
-        &s(&client.cert),
-        "--etcd-key",
-        &s(&client.key),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let endpoints: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let args = follower_args(dir.path(), &endpoints, &ca, &client, &[]);
     let (mut learner, follower) = spawn_member("tern-learner", &args);
 
     // Load while it follows: puts, deletes, a multi-op txn, a lease that
@@ -215,8 +347,8 @@ fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
         None,
     ));
     assert_eq!(
-        format!("{:x}", kvs[0]["lease"].as_i64().expect("lease")),
-        lease_id,
+        kvs[0]["lease"].as_i64(),
+        i64::from_str_radix(&lease_id, 16).ok(),
         "the lease id is kept"
     );
     assert!(
@@ -259,6 +391,12 @@ fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
             .contains("etcdserver: rpc not supported for learner"),
         "{refused:?}"
     );
+
+    // A linearizable read on the follower sees a write the source has
+    // acknowledged, with no wait in between.
+    assert_eq!(etcd.etcdctl(&["put", "fresh", "now"]).code, 0);
+    let fresh = etcdctl(&follower, &["get", "fresh", "--print-value-only"], None);
+    assert_eq!(fresh.stdout.trim(), "now", "{fresh:?}");
 
     // The source's leader dies; the follower resumes on another member.
     let leader = etcd.leader();

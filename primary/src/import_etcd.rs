@@ -77,21 +77,10 @@ pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Resul
     // Checked before the work, and again by into_data_dir just before the
     // state moves in.
     seed::refuse_non_empty(data_dir)?;
-    // Every failure that is the file's names the file.
-    let in_file = || snapshot.display().to_string();
-    let db = bbolt::Reader::open(snapshot).with_context(in_file)?;
-    let sha256_checked = check_sha256(snapshot, &db).with_context(in_file)?;
-    require_etcd_buckets(&db).with_context(in_file)?;
-
     // It goes away with everything in it if anything fails.
     let scratch = seed::scratch_beside(data_dir)?;
     let state_path = scratch.path().join("state.db");
-    let mut built = build_state(&db, &state_path).with_context(in_file)?;
-    let auth = read_auth(&db).with_context(in_file)?;
-    {
-        let conn = crate::mvcc::schema::open(&state_path)?;
-        crate::auth::store::save(&conn, &auth)?;
-    }
+    let (mut built, sha256_checked) = state_file(snapshot, &state_path)?;
 
     if !sha256_checked {
         built.warnings.push(
@@ -117,6 +106,22 @@ pub fn import(snapshot: &Path, data_dir: &Path, who: &Identity) -> anyhow::Resul
         cluster_id: format!("{:x}", restored.cluster_id),
         warnings: built.warnings,
     })
+}
+
+/// The state file at `state_path` built from the etcd snapshot at
+/// `snapshot`: keys, history, leases and auth (no members, no Raft
+/// position). Also whether the snapshot carried a sha256 (checked).
+pub fn state_file(snapshot: &Path, state_path: &Path) -> anyhow::Result<(Built, bool)> {
+    // Every failure that is the file's names the file.
+    let in_file = || snapshot.display().to_string();
+    let db = bbolt::Reader::open(snapshot).with_context(in_file)?;
+    let sha256_checked = check_sha256(snapshot, &db).with_context(in_file)?;
+    require_etcd_buckets(&db).with_context(in_file)?;
+    let built = build_state(&db, state_path).with_context(in_file)?;
+    let auth = read_auth(&db).with_context(in_file)?;
+    let conn = crate::mvcc::schema::open(state_path)?;
+    crate::auth::store::save(&conn, &auth)?;
+    Ok((built, sha256_checked))
 }
 
 /// `etcdctl snapshot save` appends the sha256 of the database to it; etcd
@@ -162,14 +167,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// What [`build_state`] wrote.
-struct Built {
-    compact_revision: i64,
-    keys: u64,
-    history_rows: u64,
-    leases: u64,
-    raft_index: u64,
-    kv_hash: u32,
-    warnings: Vec<String>,
+pub struct Built {
+    pub compact_revision: i64,
+    pub keys: u64,
+    pub history_rows: u64,
+    pub leases: u64,
+    pub raft_index: u64,
+    pub kv_hash: u32,
+    pub warnings: Vec<String>,
 }
 
 /// Write Tern's state for the etcd backend `db` into a new file at `path`.

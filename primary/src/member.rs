@@ -57,7 +57,18 @@ pub struct Member {
     pub db_size: AtomicI64,
     ids: IdGenerator,
     leader_link: crate::forward::LeaderLink,
+    /// A follower's read barrier (set by follow mode): its source's current
+    /// revision, which a linearizable read waits to have applied.
+    pub source_revision: std::sync::OnceLock<SourceRevision>,
 }
+
+/// Asks a follower's source etcd for its current revision, with a
+/// linearizable read there.
+pub type SourceRevision = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, Status>> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl Member {
     #[allow(clippy::too_many_arguments)]
@@ -90,6 +101,7 @@ impl Member {
             db_size: AtomicI64::new(0),
             ids: IdGenerator::new(member_id),
             leader_link: crate::forward::LeaderLink::new(leader_tls),
+            source_revision: std::sync::OnceLock::new(),
         }
     }
 
@@ -295,9 +307,33 @@ impl Member {
 
     /// Wait until every write committed before now is applied locally.
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        if self.node.status.follows_source() {
+            if let Some(source_revision) = self.source_revision.get() {
+                return self.source_barrier(source_revision).await;
+            }
+        }
         match tokio::time::timeout(REQUEST_TIMEOUT, self.node.read_index()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(error::propose_status(e)),
+            Err(_) => Err(EtcdError::RequestTimeout.into()),
+        }
+    }
+
+    /// A follower's linearizable read: what its source had committed when
+    /// the read arrived must be applied here first (the read index, with
+    /// the source's revision for the index). No answer from the source in
+    /// time is etcd's request timeout, as for a learner without a leader.
+    async fn source_barrier(&self, source_revision: &SourceRevision) -> Result<(), Status> {
+        let waited = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let target = source_revision().await?;
+            while self.node.status.revision() < target {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok::<(), Status>(())
+        })
+        .await;
+        match waited {
+            Ok(result) => result,
             Err(_) => Err(EtcdError::RequestTimeout.into()),
         }
     }

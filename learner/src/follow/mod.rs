@@ -153,6 +153,12 @@ pub fn extension(config: FollowConfig) -> Extension {
     Box::new(move |member: Arc<Member>| {
         let metrics = Arc::new(FollowMetrics::default());
         metrics.register(&member);
+        let barrier = Arc::new(tokio::sync::Mutex::new(
+            Source::new(&config).expect("checked at start-up"),
+        ));
+        let _ = member
+            .source_revision
+            .set(Arc::new(move || Box::pin(source_revision(barrier.clone()))));
         let follower = Follower {
             member,
             source: Source::new(&config).expect("checked at start-up"),
@@ -174,6 +180,7 @@ struct FollowMetrics {
     /// that went backwards).
     diverged: Gauge,
     reconnects: Counter,
+    reseeds: Counter,
 }
 
 impl FollowMetrics {
@@ -208,6 +215,11 @@ impl FollowMetrics {
             "tern_follow_reconnects",
             "Times the follower reconnected to its source",
             self.reconnects.clone(),
+        );
+        m.register(
+            "tern_follow_reseeds",
+            "Times the follower was seeded again from a fresh snapshot (the source compacted past it)",
+            self.reseeds.clone(),
         );
     }
 }
@@ -258,20 +270,68 @@ impl Follower {
                     continue;
                 }
                 Ended::Compacted(at) => {
-                    self.metrics.diverged.set(1);
-                    tracing::error!(
+                    tracing::warn!(
                         compact_revision = at,
                         applied = self.member.node.status.revision(),
-                        "the source compacted past this follower's revision: restart it on an \
-                         empty data dir to bootstrap from a fresh snapshot"
+                        "the source compacted past this follower's revision: seeding again \
+                         from a fresh snapshot"
                     );
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    self.source.failed();
-                    continue;
+                    match self.reseed().await {
+                        Ok(revision) => {
+                            self.metrics.reseeds.inc();
+                            tracing::info!(revision, "seeded again from the source's snapshot");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "seeding again failed; retrying");
+                            self.source.failed();
+                        }
+                    }
                 }
             }
             tokio::time::sleep(RETRY).await;
         }
+    }
+
+    /// A fresh snapshot of the source becomes this state (keyspace, leases,
+    /// auth; the log and members stay): the way back after the source
+    /// compacted past what this follower applied.
+    async fn reseed(&mut self) -> anyhow::Result<i64> {
+        let data_dir = self.member.data_dir.clone();
+        let (cluster_id, snapshot) = download_snapshot(&mut self.source, &data_dir).await?;
+        let expected = self.source_cluster_id().await;
+        anyhow::ensure!(
+            expected == 0 || cluster_id == expected,
+            "the source's cluster id is {cluster_id:x}, the follower's state came from {expected:x}"
+        );
+        let scratch = tempfile::Builder::new()
+            .prefix(".tern-follow-seed-")
+            .tempdir_in(snapshot.path().parent().unwrap_or(Path::new(".")))?;
+        let state_path = scratch.path().join("state.db");
+        {
+            let (snapshot, state_path) = (snapshot.path().to_path_buf(), state_path.clone());
+            tokio::task::spawn_blocking(move || {
+                tern_primary::import_etcd::state_file(&snapshot, &state_path)
+            })
+            .await??;
+        }
+        let revision = self
+            .member
+            .node
+            .reseed(state_path)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        self.known_leases = self.local_leases().await;
+        Ok(revision)
+    }
+
+    async fn source_cluster_id(&self) -> u64 {
+        self.member
+            .read(|conn, _| {
+                tern_primary::mvcc::read::meta(conn, SOURCE_CLUSTER_ID)
+                    .map_err(tern_primary::error::mvcc_status)
+            })
+            .await
+            .unwrap_or(0) as u64
     }
 
     async fn local_leases(&self) -> HashSet<i64> {
@@ -287,14 +347,7 @@ impl Follower {
 
     /// One watch from the applied revision + 1, until it fails.
     async fn session(&mut self) -> Ended {
-        let expected_cluster = self
-            .member
-            .read(|conn, _| {
-                tern_primary::mvcc::read::meta(conn, SOURCE_CLUSTER_ID)
-                    .map_err(tern_primary::error::mvcc_status)
-            })
-            .await
-            .unwrap_or(0) as u64;
+        let expected_cluster = self.source_cluster_id().await;
         if let Err(ended) = self.check_source(expected_cluster).await {
             return ended;
         }
@@ -606,6 +659,33 @@ impl Follower {
             }
         }
         Ok(hi)
+    }
+}
+
+/// The source's revision now, from a linearizable Range there (the
+/// follower's read barrier; see [`Member::source_revision`]).
+async fn source_revision(source: Arc<tokio::sync::Mutex<Source>>) -> Result<i64, tonic::Status> {
+    // The client sees etcd's answer for a read index it cannot get.
+    let unavailable = |e: anyhow::Error| {
+        tracing::debug!(error = %format!("{e:#}"), "no read barrier from the source");
+        tonic::Status::from(tern_primary::error::EtcdError::RequestTimeout)
+    };
+    let (mut kv, request) = {
+        let mut source = source.lock().await;
+        let kv = source.kv().await.map_err(unavailable)?;
+        let request = source.request(RangeRequest {
+            key: vec![0],
+            count_only: true,
+            ..Default::default()
+        });
+        (kv, request)
+    };
+    match kv.range(request).await {
+        Ok(r) => Ok(r.into_inner().header.map_or(0, |h| h.revision)),
+        Err(status) => {
+            source.lock().await.failed();
+            Err(unavailable(anyhow::anyhow!("source: {}", status.message())))
+        }
     }
 }
 

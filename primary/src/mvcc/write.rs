@@ -104,6 +104,18 @@ impl MvccStore {
     /// then make it durable: the caller drops the Raft log behind it next.
     /// The member's own ids (`member_id`, `cluster_id`) stay.
     pub fn restore(&mut self, snapshot: &Path) -> Result<(), MvccError> {
+        self.replace_from(snapshot, Replace::Everything)
+    }
+
+    /// Replace the keyspace, leases and auth with the state file at `seed`
+    /// (a follower seeded again from its source's snapshot), keeping this
+    /// member's members, alarms and Raft position: its log goes on from
+    /// the entry it applied last.
+    pub fn reseed(&mut self, seed: &Path) -> Result<(), MvccError> {
+        self.replace_from(seed, Replace::Keyspace)
+    }
+
+    fn replace_from(&mut self, snapshot: &Path, what: Replace) -> Result<(), MvccError> {
         // Tables are copied column for column, so bring the snapshot to
         // this build's format first (a leader still on an older Tern sends
         // an older one; a newer one is refused).
@@ -112,13 +124,23 @@ impl MvccStore {
             "ATTACH DATABASE ?1 AS snap",
             [snapshot.to_string_lossy().as_ref()],
         )?;
-        let copied = self.conn.execute_batch(
+        let membership = match what {
+            Replace::Everything => {
+                "DELETE FROM members;    INSERT INTO members    SELECT * FROM snap.members;
+                 DELETE FROM alarms;     INSERT INTO alarms     SELECT * FROM snap.alarms;"
+            }
+            Replace::Keyspace => "",
+        };
+        let position = match what {
+            Replace::Everything => "'applied_index', 'applied_term',",
+            Replace::Keyspace => "",
+        };
+        let copied = self.conn.execute_batch(&format!(
             "BEGIN IMMEDIATE;
              DELETE FROM kv_history; INSERT INTO kv_history SELECT * FROM snap.kv_history;
              DELETE FROM kv_keys;    INSERT INTO kv_keys    SELECT * FROM snap.kv_keys;
              DELETE FROM leases;     INSERT INTO leases     SELECT * FROM snap.leases;
-             DELETE FROM members;    INSERT INTO members    SELECT * FROM snap.members;
-             DELETE FROM alarms;     INSERT INTO alarms     SELECT * FROM snap.alarms;
+             {membership}
              DELETE FROM auth_users; INSERT INTO auth_users SELECT * FROM snap.auth_users;
              DELETE FROM auth_roles; INSERT INTO auth_roles SELECT * FROM snap.auth_roles;
              DELETE FROM auth_permissions;
@@ -126,10 +148,10 @@ impl MvccStore {
              DELETE FROM meta WHERE name IN ('auth_enabled', 'auth_revision');
              INSERT OR REPLACE INTO meta (name, value)
                  SELECT name, value FROM snap.meta
-                 WHERE name IN ('revision', 'compact_revision', 'applied_index', 'applied_term',
+                 WHERE name IN ('revision', 'compact_revision', {position}
                                 'auth_enabled', 'auth_revision');
-             COMMIT;",
-        );
+             COMMIT;"
+        ));
         if copied.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
@@ -139,6 +161,14 @@ impl MvccStore {
         self.state = read::store_state(&self.conn)?;
         self.checkpoint()
     }
+}
+
+/// What [`MvccStore::replace_from`] takes from the new state file.
+enum Replace {
+    /// A leader's snapshot: all of it, members and Raft position included.
+    Everything,
+    /// A follower's new seed: the keyspace, leases and auth only.
+    Keyspace,
 }
 
 /// Copy the committed state into a new file at `to`, from a read

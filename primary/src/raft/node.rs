@@ -107,6 +107,13 @@ pub enum NodeMsg {
     Progress {
         reply: oneshot::Sender<Option<Progress>>,
     },
+    /// A follower seeded again from its source: the keyspace, leases and
+    /// auth come from the state file at `path`; members and the log stay.
+    /// Replies with the new revision.
+    Reseed {
+        path: std::path::PathBuf,
+        reply: oneshot::Sender<Result<i64, String>>,
+    },
     /// Disaster takeover: become the only voter of a new cluster, keeping
     /// the other learners but those in `drop` (see [`super::takeover`]).
     TakeOver {
@@ -369,6 +376,15 @@ impl NodeHandle {
     /// The channel the transport reports through.
     pub fn sender(&self) -> Sender<NodeMsg> {
         self.tx.clone()
+    }
+
+    /// See [`NodeMsg::Reseed`].
+    pub async fn reseed(&self, path: std::path::PathBuf) -> Result<i64, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::Reseed { path, reply })
+            .map_err(|_| "server stopped".to_string())?;
+        rx.await.map_err(|_| "server stopped".to_string())?
     }
 
     pub async fn defragment(&self) -> Result<(), String> {
@@ -682,6 +698,10 @@ impl RaftNode {
             NodeMsg::Defragment { reply } => {
                 let result = self.store.vacuum().map_err(|e| e.to_string());
                 let _ = reply.send(result);
+            }
+            NodeMsg::Reseed { path, reply } => {
+                let result = self.reseed(&path);
+                let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             NodeMsg::Step(messages) => {
                 for m in messages {
@@ -1024,6 +1044,32 @@ impl RaftNode {
             "state replaced by the leader's snapshot"
         );
         Ok(())
+    }
+
+    /// See [`NodeMsg::Reseed`]. Entries committed before it are applied
+    /// first, so the new state's position is the last applied entry's and
+    /// every later entry applies once, on top of it.
+    fn reseed(&mut self, path: &std::path::Path) -> Result<i64, NodeError> {
+        if !self.deferred.is_empty() {
+            let entries = std::mem::take(&mut self.deferred);
+            self.apply(entries)?;
+            self.raw.advance_apply();
+        }
+        self.store.reseed(path)?;
+        let state = self.store.state();
+        self.lessor
+            .reset(&crate::mvcc::read::leases(self.store.connection())?);
+        self.auth
+            .reload(self.store.connection(), state.applied_index)
+            .map_err(crate::mvcc::MvccError::Sqlite)?;
+        self.hub.set_compacted(state.compact_revision);
+        self.hub.restored(state.revision);
+        self.status.set_store_state(&state);
+        tracing::info!(
+            revision = state.revision,
+            "state seeded again from the source"
+        );
+        Ok(state.revision)
     }
 
     fn on_role_change(&mut self) {
