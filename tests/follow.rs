@@ -12,7 +12,9 @@ use serde_json::Value;
 use tern_tests::backups::{age_key, post_backup, tern_restore, wait_archived};
 use tern_tests::etcd_cluster::EtcdCluster;
 use tern_tests::pki::{Ca, Leaf, Pki};
-use tern_tests::{etcdctl, etcdctl_for, free_port, http_post, metric, spawn_member, Proxy, Tern};
+use tern_tests::{
+    etcdctl, etcdctl_for, free_port, http_post, metric, spawn_member, Etcd, Proxy, Tern,
+};
 
 /// etcdctl's `get --from-key "" -w json`: the header's revision and the
 /// kvs whole (the ids in the header differ between the two clusters).
@@ -267,6 +269,73 @@ fn a_followers_backups_restore_the_sources_revisions() {
     assert!(drill.status.success(), "{drill:?}");
     let report: Value = serde_json::from_slice(&drill.stdout).expect("drill json");
     assert_eq!(report["revision"].as_i64(), Some(last));
+    let _ = learner.kill();
+    let _ = learner.wait();
+}
+
+/// A follower's etcd snapshot goes back into etcd (`etcdctl snapshot
+/// restore`) with the source's keys; and a source restored from an older
+/// backup (same cluster id, lower revision) is never applied.
+#[test]
+fn a_followers_snapshot_restores_into_etcd_and_a_rewound_source_is_refused() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let client = pki.leaf(&ca, "follower", false);
+    let mut etcd = EtcdCluster::start_tls(1, &ca, &server, &client);
+    put_many(&etcd, "a/", 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old_backup = dir.path().join("old.db");
+    let saved = etcd.etcdctl(&["snapshot", "save", &old_backup.display().to_string()]);
+    assert_eq!(saved.code, 0, "{saved:?}");
+    put_many(&etcd, "b/", 10);
+    let args = follower_args(dir.path(), &etcd.endpoints, &ca, &client, &[]);
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+    let revision = same(&etcd, &follower, "seeded");
+
+    // The follower's snapshot, restored and started as a plain etcd.
+    let snapshot = dir.path().join("follower.db");
+    let saved = etcdctl(
+        &follower,
+        &["snapshot", "save", &snapshot.display().to_string()],
+        None,
+    );
+    assert_eq!(saved.code, 0, "{saved:?}");
+    let restored_dir = dir.path().join("restored.etcd");
+    let restored = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore", &snapshot.display().to_string()])
+        .args(["--data-dir", &restored_dir.display().to_string()])
+        .output()
+        .expect("etcdctl snapshot restore");
+    assert!(restored.status.success(), "{restored:?}");
+    let plain = Etcd::start_in(&restored_dir);
+    let (at, kvs) = keys(&etcdctl(
+        &plain.endpoint,
+        &["get", "--from-key", "", "-w", "json"],
+        None,
+    ));
+    assert_eq!(at, revision);
+    assert_eq!(kvs, source_at(&etcd, revision));
+
+    // The source is rewound to the older backup: refused, kept as it was.
+    etcd.kill9(0);
+    etcd.restore_member(0, &old_backup);
+    etcd.start_member(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&follower, "tern_follow_source_diverged") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the rewound source was not flagged"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (at, _) = keys(&etcdctl(
+        &follower,
+        &["get", "--from-key", "", "-w", "json", "--consistency", "s"],
+        None,
+    ));
+    assert_eq!(at, revision, "nothing of the rewound history is applied");
     let _ = learner.kill();
     let _ = learner.wait();
 }

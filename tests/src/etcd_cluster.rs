@@ -10,6 +10,10 @@ use crate::{etcdctl, free_port, wait_serving_with, Output};
 
 pub struct EtcdCluster {
     members: Vec<Option<Child>>,
+    /// Each member's command line, to start it again.
+    commands: Vec<Vec<String>>,
+    /// Each member's data dir.
+    pub data_dirs: Vec<std::path::PathBuf>,
     /// `127.0.0.1:port` of each member's client URL.
     pub endpoints: Vec<String>,
     /// etcdctl's TLS flags for the client URLs.
@@ -31,12 +35,17 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let s = |p: &Path| p.display().to_string();
-        let mut members = Vec::new();
+        let mut commands = Vec::new();
+        let mut data_dirs = Vec::new();
         for (i, (client_port, peer)) in ports.iter().enumerate() {
-            let child = Command::new("etcd")
-                .args(["--name", &format!("e{i}")])
-                .args(["--data-dir", &s(&dir.path().join(format!("e{i}")))])
-                .args([
+            let data_dir = dir.path().join(format!("e{i}"));
+            let mut command: Vec<String> = ["--name", &format!("e{i}")]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            command.extend(["--data-dir".to_string(), s(&data_dir)]);
+            command.extend(
+                [
                     "--listen-client-urls",
                     &format!("https://127.0.0.1:{client_port}"),
                     "--advertise-client-urls",
@@ -58,14 +67,14 @@ impl EtcdCluster {
                     "--trusted-ca-file",
                     &s(&ca.cert),
                     "--client-cert-auth",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn etcd (apt-get install etcd-server)");
-            members.push(Some(child));
+                ]
+                .iter()
+                .map(|a| a.to_string()),
+            );
+            commands.push(command);
+            data_dirs.push(data_dir);
         }
+        let members = commands.iter().map(|c| Some(spawn(c))).collect();
         let tls = vec![
             "--cacert".to_string(),
             s(&ca.cert),
@@ -83,6 +92,8 @@ impl EtcdCluster {
         }
         EtcdCluster {
             members,
+            commands,
+            data_dirs,
             endpoints,
             tls,
             _dir: dir,
@@ -130,6 +141,42 @@ impl EtcdCluster {
         panic!("no leader among {}", out.stdout);
     }
 
+    /// Start member `i` again (on its data dir as it is now).
+    pub fn start_member(&mut self, i: usize) {
+        assert!(self.members[i].is_none(), "member {i} is running");
+        self.members[i] = Some(spawn(&self.commands[i]));
+        wait_serving_with(&self.endpoints[i], &self.tls);
+    }
+
+    /// `etcdctl snapshot restore` of `snapshot` into member `i`'s data dir
+    /// (stopped), with its own identity: an etcd restored from a backup.
+    pub fn restore_member(&mut self, i: usize, snapshot: &Path) {
+        assert!(self.members[i].is_none(), "member {i} is running");
+        let flag = |name: &str| {
+            let c = &self.commands[i];
+            let at = c.iter().position(|a| a == name).expect("flag");
+            c[at + 1].clone()
+        };
+        let data_dir = self.data_dirs[i].clone();
+        std::fs::remove_dir_all(&data_dir).expect("remove the data dir");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("snapshot")
+            .arg("restore")
+            .arg(snapshot)
+            .args(["--data-dir", &data_dir.display().to_string()])
+            .args(["--name", &flag("--name")])
+            .args(["--initial-cluster", &flag("--initial-cluster")])
+            .args(["--initial-cluster-token", &flag("--initial-cluster-token")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &flag("--initial-advertise-peer-urls"),
+            ])
+            .output()
+            .expect("etcdctl snapshot restore");
+        assert!(out.status.success(), "{out:?}");
+    }
+
     /// SIGKILL member `i`.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].take() {
@@ -145,4 +192,14 @@ impl Drop for EtcdCluster {
             self.kill9(i);
         }
     }
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new("etcd")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn etcd (apt-get install etcd-server)")
 }

@@ -64,17 +64,19 @@ pub async fn etcd_oversize_status(
 /// Range and read-only Txn (with a read index from the leader; the KV
 /// service refuses a Txn that writes); Watch and HashKV, which read only
 /// the learner's own state, what a cross-region reader (and a check that
-/// the learner converged) wants; and Authenticate, which the learner
+/// the learner converged) wants; Snapshot, so an etcd snapshot can be taken
+/// from the standby instead of loading the primary; and Authenticate, which the learner
 /// forwards to the leader, so a reader with auth on can get a token there.
 pub async fn learner_gate(
     axum::extract::State(member): axum::extract::State<Arc<Member>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    const SERVED: [&str; 6] = [
+    const SERVED: [&str; 7] = [
         // Forwarded to the leader (see api::auth): reads here need a token.
         "/etcdserverpb.Auth/Authenticate",
         "/etcdserverpb.Maintenance/HashKV",
+        "/etcdserverpb.Maintenance/Snapshot",
         "/etcdserverpb.KV/Range",
         // Read-only only: the service refuses a txn that writes.
         "/etcdserverpb.KV/Txn",
