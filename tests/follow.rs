@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tern_tests::backups::{age_key, post_backup, tern_restore, wait_archived};
+use tern_tests::backups::{age_key, file_manifests, post_backup, tern_restore, wait_archived};
 use tern_tests::etcd_cluster::EtcdCluster;
 use tern_tests::pki::{Ca, Leaf, Pki};
 use tern_tests::{
@@ -241,6 +241,18 @@ fn a_followers_backups_restore_the_sources_revisions() {
     let last = same(&etcd, &follower, "after the second backup");
     wait_archived(&["--url", &url], last);
 
+    // The manifests name the etcd cluster the state came from.
+    let status = etcd.etcdctl(&["endpoint", "status", "-w", "json"]);
+    let status: Value = serde_json::from_str(&status.stdout).expect("status json");
+    let source_cluster = status[0]["Status"]["header"]["cluster_id"]
+        .as_u64()
+        .expect("cluster id");
+    for manifest in file_manifests(&store) {
+        assert_eq!(
+            manifest["source_etcd_cluster_id"],
+            format!("{source_cluster:x}")
+        );
+    }
     let key_arg = key.display().to_string();
     let verify = tern_restore(&["verify", "--all", "--url", &url, "--identity", &key_arg]);
     assert!(verify.status.success(), "{verify:?}");

@@ -19,6 +19,10 @@ pub struct Manifest {
     /// Hex, as etcdctl prints them.
     pub cluster_id: String,
     pub member_id: String,
+    /// A follower's backup (`tern-learner --etcd-endpoints`): the etcd
+    /// cluster its state came from, hex; its revisions are that cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_etcd_cluster_id: Option<String>,
     /// The store revision the backup holds, and where it stands in the log.
     pub revision: i64,
     pub raft_index: u64,

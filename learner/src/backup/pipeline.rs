@@ -54,6 +54,8 @@ struct Copy {
     kv_hash: u32,
     cluster_id: u64,
     member_id: u64,
+    /// A follower's source etcd cluster; 0 for a Tern cluster's learner.
+    source_cluster_id: u64,
     raw_size: u64,
 }
 
@@ -88,6 +90,8 @@ pub async fn take(
         id: id.clone(),
         cluster_id: format!("{:x}", copy.cluster_id),
         member_id: format!("{:x}", copy.member_id),
+        source_etcd_cluster_id: (copy.source_cluster_id != 0)
+            .then(|| format!("{:x}", copy.source_cluster_id)),
         revision: copy.revision,
         raft_index: copy.raft_index,
         raft_term: copy.raft_term,
@@ -154,6 +158,8 @@ fn describe_copy(state_path: &FsPath, path: &FsPath) -> Result<Copy, BackupError
     let key_count = read::key_count(&conn).map_err(|e| snapshot(&e))?;
     let cluster_id = read::meta(&conn, "cluster_id").map_err(|e| snapshot(&e))? as u64;
     let member_id = read::meta(&conn, "member_id").map_err(|e| snapshot(&e))? as u64;
+    let source_cluster_id =
+        read::meta(&conn, crate::follow::SOURCE_CLUSTER_ID).map_err(|e| snapshot(&e))? as u64;
     conn.execute(
         "INSERT OR REPLACE INTO about (topic, text) VALUES ('backup', ?1)",
         [format!(
@@ -177,6 +183,7 @@ fn describe_copy(state_path: &FsPath, path: &FsPath) -> Result<Copy, BackupError
         kv_hash,
         cluster_id,
         member_id,
+        source_cluster_id,
         raw_size,
     })
 }

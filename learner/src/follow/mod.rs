@@ -40,8 +40,8 @@ use tern_primary::apply::ApplyResult;
 use tern_primary::member::Member;
 use tern_primary::proto::etcdserverpb::{
     watch_request::RequestUnion, LeaseGrantRequest, LeaseLeasesRequest, LeaseTimeToLiveRequest,
-    RangeRequest, SnapshotRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
-    WatchResponse,
+    RangeRequest, SnapshotRequest, StatusRequest, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest, WatchResponse,
 };
 use tern_primary::proto::ternpb::{raft_request::Request, Mirror, MirroredRevision};
 use tern_primary::server::Extension;
@@ -59,7 +59,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_millis(500);
 
 /// The meta row holding the source's cluster id, written at seeding.
-const SOURCE_CLUSTER_ID: &str = "source_cluster_id";
+pub const SOURCE_CLUSTER_ID: &str = "source_cluster_id";
 
 /// On an empty data dir: the source's snapshot, imported into a new
 /// single-member data dir with this member's identity. A data dir that
@@ -133,15 +133,19 @@ async fn download_snapshot(
         .prefix(".tern-follow-snapshot-")
         .tempfile_in(&parent)?;
     let mut client = source.maintenance().await?;
+    // etcd 3.4's snapshot chunks carry no header: the cluster id comes
+    // from Status, on the same connection.
+    let cluster_id = client
+        .status(source.request(StatusRequest {}))
+        .await?
+        .into_inner()
+        .header
+        .map_or(0, |h| h.cluster_id);
     let mut stream = client
         .snapshot(source.request(SnapshotRequest {}))
         .await?
         .into_inner();
-    let mut cluster_id = 0;
     while let Some(chunk) = stream.message().await? {
-        if let Some(h) = &chunk.header {
-            cluster_id = h.cluster_id;
-        }
         file.write_all(&chunk.blob)?;
     }
     file.as_file().sync_all()?;
