@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use tern_tests::backups::{age_key, post_backup};
 use tern_tests::cluster::Cluster;
-use tern_tests::{current_revision, etcdctl, http_get, workspace_bin};
+use tern_tests::{
+    current_revision, etcdctl, free_port, http_get, spawn_member, workspace_bin, Etcd,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -353,8 +355,11 @@ struct Observed {
     primary: Scrape,
     learner: Scrape,
     drill: Scrape,
+    /// A follower of a real etcd (`tern-learner --etcd-endpoints`).
+    follower: Scrape,
     primary_instance: String,
     learner_instance: String,
+    follower_instance: String,
 }
 
 fn observe() -> Observed {
@@ -395,12 +400,61 @@ fn observe() -> Observed {
         std::thread::sleep(Duration::from_millis(100));
         primary_scrape = scrape(&primary);
     }
+    let (follower, _etcd, _follower_process) = start_follower(dir.path());
     Observed {
         primary: primary_scrape,
         learner: scrape(&learner),
         drill: Scrape::parse(&std::fs::read_to_string(&metrics_file).expect("drill metrics")),
+        follower: scrape(&follower),
         primary_instance: primary,
         learner_instance: learner,
+        follower_instance: follower,
+    }
+}
+
+/// A real etcd and a Tern follower of it, in step; the follower's client
+/// address.
+fn start_follower(dir: &Path) -> (String, Etcd, KilledOnDrop) {
+    let etcd = Etcd::start();
+    let out = etcdctl(&etcd.endpoint, &["put", "followed", "yes"], None);
+    assert_eq!(out.code, 0, "{out:?}");
+    let (client, peer) = (free_port(), free_port());
+    let args: Vec<String> = [
+        "--name".to_string(),
+        "dr".into(),
+        "--data-dir".into(),
+        dir.join("follower").display().to_string(),
+        "--listen-client-urls".into(),
+        format!("http://127.0.0.1:{client}"),
+        "--advertise-client-urls".into(),
+        format!("http://127.0.0.1:{client}"),
+        "--listen-peer-urls".into(),
+        format!("http://127.0.0.1:{peer}"),
+        "--initial-advertise-peer-urls".into(),
+        format!("http://127.0.0.1:{peer}"),
+        "--etcd-endpoints".into(),
+        format!("http://{}", etcd.endpoint),
+    ]
+    .to_vec();
+    let (child, follower) = spawn_member("tern-learner", &args);
+    let want = current_revision(&etcd.endpoint);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while current_revision(&follower) < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (follower, etcd, KilledOnDrop(child))
+}
+
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -901,6 +955,42 @@ fn cases(o: &Observed) -> Vec<Case> {
                 vec![firing(&drill, "warning")],
             ),
     );
+    // A follower of an etcd: a source it refuses to apply (another
+    // cluster, or rewound history) is critical at once; a follower behind
+    // for long, a warning.
+    let follower = l(&[("job", "tern-follower"), ("instance", &o.follower_instance)]);
+    let diverged = value(&o.follower, "tern_follow_source_diverged");
+    assert_eq!(diverged, 0.0, "the follower applies its source");
+    cases.push(
+        Case::new("TernFollowerSourceDiverged")
+            .series(
+                "tern_follow_source_diverged",
+                &follower,
+                format!("{diverged}x5 1x10"),
+            )
+            .expect(5, "TernFollowerSourceDiverged", vec![])
+            .expect(
+                8,
+                "TernFollowerSourceDiverged",
+                vec![firing(&follower, "critical")],
+            ),
+    );
+    let lag = value(&o.follower, "tern_follow_lag_seconds");
+    assert_eq!(lag, 0.0, "the follower is in step");
+    cases.push(
+        Case::new("TernFollowerLagHigh")
+            .series(
+                "tern_follow_lag_seconds",
+                &follower,
+                format!("{lag}x5 90x15"),
+            )
+            .expect(8, "TernFollowerLagHigh", vec![])
+            .expect(
+                12,
+                "TernFollowerLagHigh",
+                vec![firing(&follower, "warning")],
+            ),
+    );
     cases
 }
 
@@ -918,7 +1008,8 @@ fn etcd_and_tern_rules_evaluate_against_real_metrics() {
         .primary
         .clone()
         .merge(o.learner.clone())
-        .merge(o.drill.clone());
+        .merge(o.drill.clone())
+        .merge(o.follower.clone());
     // `up` is Prometheus's own; ALERTS its rule state.
     let synthetic = ["up", "ALERTS"];
     let mut missing = BTreeMap::new();
