@@ -352,6 +352,58 @@ fn a_followers_snapshot_restores_into_etcd_and_a_rewound_source_is_refused() {
     let _ = learner.wait();
 }
 
+/// A source with auth on: the follower authenticates with `--etcd-user`
+/// and a password file, and serves the source's users (seeded with them).
+#[test]
+fn a_follower_authenticates_to_a_source_with_auth_on() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let client = pki.leaf(&ca, "follower", false);
+    let mut etcd = EtcdCluster::start_tls(1, &ca, &server, &client);
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["auth", "enable"],
+    ] {
+        let out = etcd.etcdctl(args);
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+    }
+    etcd.tls.push("--user=root:rootpw".into());
+    put_many(&etcd, "a/", 5);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "rootpw\n").expect("password file");
+    let password_arg = password.display().to_string();
+    let args = follower_args(
+        dir.path(),
+        &etcd.endpoints,
+        &ca,
+        &client,
+        &["--etcd-user", "root", "--etcd-password-file", &password_arg],
+    );
+    let (mut learner, follower) = spawn_member("tern-learner", &args);
+    let (revision, source_kvs) = keys(&etcd.etcdctl(&["get", "--from-key", "", "-w", "json"]));
+    let as_root = ["--user", "root:rootpw"];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut get = as_root.to_vec();
+        get.extend(["get", "--from-key", "", "-w", "json"]);
+        let out = etcdctl(&follower, &get, None);
+        if out.code == 0 && keys(&out).0 >= revision {
+            assert_eq!(keys(&out).1, source_kvs);
+            break;
+        }
+        assert!(Instant::now() < deadline, "follower not in step: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Without a user the follower refuses, as its source does.
+    let anonymous = etcdctl(&follower, &["get", "a/000"], None);
+    assert_ne!(anonymous.code, 0, "{anonymous:?}");
+    let _ = learner.kill();
+    let _ = learner.wait();
+}
+
 #[test]
 fn a_follower_mirrors_a_tls_etcd_cluster_revision_exact() {
     let pki = Pki::new();
