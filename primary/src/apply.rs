@@ -556,12 +556,15 @@ pub fn range(
         return Err(ApplyError::Compacted);
     }
     let target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
-    let mut order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
-    if target != SortTarget::Key && order == SortOrder::None {
+    let order = match SortOrder::try_from(r.sort_order) {
         // etcd: results come key-ascending anyway, so another target
         // without an order means ascending.
-        order = SortOrder::Ascend;
-    }
+        Ok(SortOrder::None) if target != SortTarget::Key => SortOrder::Ascend,
+        Ok(order) => order,
+        // etcd picks a sorter for an order it does not know, then applies
+        // neither direction: the rows stay in key order.
+        Err(_) => SortOrder::None,
+    };
     let filtered = r.min_mod_revision != 0
         || r.max_mod_revision != 0
         || r.min_create_revision != 0
@@ -933,6 +936,47 @@ mod tests {
         // An unknown result holds, whatever the comparison.
         let c = cmp(CompareTarget::Version as i32, -7);
         assert!(compare_kv(&c, target(&c), &kv));
+    }
+
+    /// Found by the differential fuzzer in CI: a sort order etcd does not
+    /// know leaves the rows in key order, whatever the target (etcd's
+    /// Range picks a sorter, then neither ascends nor descends).
+    #[test]
+    fn unknown_sort_orders_leave_key_order_like_etcd() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
+        let lessor = Arc::new(Lessor::new(std::time::Duration::from_secs(1)));
+        let mut applier = Applier::new(lessor, store.connection()).unwrap();
+        // b is written before a, so mod-revision order is b, a.
+        for (index, key) in [(1, b"b"), (2, b"a")] {
+            let mut b = store.batch().unwrap();
+            let put = Request::Put(PutRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            });
+            b.entry(index, 1, |b| applier.apply_as(b, put, None))
+                .unwrap();
+            b.commit().unwrap();
+        }
+        let keys = |sort_order: i32, limit: i64| {
+            let r = RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                sort_order,
+                sort_target: SortTarget::Mod as i32,
+                limit,
+                ..Default::default()
+            };
+            let current = store.state().revision;
+            let answer = range(store.connection(), store.state(), current, &r).unwrap();
+            let keys: Vec<Vec<u8>> = answer.kvs.into_iter().map(|kv| kv.key).collect();
+            (keys, answer.more, answer.count)
+        };
+        let (b, a) = (b"b".to_vec(), b"a".to_vec());
+        assert_eq!(keys(SortOrder::None as i32, 0).0, [b.clone(), a.clone()]);
+        assert_eq!(keys(SortOrder::Descend as i32, 0).0, [a.clone(), b.clone()]);
+        assert_eq!(keys(-1332054796, 0).0, [a.clone(), b.clone()]);
+        assert_eq!(keys(7, 1), (vec![a], true, 2));
     }
 
     /// Also found by the differential fuzzer: a read-only txn's ranges are
