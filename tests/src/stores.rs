@@ -13,7 +13,10 @@
 //!
 //! fake-gcs-server takes neither object_store's XML `PUT` nor its XML
 //! multipart upload (it answers 400 "invalid uploadType"), and no other
-//! GCS emulator reachable here does either. So on GCS the learner writes
+//! GCS emulator reachable here takes the multipart upload every backup's
+//! data object goes through (PyPI's `gcp-storage-emulator` 2026.7.19 routes
+//! only `GET` and `PUT` on the XML paths: no `POST ?uploads`, no `DELETE`
+//! for retention). So on GCS the learner writes
 //! to a `file://` staging store and [`Store::publish`] copies every object
 //! into the emulator through its JSON upload API: what runs against GCS is
 //! everything `tern-restore` does (list, get, verify, restore, drill),
