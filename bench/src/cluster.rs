@@ -113,6 +113,10 @@ pub async fn bench_system(
     );
     let mut cluster = Cluster::start(system, bins, load.voters, true).await?;
     errors += learner_lag(&mut cluster, bins, load, settings, &mut metrics).await?;
+    drop(cluster);
+    if system == System::Tern {
+        errors += follower_lag(bins, load, settings, &mut metrics).await?;
+    }
     metrics.push(Metric::new(
         "request errors (cluster steps)",
         Unit::Count,
@@ -271,6 +275,105 @@ async fn learner_lag(
             push_latency_rows(metrics, &three, &latencies);
         }
     }
+    if system == System::Etcd {
+        // The etcd side of the follower rows (which follow this step's rows
+        // in both runs): etcd's own learner is what a Tern follower of an
+        // etcd is measured against.
+        push_follower_rows(metrics, load, &lag.lags);
+    }
+    Ok(lag.errors)
+}
+
+/// The rows of [`follower_lag`]; in the etcd run, the learner's lag.
+fn push_follower_rows(metrics: &mut Vec<Metric>, load: &ClusterLoad, lags: &[Duration]) {
+    let what = format!(
+        "lag behind a {}-member etcd (etcd: its learner; tern: a follower), {:?} RTT, {} puts/s",
+        load.voters, load.learner_rtt, load.learner_rate
+    );
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        metrics.push(Metric::new(
+            format!("{what} {name} (ms)"),
+            Unit::Millis,
+            millis(percentile(lags, q)),
+        ));
+    }
+}
+
+/// A `tern-learner --etcd-endpoints` follower of a fresh etcd cluster,
+/// reaching every member's client URL through a proxy that adds the
+/// learner's round trip (half each way, both directions), with the same
+/// puts and poller as the learner step; appends its rows and returns the
+/// failed requests. Against etcd's own learner on the same kind of
+/// cluster and link (the etcd run's learner step).
+async fn follower_lag(
+    bins: &Binaries,
+    load: &ClusterLoad,
+    settings: &Settings,
+    metrics: &mut Vec<Metric>,
+) -> Result<u64> {
+    eprintln!(
+        "[tern] starting a {}-member etcd for a tern follower behind a {:?} round trip",
+        load.voters, load.learner_rtt
+    );
+    let mut source = Cluster::start(System::Etcd, bins, load.voters, false).await?;
+    let leader = source.leader().await?;
+    let leader_url = source.members[leader].url().to_string();
+    let proxies: Vec<Proxy> = source
+        .voter_urls()
+        .iter()
+        .map(|url| {
+            let port: u16 = url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let proxy = Proxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+            proxy.set_rtt(load.learner_rtt);
+            proxy
+        })
+        .collect();
+    let bin = bins
+        .tern_learner
+        .as_deref()
+        .context("the cluster section needs tern-learner")?;
+    let client = loopback_url(free_port()?);
+    let peer = loopback_url(free_port()?);
+    let endpoints = proxies.iter().map(Proxy::url).collect::<Vec<_>>().join(",");
+    let args: Vec<String> = [
+        ("--name", "follower"),
+        ("--listen-client-urls", &client),
+        ("--advertise-client-urls", &client),
+        ("--listen-peer-urls", &peer),
+        ("--initial-advertise-peer-urls", &peer),
+        ("--etcd-endpoints", &endpoints),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+    .collect();
+    let follower = Server::spawn(System::Tern, "tern follower".into(), bin, client, &args)?;
+    source.members.push(follower);
+    let index = source.members.len() - 1;
+    source.members[index]
+        .wait_ready(Probe::Serializable)
+        .await?;
+    let follower_url = source.members[index].url().to_string();
+    let what = format!("follower lag, {:?} RTT", load.learner_rtt);
+    let lag = source
+        .step(
+            &what,
+            measure_lag(&leader_url, &follower_url, load, settings),
+        )
+        .await?;
+    eprintln!(
+        "[tern] {what}: {} writes acknowledged, lag p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        lag.lags.len(),
+        millis(percentile(&lag.lags, 0.5)),
+        millis(percentile(&lag.lags, 0.99)),
+        millis(percentile(&lag.lags, 1.0)),
+    );
+    push_follower_rows(metrics, load, &lag.lags);
+    drop(source);
+    drop(proxies);
     Ok(lag.errors)
 }
 
@@ -502,7 +605,11 @@ impl Cluster {
         let server = Server::spawn(system, format!("{system} {name}"), bin, client, &args)?;
         self.members.push(server);
         let index = self.members.len() - 1;
-        self.members[index].wait_ready(Probe::Serializable).await?;
+        // A learner behind a capped link receives the log (or a snapshot)
+        // at its budget before it serves: give it the catch-up deadline.
+        self.members[index]
+            .wait_ready_within(Probe::Serializable, CATCH_UP_TIMEOUT)
+            .await?;
         Ok(index)
     }
 

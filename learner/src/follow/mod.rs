@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -39,15 +40,16 @@ use tern_config::{FollowConfig, PrimaryConfig};
 use tern_primary::apply::ApplyResult;
 use tern_primary::member::Member;
 use tern_primary::proto::etcdserverpb::{
-    watch_request::RequestUnion, LeaseGrantRequest, LeaseLeasesRequest, LeaseTimeToLiveRequest,
-    RangeRequest, SnapshotRequest, StatusRequest, WatchCreateRequest, WatchProgressRequest,
-    WatchRequest, WatchResponse,
+    kv_client::KvClient, lease_client::LeaseClient, watch_request::RequestUnion, LeaseGrantRequest,
+    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, SnapshotRequest, StatusRequest,
+    WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
 };
 use tern_primary::proto::ternpb::{raft_request::Request, Mirror, MirroredRevision};
 use tern_primary::server::Extension;
 use tokio::sync::mpsc;
+use tonic::transport::Channel;
 
-use source::Source;
+use source::{Source, Stamp};
 
 /// A Mirror entry is closed at this size (a single revision may exceed it).
 const MAX_ENTRY_BYTES: usize = 1 << 20;
@@ -380,6 +382,10 @@ impl Follower {
         };
         let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
         let mut poll = tokio::time::interval(POLL_INTERVAL);
+        // The poll's round trips to the source run beside the watch: on a
+        // WAN link they take a round trip or more each, and events waiting
+        // behind them were the follower's lag tail.
+        let mut polling: Option<BoxFuture<'static, anyhow::Result<Polled>>> = None;
         let mut behind_since: Option<Instant> = None;
         let mut pending: Vec<WatchResponse> = Vec::new();
         loop {
@@ -393,8 +399,20 @@ impl Follower {
                     let _ = requests.try_send(ask);
                     continue;
                 }
-                _ = poll.tick() => {
-                    if let Err(e) = self.poll_leases_and_compaction().await {
+                _ = poll.tick(), if polling.is_none() => {
+                    match self.start_poll().await {
+                        Ok(query) => polling = Some(query),
+                        Err(e) => return Ended::Failed(e),
+                    }
+                    continue;
+                }
+                polled = async { polling.as_mut().expect("guarded by is_some").await }, if polling.is_some() => {
+                    polling = None;
+                    let mirrored = match polled {
+                        Ok(polled) => self.mirror_polled(polled).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = mirrored {
                         return Ended::Failed(e);
                     }
                     continue;
@@ -545,57 +563,69 @@ impl Follower {
         }
     }
 
-    /// The grant of a lease the source holds, with the TTL it was granted.
-    /// A lease already gone there is granted with its remaining TTL of 0:
-    /// the source's deletion of its keys follows.
+    /// The grant of a lease the source holds (see [`lease_grant`]).
     async fn lease_grant(&mut self, id: i64) -> Result<LeaseGrantRequest, Ended> {
-        let mut client = self.source.lease().await.map_err(Ended::Failed)?;
-        let ttl = match client
-            .lease_time_to_live(
-                self.source
-                    .request(LeaseTimeToLiveRequest { id, keys: false }),
-            )
+        let client = self.source.lease().await.map_err(Ended::Failed)?;
+        lease_grant(client, &self.source.stamp(), id)
             .await
-        {
-            Ok(r) => r.into_inner().granted_ttl.max(0),
-            Err(s) if s.message().contains("lease not found") => 0,
-            Err(s) => {
-                return Err(Ended::Failed(anyhow::anyhow!(
-                    "lease {id:x}: {}",
-                    s.message()
-                )))
-            }
-        };
-        Ok(LeaseGrantRequest { id, ttl })
+            .map_err(Ended::Failed)
     }
 
-    /// Mirror the source's lease set and compaction point.
-    async fn poll_leases_and_compaction(&mut self) -> anyhow::Result<()> {
+    /// The next poll of the source's lease set and compaction point, as a
+    /// future of its own that borrows nothing from the follower.
+    async fn start_poll(&mut self) -> anyhow::Result<BoxFuture<'static, anyhow::Result<Polled>>> {
         anyhow::ensure!(self.member.node.status.follows_source(), "taken over");
-        let mut lease = self.source.lease().await?;
-        let leases = lease
-            .lease_leases(self.source.request(LeaseLeasesRequest {}))
-            .await?
-            .into_inner()
-            .leases;
-        let at_source: HashSet<i64> = leases.iter().map(|l| l.id).collect();
-        let mut entry = Mirror::default();
-        for id in &at_source {
-            if !self.known_leases.contains(id) {
-                match self.lease_grant(*id).await {
-                    Ok(g) => entry.grant_leases.push(g),
-                    Err(Ended::Failed(e)) => return Err(e),
-                    Err(_) => unreachable!("lease_grant only fails the link"),
-                }
+        let lease = self.source.lease().await?;
+        let kv = self.source.kv().await?;
+        let stamp = self.source.stamp();
+        let known_before = self.known_leases.clone();
+        let status = &self.member.node.status;
+        let local_compaction = status.compact_revision.load(Ordering::Acquire);
+        let applied = status.revision();
+        Ok(Box::pin(async move {
+            let leases = lease
+                .clone()
+                .lease_leases(stamp.request(LeaseLeasesRequest {}))
+                .await?
+                .into_inner()
+                .leases;
+            let at_source: HashSet<i64> = leases.iter().map(|l| l.id).collect();
+            let mut grants = Vec::new();
+            for id in at_source.difference(&known_before) {
+                grants.push(lease_grant(lease.clone(), &stamp, *id).await?);
             }
-        }
-        entry.drop_leases = self
-            .known_leases
-            .iter()
-            .filter(|id| !at_source.contains(id))
-            .copied()
-            .collect();
-        entry.compact_revision = self.source_compaction().await?;
+            let compact_revision = compaction_point(kv, &stamp, local_compaction, applied).await?;
+            Ok(Polled {
+                known_before,
+                at_source,
+                grants,
+                compact_revision,
+            })
+        }))
+    }
+
+    /// Mirror what a poll found: leases granted or gone at the source, and
+    /// its compaction point.
+    async fn mirror_polled(&mut self, polled: Polled) -> anyhow::Result<()> {
+        anyhow::ensure!(self.member.node.status.follows_source(), "taken over");
+        let entry = Mirror {
+            grant_leases: polled
+                .grants
+                .into_iter()
+                .filter(|g| !self.known_leases.contains(&g.id))
+                .collect(),
+            // Only leases known before the source answered can be gone
+            // there: one learned from the watch since may be newer than
+            // the answer.
+            drop_leases: polled
+                .known_before
+                .iter()
+                .filter(|id| !polled.at_source.contains(id) && self.known_leases.contains(id))
+                .copied()
+                .collect(),
+            compact_revision: polled.compact_revision,
+            ..Default::default()
+        };
         let compacted = self
             .member
             .node
@@ -620,50 +650,83 @@ impl Follower {
             Err(s) => anyhow::bail!("mirroring leases and compaction: {}", s.message()),
         }
     }
+}
 
-    /// The source's compaction point, as far as this follower holds
-    /// history: the lowest revision a Range can still read at (etcd's
-    /// Status does not tell it). One probe when it has not moved.
-    async fn source_compaction(&mut self) -> anyhow::Result<i64> {
-        let status = &self.member.node.status;
-        let local = status.compact_revision.load(Ordering::Acquire);
-        let applied = status.revision();
-        let kv = self.source.kv().await?;
-        let readable = |revision: i64| {
-            let request = self.source.request(RangeRequest {
-                key: vec![0],
-                revision,
-                count_only: true,
-                serializable: true,
-                ..Default::default()
-            });
-            let mut kv = kv.clone();
-            async move {
-                match kv.range(request).await {
-                    Ok(_) => Ok(true),
-                    Err(s) if s.message().contains("compacted") => Ok(false),
-                    Err(s) => Err(anyhow::anyhow!("range at {revision}: {}", s.message())),
-                }
+/// What one poll of the source found (see [`Follower::start_poll`]).
+struct Polled {
+    /// The leases the follower knew when the poll asked.
+    known_before: HashSet<i64>,
+    /// The source's leases.
+    at_source: HashSet<i64>,
+    /// Grants of the source's leases the follower did not know.
+    grants: Vec<LeaseGrantRequest>,
+    /// The source's compaction point, as far as the follower holds history.
+    compact_revision: i64,
+}
+
+/// The grant of a lease the source holds, with the TTL it was granted. A
+/// lease already gone there is granted with its remaining TTL of 0: the
+/// source's deletion of its keys follows.
+async fn lease_grant(
+    mut client: LeaseClient<Channel>,
+    stamp: &Stamp,
+    id: i64,
+) -> anyhow::Result<LeaseGrantRequest> {
+    let ttl = match client
+        .lease_time_to_live(stamp.request(LeaseTimeToLiveRequest { id, keys: false }))
+        .await
+    {
+        Ok(r) => r.into_inner().granted_ttl.max(0),
+        Err(s) if s.message().contains("lease not found") => 0,
+        Err(s) => anyhow::bail!("lease {id:x}: {}", s.message()),
+    };
+    Ok(LeaseGrantRequest { id, ttl })
+}
+
+/// The source's compaction point, as far as this follower holds history
+/// (it has applied up to `applied` and compacted at `local`): the lowest
+/// revision a Range can still read at (etcd's Status does not tell it).
+/// One probe when it has not moved.
+async fn compaction_point(
+    kv: KvClient<Channel>,
+    stamp: &Stamp,
+    local: i64,
+    applied: i64,
+) -> anyhow::Result<i64> {
+    let readable = |revision: i64| {
+        let request = stamp.request(RangeRequest {
+            key: vec![0],
+            revision,
+            count_only: true,
+            serializable: true,
+            ..Default::default()
+        });
+        let mut kv = kv.clone();
+        async move {
+            match kv.range(request).await {
+                Ok(_) => Ok(true),
+                Err(s) if s.message().contains("compacted") => Ok(false),
+                Err(s) => Err(anyhow::anyhow!("range at {revision}: {}", s.message())),
             }
-        };
-        if applied <= local || readable(local.max(1)).await? {
-            return Ok(local);
         }
-        // Readable at `hi`, not at `lo`: the compaction point is in (lo, hi].
-        let (mut lo, mut hi) = (local.max(1), applied);
-        if !readable(hi).await? {
-            return Ok(hi);
-        }
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if readable(mid).await? {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
-        }
-        Ok(hi)
+    };
+    if applied <= local || readable(local.max(1)).await? {
+        return Ok(local);
     }
+    // Readable at `hi`, not at `lo`: the compaction point is in (lo, hi].
+    let (mut lo, mut hi) = (local.max(1), applied);
+    if !readable(hi).await? {
+        return Ok(hi);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if readable(mid).await? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
 }
 
 /// The source's revision now, from a linearizable Range there (the

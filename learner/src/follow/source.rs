@@ -104,14 +104,15 @@ impl Source {
     /// `message` with the token, and etcd's `hasleader` so a member cut off
     /// from its leader refuses instead of serving a stalled stream.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.token {
-            request.metadata_mut().insert("token", token.clone());
+        self.stamp().request(message)
+    }
+
+    /// What [`Source::request`] adds to a request, for requests made away
+    /// from the `Source` (the poll that runs beside the watch).
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            token: self.token.clone(),
         }
-        request
-            .metadata_mut()
-            .insert("hasleader", MetadataValue::from_static("true"));
-        request
     }
 
     pub async fn kv(&mut self) -> anyhow::Result<KvClient<Channel>> {
@@ -128,5 +129,25 @@ impl Source {
 
     pub async fn maintenance(&mut self) -> anyhow::Result<MaintenanceClient<Channel>> {
         Ok(MaintenanceClient::new(self.connect().await?).max_decoding_message_size(usize::MAX))
+    }
+}
+
+/// The metadata every request to the source carries: the auth token, and
+/// etcd's `hasleader`.
+#[derive(Clone)]
+pub struct Stamp {
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Stamp {
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert("token", token.clone());
+        }
+        request
+            .metadata_mut()
+            .insert("hasleader", MetadataValue::from_static("true"));
+        request
     }
 }
