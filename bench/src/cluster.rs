@@ -229,16 +229,7 @@ async fn learner_lag(
             lag.first_error.as_deref().unwrap_or("?")
         );
     }
-    metrics.push(Metric::new(
-        format!("{what} p50 (ms)"),
-        Unit::Millis,
-        millis(percentile(&lag.lags, 0.5)),
-    ));
-    metrics.push(Metric::new(
-        format!("{what} p99 (ms)"),
-        Unit::Millis,
-        millis(percentile(&lag.lags, 0.99)),
-    ));
+    push_percentile_rows(metrics, &what, &lag.lags);
     push_latency_rows(
         metrics,
         &format!("learner at {:?} RTT", load.learner_rtt),
@@ -290,13 +281,7 @@ fn push_follower_rows(metrics: &mut Vec<Metric>, load: &ClusterLoad, lags: &[Dur
         "lag behind a {}-member etcd (etcd: its learner; tern: a follower), {:?} RTT, {} puts/s",
         load.voters, load.learner_rtt, load.learner_rate
     );
-    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-        metrics.push(Metric::new(
-            format!("{what} {name} (ms)"),
-            Unit::Millis,
-            millis(percentile(lags, q)),
-        ));
-    }
+    push_percentile_rows(metrics, &what, lags);
 }
 
 /// A `tern-learner --etcd-endpoints` follower of a fresh etcd cluster,
@@ -379,11 +364,16 @@ async fn follower_lag(
 
 /// p50 and p99 rows of the leader's put latency in the situation `what`.
 fn push_latency_rows(metrics: &mut Vec<Metric>, what: &str, latencies: &[Duration]) {
+    push_percentile_rows(metrics, &format!("voter put latency, {what},"), latencies);
+}
+
+/// The rows `<what> p50 (ms)` and `<what> p99 (ms)` of `samples`.
+fn push_percentile_rows(metrics: &mut Vec<Metric>, what: &str, samples: &[Duration]) {
     for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
         metrics.push(Metric::new(
-            format!("voter put latency, {what}, {name} (ms)"),
+            format!("{what} {name} (ms)"),
             Unit::Millis,
-            millis(percentile(latencies, q)),
+            millis(percentile(samples, q)),
         ));
     }
 }
