@@ -9,12 +9,22 @@
 //!
 //! Entries since the last log compaction are also kept in memory, which is
 //! what raft-rs reads through the [`Storage`] trait; compaction bounds them.
+//!
+//! [`LogStore::persist_beside`] writes on a thread the log keeps for its
+//! lifetime ([`LogWriter`]) while the caller applies committed entries:
+//! under load nearly every `Ready` has both, and a thread started per
+//! `Ready` (as before) cost a `clone` and an exit per batch. The one
+//! connection sits behind a mutex that the two threads never contend for:
+//! the node always waits for the writer before it touches the log again.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::snapshot::Snapshots;
 
+use crossbeam_channel::{Receiver, Sender};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
@@ -33,10 +43,13 @@ pub enum LogError {
     Gap { expected: u64, found: u64 },
     #[error("raft log: cannot start its writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("raft log: its writer thread stopped")]
+    WriterStopped,
 }
 
 pub struct LogStore {
-    conn: Connection,
+    conn: Arc<Mutex<Connection>>,
+    writer: LogWriter,
     hard_state: HardState,
     conf_state: ConfState,
     /// Index and term of the last entry compacted away (0, 0 for none).
@@ -112,7 +125,9 @@ impl LogStore {
                 entries.push(entry);
             }
         }
+        let conn = Arc::new(Mutex::new(conn));
         Ok(LogStore {
+            writer: LogWriter::spawn(conn.clone())?,
             conn,
             hard_state,
             conf_state,
@@ -124,8 +139,8 @@ impl LogStore {
 
     /// The log's SQLite connection (the node hands its checkpoints to a
     /// [`crate::checkpointer::Checkpointer`]).
-    pub fn connection(&self) -> &Connection {
-        &self.conn
+    pub fn connection(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.conn)
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -166,29 +181,72 @@ impl LogStore {
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), LogError> {
+        if self.must_sync(entries, hard_state) {
+            let batch = self.batch(entries, hard_state)?;
+            write_batch(&mut lock(&self.conn), &batch)?;
+        }
+        self.remember(entries, hard_state);
+        Ok(())
+    }
+
+    /// [`persist`](Self::persist) on the log's writer thread while `work`
+    /// runs on this one; returns how long the write took (`None` if there
+    /// was nothing to sync) and what `work` returned. The entries reach
+    /// memory (and raft-rs) only once they are durable.
+    pub fn persist_beside<T>(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        work: impl FnOnce() -> T,
+    ) -> (Result<Option<Duration>, LogError>, T) {
         if !self.must_sync(entries, hard_state) {
-            if let Some(hs) = hard_state {
-                self.hard_state = hs.clone();
-            }
-            return Ok(());
+            self.remember(entries, hard_state);
+            return (Ok(None), work());
         }
-        let tx = self.conn.transaction()?;
-        if let Some(first) = entries.first() {
-            tx.execute("DELETE FROM entries WHERE idx >= ?1", [first.index as i64])?;
-            let mut stmt = tx.prepare_cached("INSERT INTO entries (idx, entry) VALUES (?1, ?2)")?;
-            for e in entries {
-                let bytes = e.write_to_bytes().map_err(|source| LogError::Decode {
-                    what: format!("entry {}", e.index),
-                    source,
-                })?;
-                stmt.execute((e.index as i64, bytes))?;
-            }
+        let batch = match self.batch(entries, hard_state) {
+            Ok(batch) => batch,
+            Err(e) => return (Err(e), work()),
+        };
+        let started = self.writer.begin(batch);
+        let out = work();
+        let written = started.and_then(|()| self.writer.finish());
+        if written.is_ok() {
+            self.remember(entries, hard_state);
         }
-        // Always the whole hard state, so a commit index held back above
-        // goes out with the next write.
-        let hs = hard_state.unwrap_or(&self.hard_state);
-        store(&tx, "hard_state", hs)?;
-        tx.commit()?;
+        (written.map(Some), out)
+    }
+
+    /// What [`write_batch`] writes for `entries` and `hard_state`. Always
+    /// the whole hard state, so a commit index held back by
+    /// [`persist`](Self::persist) goes out with the next write.
+    fn batch(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<Batch, LogError> {
+        let entries = entries
+            .iter()
+            .map(|e| {
+                e.write_to_bytes()
+                    .map(|bytes| (e.index, bytes))
+                    .map_err(|source| LogError::Decode {
+                        what: format!("entry {}", e.index),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let hard_state = hard_state
+            .unwrap_or(&self.hard_state)
+            .write_to_bytes()
+            .map_err(|source| LogError::Decode {
+                what: "hard_state".into(),
+                source,
+            })?;
+        Ok(Batch {
+            entries,
+            hard_state,
+        })
+    }
+
+    /// The in-memory side of a persist: the entries (replacing any
+    /// conflicting suffix) and the hard state.
+    fn remember(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
         if let Some(first) = entries.first() {
             let keep = first.index.saturating_sub(self.first()) as usize;
             self.entries.truncate(keep);
@@ -197,7 +255,6 @@ impl LogStore {
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();
         }
-        Ok(())
     }
 
     /// Record a new commit index (from a light ready). It is persisted with
@@ -207,7 +264,7 @@ impl LogStore {
     }
 
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), LogError> {
-        store(&self.conn, "conf_state", &cs)?;
+        store(&lock(&self.conn), "conf_state", &cs)?;
         self.conf_state = cs;
         Ok(())
     }
@@ -225,10 +282,12 @@ impl LogStore {
             conf_state: Some(self.conf_state.clone()).into(),
             ..Default::default()
         };
-        let tx = self.conn.transaction()?;
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
         store(&tx, "snapshot", &meta)?;
         tx.execute("DELETE FROM entries WHERE idx <= ?1", [index as i64])?;
         tx.commit()?;
+        drop(conn);
         let drop = (index + 1 - self.first()) as usize;
         self.entries.drain(..drop);
         self.snapshot = meta;
@@ -245,12 +304,14 @@ impl LogStore {
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
         let cs = meta.get_conf_state().clone();
-        let tx = self.conn.transaction()?;
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
         store(&tx, "snapshot", meta)?;
         store(&tx, "conf_state", &cs)?;
         store(&tx, "hard_state", &hs)?;
         tx.execute("DELETE FROM entries", [])?;
         tx.commit()?;
+        drop(conn);
         self.entries.clear();
         self.snapshot = meta.clone();
         self.conf_state = cs;
@@ -291,12 +352,14 @@ impl LogStore {
     /// A second handle on this log's file (the node builds a new Raft node
     /// on it after a takeover; raft-rs owns the first).
     pub fn reopen(&self) -> Result<LogStore, LogError> {
-        let path = self.conn.path().unwrap_or_default().to_owned();
+        let (path, autocheckpoint) = {
+            let conn = lock(&self.conn);
+            let autocheckpoint: i64 =
+                conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))?;
+            (conn.path().unwrap_or_default().to_owned(), autocheckpoint)
+        };
         let mut log = LogStore::open(Path::new(&path), None)?;
-        let autocheckpoint: i64 =
-            self.conn
-                .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))?;
-        log.conn
+        log.connection()
             .pragma_update(None, "wal_autocheckpoint", autocheckpoint)?;
         log.snapshots = self.snapshots.clone();
         Ok(log)
@@ -309,6 +372,92 @@ impl LogStore {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Entries (index, encoded) and the encoded hard state, written in one
+/// transaction.
+struct Batch {
+    entries: Vec<(u64, Vec<u8>)>,
+    hard_state: Vec<u8>,
+}
+
+fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<(), LogError> {
+    let tx = conn.transaction()?;
+    if let Some((first, _)) = batch.entries.first() {
+        tx.execute("DELETE FROM entries WHERE idx >= ?1", [*first as i64])?;
+        let mut stmt = tx.prepare_cached("INSERT INTO entries (idx, entry) VALUES (?1, ?2)")?;
+        for (index, bytes) in &batch.entries {
+            stmt.execute((*index as i64, bytes))?;
+        }
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO state (name, value) VALUES ('hard_state', ?1)",
+        [&batch.hard_state],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The connection, also after a thread panicked holding it (SQLite's own
+/// transaction is what keeps the file consistent).
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The thread that writes batches for [`LogStore::persist_beside`]: one
+/// batch at a time, its outcome sent back before the next is taken.
+struct LogWriter {
+    batches: Option<Sender<Batch>>,
+    outcomes: Receiver<Result<Duration, LogError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LogWriter {
+    fn spawn(conn: Arc<Mutex<Connection>>) -> Result<Self, LogError> {
+        let (batches, jobs) = crossbeam_channel::bounded::<Batch>(1);
+        let (done, outcomes) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("raft-log".into())
+            .spawn(move || {
+                for batch in jobs {
+                    let started = Instant::now();
+                    let outcome = write_batch(&mut lock(&conn), &batch).map(|()| started.elapsed());
+                    if done.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(LogError::Thread)?;
+        Ok(LogWriter {
+            batches: Some(batches),
+            outcomes,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hand `batch` to the thread; [`LogWriter::finish`] waits for it.
+    fn begin(&self, batch: Batch) -> Result<(), LogError> {
+        self.batches
+            .as_ref()
+            .ok_or(LogError::WriterStopped)?
+            .send(batch)
+            .map_err(|_| LogError::WriterStopped)
+    }
+
+    /// The outcome of the batch started last.
+    fn finish(&self) -> Result<Duration, LogError> {
+        self.outcomes.recv().map_err(|_| LogError::WriterStopped)?
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop.
+        self.batches = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -449,6 +598,38 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn entries_written_beside_other_work_are_durable_and_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let mut log = LogStore::open(&path, None).unwrap();
+        let hs = HardState {
+            term: 2,
+            commit: 1,
+            ..Default::default()
+        };
+        for round in 0..3u64 {
+            let first = round * 2 + 1;
+            let batch = [entry(first, 2), entry(first + 1, 2)];
+            let (written, out) = log.persist_beside(&batch, Some(&hs), || round * 10);
+            assert!(written.unwrap().is_some(), "entries are synced");
+            assert_eq!(out, round * 10);
+            assert_eq!(log.last_index().unwrap(), first + 1);
+        }
+        // A conflicting suffix is replaced, in memory and on disk.
+        let (written, ()) = log.persist_beside(&[entry(5, 3)], None, || ());
+        written.unwrap();
+        assert_eq!((log.last_index().unwrap(), log.term(5).unwrap()), (5, 3));
+        // Nothing to sync: the work runs, nothing is written.
+        let (written, ()) = log.persist_beside(&[], None, || ());
+        assert!(written.unwrap().is_none());
+        drop(log);
+        let log = LogStore::open(&path, None).unwrap();
+        assert_eq!(log.hard_state().term, 2);
+        assert_eq!((log.last_index().unwrap(), log.term(5).unwrap()), (5, 3));
+        assert_eq!(log.term(4).unwrap(), 2);
     }
 
     #[test]

@@ -484,7 +484,7 @@ impl RaftNode {
     ) -> Result<(Self, NodeHandle), NodeError> {
         log.set_snapshots(snapshots.clone());
         let checkpoints = [
-            Checkpointer::take_over(log.connection()).map_err(LogError::Sqlite)?,
+            Checkpointer::take_over(&log.connection()).map_err(LogError::Sqlite)?,
             Checkpointer::take_over(store.connection()).map_err(MvccError::Sqlite)?,
         ];
         let state = store.state();
@@ -991,24 +991,11 @@ impl RaftNode {
             return self.apply(committed);
         }
         let (log, state_machine) = self.log_and_state_machine();
-        let (persisted, applied) = std::thread::scope(|scope| {
-            let writer = std::thread::Builder::new()
-                .name("raft-log".into())
-                .spawn_scoped(scope, move || {
-                    let started = Instant::now();
-                    log.persist(entries, hs).map(|()| started.elapsed())
-                });
-            let applied = state_machine.apply_batch(committed);
-            let persisted = match writer {
-                Ok(writer) => writer
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                Err(e) => Err(LogError::Thread(e)),
-            };
-            (persisted, applied)
-        });
-        let fsync = persisted?;
-        self.metrics.wal_fsync.observe(fsync.as_secs_f64());
+        let (persisted, applied) =
+            log.persist_beside(entries, hs, || state_machine.apply_batch(committed));
+        if let Some(fsync) = persisted? {
+            self.metrics.wal_fsync.observe(fsync.as_secs_f64());
+        }
         self.finish_apply(applied?)
     }
 
