@@ -938,15 +938,21 @@ mod tests {
         assert!(compare_kv(&c, target(&c), &kv));
     }
 
+    /// A fresh state in `dir` and an applier over it.
+    fn store_and_applier(dir: &tempfile::TempDir) -> (crate::mvcc::MvccStore, Applier) {
+        let store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
+        let lessor = Arc::new(Lessor::new(std::time::Duration::from_secs(1)));
+        let applier = Applier::new(lessor, store.connection()).unwrap();
+        (store, applier)
+    }
+
     /// Found by the differential fuzzer in CI: a sort order etcd does not
     /// know leaves the rows in key order, whatever the target (etcd's
     /// Range picks a sorter, then neither ascends nor descends).
     #[test]
     fn unknown_sort_orders_leave_key_order_like_etcd() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
-        let lessor = Arc::new(Lessor::new(std::time::Duration::from_secs(1)));
-        let mut applier = Applier::new(lessor, store.connection()).unwrap();
+        let (mut store, mut applier) = store_and_applier(&dir);
         // b is written before a, so mod-revision order is b, a.
         for (index, key) in [(1, b"b"), (2, b"a")] {
             let mut b = store.batch().unwrap();
@@ -1024,9 +1030,7 @@ mod tests {
         use crate::proto::etcdserverpb::{AuthRoleAddRequest, AuthUserGrantRoleRequest};
         use crate::proto::ternpb::{AuthInfo, AuthUserAdd};
         let dir = tempfile::tempdir().unwrap();
-        let mut store = crate::mvcc::MvccStore::open(&dir.path().join("state.db")).unwrap();
-        let lessor = Arc::new(Lessor::new(std::time::Duration::from_secs(1)));
-        let mut applier = Applier::new(lessor, store.connection()).unwrap();
+        let (mut store, mut applier) = store_and_applier(&dir);
         let mut index = 0;
         let mut apply = |r: Request, who: Option<AuthInfo>| {
             index += 1;

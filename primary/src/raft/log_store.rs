@@ -231,16 +231,9 @@ impl LogStore {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let hard_state = hard_state
-            .unwrap_or(&self.hard_state)
-            .write_to_bytes()
-            .map_err(|source| LogError::Decode {
-                what: "hard_state".into(),
-                source,
-            })?;
         Ok(Batch {
             entries,
-            hard_state,
+            hard_state: hard_state.unwrap_or(&self.hard_state).clone(),
         })
     }
 
@@ -375,11 +368,11 @@ impl LogStore {
     }
 }
 
-/// Entries (index, encoded) and the encoded hard state, written in one
+/// Entries (index, encoded) and the hard state, written in one
 /// transaction.
 struct Batch {
     entries: Vec<(u64, Vec<u8>)>,
-    hard_state: Vec<u8>,
+    hard_state: HardState,
 }
 
 fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<(), LogError> {
@@ -391,10 +384,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<(), LogError> {
             stmt.execute((*index as i64, bytes))?;
         }
     }
-    tx.execute(
-        "INSERT OR REPLACE INTO state (name, value) VALUES ('hard_state', ?1)",
-        [&batch.hard_state],
-    )?;
+    store(&tx, "hard_state", &batch.hard_state)?;
     tx.commit()?;
     Ok(())
 }
