@@ -4,6 +4,8 @@
 //!   log and the MVCC writer, and runs the `on_ready` loop; [`NodeHandle`]
 //!   is how the async side proposes, waits for read indexes and reads
 //!   status.
+//! - [`commit_notice`]: telling the other members what is committed
+//!   without a message of its own per put.
 //! - [`log_store`]: [`LogStore`], the fsynced Raft log (raft-rs `Storage`).
 //! - [`transport`]: sending messages and snapshots to peers over gRPC;
 //!   [`peer_service`]: receiving them (the `ternpb.Peer` service).
@@ -11,6 +13,7 @@
 //! - [`takeover`]: what a disaster takeover keeps and the entries that
 //!   tell the other learners.
 
+pub mod commit_notice;
 pub mod log_store;
 pub mod node;
 pub mod peer_service;

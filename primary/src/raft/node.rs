@@ -34,6 +34,7 @@ use raft::eraftpb::{
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 
+use super::commit_notice::CommitNotices;
 use super::log_store::{LogError, LogStore};
 use super::snapshot::{snapshot_path, Snapshots};
 use super::transport::Transport;
@@ -464,6 +465,8 @@ pub struct RaftNode {
     /// Committed entries handed out by the last turn's light ready, left
     /// to be applied during the next fsync (see [`RaftNode::on_ready`]).
     deferred: Vec<Entry>,
+    /// The commit index each member was last sent (a leader's).
+    commit_notices: CommitNotices,
     /// Checkpoints of the log's and the state's WAL, off this thread.
     _checkpoints: [Checkpointer; 2],
 }
@@ -549,6 +552,7 @@ impl RaftNode {
                 removed_at: None,
                 campaign_when_applied: lone_voter,
                 deferred: Vec::new(),
+                commit_notices: CommitNotices::default(),
                 _checkpoints: checkpoints,
             },
             handle,
@@ -574,7 +578,11 @@ impl RaftNode {
         self.maybe_campaign()?;
         let mut next_tick = Instant::now() + self.config.tick;
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let wake = self
+                .commit_notices
+                .due()
+                .map_or(next_tick, |due| due.min(next_tick));
+            let timeout = wake.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(timeout) {
                 Ok(msg) => {
                     self.handle(msg)?;
@@ -595,6 +603,7 @@ impl RaftNode {
             self.retry_held();
             self.request_read_index();
             self.resend_unanswered_reads();
+            self.send_overdue_commits();
             self.on_ready()?;
             self.maybe_campaign()?;
             self.maybe_compact_log()?;
@@ -918,7 +927,7 @@ impl RaftNode {
             return Ok(());
         }
         let mut ready = self.raw.ready();
-        self.transport.send(ready.take_messages());
+        self.send(ready.take_messages());
         // Entries deferred from the last turn come first, in index order.
         let mut committed = std::mem::take(&mut self.deferred);
         if !ready.snapshot().is_empty() {
@@ -937,11 +946,10 @@ impl RaftNode {
                 self.reads_ready.push((rs.index, waiters));
             }
         }
-        self.persist_and_apply(&ready, committed)?;
+        self.persist_and_apply(&mut ready, committed)?;
         self.status
             .last_index
             .store(self.raw.raft.raft_log.last_index(), Ordering::Release);
-        self.transport.send(ready.take_persisted_messages());
         if ready.ss().is_some() {
             self.on_role_change();
         }
@@ -949,7 +957,7 @@ impl RaftNode {
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit);
         }
-        self.transport.send(light.take_messages());
+        self.send(light.take_messages());
         let committed = light.take_committed_entries();
         if self.rx.is_empty() {
             self.apply(committed)?;
@@ -961,26 +969,66 @@ impl RaftNode {
             // Nothing waits for them meanwhile but their clients.
             self.deferred = committed;
         }
-        self.status
-            .commit_index
-            .store(self.raw.raft.raft_log.committed, Ordering::Release);
+        let committed = self.raw.raft.raft_log.committed;
+        self.status.commit_index.store(committed, Ordering::Release);
+        if self.role == StateRole::Leader {
+            self.commit_notices.committed(committed, self.peer_ids());
+        }
         self.release_reads();
         Ok(())
     }
 
-    /// Append `ready`'s entries and hard state to the log (one fsync) and
-    /// apply `committed` to the state at the same time, on two threads:
-    /// committed entries are already durable, so applying them need not
-    /// wait for the new ones, and the fsync's wait and the SQLite work
-    /// overlap instead of adding up.
+    fn send(&mut self, messages: Vec<Message>) {
+        self.commit_notices.sent(&messages);
+        self.transport.send(messages);
+    }
+
+    /// The other members in the Raft configuration (a leader's view).
+    fn peer_ids(&self) -> Vec<u64> {
+        let me = self.config.id;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != me)
+            .collect()
+    }
+
+    /// A leader's commit index rides its next append (raft-rs's
+    /// `skip_bcast_commit`); members no append reached within
+    /// [`super::commit_notice::PIGGYBACK_WAIT`] get one of their own here,
+    /// which this turn's `Ready` sends.
+    fn send_overdue_commits(&mut self) {
+        if self.role != StateRole::Leader || self.commit_notices.due().is_none() {
+            return;
+        }
+        for id in self.commit_notices.overdue(self.peer_ids()) {
+            self.raw.raft.send_append(id);
+        }
+    }
+
+    /// Append `ready`'s entries and hard state to the log (one fsync),
+    /// send the messages that wait for it, and apply `committed`.
+    ///
+    /// A leader does the append and the apply at the same time, on two
+    /// threads: committed entries are already durable, so applying them
+    /// need not wait for the new ones, and the fsync's wait and the SQLite
+    /// work overlap instead of adding up. Its persisted messages (rare: a
+    /// leader's appends go out before its own fsync) follow both.
+    ///
+    /// Any other member acknowledges first and applies after, on this
+    /// thread: its acknowledgement is what the leader's commit, and so a
+    /// client's put, waits for, and applying here costs no hand-off to
+    /// another thread (the apply still overlaps the leader's next round).
     fn persist_and_apply(
         &mut self,
-        ready: &raft::Ready,
+        ready: &mut raft::Ready,
         committed: Vec<Entry>,
     ) -> Result<(), NodeError> {
         let (entries, hs) = (ready.entries(), ready.hs());
         let syncs = self.raw.store().must_sync(entries, hs);
-        if !syncs || committed.is_empty() {
+        if !syncs || committed.is_empty() || self.role != StateRole::Leader {
             let started = Instant::now();
             self.raw.mut_store().persist(entries, hs)?;
             if syncs {
@@ -988,6 +1036,7 @@ impl RaftNode {
                     .wal_fsync
                     .observe(started.elapsed().as_secs_f64());
             }
+            self.send(ready.take_persisted_messages());
             return self.apply(committed);
         }
         let (log, state_machine) = self.log_and_state_machine();
@@ -996,6 +1045,7 @@ impl RaftNode {
         if let Some(fsync) = persisted? {
             self.metrics.wal_fsync.observe(fsync.as_secs_f64());
         }
+        self.send(ready.take_persisted_messages());
         self.finish_apply(applied?)
     }
 
@@ -1077,6 +1127,9 @@ impl RaftNode {
             .set(i64::from(role == StateRole::Leader));
         if role == StateRole::Leader && self.role != StateRole::Leader {
             self.lessor.refresh_all();
+        }
+        if role != self.role {
+            self.commit_notices.reset();
         }
         self.role = role;
     }
@@ -1364,6 +1417,9 @@ fn raw_node(
         max_inflight_msgs: 256,
         check_quorum: true,
         pre_vote: true,
+        // The commit index rides the next append instead of an append of
+        // its own per commit; see `commit_notice`.
+        skip_bcast_commit: true,
         ..Default::default()
     };
     raft_config.validate()?;
