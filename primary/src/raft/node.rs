@@ -972,7 +972,7 @@ impl RaftNode {
         let committed = self.raw.raft.raft_log.committed;
         self.status.commit_index.store(committed, Ordering::Release);
         if self.role == StateRole::Leader {
-            self.commit_notices.committed(committed, self.peer_ids());
+            self.commit_notices.committed(committed, self.peers());
         }
         self.release_reads();
         Ok(())
@@ -983,27 +983,28 @@ impl RaftNode {
         self.transport.send(messages);
     }
 
-    /// The other members in the Raft configuration (a leader's view).
-    fn peer_ids(&self) -> Vec<u64> {
+    /// The other members in the Raft configuration (a leader's view) that
+    /// an append would reach now, and whether each is a learner. A paused
+    /// one (window full, probing, taking a snapshot) gets the commit index
+    /// with the next append that goes to it anyway.
+    fn peers(&self) -> Vec<(u64, bool)> {
         let me = self.config.id;
-        self.raw
-            .raft
-            .prs()
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| *id != me)
+        let prs = self.raw.raft.prs();
+        prs.iter()
+            .filter(|(id, pr)| **id != me && !pr.is_paused())
+            .map(|(id, _)| (*id, prs.conf().learners().contains(id)))
             .collect()
     }
 
     /// A leader's commit index rides its next append (raft-rs's
-    /// `skip_bcast_commit`); members no append reached within
-    /// [`super::commit_notice::PIGGYBACK_WAIT`] get one of their own here,
-    /// which this turn's `Ready` sends.
+    /// `skip_bcast_commit`); members no append reached within their wait
+    /// (see [`super::commit_notice`]) get one of their own here, which
+    /// this turn's `Ready` sends.
     fn send_overdue_commits(&mut self) {
         if self.role != StateRole::Leader || self.commit_notices.due().is_none() {
             return;
         }
-        for id in self.commit_notices.overdue(self.peer_ids()) {
+        for id in self.commit_notices.overdue() {
             self.raw.raft.send_append(id);
         }
     }
