@@ -1018,10 +1018,12 @@ impl RaftNode {
     /// work overlap instead of adding up. Its persisted messages (rare: a
     /// leader's appends go out before its own fsync) follow both.
     ///
-    /// Any other member acknowledges first and applies after, on this
-    /// thread: its acknowledgement is what the leader's commit, and so a
-    /// client's put, waits for, and applying here costs no hand-off to
-    /// another thread (the apply still overlaps the leader's next round).
+    /// Any other member with nothing more queued acknowledges first and
+    /// applies after, on this thread: its acknowledgement is what the
+    /// leader's commit, and so a client's put, waits for, and applying
+    /// here costs no hand-off to another thread (the apply overlaps the
+    /// leader's next round instead). With more queued it overlaps like a
+    /// leader, so the next append is not held up by an apply as well.
     fn persist_and_apply(
         &mut self,
         ready: &mut raft::Ready,
@@ -1029,7 +1031,8 @@ impl RaftNode {
     ) -> Result<(), NodeError> {
         let (entries, hs) = (ready.entries(), ready.hs());
         let syncs = self.raw.store().must_sync(entries, hs);
-        if !syncs || committed.is_empty() || self.role != StateRole::Leader {
+        let ack_first = self.role != StateRole::Leader && self.rx.is_empty();
+        if !syncs || committed.is_empty() || ack_first {
             let started = Instant::now();
             self.raw.mut_store().persist(entries, hs)?;
             if syncs {
