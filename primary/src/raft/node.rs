@@ -14,7 +14,13 @@
 //!    durable already), send persisted messages, advance, apply what the
 //!    light ready committed (or, when more proposals are queued, keep it
 //!    for the next turn's fsync to overlap), release reads whose index is
-//!    applied.
+//!    applied. A follower with nothing else queued sends its persisted
+//!    messages (its acknowledgement) before it applies instead
+//!    ([`RaftNode::persist_and_apply`]);
+//! 4. as the leader, queues an append of its own for members that no
+//!    append told the latest commit index in time
+//!    ([`super::commit_notice`]); this runs just before step 3, so that
+//!    turn's `Ready` sends it.
 //!
 //! A single voter uses exactly this path; a cluster adds the peer transport
 //! (messages out through [`Transport`], in through [`NodeMsg::Step`]) and
