@@ -378,7 +378,8 @@ struct Batch {
 fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<(), LogError> {
     let tx = conn.transaction()?;
     if let Some((first, _)) = batch.entries.first() {
-        tx.execute("DELETE FROM entries WHERE idx >= ?1", [*first as i64])?;
+        tx.prepare_cached("DELETE FROM entries WHERE idx >= ?1")?
+            .execute([*first as i64])?;
         let mut stmt = tx.prepare_cached("INSERT INTO entries (idx, entry) VALUES (?1, ?2)")?;
         for (index, bytes) in &batch.entries {
             stmt.execute((*index as i64, bytes))?;
@@ -472,10 +473,9 @@ fn store<M: protobuf::Message>(conn: &Connection, name: &str, m: &M) -> Result<(
         what: name.to_string(),
         source,
     })?;
-    conn.execute(
-        "INSERT OR REPLACE INTO state (name, value) VALUES (?1, ?2)",
-        (name, bytes),
-    )?;
+    // Cached: the log writes its hard state with every append.
+    conn.prepare_cached("INSERT OR REPLACE INTO state (name, value) VALUES (?1, ?2)")?
+        .execute((name, bytes))?;
     Ok(())
 }
 
