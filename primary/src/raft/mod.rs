@@ -6,6 +6,8 @@
 //!   status.
 //! - [`commit_notice`]: telling the other members what is committed
 //!   without a message of its own per put.
+//! - [`read_context`]: naming read index requests so that no
+//!   acknowledgement of one can confirm another.
 //! - [`log_store`]: [`LogStore`], the fsynced Raft log (raft-rs `Storage`).
 //! - [`transport`]: sending messages and snapshots to peers over gRPC;
 //!   [`peer_service`]: receiving them (the `ternpb.Peer` service).
@@ -17,6 +19,7 @@ pub mod commit_notice;
 pub mod log_store;
 pub mod node;
 pub mod peer_service;
+pub mod read_context;
 pub mod snapshot;
 pub mod takeover;
 pub mod transport;

@@ -42,6 +42,7 @@ use tokio::sync::oneshot;
 
 use super::commit_notice::CommitNotices;
 use super::log_store::{LogError, LogStore};
+use super::read_context::ReadContexts;
 use super::snapshot::{snapshot_path, Snapshots};
 use super::transport::Transport;
 use crate::apply::{Applier, ApplyError, ApplyResult};
@@ -456,7 +457,7 @@ pub struct RaftNode {
     reads_inflight: HashMap<u64, (Instant, Vec<ReadReply>)>,
     /// Reads whose index is known, waiting for it to be applied.
     reads_ready: Vec<(u64, Vec<ReadReply>)>,
-    read_ctx: u64,
+    read_contexts: ReadContexts,
     role: StateRole,
     transport: Arc<Transport>,
     snapshots: Arc<Snapshots>,
@@ -531,6 +532,7 @@ impl RaftNode {
             tx,
             status: status.clone(),
         };
+        let read_contexts = ReadContexts::new(config.id);
         Ok((
             RaftNode {
                 config,
@@ -549,7 +551,7 @@ impl RaftNode {
                 reads_next: Vec::new(),
                 reads_inflight: HashMap::new(),
                 reads_ready: Vec::new(),
-                read_ctx: 0,
+                read_contexts,
                 role: StateRole::Follower,
                 transport,
                 snapshots,
@@ -892,12 +894,10 @@ impl RaftNode {
         if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
             return;
         }
-        self.read_ctx += 1;
-        self.raw.read_index(self.read_ctx.to_be_bytes().to_vec());
-        self.reads_inflight.insert(
-            self.read_ctx,
-            (Instant::now(), std::mem::take(&mut self.reads_next)),
-        );
+        let (seq, ctx) = self.read_contexts.next();
+        self.raw.read_index(ctx);
+        self.reads_inflight
+            .insert(seq, (Instant::now(), std::mem::take(&mut self.reads_next)));
     }
 
     /// Ask again for read indexes that got no answer: a follower's request
@@ -914,10 +914,10 @@ impl RaftNode {
             return;
         }
         let now = Instant::now();
-        for (ctx, (sent, _)) in self.reads_inflight.iter_mut() {
+        for (seq, (sent, _)) in self.reads_inflight.iter_mut() {
             if now.duration_since(*sent) >= READ_INDEX_RESEND {
                 *sent = now;
-                self.raw.read_index(ctx.to_be_bytes().to_vec());
+                self.raw.read_index(self.read_contexts.encode(*seq));
             }
         }
     }
@@ -942,13 +942,10 @@ impl RaftNode {
         }
         committed.extend(ready.take_committed_entries());
         for rs in ready.take_read_states() {
-            let ctx = rs
-                .request_ctx
-                .as_slice()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            if let Some((_, waiters)) = self.reads_inflight.remove(&ctx) {
+            let Some(seq) = self.read_contexts.decode(&rs.request_ctx) else {
+                continue;
+            };
+            if let Some((_, waiters)) = self.reads_inflight.remove(&seq) {
                 self.reads_ready.push((rs.index, waiters));
             }
         }
