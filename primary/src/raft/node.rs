@@ -894,7 +894,7 @@ impl RaftNode {
         if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
             return;
         }
-        let (seq, ctx) = self.read_contexts.next();
+        let (seq, ctx) = self.read_contexts.issue();
         self.raw.read_index(ctx);
         self.reads_inflight
             .insert(seq, (Instant::now(), std::mem::take(&mut self.reads_next)));

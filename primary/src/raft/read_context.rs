@@ -36,7 +36,7 @@ impl ReadContexts {
     }
 
     /// A sequence number never handed out before, and its context.
-    pub fn next(&mut self) -> (u64, Vec<u8>) {
+    pub fn issue(&mut self) -> (u64, Vec<u8>) {
         let seq = self.next;
         self.next += 1;
         (seq, self.encode(seq))
@@ -67,8 +67,8 @@ mod tests {
     fn members_with_the_same_sequence_make_different_contexts() {
         let mut a = ReadContexts::starting_at(1, 7);
         let mut b = ReadContexts::starting_at(2, 7);
-        let (seq_a, ctx_a) = a.next();
-        let (seq_b, ctx_b) = b.next();
+        let (seq_a, ctx_a) = a.issue();
+        let (seq_b, ctx_b) = b.issue();
         assert_eq!(seq_a, seq_b);
         assert_ne!(ctx_a, ctx_b);
         assert_eq!(a.decode(&ctx_a), Some(7));
@@ -79,14 +79,130 @@ mod tests {
     #[test]
     fn a_member_never_repeats_a_context() {
         let mut contexts = ReadContexts::new(3);
-        let (first, ctx) = contexts.next();
-        let (second, _) = contexts.next();
+        let (first, ctx) = contexts.issue();
+        let (second, _) = contexts.issue();
         assert_eq!(second, first + 1);
         assert_eq!(contexts.encode(first), ctx);
         // A restart starts past every number the former life handed out.
         std::thread::sleep(std::time::Duration::from_millis(1));
         let restarted = ReadContexts::new(3);
         assert!(restarted.next > second);
+    }
+
+    /// Three raft-rs members in memory: member 1 leads; member 2 asks for
+    /// a read index (`follower_ctx`) and member 3's acknowledgement
+    /// answers it while member 2's is held back, as if the leader had
+    /// been paused with it on the wire. Then the leader asks for its own
+    /// read index (`leader_ctx`) and the held acknowledgement arrives.
+    /// Whether that alone gives the leader a read state.
+    fn late_ack_confirms(follower_ctx: Vec<u8>, leader_ctx: Vec<u8>) -> bool {
+        use raft::eraftpb::{ConfState, Message, MessageType};
+        use raft::storage::MemStorage;
+        use raft::RawNode;
+
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut nodes: Vec<RawNode<MemStorage>> = (1..=3)
+            .map(|id| {
+                let config = raft::Config {
+                    id,
+                    check_quorum: true,
+                    pre_vote: true,
+                    ..Default::default()
+                };
+                let storage =
+                    MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+                RawNode::new(&config, storage, &logger).expect("raw node")
+            })
+            .collect();
+        let mut read_states = vec![Vec::new(); 3];
+        // Deliver messages until none are left; `hold` picks which stay
+        // on the wire (returned).
+        fn pump(
+            nodes: &mut [RawNode<MemStorage>],
+            read_states: &mut [Vec<raft::ReadState>],
+            hold: &dyn Fn(&Message) -> bool,
+        ) -> Vec<Message> {
+            let mut held = Vec::new();
+            loop {
+                let mut wire = Vec::new();
+                for (i, node) in nodes.iter_mut().enumerate() {
+                    if !node.has_ready() {
+                        continue;
+                    }
+                    let mut ready = node.ready();
+                    wire.extend(ready.take_messages());
+                    read_states[i].extend(ready.take_read_states());
+                    let store = node.store().clone();
+                    store.wl().append(ready.entries()).expect("append");
+                    if let Some(hs) = ready.hs() {
+                        store.wl().set_hardstate(hs.clone());
+                    }
+                    wire.extend(ready.take_persisted_messages());
+                    let mut light = node.advance(ready);
+                    if let Some(commit) = light.commit_index() {
+                        store.wl().mut_hard_state().set_commit(commit);
+                    }
+                    wire.extend(light.take_messages());
+                    node.advance_apply();
+                }
+                if wire.is_empty() {
+                    return held;
+                }
+                for m in wire {
+                    if hold(&m) {
+                        held.push(m);
+                    } else {
+                        nodes[m.to as usize - 1].step(m).expect("step");
+                    }
+                }
+            }
+        }
+        nodes[0].campaign().expect("campaign");
+        pump(&mut nodes, &mut read_states, &|_| false);
+        assert_eq!(nodes[0].raft.state, raft::StateRole::Leader);
+
+        let ack_from_2 =
+            |m: &Message| m.get_msg_type() == MessageType::MsgHeartbeatResponse && m.from == 2;
+        nodes[1].read_index(follower_ctx);
+        let late = pump(&mut nodes, &mut read_states, &ack_from_2);
+        assert_eq!(
+            read_states[1].len(),
+            1,
+            "member 3's acknowledgement answers member 2"
+        );
+        assert_eq!(late.len(), 1);
+
+        nodes[0].read_index(leader_ctx);
+        let any_ack = |m: &Message| m.get_msg_type() == MessageType::MsgHeartbeatResponse;
+        let fresh = pump(&mut nodes, &mut read_states, &any_ack);
+        assert!(
+            read_states[0].is_empty(),
+            "no acknowledgement has arrived yet"
+        );
+        for m in late {
+            nodes[0].step(m).expect("step");
+        }
+        pump(&mut nodes, &mut read_states, &any_ack);
+        let confirmed_by_late_ack = !read_states[0].is_empty();
+        // The fresh acknowledgements confirm it in any case.
+        for m in fresh {
+            nodes[0].step(m).expect("step");
+        }
+        pump(&mut nodes, &mut read_states, &|_| false);
+        assert_eq!(read_states[0].len(), 1);
+        confirmed_by_late_ack
+    }
+
+    #[test]
+    fn a_late_acknowledgement_confirms_only_its_own_request() {
+        // Bare sequence numbers, as members used before: the same number
+        // from two members, and the late acknowledgement confirms the
+        // leader's read without any member having answered it.
+        let seven = 7u64.to_be_bytes().to_vec();
+        assert!(late_ack_confirms(seven.clone(), seven));
+        let (_, follower_ctx) = ReadContexts::starting_at(2, 7).issue();
+        let (_, leader_ctx) = ReadContexts::starting_at(1, 7).issue();
+        assert!(!late_ack_confirms(follower_ctx, leader_ctx));
     }
 
     #[test]
