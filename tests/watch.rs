@@ -40,6 +40,40 @@ async fn put(kv: &mut KvClient<tonic::transport::Channel>, k: &str, v: &str) {
     .expect("put");
 }
 
+type ById = BTreeMap<i64, Vec<WatchResponse>>;
+
+fn record(by_id: &mut ById, mut r: WatchResponse) {
+    // Ids and terms are compared elsewhere; raft terms may differ.
+    if let Some(h) = r.header.as_mut() {
+        h.raft_term = 0;
+    }
+    by_id.entry(r.watch_id).or_default().push(r);
+}
+
+/// Whether watcher `id` got an event at revision `revision`.
+fn has_event(by_id: &ById, id: i64, revision: i64) -> bool {
+    by_id.get(&id).into_iter().flatten().any(|r| {
+        r.events
+            .iter()
+            .any(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision == revision))
+    })
+}
+
+/// Record responses until `done` holds of them.
+async fn read_until(
+    inbound: &mut tonic::Streaming<WatchResponse>,
+    by_id: &mut ById,
+    done: impl Fn(&ById) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done(by_id) {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Ok(Ok(Some(r))) => record(by_id, r),
+            other => panic!("watch responses stopped short ({other:?}): {by_id:?}"),
+        }
+    }
+}
+
 /// Run the scripted session against one server; responses by watch id.
 async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     let ch = channel(endpoint).await;
@@ -91,7 +125,17 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
         .await
         .expect("watch")
         .into_inner();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut by_id: BTreeMap<i64, Vec<WatchResponse>> = BTreeMap::new();
+    // Each step waits for what the last one must have produced, so a
+    // server slowed by the machine's load still sees the same sequence.
+    // Every create answered, and the history up to revision 6 replayed
+    // to the watchers that start before it.
+    read_until(&mut inbound, &mut by_id, |seen| {
+        seen.values().flatten().filter(|r| r.created).count() >= 7
+            && has_event(seen, 0, 6)
+            && has_event(seen, 3, 6)
+    })
+    .await;
     put(&mut kv, "w/c", "5").await;
     kv.delete_range(DeleteRangeRequest {
         key: "w/a".into(),
@@ -100,7 +144,14 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     .await
     .expect("delete");
     put(&mut kv, "x", "6").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    read_until(&mut inbound, &mut by_id, |seen| {
+        has_event(seen, 0, 8)
+            && has_event(seen, 1, 8)
+            && has_event(seen, 2, 7)
+            && has_event(seen, 3, 9)
+            && has_event(seen, 42, 9)
+    })
+    .await;
     tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest {
         watch_id: 1,
     })))
@@ -111,6 +162,12 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     })))
     .await
     .expect("send");
+    read_until(&mut inbound, &mut by_id, |seen| {
+        seen.get(&1).into_iter().flatten().any(|r| r.canceled)
+    })
+    .await;
+    // Cancelling an unknown watch gets no answer; give one a moment to
+    // arrive if the server sends one anyway (etcd does not).
     tokio::time::sleep(Duration::from_millis(300)).await;
     put(&mut kv, "w/a", "7").await;
     kv.compact(CompactionRequest {
@@ -125,14 +182,10 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
     tx.send(req(RequestUnion::ProgressRequest(WatchProgressRequest {})))
         .await
         .expect("send");
-    let mut by_id: BTreeMap<i64, Vec<WatchResponse>> = BTreeMap::new();
+    // Whatever else comes, until the stream is quiet.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
-    while let Ok(Ok(Some(mut r))) = tokio::time::timeout_at(deadline, inbound.message()).await {
-        // Ids and terms are compared elsewhere; raft terms may differ.
-        if let Some(h) = r.header.as_mut() {
-            h.raft_term = 0;
-        }
-        by_id.entry(r.watch_id).or_default().push(r);
+    while let Ok(Ok(Some(r))) = tokio::time::timeout_at(deadline, inbound.message()).await {
+        record(&mut by_id, r);
     }
     by_id
 }
