@@ -14,8 +14,8 @@
 //!    durable already), send persisted messages, advance, apply what the
 //!    light ready committed (or, when more proposals are queued, keep it
 //!    for the next turn's fsync to overlap), release reads whose index is
-//!    applied. A voting follower with nothing else queued sends its
-//!    persisted messages (its acknowledgement) before it applies instead
+//!    applied. A follower with nothing else queued sends its persisted
+//!    messages (its acknowledgement) before it applies instead
 //!    ([`RaftNode::persist_and_apply`]);
 //! 4. as the leader, queues an append of its own for members that no
 //!    append told the latest commit index in time
@@ -1027,12 +1027,6 @@ impl RaftNode {
     /// here costs no hand-off to another thread (the apply overlaps the
     /// leader's next round instead). With more queued it overlaps like a
     /// leader, so the next append is not held up by an apply as well.
-    ///
-    /// A learner always overlaps: its acknowledgement gates no commit, and
-    /// what it has applied is what its readers and a takeover see. Were it
-    /// to acknowledge first, entries whose commit arrived while it was
-    /// fsyncing the next ones would wait for that fsync too (a slow fsync
-    /// is the tail of a learner's lag).
     fn persist_and_apply(
         &mut self,
         ready: &mut raft::Ready,
@@ -1040,9 +1034,7 @@ impl RaftNode {
     ) -> Result<(), NodeError> {
         let (entries, hs) = (ready.entries(), ready.hs());
         let syncs = self.raw.store().must_sync(entries, hs);
-        let ack_first = self.role != StateRole::Leader
-            && !self.status.is_learner.load(Ordering::Acquire)
-            && self.rx.is_empty();
+        let ack_first = self.role != StateRole::Leader && self.rx.is_empty();
         if !syncs || committed.is_empty() || ack_first {
             let started = Instant::now();
             self.raw.mut_store().persist(entries, hs)?;
