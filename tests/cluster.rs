@@ -822,6 +822,28 @@ fn three_learners_at_different_distances_converge() {
     c.converged_hash(&members, rev, Duration::from_secs(60));
 }
 
+/// A learner behind a slow link receives a Raft snapshot that takes
+/// longer to cross it than a peer connection's keep-alive allows a ping to
+/// go unanswered (6 MiB at 256 KiB/s: ~24 s, against 5 s + 10 s): the
+/// pings would wait behind the snapshot's queued data. The snapshot's own
+/// connection has no pings, so it arrives whole, the first time, instead
+/// of being cut and sent again forever.
+#[test]
+fn a_snapshot_slower_than_a_keepalive_reaches_a_capped_learner() {
+    let mut c = Cluster::start(1, &["--snapshot-count", "20"]);
+    let value = "s".repeat(64 * 1024);
+    for i in 0..96 {
+        let put = c.nodes[0].etcdctl(&["put", &format!("big/{i:03}"), &value]);
+        assert_eq!(put.code, 0, "{put:?}");
+    }
+    let rev = current_revision(&c.nodes[0].client);
+    let l = c.add_member(true, &[]);
+    c.nodes[l]
+        .proxy
+        .set_bandwidth(Direction::Upstream, Some(256 * 1024));
+    c.converged_hash(&[0, l], rev, Duration::from_secs(90));
+}
+
 /// `--learner-bandwidth-limit`: the leader feeds a learner no faster than
 /// its budget, while its own commits do not wait for it.
 #[test]

@@ -20,7 +20,9 @@ use crate::proto::ternpb::peer_server::PeerServer;
 use crate::raft::node::NodeConfig;
 use crate::raft::peer_service::PeerService;
 use crate::raft::snapshot::Snapshots;
-use crate::raft::transport::{CONNECTION_WINDOW, MAX_PEER_MESSAGE, STREAM_WINDOW};
+use crate::raft::transport::{
+    CONNECTION_WINDOW, MAX_PEER_MESSAGE, PEER_KEEPALIVE_TIMEOUT, STREAM_WINDOW,
+};
 use crate::raft::{LogStore, RaftNode};
 use crate::readiness;
 use crate::tls::{DialTls, ServerFiles, ServerTls};
@@ -294,6 +296,9 @@ pub async fn run_with(
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                // tonic's default 20 s would cut snapshots over links
+                // slower than about 0.8 MB/s; see the constant.
+                .http2_keepalive_timeout(Some(PEER_KEEPALIVE_TIMEOUT))
                 .add_service(peer)
                 .serve_with_incoming_shutdown(
                     crate::tls::incoming(listener, tls_for(url, &peer_tls)),

@@ -10,7 +10,13 @@
 //!
 //! Snapshots go on their own `Peer.Snapshot` call, the state file read and
 //! sent in [`SNAPSHOT_CHUNK`] pieces, so memory stays bounded whatever the
-//! state size; the outcome is reported back to Raft.
+//! state size; the outcome is reported back to Raft. That call has a
+//! connection of its own without HTTP/2 keep-alive pings: behind a slow
+//! link a ping's answer waits behind all the snapshot data queued ahead
+//! of it (up to the receiver's window, 16 MiB: 16 s at 1 MB/s), so a ping
+//! timeout would cut every snapshot that takes longer than it, again on
+//! every retry, and the member would never catch up. A snapshot that makes
+//! no progress for [`SNAPSHOT_STALL`] is abandoned instead.
 //!
 //! A learner's link (its appends, and its snapshots on their own stream)
 //! may run under a bandwidth budget (`--learner-bandwidth-limit`), so one
@@ -50,10 +56,20 @@ pub const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 /// HTTP/2 windows: enough for a 100 ms round trip at ~100 MB/s.
 pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// How long the peer server waits for a ping's answer. From a member
+/// sending a snapshot it queues behind the data ahead of it, up to
+/// [`STREAM_WINDOW`]: 60 s lets that drain over links down to ~280 KB/s.
+/// Slower links need `--learner-bandwidth-limit` at or below their rate,
+/// so the data waits at the sender instead of on the link.
+pub const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest gRPC message on the peer service (a batch or a chunk, framed).
 pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 /// How often each link measures its round trip.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a snapshot may wait for room to send its next chunk, or,
+/// once all is sent, for the receiver's answer (what is still queued must
+/// cross first), before it is abandoned and Raft told it failed.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(60);
 
 pub struct Transport {
     runtime: tokio::runtime::Handle,
@@ -168,8 +184,18 @@ impl Transport {
 }
 
 /// A client for the first of `urls` that answers (over TLS for an
-/// `https://` URL).
+/// `https://` URL), with keep-alive pings to notice a dead connection.
 pub async fn connect(urls: &[String], tls: &DialTls) -> Result<PeerClient<Channel>, DialError> {
+    dial(urls, tls, true).await
+}
+
+/// [`connect`], with or without keep-alive pings (see the module docs for
+/// why snapshots go without).
+async fn dial(
+    urls: &[String],
+    tls: &DialTls,
+    keep_alive: bool,
+) -> Result<PeerClient<Channel>, DialError> {
     let mut last = None;
     for url in urls {
         let endpoint = match tls.endpoint(url).await {
@@ -179,13 +205,16 @@ pub async fn connect(urls: &[String], tls: &DialTls) -> Result<PeerClient<Channe
                 continue;
             }
         };
-        let endpoint = endpoint
+        let mut endpoint = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .initial_connection_window_size(CONNECTION_WINDOW);
+        if keep_alive {
+            endpoint = endpoint
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(10));
+        }
         match endpoint.connect().await {
             Ok(channel) => {
                 return Ok(PeerClient::new(channel)
@@ -346,6 +375,13 @@ fn push(batch: &mut RaftBatch, m: &Message) -> usize {
     len
 }
 
+fn stalled(sent: usize) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no progress for {SNAPSHOT_STALL:?} after {sent} bytes"),
+    )
+}
+
 async fn send_snapshot(
     to: u64,
     urls: Vec<String>,
@@ -360,9 +396,11 @@ async fn send_snapshot(
         let mut file = tokio::fs::File::open(&path).await?;
         m.mut_snapshot().data = Default::default();
         let header = m.write_to_bytes().map_err(std::io::Error::other)?;
-        let mut client = connect(&urls, &tls).await.map_err(std::io::Error::other)?;
+        let mut client = dial(&urls, &tls, false)
+            .await
+            .map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
-        let call = tokio::spawn(async move {
+        let mut call = tokio::spawn(async move {
             client
                 .snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
@@ -389,15 +427,26 @@ async fn send_snapshot(
                 message: first.take().unwrap_or_default(),
                 data,
             };
-            if tx.send(chunk).await.is_err() {
-                break;
+            match tokio::time::timeout(SNAPSHOT_STALL, tx.send(chunk)).await {
+                Ok(Ok(())) => {}
+                // The call ended: its outcome says why.
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    call.abort();
+                    return Err(stalled(sent));
+                }
             }
             if done {
                 break;
             }
         }
         drop(tx);
-        call.await
+        let answer = tokio::time::timeout(SNAPSHOT_STALL, &mut call).await;
+        let Ok(answer) = answer else {
+            call.abort();
+            return Err(stalled(sent));
+        };
+        answer
             .map_err(std::io::Error::other)?
             .map_err(std::io::Error::other)?;
         Ok::<usize, std::io::Error>(sent)
