@@ -75,7 +75,7 @@ async fn read_until(
 }
 
 /// Run the scripted session against one server; responses by watch id.
-async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
+async fn session(endpoint: &str) -> ById {
     let ch = channel(endpoint).await;
     let mut kv = KvClient::new(ch.clone());
     for (k, v) in [("w/a", "1"), ("w/b", "2"), ("w/a", "3"), ("x", "4")] {
@@ -125,7 +125,7 @@ async fn session(endpoint: &str) -> BTreeMap<i64, Vec<WatchResponse>> {
         .await
         .expect("watch")
         .into_inner();
-    let mut by_id: BTreeMap<i64, Vec<WatchResponse>> = BTreeMap::new();
+    let mut by_id = ById::new();
     // Each step waits for what the last one must have produced, so a
     // server slowed by the machine's load still sees the same sequence.
     // Every create answered, and the history up to revision 6 replayed

@@ -441,8 +441,7 @@ async fn send_snapshot(
             }
         }
         drop(tx);
-        let answer = tokio::time::timeout(SNAPSHOT_STALL, &mut call).await;
-        let Ok(answer) = answer else {
+        let Ok(answer) = tokio::time::timeout(SNAPSHOT_STALL, &mut call).await else {
             call.abort();
             return Err(stalled(sent));
         };
