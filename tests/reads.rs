@@ -1,0 +1,73 @@
+//! Reads under concurrency: many at once all answer, from a bounded pool.
+
+use tern_primary::proto::etcdserverpb::{PutRequest, RangeRequest};
+use tern_tests::Tern;
+use tokio::task::JoinSet;
+
+/// Threads of a running process.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read the server's threads")
+        .count()
+}
+
+/// Hundreds of concurrent Ranges, serializable and linearizable, all
+/// answer with the value, and the server does not grow a thread (and a
+/// pooled SQLite connection with its page cache) per read in flight: the
+/// pool runs 4 per core at once (8 at least) and queues the rest. Unbounded,
+/// 300 reads in flight made a blocking thread each.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_concurrent_reads_answer_from_a_bounded_pool() {
+    const READS: usize = 300;
+    let tern = Tern::start(&[]);
+    let mut kv = tern.kv().await;
+    let value = vec![b'v'; 64 * 1024];
+    for n in 0..20 {
+        kv.put(PutRequest {
+            key: format!("read/{n:02}").into_bytes(),
+            value: value.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("put");
+    }
+    let before = threads(tern.pid());
+
+    // A few connections, as a client's channel pool would have.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(tern.kv().await);
+    }
+    let mut reads = JoinSet::new();
+    for n in 0..READS {
+        let mut kv = clients[n % clients.len()].clone();
+        reads.spawn(async move {
+            let response = kv
+                .range(RangeRequest {
+                    key: b"read/".to_vec(),
+                    range_end: b"read0".to_vec(),
+                    serializable: n % 2 == 0,
+                    ..Default::default()
+                })
+                .await
+                .expect("a concurrent range answers")
+                .into_inner();
+            (response.count, response.kvs.len())
+        });
+    }
+    let mut peak = before;
+    while let Some(answer) = reads.join_next().await {
+        assert_eq!(answer.expect("read task"), (20, 20));
+        peak = peak.max(threads(tern.pid()));
+    }
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slots = (4 * cores).max(8);
+    // The read slots, plus a few for whatever else runs on the blocking
+    // pool meanwhile (a metrics refresh, the database size).
+    assert!(
+        peak <= before + slots + 4,
+        "{READS} concurrent reads took the server from {before} to {peak} threads \
+         ({slots} read slots)"
+    );
+}
