@@ -923,6 +923,15 @@ impl RaftNode {
     }
 
     fn on_ready(&mut self) -> Result<(), NodeError> {
+        // A commit that moved while stepping reaches the learners in this
+        // `Ready`'s messages, ahead of this turn's fsync and apply: they
+        // wait for nothing here, and their lag is counted from the client's
+        // acknowledgement, which the apply sends.
+        if self.role == StateRole::Leader {
+            let committed = self.raw.raft.raft_log.committed;
+            self.commit_notices.committed(committed, self.peers());
+            self.send_overdue_commits();
+        }
         if !self.raw.has_ready() {
             if !self.deferred.is_empty() {
                 let entries = std::mem::take(&mut self.deferred);
