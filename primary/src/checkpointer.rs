@@ -18,7 +18,9 @@
 //! copied and synced nearly every frame, and the commit that runs it only
 //! copies and syncs what arrived since the last pass.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,13 +42,81 @@ pub struct Checkpointer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How far a database written with `synchronous=NORMAL` (its commits are
+/// not fsynced) is durable, as a mark its rows keep (the state's applied
+/// index), for whoever must not drop anything the file does not hold yet
+/// (the Raft log's compaction). Asking for a mark is cheap; the
+/// checkpointer's thread makes it durable on its next pass, so nothing
+/// waits for those fsyncs on the thread that asked.
+pub struct Durability {
+    /// Reads the mark from the database, as committed.
+    read_mark: fn(&Connection) -> rusqlite::Result<u64>,
+    /// The highest mark asked for.
+    wanted: AtomicU64,
+    /// The highest mark known durable.
+    durable: AtomicU64,
+}
+
+impl Durability {
+    pub fn new(read_mark: fn(&Connection) -> rusqlite::Result<u64>) -> Arc<Self> {
+        Arc::new(Durability {
+            read_mark,
+            wanted: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+        })
+    }
+
+    /// The highest mark known durable.
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Ask for `mark` to become durable.
+    pub fn want(&self, mark: u64) {
+        self.wanted.fetch_max(mark, Ordering::AcqRel);
+    }
+
+    /// If a mark beyond the durable one is wanted: read the committed mark,
+    /// then fsync the WAL and the database file. Whatever was committed
+    /// when the mark was read is then on disk in one or the other (a
+    /// checkpoint moves frames into the database file before the WAL
+    /// starts over, and syncs it first).
+    fn sync_if_wanted(&self, conn: &Connection, path: &Path) -> std::io::Result<()> {
+        if self.wanted.load(Ordering::Acquire) <= self.durable() {
+            return Ok(());
+        }
+        let mark = (self.read_mark)(conn).map_err(std::io::Error::other)?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        for file in [PathBuf::from(wal), path.to_path_buf()] {
+            match std::fs::File::open(&file) {
+                Ok(f) => f.sync_data()?,
+                // No WAL (nothing written since it was last removed).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.durable.fetch_max(mark, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
 impl Checkpointer {
     /// Take the checkpoints of `writer`'s (WAL-mode) database file over,
     /// leaving it SQLite's automatic one only as the backstop.
     pub fn take_over(writer: &Connection) -> Result<Self, rusqlite::Error> {
+        Self::take_over_with(writer, None)
+    }
+
+    /// [`Checkpointer::take_over`], also making `durability`'s marks
+    /// durable when asked.
+    pub fn take_over_with(
+        writer: &Connection,
+        durability: Option<Arc<Durability>>,
+    ) -> Result<Self, rusqlite::Error> {
         writer.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)?;
         let path = writer.path().unwrap_or_default().to_owned();
-        Self::spawn(Path::new(&path))
+        Self::spawn_with(Path::new(&path), INTERVAL, durability)
     }
 
     /// Start checkpointing the WAL-mode database at `path`.
@@ -57,6 +127,14 @@ impl Checkpointer {
     /// [`Checkpointer::spawn`] with another interval (tests use a short
     /// one to make checkpoints collide with commits).
     pub fn spawn_every(path: &Path, interval: Duration) -> Result<Self, rusqlite::Error> {
+        Self::spawn_with(path, interval, None)
+    }
+
+    fn spawn_with(
+        path: &Path,
+        interval: Duration,
+        durability: Option<Arc<Durability>>,
+    ) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(1))?;
         let (stop, stopped) = crossbeam_channel::bounded(0);
@@ -65,7 +143,10 @@ impl Checkpointer {
             .map_or_else(|| "db".into(), |n| n.to_string_lossy().into_owned());
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint {name}"))
-            .spawn(move || run(&conn, &stopped, &name, interval))
+            .spawn({
+                let path = path.to_path_buf();
+                move || run(&conn, &stopped, (&name, &path), interval, durability)
+            })
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         Ok(Checkpointer {
             stop: Some(stop),
@@ -74,7 +155,13 @@ impl Checkpointer {
     }
 }
 
-fn run(conn: &Connection, stopped: &Receiver<()>, name: &str, interval: Duration) {
+fn run(
+    conn: &Connection,
+    stopped: &Receiver<()>,
+    (name, path): (&str, &Path),
+    interval: Duration,
+    durability: Option<Arc<Durability>>,
+) {
     loop {
         match stopped.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -85,6 +172,11 @@ fn run(conn: &Connection, stopped: &Receiver<()>, name: &str, interval: Duration
         // which is as durable as the database file.
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(file = name, error = %e, "checkpoint failed; retrying");
+        }
+        if let Some(durability) = &durability {
+            if let Err(e) = durability.sync_if_wanted(conn, path) {
+                tracing::warn!(file = name, error = %e, "cannot make the file durable; retrying");
+            }
         }
     }
 }
@@ -133,6 +225,61 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 100);
+    }
+
+    /// A mark becomes durable only once asked for, then on the thread's
+    /// next pass, as committed when it looked (never one not committed).
+    #[test]
+    fn a_wanted_mark_becomes_durable_on_the_next_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        writer.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        writer
+            .execute_batch("CREATE TABLE m (v INTEGER NOT NULL); INSERT INTO m VALUES (0);")
+            .unwrap();
+        let durability = Durability::new(|c| {
+            c.query_row("SELECT v FROM m", [], |r| r.get::<_, i64>(0))
+                .map(|v| v as u64)
+        });
+        let interval = Duration::from_millis(10);
+        let checkpointer =
+            Checkpointer::spawn_with(&path, interval, Some(durability.clone())).unwrap();
+        writer.execute("UPDATE m SET v = 7", []).unwrap();
+        std::thread::sleep(interval * 5);
+        assert_eq!(durability.durable(), 0, "nothing was asked for");
+
+        durability.want(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while durability.durable() < 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mark never became durable"
+            );
+            std::thread::sleep(interval);
+        }
+        assert_eq!(
+            durability.durable(),
+            7,
+            "the committed mark, read after the ask"
+        );
+
+        // An open, uncommitted transaction's mark is not the one made durable.
+        writer.execute_batch("BEGIN; UPDATE m SET v = 9;").unwrap();
+        durability.want(8);
+        std::thread::sleep(interval * 5);
+        assert_eq!(durability.durable(), 7);
+        writer.execute_batch("COMMIT").unwrap();
+        while durability.durable() < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mark never became durable"
+            );
+            std::thread::sleep(interval);
+        }
+        assert_eq!(durability.durable(), 9);
+        drop(checkpointer);
     }
 
     /// Regression: with the checkpointer's connection taking SQLite's locks
