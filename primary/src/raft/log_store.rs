@@ -213,7 +213,7 @@ impl LogStore {
         if self.must_sync(entries, hard_state) {
             let batch = self.batch(entries, hard_state)?;
             write_batch(&mut lock(&self.conn), &batch)?;
-            self.compacted_on_disk(&batch);
+            self.note_compacted(batch.compaction());
         }
         self.remember(entries, hard_state);
         Ok(())
@@ -237,7 +237,7 @@ impl LogStore {
             Ok(batch) => batch,
             Err(e) => return (Err(e), work()),
         };
-        let compaction = (batch.marker.is_some(), batch.delete_through);
+        let compaction = batch.compaction();
         let started = self.writer.begin(batch);
         let out = work();
         let written = started.and_then(|()| self.writer.finish());
@@ -276,11 +276,8 @@ impl LogStore {
         })
     }
 
-    /// `batch` is written: what it did of the pending compaction is done.
-    fn compacted_on_disk(&mut self, batch: &Batch) {
-        self.note_compacted((batch.marker.is_some(), batch.delete_through));
-    }
-
+    /// A batch is written: what it did of the pending compaction (see
+    /// [`Batch::compaction`]) is done.
     fn note_compacted(&mut self, (marker, delete_through): (bool, Option<u64>)) {
         if marker {
             self.on_disk.marker_pending = false;
@@ -315,8 +312,6 @@ impl LogStore {
         Ok(())
     }
 
-    /// Drop entries up to and including `index`. The caller guarantees the
-    /// state machine has durably applied them.
     /// Drop the entries up to `index` (applied, and durable in the state).
     /// Memory lets them go at once; the file follows with the next writes,
     /// which record the new marker and delete the rows a few at a time
@@ -436,6 +431,14 @@ struct Batch {
     marker: Option<SnapshotMetadata>,
     /// Delete the compacted rows up to this index.
     delete_through: Option<u64>,
+}
+
+impl Batch {
+    /// What this batch does of a pending compaction: whether it writes
+    /// the marker, and through which index it deletes rows.
+    fn compaction(&self) -> (bool, Option<u64>) {
+        (self.marker.is_some(), self.delete_through)
+    }
 }
 
 fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<(), LogError> {
