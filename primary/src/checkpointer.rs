@@ -9,7 +9,9 @@
 //! PASSIVE checkpoints never block the writer (nor wait for readers), so
 //! commits only append to the WAL; once a checkpoint has copied every
 //! frame, the next commit starts the WAL from its beginning again, so it
-//! stays small.
+//! stays small. That commit also fsyncs the new WAL's header, so sparse
+//! writes (fewer than [`BUSY_FRAMES`] since the last checkpoint) wait up
+//! to [`QUIET_FACTOR`] intervals for theirs.
 //!
 //! Under steady writes a PASSIVE checkpoint rarely catches the newest
 //! frame (the writer commits while it copies), and only a complete one lets
@@ -155,6 +157,18 @@ impl Checkpointer {
     }
 }
 
+/// Frames that make a pass worth it at once: below this many new frames
+/// (1 MiB at 4 KiB pages) the WAL waits, up to [`QUIET_FACTOR`] intervals.
+const BUSY_FRAMES: u32 = 256;
+
+/// How many intervals sparse writes wait for their checkpoint. Every
+/// complete checkpoint makes the next commit start the WAL over, and that
+/// commit fsyncs the new WAL header before its frames: at 10 puts/s a
+/// checkpoint every 100 ms cost every put an fsync of the log's header
+/// and one of the state's, three fsyncs on its path where one is needed
+/// (and the checkpoints' own, ~55 a second). With this, one put in 20.
+const QUIET_FACTOR: u32 = 20;
+
 fn run(
     conn: &Connection,
     stopped: &Receiver<()>,
@@ -162,22 +176,85 @@ fn run(
     interval: Duration,
     durability: Option<Arc<Durability>>,
 ) {
+    let mut frames = WalFrames::new(path);
+    let mut waited = 0;
     loop {
         match stopped.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
+        waited += 1;
+        let new = frames.new_since_checkpoint();
+        if new < BUSY_FRAMES && (new == 0 || waited < QUIET_FACTOR) {
+            // Nothing, or little: a durability asked for still gets its
+            // syncs (what little there is, is in the WAL they sync).
+            sync_if_wanted(durability.as_deref(), conn, (name, path));
+            continue;
+        }
+        waited = 0;
         // A failure (a full disk, say) is the writer's to report: its own
         // commits fail the same way. Frames not copied stay in the WAL,
         // which is as durable as the database file.
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(file = name, error = %e, "checkpoint failed; retrying");
         }
-        if let Some(durability) = &durability {
-            if let Err(e) = durability.sync_if_wanted(conn, path) {
-                tracing::warn!(file = name, error = %e, "cannot make the file durable; retrying");
-            }
+        frames.checkpointed();
+        sync_if_wanted(durability.as_deref(), conn, (name, path));
+    }
+}
+
+fn sync_if_wanted(durability: Option<&Durability>, conn: &Connection, (name, path): (&str, &Path)) {
+    if let Some(durability) = durability {
+        if let Err(e) = durability.sync_if_wanted(conn, path) {
+            tracing::warn!(file = name, error = %e, "cannot make the file durable; retrying");
         }
+    }
+}
+
+/// How many frames the WAL holds, read from the header of its index (the
+/// `-shm` file: `mxFrame`, a native-endian u32 at offset 16, in SQLite's
+/// documented WAL format). Only a hint of when to checkpoint: unreadable,
+/// it says "many", and the checkpoints run every interval as before.
+struct WalFrames {
+    shm: Option<std::fs::File>,
+    path: PathBuf,
+    /// `mxFrame` right after the last checkpoint.
+    at_checkpoint: u32,
+}
+
+impl WalFrames {
+    fn new(db: &Path) -> Self {
+        let mut path = db.as_os_str().to_owned();
+        path.push("-shm");
+        WalFrames {
+            shm: None,
+            path: PathBuf::from(path),
+            at_checkpoint: 0,
+        }
+    }
+
+    fn read(&mut self) -> Option<u32> {
+        use std::os::unix::fs::FileExt;
+        if self.shm.is_none() {
+            self.shm = std::fs::File::open(&self.path).ok();
+        }
+        let mut word = [0u8; 4];
+        self.shm.as_ref()?.read_exact_at(&mut word, 16).ok()?;
+        Some(u32::from_ne_bytes(word))
+    }
+
+    /// Frames written since the last checkpoint (all of them if the WAL
+    /// started over since).
+    fn new_since_checkpoint(&mut self) -> u32 {
+        match self.read() {
+            Some(now) if now >= self.at_checkpoint => now - self.at_checkpoint,
+            Some(now) => now,
+            None => u32::MAX,
+        }
+    }
+
+    fn checkpointed(&mut self) {
+        self.at_checkpoint = self.read().unwrap_or(0);
     }
 }
 
@@ -279,6 +356,90 @@ mod tests {
             std::thread::sleep(interval);
         }
         assert_eq!(durability.durable(), 9);
+        drop(checkpointer);
+    }
+
+    fn wal_db(dir: &Path) -> (PathBuf, Connection) {
+        let path = dir.join("q.db");
+        let writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+            .execute_batch("CREATE TABLE t (v BLOB NOT NULL)")
+            .unwrap();
+        (path, writer)
+    }
+
+    #[test]
+    fn counts_the_frames_written_since_the_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, writer) = wal_db(dir.path());
+        let mut frames = WalFrames::new(&path);
+        let before = frames.new_since_checkpoint();
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(40000))", [])
+            .unwrap();
+        let after = frames.new_since_checkpoint();
+        assert!(
+            after >= before + 10,
+            "a 40 kB row is 10+ frames: {before} -> {after}"
+        );
+        writer
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+        frames.checkpointed();
+        assert_eq!(frames.new_since_checkpoint(), 0);
+        // The WAL starts over with the next commit: its frames are new.
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(100))", [])
+            .unwrap();
+        let restarted = frames.new_since_checkpoint();
+        assert!((1..10).contains(&restarted), "{restarted}");
+    }
+
+    /// Sparse writes wait [`QUIET_FACTOR`] intervals for their checkpoint;
+    /// a burst of [`BUSY_FRAMES`] is copied back at the next interval.
+    #[test]
+    fn sparse_writes_wait_and_bursts_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, writer) = wal_db(dir.path());
+        let interval = Duration::from_millis(20);
+        let main_size = || std::fs::metadata(&path).unwrap().len();
+        let created = main_size();
+        let checkpointer = Checkpointer::spawn_every(&path, interval).unwrap();
+        // The table's creation is copied back first; the quiet wait starts
+        // over then.
+        let deadline = std::time::Instant::now() + interval * QUIET_FACTOR * 10;
+        while main_size() == created {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the creation never copied back"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let start = main_size();
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(40000))", [])
+            .unwrap();
+        std::thread::sleep(interval * 3);
+        assert_eq!(main_size(), start, "a few frames were copied back at once");
+        let deadline = std::time::Instant::now() + interval * QUIET_FACTOR * 10;
+        while main_size() == start {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sparse frames never copied back"
+            );
+            std::thread::sleep(interval);
+        }
+        let quiet = main_size();
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(2000000))", [])
+            .unwrap();
+        std::thread::sleep(interval * 5);
+        assert!(
+            main_size() > quiet + 1_000_000,
+            "a burst waited for the quiet period"
+        );
         drop(checkpointer);
     }
 
