@@ -52,7 +52,7 @@ pub struct Checkpointer {
 /// waits for those fsyncs on the thread that asked.
 pub struct Durability {
     /// Reads the mark from the database, as committed.
-    read_mark: fn(&Connection) -> rusqlite::Result<u64>,
+    read_mark: fn(&Connection) -> Result<u64, String>,
     /// The highest mark asked for.
     wanted: AtomicU64,
     /// The highest mark known durable.
@@ -60,7 +60,7 @@ pub struct Durability {
 }
 
 impl Durability {
-    pub fn new(read_mark: fn(&Connection) -> rusqlite::Result<u64>) -> Arc<Self> {
+    pub fn new(read_mark: fn(&Connection) -> Result<u64, String>) -> Arc<Self> {
         Arc::new(Durability {
             read_mark,
             wanted: AtomicU64::new(0),
@@ -88,9 +88,7 @@ impl Durability {
             return Ok(());
         }
         let mark = (self.read_mark)(conn).map_err(std::io::Error::other)?;
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        for file in [PathBuf::from(wal), path.to_path_buf()] {
+        for file in [sibling(path, "-wal"), path.to_path_buf()] {
             match std::fs::File::open(&file) {
                 Ok(f) => f.sync_data()?,
                 // No WAL (nothing written since it was last removed).
@@ -211,6 +209,13 @@ fn sync_if_wanted(durability: Option<&Durability>, conn: &Connection, (name, pat
     }
 }
 
+/// A database file's WAL (`-wal`) or its index (`-shm`).
+fn sibling(db: &Path, suffix: &str) -> PathBuf {
+    let mut path = db.as_os_str().to_owned();
+    path.push(suffix);
+    PathBuf::from(path)
+}
+
 /// How many frames the WAL holds, read from the header of its index (the
 /// `-shm` file: `mxFrame`, a native-endian u32 at offset 16, in SQLite's
 /// documented WAL format). Only a hint of when to checkpoint: unreadable,
@@ -224,11 +229,9 @@ struct WalFrames {
 
 impl WalFrames {
     fn new(db: &Path) -> Self {
-        let mut path = db.as_os_str().to_owned();
-        path.push("-shm");
         WalFrames {
             shm: None,
-            path: PathBuf::from(path),
+            path: sibling(db, "-shm"),
             at_checkpoint: 0,
         }
     }
@@ -271,18 +274,23 @@ impl Drop for Checkpointer {
 mod tests {
     use super::*;
 
-    #[test]
-    fn copies_the_wal_back_while_the_writer_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
+    /// A WAL-mode database with a table `t` and no automatic checkpoints:
+    /// only a checkpointer moves rows into the database file.
+    fn wal_db(dir: &Path) -> (PathBuf, Connection) {
+        let path = dir.join("t.db");
         let writer = Connection::open(&path).unwrap();
         writer.pragma_update(None, "journal_mode", "WAL").unwrap();
-        // No automatic checkpoints: only the thread moves rows into the
-        // database file.
         writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         writer
             .execute_batch("CREATE TABLE t (v BLOB NOT NULL)")
             .unwrap();
+        (path, writer)
+    }
+
+    #[test]
+    fn copies_the_wal_back_while_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, writer) = wal_db(dir.path());
         let checkpointer = Checkpointer::spawn(&path).unwrap();
         for _ in 0..100 {
             writer
@@ -319,6 +327,7 @@ mod tests {
         let durability = Durability::new(|c| {
             c.query_row("SELECT v FROM m", [], |r| r.get::<_, i64>(0))
                 .map(|v| v as u64)
+                .map_err(|e| e.to_string())
         });
         let interval = Duration::from_millis(10);
         let checkpointer =
@@ -357,17 +366,6 @@ mod tests {
         }
         assert_eq!(durability.durable(), 9);
         drop(checkpointer);
-    }
-
-    fn wal_db(dir: &Path) -> (PathBuf, Connection) {
-        let path = dir.join("q.db");
-        let writer = Connection::open(&path).unwrap();
-        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
-        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        writer
-            .execute_batch("CREATE TABLE t (v BLOB NOT NULL)")
-            .unwrap();
-        (path, writer)
     }
 
     #[test]

@@ -497,12 +497,9 @@ impl RaftNode {
     ) -> Result<(Self, NodeHandle), NodeError> {
         log.set_snapshots(snapshots.clone());
         let state_durability = Durability::new(|conn| {
-            conn.query_row(
-                "SELECT value FROM meta WHERE name = 'applied_index'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|applied| applied as u64)
+            crate::mvcc::read::meta(conn, "applied_index")
+                .map(|applied| applied as u64)
+                .map_err(|e| e.to_string())
         });
         let checkpoints = [
             Checkpointer::take_over(&log.connection()).map_err(LogError::Sqlite)?,
