@@ -558,22 +558,27 @@ fn random_kib(n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The staging area fills up mid-copy: the backup fails with its own
-/// reason, nothing appears in the store, the half-written copy is removed,
-/// the learner keeps replicating and serving, and once there is room the
-/// next backup succeeds.
+/// The store's filesystem fills up mid-upload: the backup fails with a
+/// clear error, nothing appears in the store (the partial upload is
+/// aborted), the learner keeps replicating and serving, and once there is
+/// room the next backup succeeds. A backup writes nothing locally: the old
+/// `--backup-staging-dir` (still accepted) is left alone, and a staging
+/// copy an older version left in the data dir is removed.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds() {
+async fn a_full_store_fails_the_backup_cleanly_and_the_next_one_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = age_key(dir.path());
-    let store = dir.path().join("store");
-    let staging = SmallFilesystem::mount(dir.path().join("staging"), "1m");
+    let disk = SmallFilesystem::mount(dir.path().join("disk"), "1m");
+    let store = disk.path.join("store");
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("operator.txt"), "kept").unwrap();
     let mut c = Cluster::start(1, &[]);
     let leader = c.nodes[0].client.clone();
-    // About 3 MiB of state: three times the staging area.
+    // About 3 MiB of incompressible state: three times the store's room.
     tern_tests::bulk_write(&leader, "full/", 2_000, 2, random_kib).await;
     let url = format!("file://{}", store.display());
-    let staging_dir = staging.path.display().to_string();
+    let staging_dir = staging.display().to_string();
     let l = add_file_learner(
         &mut c,
         &url,
@@ -591,41 +596,32 @@ async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds(
 
     let answer = post_backup(&learner);
     assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("staging area is full"), "{answer}");
+    assert!(answer.contains("No space left on device"), "{answer}");
     let metrics = http_get(&learner, "/metrics");
     assert!(
         metrics
             .lines()
-            .any(|l| l == r#"tern_backup_failed_total{reason="staging_full"} 1"#),
+            .any(|l| l == r#"tern_backup_failed_total{reason="upload"} 1"#),
         "{metrics}"
     );
     assert!(file_manifests(&store).is_empty(), "no backup is listed");
     let data: Vec<_> = std::fs::read_dir(store.join("backups"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(data.is_empty(), "nothing uploaded: {data:?}");
-    let left: Vec<_> = std::fs::read_dir(&staging.path)
-        .unwrap()
-        .flatten()
-        .flat_map(|sub| {
-            std::fs::read_dir(sub.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|e| e.path())
-        .collect();
-    assert!(
-        left.is_empty(),
-        "the half-written copy is removed: {left:?}"
-    );
-    // Only a dir of the learner's own is used (and wiped) in the staging dir.
-    std::fs::write(staging.path.join("operator.txt"), "kept").unwrap();
+    assert!(data.is_empty(), "the partial upload is removed: {data:?}");
+    let old_staging = c.nodes[l].data_dir.join("backup-staging");
+    assert!(!old_staging.exists(), "nothing is staged locally");
+    // A staging copy an older version left behind goes at the next start.
+    c.nodes[l].kill9();
+    std::fs::create_dir_all(&old_staging).unwrap();
+    std::fs::write(old_staging.join("state.db"), vec![0u8; 1 << 20]).unwrap();
+    c.nodes[l].restart();
 
     // The learner is unaffected: it applies new writes and serves them.
     fill(&leader, "after-full/", 5);
     let rev = current_revision(&leader);
     let hash = c.converged_hash(&[0, l], rev, Duration::from_secs(20));
+    assert!(!old_staging.exists(), "the old staging copy is removed");
     let out = etcdctl(
         &learner,
         &[
@@ -638,7 +634,7 @@ async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds(
     );
     assert_eq!(out.stdout.trim(), "v4", "{out:?}");
 
-    staging.resize("64m");
+    disk.resize("64m");
     let answer = post_backup(&learner);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let manifests = file_manifests(&store);
@@ -655,9 +651,10 @@ async fn a_full_staging_area_fails_the_backup_cleanly_and_the_next_one_succeeds(
         open_backup(&object, &key, dir.path(), "SELECT COUNT(*) FROM kv_live"),
         "2005"
     );
-    assert_eq!(
-        std::fs::read_to_string(staging.path.join("operator.txt")).unwrap(),
-        "kept",
-        "the learner leaves the rest of the staging dir alone"
-    );
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["operator.txt"], "the old staging dir is not used");
 }

@@ -176,11 +176,10 @@ pub struct BackupConfig {
     #[arg(long = "backup-segment-interval", default_value = "5s")]
     pub segment_interval: String,
 
-    /// Where a full backup's state copy is made before it is streamed out
-    /// (default: `backup-staging` in the data dir). It needs room for one
-    /// copy of the state; a separate filesystem keeps a full staging area
-    /// from ever touching the member's own data.
-    #[arg(long = "backup-staging-dir")]
+    /// No longer used: full backups stream the state from a read
+    /// transaction and write nothing locally. Accepted (with a warning) so
+    /// that existing configs still start.
+    #[arg(long = "backup-staging-dir", hide = true)]
     pub staging_dir: Option<std::path::PathBuf>,
 
     /// S3-compatible stores: the endpoint URL (`http://minio:9000`).

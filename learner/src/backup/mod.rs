@@ -1,6 +1,6 @@
 //! Scheduled full backups of the learner's state to object storage.
 //!
-//! - [`pipeline`]: one backup: consistent copy → zstd → age → multipart
+//! - [`pipeline`]: one backup: consistent image → zstd → age → multipart
 //!   upload → manifest (written last: a backup exists once its manifest
 //!   does).
 //! - [`manifest`]: what a backup records, and how its objects are named.
@@ -49,10 +49,8 @@ use target::Target;
 pub enum BackupError {
     #[error("invalid value for '--{key}': {reason}")]
     Config { key: &'static str, reason: String },
-    #[error("copying the state: {0}")]
+    #[error("reading the state: {0}")]
     Snapshot(String),
-    #[error("copying the state: the staging area is full ({0}); free space there or point --backup-staging-dir at a larger filesystem")]
-    StagingFull(String),
     #[error("encrypting: {0}")]
     Encrypt(String),
     #[error("uploading: {0}")]
@@ -66,7 +64,6 @@ impl BackupError {
         match self {
             BackupError::Config { .. } => "config",
             BackupError::Snapshot(_) => "snapshot",
-            BackupError::StagingFull(_) => "staging_full",
             BackupError::Encrypt(_) => "encrypt",
             BackupError::Upload(_) => "upload",
             BackupError::Manifest(_) => "manifest",
@@ -74,14 +71,7 @@ impl BackupError {
     }
 
     /// Every value [`BackupError::reason`] takes.
-    const REASONS: [&'static str; 6] = [
-        "config",
-        "snapshot",
-        "staging_full",
-        "encrypt",
-        "upload",
-        "manifest",
-    ];
+    const REASONS: [&'static str; 5] = ["config", "snapshot", "encrypt", "upload", "manifest"];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -189,10 +179,16 @@ pub fn extension(config: &BackupConfig) -> Result<Option<Extension>, BackupError
         keep_weekly: config.keep_weekly,
         keep_monthly: config.keep_monthly,
     };
+    if let Some(dir) = &config.staging_dir {
+        tracing::warn!(
+            dir = %dir.display(),
+            "--backup-staging-dir is no longer used: full backups stream the state without a \
+             local copy"
+        );
+    }
     let settings = Arc::new(Settings {
         zstd_level: config.zstd_level,
         recipients,
-        staging_dir: config.staging_dir.clone(),
     });
     let target = Arc::new(target);
     let interval = config.segment_interval().map_err(|e| BackupError::Config {
@@ -200,6 +196,7 @@ pub fn extension(config: &BackupConfig) -> Result<Option<Extension>, BackupError
         reason: e.to_string(),
     })?;
     Ok(Some(Box::new(move |member: Arc<Member>| {
+        remove_old_staging(&member.data_dir);
         let archiver = Arc::new(archive::Archiver {
             member: member.clone(),
             target: target.clone(),
@@ -225,6 +222,21 @@ pub fn extension(config: &BackupConfig) -> Result<Option<Extension>, BackupError
             .route("/backup", axum::routing::post(backup_now))
             .with_state(runs)
     })))
+}
+
+/// Before full backups streamed, each made a copy of the state in
+/// `backup-staging` in the data dir first; one left by a killed run can be
+/// as large as the state.
+fn remove_old_staging(data_dir: &std::path::Path) {
+    let old = data_dir.join("backup-staging");
+    if old.exists() {
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => tracing::info!(dir = %old.display(), "removed an old backup staging copy"),
+            Err(e) => {
+                tracing::warn!(dir = %old.display(), error = %e, "cannot remove an old backup staging copy")
+            }
+        }
+    }
 }
 
 /// The recipients from the flags and the file, each checked.

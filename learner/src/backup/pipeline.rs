@@ -1,18 +1,21 @@
-//! One full backup: a consistent copy of the state at one revision,
+//! One full backup: a consistent image of the state at one revision,
 //! streamed through zstd and age into a multipart upload, then the
 //! manifest.
 //!
-//! The copy is `VACUUM INTO` from a read transaction (the learner keeps
-//! applying and serving meanwhile) into a staging file exactly as large as
-//! the state; nothing else touches the disk. A blocking thread reads it
-//! through the zstd encoder and the age encryptor into [`PART_SIZE`] parts,
-//! hashing what will be stored; the async side uploads at most
-//! [`PARTS_IN_FLIGHT`] parts at once, so memory stays bounded whatever the
-//! state size. On any failure the multipart upload is aborted and no
-//! manifest is written, so the backup never appears.
+//! The image is read page by page from one read transaction
+//! ([`StateImage`]; the learner keeps applying and serving meanwhile), and
+//! what the manifest says of it (revision, key count, hash) is read in that
+//! same transaction first. Nothing is written to the local disk: a copy of
+//! the state made first would write as much again, and at 1 M keys that
+//! disk traffic stalled the primary's commits beside it. A blocking thread
+//! feeds the pages through the zstd encoder and the age encryptor into
+//! [`PART_SIZE`] parts, hashing what will be stored; the async side uploads
+//! at most [`PARTS_IN_FLIGHT`] parts at once, so memory stays bounded
+//! whatever the state size. On any failure the multipart upload is aborted
+//! and no manifest is written, so the backup never appears.
 
 use std::io::Write;
-use std::path::{Path as FsPath, PathBuf};
+use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +24,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 use tern_primary::member::Member;
-use tern_primary::mvcc::{read, write::copy_state, MvccError};
+use tern_primary::mvcc::image::{ImageError, StateImage};
+use tern_primary::mvcc::read;
 use tokio::sync::mpsc;
 
 use super::manifest::{self, Compression, Encryption, Manifest, StoredObject};
@@ -39,13 +43,10 @@ const PARTS_QUEUED: usize = 2;
 pub struct Settings {
     pub zstd_level: i32,
     pub recipients: Vec<age::x25519::Recipient>,
-    /// `--backup-staging-dir`; `None`: `backup-staging` in the data dir.
-    pub staging_dir: Option<PathBuf>,
 }
 
-/// The state copy and what was learnt from it.
-struct Copy {
-    path: PathBuf,
+/// What the manifest says of an image, read in the image's transaction.
+struct Described {
     revision: i64,
     raft_index: u64,
     raft_term: u64,
@@ -66,43 +67,33 @@ pub async fn take(
     settings: &Settings,
 ) -> Result<Manifest, BackupError> {
     let started = Utc::now();
-    // A directory of our own even inside an operator's staging dir: it is
-    // wiped before every copy, and the operator's dir may be shared (/var/tmp,
-    // or two learners on one host).
-    let staging = match &settings.staging_dir {
-        Some(dir) => dir.join(format!("tern-backup-{:x}", member.member_id)),
-        None => member.data_dir.join("backup-staging"),
-    };
-    let copy = {
+    let (image, described) = {
         let state_path = member.data_dir.join("state.db");
-        let staging = staging.clone();
-        tokio::task::spawn_blocking(move || copy_state_for_backup(&state_path, &staging))
+        tokio::task::spawn_blocking(move || open_image(&state_path))
             .await
             .map_err(|e| BackupError::Snapshot(e.to_string()))??
     };
-    let id = manifest::new_id(started, copy.revision);
+    let id = manifest::new_id(started, described.revision);
     let data_name = manifest::data_name(&id);
-    let stored = upload(target, &data_name, &copy.path, settings).await;
-    let _ = std::fs::remove_file(&copy.path);
-    let (size, sha256) = stored?;
+    let (size, sha256) = upload(target, &data_name, image, settings).await?;
     let manifest = Manifest {
         format_version: manifest::FORMAT_VERSION,
         id: id.clone(),
-        cluster_id: format!("{:x}", copy.cluster_id),
-        member_id: format!("{:x}", copy.member_id),
-        source_etcd_cluster_id: (copy.source_cluster_id != 0)
-            .then(|| format!("{:x}", copy.source_cluster_id)),
-        revision: copy.revision,
-        raft_index: copy.raft_index,
-        raft_term: copy.raft_term,
-        compact_revision: copy.compact_revision,
-        key_count: copy.key_count,
-        kv_hash: copy.kv_hash,
+        cluster_id: format!("{:x}", described.cluster_id),
+        member_id: format!("{:x}", described.member_id),
+        source_etcd_cluster_id: (described.source_cluster_id != 0)
+            .then(|| format!("{:x}", described.source_cluster_id)),
+        revision: described.revision,
+        raft_index: described.raft_index,
+        raft_term: described.raft_term,
+        compact_revision: described.compact_revision,
+        key_count: described.key_count,
+        kv_hash: described.kv_hash,
         object: StoredObject {
             name: data_name,
             size,
             sha256,
-            raw_size: copy.raw_size,
+            raw_size: described.raw_size,
         },
         compression: Compression {
             algorithm: "zstd".into(),
@@ -130,51 +121,21 @@ pub async fn take(
     Ok(manifest)
 }
 
-/// Copy the state and compute what the manifest says about it, from the
-/// copy itself: it is exactly the state at its applied index.
-fn copy_state_for_backup(state_path: &FsPath, staging: &FsPath) -> Result<Copy, BackupError> {
-    // Whatever an interrupted run left here is useless now.
-    let _ = std::fs::remove_dir_all(staging);
-    std::fs::create_dir_all(staging).map_err(|e| io_failure(&e))?;
-    let path = staging.join("state.db");
-    let copied = describe_copy(state_path, &path);
-    if copied.is_err() {
-        // A half-written copy only takes the space the next run needs.
-        let _ = std::fs::remove_file(&path);
-    }
-    copied
-}
-
-/// The copy at `path` and what the manifest says about it.
-fn describe_copy(state_path: &FsPath, path: &FsPath) -> Result<Copy, BackupError> {
+/// Start the image's read transaction and read what the manifest says
+/// about it there.
+fn open_image(state_path: &FsPath) -> Result<(StateImage, Described), BackupError> {
     let snapshot = |e: &dyn std::fmt::Display| BackupError::Snapshot(e.to_string());
-    let (state, _) = copy_state(state_path, path).map_err(|e| match e {
-        MvccError::Sqlite(e) => sqlite_failure(&e),
-        e => snapshot(&e),
-    })?;
-    let conn = rusqlite::Connection::open(path).map_err(|e| sqlite_failure(&e))?;
+    let image = StateImage::open(state_path).map_err(|e| snapshot(&e))?;
+    let conn = image.conn();
+    let state = read::store_state(conn).map_err(|e| snapshot(&e))?;
     let kv_hash =
-        read::hash(&conn, state.revision, state.compact_revision).map_err(|e| snapshot(&e))?;
-    let key_count = read::key_count(&conn).map_err(|e| snapshot(&e))?;
-    let cluster_id = read::meta(&conn, "cluster_id").map_err(|e| snapshot(&e))? as u64;
-    let member_id = read::meta(&conn, "member_id").map_err(|e| snapshot(&e))? as u64;
+        read::hash(conn, state.revision, state.compact_revision).map_err(|e| snapshot(&e))?;
+    let key_count = read::key_count(conn).map_err(|e| snapshot(&e))?;
+    let cluster_id = read::meta(conn, "cluster_id").map_err(|e| snapshot(&e))? as u64;
+    let member_id = read::meta(conn, "member_id").map_err(|e| snapshot(&e))? as u64;
     let source_cluster_id =
-        read::meta(&conn, crate::follow::SOURCE_CLUSTER_ID).map_err(|e| snapshot(&e))? as u64;
-    conn.execute(
-        "INSERT OR REPLACE INTO about (topic, text) VALUES ('backup', ?1)",
-        [format!(
-            "A tern-learner backup of cluster {cluster_id:x} at revision {} (raft index {}), \
-             taken {}. Read it like a data dir's state.db; see `example`.",
-            state.revision,
-            state.applied_index,
-            Utc::now().to_rfc3339()
-        )],
-    )
-    .map_err(|e| sqlite_failure(&e))?;
-    drop(conn);
-    let raw_size = std::fs::metadata(path).map_err(|e| io_failure(&e))?.len();
-    Ok(Copy {
-        path: path.to_path_buf(),
+        read::meta(conn, crate::follow::SOURCE_CLUSTER_ID).map_err(|e| snapshot(&e))? as u64;
+    let described = Described {
         revision: state.revision,
         raft_index: state.applied_index,
         raft_term: state.applied_term,
@@ -184,24 +145,24 @@ fn describe_copy(state_path: &FsPath, path: &FsPath) -> Result<Copy, BackupError
         cluster_id,
         member_id,
         source_cluster_id,
-        raw_size,
-    })
+        raw_size: image.size(),
+    };
+    Ok((image, described))
 }
 
-/// Stream `file` through zstd and age into `name`; returns the stored size
+/// Stream `image` through zstd and age into `name`; returns the stored size
 /// and sha256.
 async fn upload(
     target: &Target,
     name: &str,
-    file: &FsPath,
+    image: StateImage,
     settings: &Settings,
 ) -> Result<(u64, String), BackupError> {
     let (parts_tx, mut parts) = mpsc::channel::<Bytes>(PARTS_QUEUED);
     let encoder = {
-        let file = file.to_path_buf();
         let level = settings.zstd_level;
         let recipients = settings.recipients.clone();
-        tokio::task::spawn_blocking(move || encode(&file, level, &recipients, parts_tx))
+        tokio::task::spawn_blocking(move || encode(&image, level, &recipients, parts_tx))
     };
     let location = target.path(name);
     let mut upload = target
@@ -248,16 +209,15 @@ async fn upload(
     result
 }
 
-/// The blocking half: file → zstd → age → parts. Returns the stored size
+/// The blocking half: pages → zstd → age → parts. Returns the stored size
 /// and sha256.
 fn encode(
-    file: &FsPath,
+    image: &StateImage,
     level: i32,
     recipients: &[age::x25519::Recipient],
     parts: mpsc::Sender<Bytes>,
 ) -> Result<(u64, String), BackupError> {
     let snapshot = |e: &dyn std::fmt::Display| BackupError::Snapshot(e.to_string());
-    let mut input = std::fs::File::open(file).map_err(|e| snapshot(&e))?;
     let sink = PartWriter {
         parts,
         buffer: Vec::with_capacity(PART_SIZE),
@@ -272,7 +232,10 @@ fn encode(
         .map_err(|e| BackupError::Encrypt(e.to_string()))?;
     let mut compressed =
         zstd::stream::write::Encoder::new(encrypted, level).map_err(|e| snapshot(&e))?;
-    std::io::copy(&mut input, &mut compressed).map_err(pipeline_error)?;
+    image.write_to(&mut compressed).map_err(|e| match e {
+        ImageError::Write(e) => pipeline_error(e),
+        e => snapshot(&e),
+    })?;
     let encrypted = compressed.finish().map_err(pipeline_error)?;
     let mut sink = encrypted.finish().map_err(pipeline_error)?;
     sink.flush_part().map_err(pipeline_error)?;
@@ -328,21 +291,4 @@ impl Write for PartWriter {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A full staging area is its own failure reason: the operator's fix is
-/// space, not a bug report.
-fn sqlite_failure(e: &rusqlite::Error) -> BackupError {
-    match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DiskFull) => BackupError::StagingFull(e.to_string()),
-        _ => BackupError::Snapshot(e.to_string()),
-    }
-}
-
-fn io_failure(e: &std::io::Error) -> BackupError {
-    if e.kind() == std::io::ErrorKind::StorageFull {
-        BackupError::StagingFull(e.to_string())
-    } else {
-        BackupError::Snapshot(e.to_string())
-    }
 }

@@ -13,6 +13,8 @@
 //!   and [`Batch`], one SQLite transaction applying many Raft entries.
 //! - [`read`]: range queries and history scans over any connection, so the
 //!   writer (inside a transaction) and the read pool share one implementation.
+//! - [`image`]: the state file as one read transaction sees it, page by
+//!   page, for full backups.
 //! - [`etcd_snapshot`]: the state as etcd 3.4's bbolt backend, for the
 //!   Snapshot RPC, and etcd's records decoded back, for `tern-restore
 //!   import-etcd`.
@@ -25,6 +27,7 @@
 //! replay after a crash exact.
 
 pub mod etcd_snapshot;
+pub mod image;
 pub mod read;
 pub mod schema;
 pub mod write;
