@@ -7,6 +7,7 @@
 //! - [`target`]: the object store behind `--backup-url`.
 //! - [`retention`]: which backups to keep.
 //! - [`archive`]: log segments shipped between full backups.
+//! - [`background`]: the heavy work of a backup, on idle CPU only.
 //!
 //! One worker task runs backups one at a time, whatever asked for them:
 //! the cron schedules, `POST /backup` on the client URL (answers with the
@@ -15,6 +16,7 @@
 //! the retention policy. Metrics go on the member's `/metrics`.
 
 pub mod archive;
+pub mod background;
 pub mod manifest;
 pub mod pipeline;
 pub mod retention;

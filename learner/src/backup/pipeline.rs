@@ -28,6 +28,7 @@ use tern_primary::mvcc::image::{ImageError, StateImage};
 use tern_primary::mvcc::read;
 use tokio::sync::mpsc;
 
+use super::background;
 use super::manifest::{self, Compression, Encryption, Manifest, StoredObject};
 use super::target::Target;
 use super::BackupError;
@@ -69,9 +70,9 @@ pub async fn take(
     let started = Utc::now();
     let (image, described) = {
         let state_path = member.data_dir.join("state.db");
-        tokio::task::spawn_blocking(move || open_image(&state_path))
+        background::run("backup-read", move || open_image(&state_path))
             .await
-            .map_err(|e| BackupError::Snapshot(e.to_string()))??
+            .map_err(BackupError::Snapshot)??
     };
     let id = manifest::new_id(started, described.revision);
     let data_name = manifest::data_name(&id);
@@ -162,7 +163,9 @@ async fn upload(
     let encoder = {
         let level = settings.zstd_level;
         let recipients = settings.recipients.clone();
-        tokio::task::spawn_blocking(move || encode(&image, level, &recipients, parts_tx))
+        background::run("backup-encode", move || {
+            encode(&image, level, &recipients, parts_tx)
+        })
     };
     let location = target.path(name);
     let mut upload = target
@@ -189,9 +192,7 @@ async fn upload(
     // The encoder stops once the channel is gone; its error explains more
     // than the upload's "channel closed".
     drop(parts);
-    let encoded = encoder
-        .await
-        .map_err(|e| BackupError::Snapshot(e.to_string()))?;
+    let encoded = encoder.await.map_err(BackupError::Snapshot)?;
     let result = match (uploaded, encoded) {
         (Ok(()), Ok(stored)) => upload
             .complete()
