@@ -1,19 +1,33 @@
-//! `verify`: prove a backup restores. Download it (checking size and
-//! sha256 against the manifest as it streams to disk), decrypt with the age
-//! identity, decompress, run SQLite's integrity check, and recompute the
+//! `verify`: prove a backup restores. Download it, checking size and
+//! sha256 against the manifest, while the same bytes are decrypted with the
+//! age identity and decompressed into the state file (one pass, nothing
+//! staged); then run SQLite's integrity check and, beside it, recompute the
 //! revision, key count and HashKV the manifest claims.
+//!
+//! The state file is only handed on once every check passed. The stored
+//! object's own checks (size, sha256) decide the error whenever they fail,
+//! even if decryption failed first: a damaged object is "tampered or
+//! damaged", whatever byte age tripped on.
 
-use std::io::Write;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use futures::StreamExt;
-use object_store::ObjectStoreExt;
+use object_store::{GetResultPayload, ObjectStoreExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tern_learner::backup::manifest::Manifest;
 use tern_learner::backup::target::Target;
 use tern_primary::mvcc::read;
+use tokio::sync::mpsc;
+
+/// Chunks of the stored object queued between the download and the
+/// decrypting thread.
+const CHUNKS_QUEUED: usize = 16;
+/// Bytes read at a time from a `file://` store's object.
+const FILE_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Serialize)]
 pub struct Verified {
@@ -34,11 +48,18 @@ pub async fn verify(
     dir: &Path,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<(PathBuf, Verified)> {
-    let encrypted = dir.join("backup.db.zst.age");
     progress.set_length(manifest.object.size);
     progress.set_message(format!("downloading {}", manifest.id));
-    let (size, sha256) = download(target, &manifest.object.name, &encrypted, progress).await?;
+    let state = dir.join("state.db");
+    let (chunks, queue) = mpsc::channel::<Bytes>(CHUNKS_QUEUED);
+    let decoder = {
+        let (state, identities) = (state.clone(), identities.to_vec());
+        tokio::task::spawn_blocking(move || decode(ChunkReader::new(queue), &state, &identities))
+    };
+    let downloaded = download(target, &manifest.object.name, chunks, progress).await;
     progress.finish_and_clear();
+    let decoded = decoder.await?;
+    let (size, sha256) = downloaded?;
     if size != manifest.object.size {
         bail!(
             "backup {}: stored object has {size} bytes, the manifest says {}",
@@ -53,13 +74,7 @@ pub async fn verify(
             manifest.object.sha256
         );
     }
-    let state = dir.join("state.db");
-    {
-        let (encrypted, state, identities) =
-            (encrypted.clone(), state.clone(), identities.to_vec());
-        tokio::task::spawn_blocking(move || decrypt(&encrypted, &state, &identities)).await??;
-    }
-    let _ = std::fs::remove_file(&encrypted);
+    decoded?;
     let checked = {
         let state = state.clone();
         let manifest = manifest.clone();
@@ -68,44 +83,150 @@ pub async fn verify(
     Ok((state, checked))
 }
 
+/// Read the stored object `name`, hashing and counting it, and pass it on
+/// to `chunks`. Reads it to the end even if the receiver has gone (the
+/// decrypting side failed): the object's own size and hash explain a
+/// damaged object better than the byte decryption stopped at.
 async fn download(
     target: &Target,
     name: &str,
-    to: &Path,
+    chunks: mpsc::Sender<Bytes>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<(u64, String)> {
-    let mut stream = target
+    let got = target
         .store
         .get(&target.path(name))
         .await
-        .with_context(|| format!("downloading {name}"))?
-        .into_stream();
-    let mut file = std::fs::File::create(to)?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("downloading {name}"))?;
-        hasher.update(&chunk);
-        size += chunk.len() as u64;
-        progress.inc(chunk.len() as u64);
-        file.write_all(&chunk)?;
+        .with_context(|| format!("downloading {name}"))?;
+    let mut seen = Seen::default();
+    match got.payload {
+        // A `file://` store: read the file in large chunks on a thread of
+        // its own (object_store's stream of it hops threads every 8 KiB).
+        GetResultPayload::File(file, path) => {
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Seen> {
+                let mut file = std::io::BufReader::with_capacity(FILE_CHUNK, file);
+                loop {
+                    let mut chunk = vec![0u8; FILE_CHUNK];
+                    let n = read_full(&mut file, &mut chunk)
+                        .with_context(|| format!("downloading {}", path.display()))?;
+                    if n == 0 {
+                        return Ok(seen);
+                    }
+                    chunk.truncate(n);
+                    progress.inc(n as u64);
+                    seen.pass(Bytes::from(chunk), |c| chunks.blocking_send(c).is_ok());
+                }
+            })
+            .await??
+            .finish()
+        }
+        GetResultPayload::Stream(mut stream) => {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.with_context(|| format!("downloading {name}"))?;
+                progress.inc(chunk.len() as u64);
+                if seen.forwarding {
+                    seen.forwarding = chunks.send(chunk.clone()).await.is_ok();
+                }
+                seen.count(&chunk);
+            }
+            seen.finish()
+        }
     }
-    file.sync_all()?;
-    let sha256 = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((size, sha256))
 }
 
-fn decrypt(from: &Path, to: &Path, identities: &[age::x25519::Identity]) -> anyhow::Result<()> {
-    let input = std::io::BufReader::new(std::fs::File::open(from)?);
+/// What the download has seen of the object.
+struct Seen {
+    hasher: Sha256,
+    size: u64,
+    /// Whether the decrypting side still takes chunks.
+    forwarding: bool,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            hasher: Sha256::new(),
+            size: 0,
+            forwarding: true,
+        }
+    }
+}
+
+impl Seen {
+    fn count(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+    }
+
+    fn pass(&mut self, chunk: Bytes, send: impl FnOnce(Bytes) -> bool) {
+        self.count(&chunk);
+        if self.forwarding {
+            self.forwarding = send(chunk);
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<(u64, String)> {
+        let sha256 = self
+            .hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok((self.size, sha256))
+    }
+}
+
+/// Fill `buf` unless the input ends first; the bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The downloaded chunks as one `Read`, on the decrypting thread.
+struct ChunkReader {
+    queue: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl ChunkReader {
+    fn new(queue: mpsc::Receiver<Bytes>) -> Self {
+        ChunkReader {
+            queue,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.queue.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// age → zstd → the state file, synced.
+fn decode(input: impl Read, to: &Path, identities: &[age::x25519::Identity]) -> anyhow::Result<()> {
     let reader = decryptor(input, identities)?;
     let mut decoder = zstd::stream::read::Decoder::new(reader).context("not zstd")?;
-    let mut out = std::fs::File::create(to)?;
+    let mut out = std::io::BufWriter::with_capacity(FILE_CHUNK, std::fs::File::create(to)?);
     std::io::copy(&mut decoder, &mut out).context("decrypting and decompressing")?;
-    out.sync_all()?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
 }
 
@@ -128,25 +249,43 @@ pub fn decryptor<R: std::io::Read>(
         })
 }
 
+/// SQLite's integrity check on one core and the manifest's numbers
+/// recomputed on the other, each from a connection of its own; the
+/// integrity check's verdict comes first.
 fn check_state(path: &Path, manifest: &Manifest) -> anyhow::Result<Verified> {
-    let conn =
+    let open = || {
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .context("not an SQLite file")?;
-    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+            .context("not an SQLite file")
+    };
+    let conn = open()?;
+    let (integrity, computed) = std::thread::scope(|scope| {
+        let integrity = scope.spawn(|| -> anyhow::Result<String> {
+            Ok(open()?.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+        });
+        let computed = (|| -> anyhow::Result<_> {
+            let state = read::store_state(&conn)?;
+            let key_count = read::key_count(&conn)?;
+            // Format 1 manifests carry Tern's own first hash; later ones etcd's.
+            let kv_hash = if manifest.format_version < 2 {
+                read::tern_v1_hash(&conn, state.revision)?
+            } else {
+                read::hash(&conn, state.revision, state.compact_revision)?
+            };
+            Ok((state, key_count, kv_hash))
+        })();
+        let integrity = integrity
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the integrity check panicked")));
+        (integrity, computed)
+    });
+    let integrity = integrity?;
     if integrity != "ok" {
         bail!(
             "backup {}: SQLite integrity check: {integrity}",
             manifest.id
         );
     }
-    let state = read::store_state(&conn)?;
-    let key_count = read::key_count(&conn)?;
-    // Format 1 manifests carry Tern's own first hash; later ones etcd's.
-    let kv_hash = if manifest.format_version < 2 {
-        read::tern_v1_hash(&conn, state.revision)?
-    } else {
-        read::hash(&conn, state.revision, state.compact_revision)?
-    };
+    let (state, key_count, kv_hash) = computed?;
     let mut wrong = Vec::new();
     if state.revision != manifest.revision {
         wrong.push(format!(
