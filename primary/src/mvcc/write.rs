@@ -171,16 +171,6 @@ enum Replace {
     Keyspace,
 }
 
-/// Copy the committed state into a new file at `to`, from a read
-/// transaction of its own: writes go on meanwhile, and the copy is exactly
-/// the state at the applied index it records.
-pub fn copy_state(from: &Path, to: &Path) -> Result<(StoreState, Vec<MemberRow>), MvccError> {
-    let conn = super::schema::open_reader(from)?;
-    conn.execute("VACUUM INTO ?1", [to.to_string_lossy().as_ref()])?;
-    let copy = Connection::open_with_flags(to, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    Ok((read::store_state(&copy)?, members(&copy)?))
-}
-
 /// One SQLite transaction applying many entries.
 pub struct Batch<'a> {
     tx: rusqlite::Transaction<'a>,
