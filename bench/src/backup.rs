@@ -11,8 +11,9 @@
 //!   fresh age key from `age-keygen`. Once the learner has caught up (a
 //!   serializable Range on it shows the leader's revision), `POST /backup`
 //!   on its client URL is timed: it answers with the manifest once the
-//!   backup is visible, after the consistent copy (`VACUUM INTO`), zstd,
-//!   age, the upload and the manifest. The manifest gives the state's size
+//!   backup is visible, after the consistent image of the state (read
+//!   page by page from one read transaction), zstd, age, the upload and
+//!   the manifest. The manifest gives the state's size
 //!   (`object.raw_size`) and what was stored (`object.size`).
 //!
 //! Each system takes `--backup-runs` backups in a row and the table shows

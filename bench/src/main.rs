@@ -400,13 +400,15 @@ impl Args {
                  etcd: `etcdctl snapshot save` from one etcd (its bbolt file as is, neither \
                  compressed nor encrypted); tern: `POST /backup` on a tern-learner added to one \
                  tern-primary with `etcdctl member add --learner`, once caught up, writing to a \
-                 file:// store in a temporary directory (VACUUM INTO copy, zstd level 3, age to \
-                 one X25519 recipient, answered when the manifest is written); state = etcd's \
+                 file:// store in a temporary directory (page image of the state streamed from \
+                 one read transaction, zstd level 3, age to one X25519 recipient, answered when \
+                 the manifest is written); state = etcd's \
                  snapshot size, tern's manifest raw_size; throughput = state MB (10^6 bytes) / \
                  seconds; the median of {} {} in a row; restore: with the backed-up servers \
                  stopped, from spawning the restore command (etcd: `etcdctl snapshot restore` of \
                  the last snapshot; tern: `tern-restore restore` of the newest backup: download, \
-                 sha256, decrypt, decompress, integrity check, hash recomputed) into a fresh dir \
+                 sha256, decrypt and decompress in one stream, integrity check beside the hash \
+                 recomputed) into a fresh dir \
                  to the first linearizable Range on a member started on it that answers at the \
                  backed-up revision, the median of {} in a row; drill RTO: as reported by one \
                  `tern-restore drill` on the same store",
