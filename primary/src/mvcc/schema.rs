@@ -206,8 +206,16 @@ fn configure(conn: &Connection) -> Result<(), MvccError> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     Ok(())
 }
+
+/// What the state's WAL file is cut back to when it starts over. A long
+/// read transaction (a backup streaming to a slow store) keeps every frame
+/// written meanwhile, and without a limit the file would keep that size
+/// for good. Well above what steady writes leave in it (the checkpointer's
+/// backstop is 16 MiB).
+pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -296,6 +304,39 @@ mod tests {
         // Opening again finds format 2 and changes nothing.
         let conn = open(&path).unwrap();
         assert_eq!(everything(&conn, 6).len(), 2);
+    }
+
+    /// A reader held open while the writer goes on lets the WAL grow past
+    /// the limit; once it is gone and the WAL starts over, the file shrinks
+    /// back.
+    #[test]
+    fn the_wal_shrinks_back_after_a_long_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let conn = open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (v BLOB); PRAGMA wal_autocheckpoint = 0;")
+            .unwrap();
+        let reader = open_reader(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        let wal = dir.path().join("state.db-wal");
+        let chunk = 4 << 20;
+        for _ in 0..(WAL_SIZE_LIMIT / chunk + 4) {
+            conn.execute("INSERT INTO t VALUES (zeroblob(?1))", [chunk])
+                .unwrap();
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .unwrap();
+        }
+        let grown = std::fs::metadata(&wal).unwrap().len() as i64;
+        assert!(grown > WAL_SIZE_LIMIT, "{grown}");
+        reader.execute_batch("COMMIT").unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+        conn.execute("INSERT INTO t VALUES (x'00')", []).unwrap();
+        let after = std::fs::metadata(&wal).unwrap().len() as i64;
+        assert!(after <= WAL_SIZE_LIMIT, "{after}");
     }
 
     #[test]
