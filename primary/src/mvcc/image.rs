@@ -1,5 +1,6 @@
 //! A consistent image of the state file, streamed page by page from one
-//! read transaction: what a full backup stores.
+//! read transaction: what a full backup stores and a Raft snapshot
+//! carries.
 //!
 //! Why not `VACUUM INTO` a copy and read that: the copy writes the whole
 //! state to disk again, and at 1 M keys that is over a gigabyte at a few
