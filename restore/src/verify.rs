@@ -99,13 +99,18 @@ async fn download(
         .await
         .with_context(|| format!("downloading {name}"))?;
     let mut seen = Seen::default();
+    let range = got.range.clone();
     match got.payload {
         // A `file://` store: read the file in large chunks on a thread of
         // its own (object_store's stream of it hops threads every 8 KiB).
-        GetResultPayload::File(file, path) => {
+        GetResultPayload::File(mut file, path) => {
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<Seen> {
-                let mut file = std::io::BufReader::with_capacity(FILE_CHUNK, file);
+                // The object's bytes are the range object_store resolved
+                // (all of it here), wherever the file is at.
+                std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(range.start))
+                    .with_context(|| format!("downloading {}", path.display()))?;
+                let mut file = file.take(range.end - range.start);
                 loop {
                     let mut chunk = vec![0u8; FILE_CHUNK];
                     let n = read_full(&mut file, &mut chunk)
