@@ -120,7 +120,11 @@ async fn download(
                     }
                     chunk.truncate(n);
                     progress.inc(n as u64);
-                    seen.pass(Bytes::from(chunk), |c| chunks.blocking_send(c).is_ok());
+                    let chunk = Bytes::from(chunk);
+                    seen.count(&chunk);
+                    if seen.forwarding {
+                        seen.forwarding = chunks.blocking_send(chunk).is_ok();
+                    }
                 }
             })
             .await??
@@ -130,10 +134,10 @@ async fn download(
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.with_context(|| format!("downloading {name}"))?;
                 progress.inc(chunk.len() as u64);
-                if seen.forwarding {
-                    seen.forwarding = chunks.send(chunk.clone()).await.is_ok();
-                }
                 seen.count(&chunk);
+                if seen.forwarding {
+                    seen.forwarding = chunks.send(chunk).await.is_ok();
+                }
             }
             seen.finish()
         }
@@ -162,13 +166,6 @@ impl Seen {
     fn count(&mut self, chunk: &[u8]) {
         self.hasher.update(chunk);
         self.size += chunk.len() as u64;
-    }
-
-    fn pass(&mut self, chunk: Bytes, send: impl FnOnce(Bytes) -> bool) {
-        self.count(&chunk);
-        if self.forwarding {
-            self.forwarding = send(chunk);
-        }
     }
 
     fn finish(self) -> anyhow::Result<(u64, String)> {

@@ -128,19 +128,23 @@ impl StateImage {
                     |r| r.get(0),
                 )
                 .optional()?
-                .ok_or_else(|| corrupt(format!("freelist page {pgno} is past the end")))
+                .ok_or_else(|| {
+                    ImageError::Unexpected(format!("freelist page {pgno} is past the end"))
+                })
         };
         let first = page(1)?;
         let mut trunk = be32(&first, FIRST_FREELIST_TRUNK);
         while trunk != 0 {
             if trunk > self.page_count || list.trunks.contains_key(&trunk) {
-                return Err(corrupt(format!("freelist trunk {trunk} is out of place")));
+                return Err(ImageError::Unexpected(format!(
+                    "freelist trunk {trunk} is out of place"
+                )));
             }
             let data = page(trunk)?;
             let leaves = be32(&data, 4) as usize;
             let used = 8 + 4 * leaves;
             if used > data.len() {
-                return Err(corrupt(format!(
+                return Err(ImageError::Unexpected(format!(
                     "freelist trunk {trunk} lists {leaves} leaves"
                 )));
             }
@@ -193,10 +197,6 @@ impl FreeList {
 
 fn be32(data: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(data[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn corrupt(what: String) -> ImageError {
-    ImageError::Unexpected(what)
 }
 
 #[cfg(test)]
