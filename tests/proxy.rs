@@ -147,6 +147,32 @@ fn rtt_applies_to_live_connections() {
     assert!(started.elapsed() < Duration::from_millis(100));
 }
 
+/// The bench reads a learner's lag to the millisecond behind this proxy,
+/// so the delay must be the one set, not rounded up to tokio's timer tick
+/// (which added about 1 ms each way).
+#[test]
+fn a_delay_is_the_latency_set_to_well_under_a_millisecond() {
+    let proxy = Proxy::start(echo_server());
+    let stream = connect(&proxy);
+    assert_eq!(echo(&stream, b"warm up"), b"warm up");
+    proxy.set_rtt(Duration::from_millis(20));
+    let mut over: Vec<Duration> = (0..25)
+        .map(|_| {
+            let started = Instant::now();
+            assert_eq!(echo(&stream, b"ping"), b"ping");
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(20), "round trip {took:?}");
+            took - Duration::from_millis(20)
+        })
+        .collect();
+    over.sort();
+    let median = over[over.len() / 2];
+    assert!(
+        median < Duration::from_micros(600),
+        "median round trip {median:?} over the 20 ms set"
+    );
+}
+
 #[test]
 fn one_way_delay_only_delays_its_direction() {
     let proxy = Proxy::start(echo_server());

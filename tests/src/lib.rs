@@ -35,6 +35,7 @@ pub mod http_faults;
 pub mod linearizability;
 pub mod nemesis;
 pub mod pki;
+mod precise_timer;
 pub mod proxy;
 pub mod rng;
 pub mod stores;

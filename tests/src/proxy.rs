@@ -98,6 +98,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::precise_timer::PreciseTimer;
+
 /// The most one read takes from a socket.
 const CHUNK: usize = 64 * 1024;
 
@@ -628,6 +630,7 @@ async fn pump(
     };
 
     let writer = async move {
+        let timer = PreciseTimer::new()?;
         let mut last_due: Option<Instant> = None;
         let mut next_slot = Instant::now();
         while let Some(chunk) = rx.recv().await {
@@ -638,7 +641,7 @@ async fn pump(
                 if let Some(last) = last_due {
                     due = due.max(last); // never overtake the previous chunk
                 }
-                if due <= Instant::now() || sleep_or_change(&mut control, due).await {
+                if due <= Instant::now() || sleep_or_change(&timer, &mut control, due).await? {
                     break due;
                 }
             };
@@ -662,7 +665,7 @@ async fn pump(
                     Some(rate) => {
                         let now = Instant::now();
                         let at = next_slot.max(now);
-                        if at > now && !sleep_or_change(&mut control, at).await {
+                        if at > now && !sleep_or_change(&timer, &mut control, at).await? {
                             continue;
                         }
                         let slice = ((rate as f64 * PACING_SLOT.as_secs_f64()) as usize)
@@ -687,16 +690,21 @@ async fn pump(
 }
 
 /// Sleep until `deadline` (`true`) unless the settings change first
-/// (`false`).
-async fn sleep_or_change(control: &mut watch::Receiver<Control>, deadline: Instant) -> bool {
+/// (`false`). The sleep is to the microsecond ([`PreciseTimer`]), so a
+/// delay is the latency set, not that rounded up to tokio's millisecond.
+async fn sleep_or_change(
+    timer: &PreciseTimer,
+    control: &mut watch::Receiver<Control>,
+    deadline: Instant,
+) -> io::Result<bool> {
     tokio::select! {
-        _ = tokio::time::sleep_until(deadline) => true,
+        slept = timer.sleep_until(deadline) => slept.map(|()| true),
         changed = control.changed() => {
             if changed.is_err() {
-                tokio::time::sleep_until(deadline).await;
-                return true;
+                timer.sleep_until(deadline).await?;
+                return Ok(true);
             }
-            false
+            Ok(false)
         }
     }
 }
