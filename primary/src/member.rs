@@ -19,13 +19,7 @@ use crate::proto::ternpb::raft_request::Request;
 use crate::raft::NodeHandle;
 use crate::watch::WatchHub;
 
-/// Free space a write must leave on the data dir's filesystem. Below it a
-/// write is refused and the NOSPACE alarm raised (through the log, which
-/// needs a little of this room), as for the backend quota, so a filling
-/// disk never reaches a failed log append: the Raft log, SQLite's WAL and
-/// snapshot copies all need headroom. etcd has no such check and stops
-/// when its WAL write fails.
-pub const DISK_RESERVE_BYTES: u64 = 32 * 1024 * 1024;
+pub use crate::disk_room::DISK_RESERVE_BYTES;
 
 /// etcd's default request timeout for a proposal to be applied.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
@@ -62,6 +56,8 @@ pub struct Member {
     pub source_revision: std::sync::OnceLock<SourceRevision>,
     /// Reads running on the pool at once (see [`read_slots`]).
     reads: Arc<tokio::sync::Semaphore>,
+    /// Free space on the data dir's filesystem, for the quota check.
+    disk_room: crate::disk_room::DiskRoom,
 }
 
 /// How many reads run at once: enough to keep every core busy while some
@@ -108,13 +104,14 @@ impl Member {
             lessor,
             metrics,
             limits,
-            data_dir,
+            data_dir: data_dir.clone(),
             auth,
             db_size: AtomicI64::new(0),
             ids: IdGenerator::new(member_id),
             leader_link: crate::forward::LeaderLink::new(leader_tls),
             source_revision: std::sync::OnceLock::new(),
             reads: Arc::new(tokio::sync::Semaphore::new(read_slots())),
+            disk_room: crate::disk_room::DiskRoom::new(data_dir),
         }
     }
 
@@ -176,7 +173,7 @@ impl Member {
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
         let size = self.db_size.load(Ordering::Relaxed).max(0) as u64;
         let within_quota = size + cost as u64 <= self.limits.quota_backend_bytes;
-        if within_quota && self.disk_has_room(cost) {
+        if within_quota && self.disk_room.admit(cost) {
             return Ok(());
         }
         let nospace = crate::proto::etcdserverpb::AlarmType::Nospace as i32;
@@ -197,19 +194,6 @@ impl Member {
             let _ = self.propose(Request::Alarm(alarm)).await;
         }
         Err(EtcdError::NoSpace.into())
-    }
-
-    /// Whether the data dir's filesystem keeps the reserve after `cost`
-    /// more bytes (a `statvfs`, cheap beside the write it guards). If the
-    /// figure cannot be read, the check does not stand in the way.
-    fn disk_has_room(&self, cost: usize) -> bool {
-        match rustix::fs::statvfs(&self.data_dir) {
-            Ok(fs) => {
-                let free = fs.f_bavail.saturating_mul(fs.f_frsize);
-                free >= DISK_RESERVE_BYTES + cost as u64
-            }
-            Err(_) => true,
-        }
     }
 
     /// A header with the ids, the term and `revision` (0: the current one).
