@@ -13,6 +13,8 @@ use tern_primary::server::{Extension, Role};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // Before any SQLite connection opens.
+    tern_primary::mvcc::page_cache::install();
     let mut config = LearnerConfig::load(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let backups = tern_learner::backup::extension(&config.backup).unwrap_or_else(|e| {
         eprintln!("error: {e}");

@@ -9,6 +9,8 @@ use tern_primary::server::Role;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // Before any SQLite connection opens.
+    tern_primary::mvcc::page_cache::install();
     let config = PrimaryConfig::load(std::env::args_os()).unwrap_or_else(|e| e.exit());
     tern_primary::launch::launch(config, Role::Primary)
 }

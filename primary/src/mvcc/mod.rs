@@ -28,6 +28,7 @@
 
 pub mod etcd_snapshot;
 pub mod image;
+pub mod page_cache;
 pub mod read;
 pub mod schema;
 pub mod write;

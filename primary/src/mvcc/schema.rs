@@ -112,6 +112,7 @@ const ABOUT: &[(&str, &str)] = &[
 /// older format in place. A newer format than this build knows is refused
 /// with its version, never read as if it were ours.
 pub fn open(path: &Path) -> Result<Connection, MvccError> {
+    super::page_cache::install();
     let mut conn = Connection::open(path)?;
     configure(&conn)?;
     conn.execute_batch(TABLES)?;

@@ -87,6 +87,7 @@ impl LogStore {
     /// set the membership; a member joining an existing cluster starts
     /// empty (`None`) and receives the leader's snapshot.
     pub fn open(path: &Path, bootstrap: Option<&ConfState>) -> Result<Self, LogError> {
+        crate::mvcc::page_cache::install();
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
