@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::time::Instant;
 
 /// One re-armable one-shot timer, registered with the current runtime.
@@ -34,9 +35,11 @@ impl PreciseTimer {
         }
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
         let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(PreciseTimer {
-            fd: AsyncFd::new(owned)?,
-        })
+        // SAFETY: the `OwnedFd` keeps the descriptor open, and always the
+        // same one, until the `AsyncFd` that owns it is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(PreciseTimer { fd })
     }
 
     /// Returns at `deadline` or just after it. Cancel-safe: a sleep dropped
