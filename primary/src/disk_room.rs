@@ -7,8 +7,9 @@
 //! the process's CPU, more than the rest of the put handler. So the free
 //! space read is kept for [`FRESH_FOR`] and lowered by what each write
 //! admitted meanwhile may take ([`DISK_BYTES_PER_REQUEST_BYTE`] for each
-//! byte of the request). A write is only ever refused on a fresh reading:
-//! when the estimate says no, the filesystem is asked again first.
+//! byte of the request). A write is only ever refused on a fresh reading,
+//! by the same test as before (free space at least the reserve plus the
+//! request): when the estimate says no, the filesystem is asked again.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -59,33 +60,36 @@ impl DiskRoom {
         }
     }
 
-    /// Whether a request of `cost` bytes leaves the reserve free; if so,
-    /// its share is taken off the estimate. If the free space cannot be
-    /// read, the check does not stand in the way.
+    /// Whether a request of `cost` bytes leaves the reserve free (the same
+    /// test as a `statvfs` per request made); if so, its share is taken
+    /// off the estimate. If the free space cannot be read, the check does
+    /// not stand in the way.
     pub fn admit(&self, cost: usize) -> bool {
-        let need = (cost as u64).saturating_mul(DISK_BYTES_PER_REQUEST_BYTE);
+        let share = (cost as u64).saturating_mul(DISK_BYTES_PER_REQUEST_BYTE);
         let mut estimate = self
             .estimate
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let usable = |e: &Option<(Instant, u64)>| {
-            e.is_some_and(|(at, free)| at.elapsed() < self.fresh_for && free >= self.reserve + need)
+        if let Some((at, free)) = estimate.as_mut() {
+            if at.elapsed() < self.fresh_for && *free >= self.reserve + share {
+                *free -= share;
+                return true;
+            }
+        }
+        let Ok(fs) = rustix::fs::statvfs(&self.dir) else {
+            return true;
         };
-        if !usable(&estimate) {
-            match rustix::fs::statvfs(&self.dir) {
-                Ok(fs) => {
-                    *estimate = Some((Instant::now(), fs.f_bavail.saturating_mul(fs.f_frsize)))
-                }
-                Err(_) => return true,
-            }
-        }
-        match estimate.as_mut() {
-            Some((_, free)) if *free >= self.reserve + need => {
-                *free -= need;
-                true
-            }
-            _ => false,
-        }
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        let room = free >= self.reserve + cost as u64;
+        *estimate = Some((
+            Instant::now(),
+            if room {
+                free.saturating_sub(share)
+            } else {
+                free
+            },
+        ));
+        room
     }
 }
 
@@ -120,7 +124,7 @@ mod tests {
         let room = DiskRoom::with_reserve(dir.path().to_path_buf(), free + (1 << 30));
         assert!(!room.admit(1));
         // With the usual reserve, a write as large as the free space does
-        // not fit either (it counts four times), but small ones still do.
+        // not fit either, but small ones still do.
         let room = DiskRoom::new(dir.path().to_path_buf());
         assert!(!room.admit(free as usize));
         assert!(room.admit(1024));
