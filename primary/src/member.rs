@@ -19,8 +19,6 @@ use crate::proto::ternpb::raft_request::Request;
 use crate::raft::NodeHandle;
 use crate::watch::WatchHub;
 
-pub use crate::disk_room::DISK_RESERVE_BYTES;
-
 /// etcd's default request timeout for a proposal to be applied.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
 
@@ -168,8 +166,8 @@ impl Member {
 
     /// etcd's quota check: refuse a write that would take the database past
     /// the quota, or leave the data dir's filesystem with less than
-    /// [`DISK_RESERVE_BYTES`] free, and raise the NOSPACE alarm through the
-    /// log.
+    /// [`crate::disk_room::DISK_RESERVE_BYTES`] free, and raise the NOSPACE
+    /// alarm through the log.
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
         let size = self.db_size.load(Ordering::Relaxed).max(0) as u64;
         let within_quota = size + cost as u64 <= self.limits.quota_backend_bytes;
