@@ -68,6 +68,25 @@ fn read_slots() -> usize {
     (4 * cores).max(8)
 }
 
+/// `f` in one read transaction on `conn`, with the store state it sees.
+fn run_read<T>(
+    reader: &Reader,
+    conn: rusqlite::Connection,
+    f: impl FnOnce(&rusqlite::Connection, StoreState) -> Result<T, Status>,
+) -> Result<T, Status> {
+    let mut out = None;
+    let r = reader.run(conn, |conn| {
+        let state = read::store_state(conn)?;
+        out = Some(f(conn, state));
+        Ok::<_, MvccError>(())
+    });
+    match (r, out) {
+        (_, Some(result)) => result,
+        (Err(e), None) => Err(error::mvcc_status(e)),
+        (Ok(()), None) => Err(Status::internal("read produced no result")),
+    }
+}
+
 /// Asks a follower's source etcd for its current revision, with a
 /// linearizable read there.
 pub type SourceRevision = Arc<
@@ -350,20 +369,29 @@ impl Member {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let mut out = None;
-            let r = reader.with(|conn| {
-                let state = read::store_state(conn)?;
-                out = Some(f(conn, state));
-                Ok::<_, MvccError>(())
-            });
-            match (r, out) {
-                (_, Some(result)) => result,
-                (Err(e), None) => Err(error::mvcc_status(e)),
-                (Ok(()), None) => Err(Status::internal("read produced no result")),
-            }
+            let conn = reader.connection().map_err(error::mvcc_status)?;
+            run_read(&reader, conn, f)
         })
         .await
         .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+    }
+
+    /// [`Member::read`] for a read of one key, which touches a few pages
+    /// the cache mostly holds: when a read slot and a pooled connection
+    /// are free it runs right here, on the runtime's thread, sparing the
+    /// two hand-offs to and from a blocking thread that take longer than
+    /// the read itself.
+    pub async fn read_key<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, StoreState) -> Result<T, Status> + Send + 'static,
+    {
+        if let Ok(_slot) = self.reads.clone().try_acquire_owned() {
+            if let Some(conn) = self.reader.take_idle() {
+                return run_read(&self.reader, conn, f);
+            }
+        }
+        self.read(f).await
     }
 
     /// Database file size and bytes in use.

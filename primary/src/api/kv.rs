@@ -10,7 +10,7 @@ use crate::apply;
 use crate::auth::{AuthError, AuthInfo, AuthStore};
 use crate::error::{apply_status, auth_status, EtcdError};
 use crate::member::Member;
-use crate::mvcc::KeyRange;
+use crate::mvcc::{KeyRange, StoreState};
 use crate::proto::etcdserverpb::{
     kv_server::Kv, request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest,
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
@@ -48,12 +48,15 @@ impl Kv for KvService {
             .auth
             .check_range(who.as_ref(), &r.key, &r.range_end)
             .map_err(auth_status)?;
-        let mut resp = self
-            .member
-            .read(move |conn, state| {
-                apply::range(conn, state, state.revision, &r).map_err(apply_status)
-            })
-            .await?;
+        let one_key = r.range_end.is_empty();
+        let read = move |conn: &rusqlite::Connection, state: StoreState| {
+            apply::range(conn, state, state.revision, &r).map_err(apply_status)
+        };
+        let mut resp = if one_key {
+            self.member.read_key(read).await?
+        } else {
+            self.member.read(read).await?
+        };
         self.member.fill(&mut resp.header);
         Ok(Response::new(resp))
     }

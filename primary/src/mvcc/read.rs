@@ -569,11 +569,30 @@ impl Reader {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, MvccError>,
     ) -> Result<T, MvccError> {
-        let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match conn {
-            Some(c) => c,
-            None => super::schema::open_reader(&self.path)?,
-        };
+        self.run(self.connection()?, f)
+    }
+
+    /// A pooled connection, or a new one if none is idle.
+    pub fn connection(&self) -> Result<Connection, MvccError> {
+        match self.take_idle() {
+            Some(c) => Ok(c),
+            None => super::schema::open_reader(&self.path),
+        }
+    }
+
+    /// A pooled connection, if one is idle; opening one takes longer than
+    /// most reads.
+    pub fn take_idle(&self) -> Option<Connection> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Run `f` on `conn` (from [`Reader::take_idle`]) as [`Reader::with`]
+    /// does, and put `conn` back in the pool.
+    pub fn run<T>(
+        &self,
+        mut conn: Connection,
+        f: impl FnOnce(&Connection) -> Result<T, MvccError>,
+    ) -> Result<T, MvccError> {
         let result = {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
             let r = f(&tx);

@@ -981,14 +981,16 @@ impl RaftNode {
         }
         self.send(light.take_messages());
         let committed = light.take_committed_entries();
-        if self.rx.is_empty() {
+        if self.rx.is_empty() || self.status.is_learner() {
             self.apply(committed)?;
             self.raw.advance_apply();
         } else {
             // More proposals are queued: their fsync, next turn, is when
             // these get applied (a lone voter commits on its own fsync, so
             // without this its apply and fsync would never overlap).
-            // Nothing waits for them meanwhile but their clients.
+            // Nothing waits for them meanwhile but their clients. (A
+            // learner has no such fsync to hide an apply behind: see
+            // `persist_and_apply`.)
             self.deferred = committed;
         }
         let committed = self.raw.raft.raft_log.committed;
@@ -1046,11 +1048,32 @@ impl RaftNode {
     /// here costs no hand-off to another thread (the apply overlaps the
     /// leader's next round instead). With more queued it overlaps like a
     /// leader, so the next append is not held up by an apply as well.
+    ///
+    /// A learner applies first: nothing waits for its acknowledgement.
     fn persist_and_apply(
         &mut self,
         ready: &mut raft::Ready,
         committed: Vec<Entry>,
     ) -> Result<(), NodeError> {
+        if self.status.is_learner() {
+            // Its acknowledgement counts towards no commit, but what it has
+            // applied is what its region reads and what a takeover keeps:
+            // the committed entries (already in its log) become visible
+            // first, and the new ones' fsync follows, rather than each
+            // commit waiting for the fsync of an append that came with it.
+            // This is also the order of raft-rs's own example.
+            self.apply(committed)?;
+            let started = Instant::now();
+            let syncs = self.raw.store().must_sync(ready.entries(), ready.hs());
+            self.raw.mut_store().persist(ready.entries(), ready.hs())?;
+            if syncs {
+                self.metrics
+                    .wal_fsync
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.send(ready.take_persisted_messages());
+            return Ok(());
+        }
         let (entries, hs) = (ready.entries(), ready.hs());
         let syncs = self.raw.store().must_sync(entries, hs);
         let ack_first = self.role != StateRole::Leader && self.rx.is_empty();
