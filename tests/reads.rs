@@ -71,3 +71,112 @@ async fn many_concurrent_reads_answer_from_a_bounded_pool() {
          ({slots} read slots)"
     );
 }
+
+/// One-key Ranges run on the runtime's thread when a pooled connection is
+/// free, ranges on the pool: both kinds at once, beside writes, each
+/// answer is consistent with its header, a client reads its own write at
+/// once (serializable too, on the member it wrote to), a historical read
+/// sees the old value, and the thread count stays bounded.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_key_reads_beside_ranges_and_writes_stay_consistent() {
+    const KEYS: usize = 50;
+    let tern = Tern::start(&[]);
+    let mut kv = tern.kv().await;
+    let key = |n: usize| format!("one/{n:02}").into_bytes();
+    let first = kv
+        .put(PutRequest {
+            key: key(0),
+            value: b"v0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("put")
+        .into_inner()
+        .header
+        .expect("header")
+        .revision;
+    for n in 1..KEYS {
+        kv.put(PutRequest {
+            key: key(n),
+            value: b"v0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("put");
+    }
+    let before = threads(tern.pid());
+
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(tern.kv().await);
+    }
+    let mut tasks = JoinSet::new();
+    for n in 0..200 {
+        let mut kv = clients[n % clients.len()].clone();
+        tasks.spawn(async move {
+            let one_key = n % 3 != 0;
+            let response = kv
+                .range(RangeRequest {
+                    key: if one_key {
+                        key(n % KEYS)
+                    } else {
+                        b"one/".to_vec()
+                    },
+                    range_end: if one_key {
+                        Vec::new()
+                    } else {
+                        b"one0".to_vec()
+                    },
+                    serializable: n % 2 == 0,
+                    ..Default::default()
+                })
+                .await
+                .expect("a read answers")
+                .into_inner();
+            let header = response.header.expect("header").revision;
+            assert_eq!(response.count as usize, if one_key { 1 } else { KEYS });
+            for kv in &response.kvs {
+                assert!(kv.mod_revision <= header, "a key newer than its header");
+            }
+        });
+    }
+    // Writes meanwhile, each read back at once on both paths.
+    for n in 0..KEYS {
+        let value = format!("v1-{n}").into_bytes();
+        kv.put(PutRequest {
+            key: key(n),
+            value: value.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("put");
+        for serializable in [false, true] {
+            let got = kv
+                .range(RangeRequest {
+                    key: key(n),
+                    serializable,
+                    ..Default::default()
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            assert_eq!(got.kvs[0].value, value, "own write not read back");
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("read task");
+    }
+    let old = kv
+        .range(RangeRequest {
+            key: key(0),
+            revision: first,
+            ..Default::default()
+        })
+        .await
+        .expect("historical get")
+        .into_inner();
+    assert_eq!(old.kvs[0].value, b"v0");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slots = (4 * cores).max(8);
+    assert!(threads(tern.pid()) <= before + slots + 4);
+}
