@@ -1,8 +1,25 @@
 //! Reads under concurrency: many at once all answer, from a bounded pool.
 
+use tern_primary::proto::etcdserverpb::kv_client::KvClient;
 use tern_primary::proto::etcdserverpb::{PutRequest, RangeRequest};
 use tern_tests::Tern;
 use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+/// Put `value` at `key`; the revision it made.
+async fn put(kv: &mut KvClient<Channel>, key: &[u8], value: &[u8]) -> i64 {
+    kv.put(PutRequest {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("put")
+    .into_inner()
+    .header
+    .expect("a put's header")
+    .revision
+}
 
 /// Threads of a running process.
 fn threads(pid: u32) -> usize {
@@ -23,13 +40,7 @@ async fn many_concurrent_reads_answer_from_a_bounded_pool() {
     let mut kv = tern.kv().await;
     let value = vec![b'v'; 64 * 1024];
     for n in 0..20 {
-        kv.put(PutRequest {
-            key: format!("read/{n:02}").into_bytes(),
-            value: value.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("put");
+        put(&mut kv, format!("read/{n:02}").as_bytes(), &value).await;
     }
     let before = threads(tern.pid());
 
@@ -83,26 +94,9 @@ async fn one_key_reads_beside_ranges_and_writes_stay_consistent() {
     let tern = Tern::start(&[]);
     let mut kv = tern.kv().await;
     let key = |n: usize| format!("one/{n:02}").into_bytes();
-    let first = kv
-        .put(PutRequest {
-            key: key(0),
-            value: b"v0".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("put")
-        .into_inner()
-        .header
-        .expect("header")
-        .revision;
+    let first = put(&mut kv, &key(0), b"v0").await;
     for n in 1..KEYS {
-        kv.put(PutRequest {
-            key: key(n),
-            value: b"v0".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("put");
+        put(&mut kv, &key(n), b"v0").await;
     }
     let before = threads(tern.pid());
 
@@ -143,13 +137,7 @@ async fn one_key_reads_beside_ranges_and_writes_stay_consistent() {
     // Writes meanwhile, each read back at once on both paths.
     for n in 0..KEYS {
         let value = format!("v1-{n}").into_bytes();
-        kv.put(PutRequest {
-            key: key(n),
-            value: value.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("put");
+        put(&mut kv, &key(n), &value).await;
         for serializable in [false, true] {
             let got = kv
                 .range(RangeRequest {

@@ -1055,7 +1055,7 @@ impl RaftNode {
         ready: &mut raft::Ready,
         committed: Vec<Entry>,
     ) -> Result<(), NodeError> {
-        if self.status.is_learner() {
+        let committed = if self.status.is_learner() {
             // Its acknowledgement counts towards no commit, but what it has
             // applied is what its region reads and what a takeover keeps:
             // the committed entries (already in its log) become visible
@@ -1063,17 +1063,10 @@ impl RaftNode {
             // commit waiting for the fsync of an append that came with it.
             // This is also the order of raft-rs's own example.
             self.apply(committed)?;
-            let started = Instant::now();
-            let syncs = self.raw.store().must_sync(ready.entries(), ready.hs());
-            self.raw.mut_store().persist(ready.entries(), ready.hs())?;
-            if syncs {
-                self.metrics
-                    .wal_fsync
-                    .observe(started.elapsed().as_secs_f64());
-            }
-            self.send(ready.take_persisted_messages());
-            return Ok(());
-        }
+            Vec::new()
+        } else {
+            committed
+        };
         let (entries, hs) = (ready.entries(), ready.hs());
         let syncs = self.raw.store().must_sync(entries, hs);
         let ack_first = self.role != StateRole::Leader && self.rx.is_empty();
