@@ -586,7 +586,8 @@ impl Reader {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
-    /// Run `f` on `conn` (from [`Reader::take_idle`]) as [`Reader::with`]
+    /// Run `f` on `conn` (from [`Reader::connection`] or
+    /// [`Reader::take_idle`]) as [`Reader::with`]
     /// does, and put `conn` back in the pool.
     pub fn run<T>(
         &self,
