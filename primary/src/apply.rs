@@ -119,12 +119,19 @@ impl From<MvccError> for ApplyError {
             MvccError::Compacted => ApplyError::Compacted,
             MvccError::FutureRevision => ApplyError::FutureRevision,
             MvccError::Sqlite(e) => ApplyError::Storage(e),
-            // Only opening a file finds a foreign format, never an apply;
-            // kept as a storage failure with its message if it ever did.
+            // Only opening or restoring a file finds a foreign format or
+            // no file, never an apply; kept as a storage failure with its
+            // message if it ever did.
             e @ MvccError::Format { .. } => ApplyError::Storage(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FORMAT),
                 Some(e.to_string()),
             )),
+            e @ MvccError::MissingState { .. } => {
+                ApplyError::Storage(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(e.to_string()),
+                ))
+            }
         }
     }
 }

@@ -58,4 +58,8 @@ pub enum MvccError {
         path: std::path::PathBuf,
         found: i64,
     },
+    /// Opening it would create an empty state, and restoring that would
+    /// wipe the keyspace.
+    #[error("{}: the state file to restore from is missing", path.display())]
+    MissingState { path: std::path::PathBuf },
 }

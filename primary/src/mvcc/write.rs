@@ -116,6 +116,12 @@ impl MvccStore {
     }
 
     fn replace_from(&mut self, snapshot: &Path, what: Replace) -> Result<(), MvccError> {
+        // Both opening and ATTACH create a missing file, as an empty state.
+        if !snapshot.is_file() {
+            return Err(MvccError::MissingState {
+                path: snapshot.to_path_buf(),
+            });
+        }
         // Tables are copied column for column, so bring the snapshot to
         // this build's format first (a leader still on an older Tern sends
         // an older one; a newer one is refused).
@@ -543,4 +549,32 @@ pub fn has_members(conn: &Connection) -> Result<bool, MvccError> {
         .query_row("SELECT 1 FROM members LIMIT 1", [], |_| Ok(()))
         .optional()?
         .is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restoring_from_a_missing_file_is_refused_and_keeps_the_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = MvccStore::open(&dir.path().join("state.db")).expect("open");
+        let mut batch = store.batch().expect("batch");
+        batch
+            .entry(7, 2, |b| Ok(b.put(b"k", b"v", 0)?))
+            .expect("put");
+        batch.commit().expect("commit");
+        let before = store.state();
+
+        let missing = dir.path().join("received-0000000000000009-1.db");
+        let refused = store.restore(&missing);
+        assert!(
+            matches!(&refused, Err(MvccError::MissingState { path }) if *path == missing),
+            "{refused:?}"
+        );
+        assert!(!missing.exists(), "no empty state file was created");
+        assert_eq!(store.state(), before);
+        let kept = read::get_live(store.connection(), b"k").expect("read");
+        assert_eq!(kept.map(|kv| kv.value), Some(b"v".to_vec()));
+    }
 }

@@ -1100,7 +1100,7 @@ impl RaftNode {
         let path = snapshot_path(&snapshot);
         self.store.restore(&path)?;
         self.raw.mut_store().apply_snapshot(&meta)?;
-        self.snapshots.clear_received();
+        self.snapshots.clear_received(meta.index);
         self.metrics.snapshots_applied.inc();
         let state = self.store.state();
         self.lessor

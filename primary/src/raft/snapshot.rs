@@ -145,18 +145,32 @@ impl Snapshots {
         self.dir.join(format!("received-{index:016x}-{nanos}.db"))
     }
 
-    /// Remove staged incoming snapshots (once one is applied, the others
-    /// are older or unused).
-    pub fn clear_received(&self) {
+    /// Remove the staged incoming snapshots at or behind `applied` (the
+    /// index of the one just applied): raft-rs refuses those anyway. A
+    /// newer one may still be arriving, or be on its way to the node
+    /// thread (a leader sends another when its log moved past this one
+    /// while it was applied); removing it would leave its message naming
+    /// a file that is gone.
+    pub fn clear_received(&self, applied: u64) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("received-") {
+            let name = entry.file_name();
+            let Some(index) = received_index(&name.to_string_lossy()) else {
+                continue;
+            };
+            if index <= applied {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
     }
+}
+
+/// The index in a name [`Snapshots::receive_path`] made.
+fn received_index(file_name: &str) -> Option<u64> {
+    let rest = file_name.strip_prefix("received-")?;
+    u64::from_str_radix(rest.split('-').next()?, 16).ok()
 }
 
 /// Write the committed state into a new file at `to`; the state and
@@ -175,4 +189,30 @@ fn copy_state(from: &Path, to: &Path) -> anyhow::Result<(StoreState, Vec<MemberR
 /// The state file a snapshot message refers to.
 pub fn snapshot_path(snapshot: &Snapshot) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&snapshot.data).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applying_a_snapshot_keeps_the_newer_ones_still_arriving() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let snapshots = Snapshots::open(dir.path()).expect("open");
+        let older = snapshots.receive_path(0x90);
+        let applied = snapshots.receive_path(0x100);
+        let newer = snapshots.receive_path(0x180);
+        for path in [&older, &applied, &newer] {
+            std::fs::write(path, b"state").expect("stage");
+        }
+        snapshots.clear_received(0x100);
+        assert!(!older.exists(), "an older staged snapshot is removed");
+        assert!(!applied.exists(), "the applied one is removed");
+        assert!(newer.exists(), "a newer one stays for its message");
+        assert_eq!(
+            received_index("received-0000000000000180-1234.db"),
+            Some(0x180)
+        );
+        assert_eq!(received_index("snapshot-0000000000000180.db"), None);
+    }
 }
