@@ -263,3 +263,70 @@ async fn slow_watcher_gets_every_event_once() {
     assert_eq!(revisions.first(), Some(&2));
     assert_eq!(revisions.last(), Some(&3201));
 }
+
+/// A watch created after a put's response starts after that put, as in
+/// etcd (whose apply notifies the watchers before the put returns). Other
+/// clients keep the member writing, so its applies run beside log writes,
+/// which is when a reply could go out before the watchers heard of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_created_after_a_put_starts_after_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let tern = Tern::start(&[]);
+    let ch = channel(&tern.endpoint).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let (ch, stop) = (ch.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut kv = KvClient::new(ch);
+                while !stop.load(Ordering::Relaxed) {
+                    put(&mut kv, &format!("busy/{w}"), "v").await;
+                }
+            })
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel(4);
+    let mut inbound = WatchClient::new(ch.clone())
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut kv = KvClient::new(ch);
+    for n in 0..300 {
+        let key = format!("probe/{n}");
+        let revision = kv
+            .put(PutRequest {
+                key: key.clone().into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("put")
+            .into_inner()
+            .header
+            .expect("header")
+            .revision;
+        tx.send(req(RequestUnion::CreateRequest(create(&key, "", 0))))
+            .await
+            .expect("send");
+        let created = inbound.message().await.expect("created").expect("open");
+        assert!(
+            created.created && created.events.is_empty(),
+            "{key}: {created:?}"
+        );
+        let seen = created.header.expect("header").revision;
+        assert!(
+            seen >= revision,
+            "{key}: the watch was created at revision {seen}, before the put's {revision}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    // No watcher gets the put it was created after.
+    let late = tokio::time::timeout(Duration::from_millis(500), inbound.message()).await;
+    assert!(late.is_err(), "an event after the puts: {late:?}");
+}

@@ -1199,6 +1199,7 @@ impl RaftNode {
                 waiting: &mut self.waiting,
                 metrics: &self.metrics,
                 status: &self.status,
+                hub: &self.hub,
             },
         )
     }
@@ -1215,10 +1216,9 @@ impl RaftNode {
             self.refresh_peers()?;
         }
         let state = self.store.state();
-        if state.compact_revision != applied.compacted_before {
-            self.hub.set_compacted(state.compact_revision);
+        if !applied.published {
+            publish(&self.hub, applied.compacted_before, &state, &applied.events);
         }
-        self.hub.publish(&applied.events, state.revision);
         self.status.set_store_state(&state);
         self.metrics
             .backend_commit
@@ -1328,6 +1328,7 @@ struct StateMachine<'a> {
     waiting: &'a mut HashMap<u64, Reply>,
     metrics: &'a Metrics,
     status: &'a NodeStatus,
+    hub: &'a WatchHub,
 }
 
 /// A batch committed to the state, with what is left to do on the node.
@@ -1338,6 +1339,22 @@ struct Applied {
     conf_changes: Vec<Entry>,
     members_changed: bool,
     events: Vec<crate::proto::mvccpb::Event>,
+    /// The watchers have the events already.
+    published: bool,
+}
+
+/// Tell the watchers about a batch committed to the state: what it
+/// compacted, then its events.
+fn publish(
+    hub: &WatchHub,
+    compacted_before: i64,
+    state: &crate::mvcc::StoreState,
+    events: &[crate::proto::mvccpb::Event],
+) {
+    if state.compact_revision != compacted_before {
+        hub.set_compacted(state.compact_revision);
+    }
+    hub.publish(events, state.revision);
 }
 
 impl StateMachine<'_> {
@@ -1422,13 +1439,18 @@ impl StateMachine<'_> {
             self.status.caught_up_at_ms.load(Ordering::Acquire),
         )?;
         let events = batch.commit()?;
-        if conf_changes.is_empty() && !members_changed {
-            // Committed in the state: the clients may know now. When the
-            // log's next fsync runs beside this apply, the rest of
-            // `finish_apply` waits for it, and a reply need not (at 1000
-            // puts/s that wait was most of a put's latency). Membership
-            // replies wait until the Raft node and transport know.
-            self.status.set_store_state(&self.store.state());
+        let published = conf_changes.is_empty() && !members_changed;
+        if published {
+            // Committed in the state: the watchers, then the clients, may
+            // know now. When the log's next fsync runs beside this apply,
+            // the rest of `finish_apply` waits for it, and a reply need not
+            // (at 1000 puts/s that wait was most of a put's latency). The
+            // watchers come first, as in etcd: a watch created once a put
+            // has returned starts after it. Membership replies wait until
+            // the Raft node and transport know.
+            let state = self.store.state();
+            publish(self.hub, compacted_before, &state, &events);
+            self.status.set_store_state(&state);
             for (reply, result) in replies.drain(..) {
                 let _ = reply.send(result);
             }
@@ -1440,6 +1462,7 @@ impl StateMachine<'_> {
             conf_changes,
             members_changed,
             events,
+            published,
         })
     }
 }
