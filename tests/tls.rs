@@ -572,3 +572,56 @@ fn the_gateway_serves_https_behind_the_same_tls() {
         "CommonName of client sending a request against gateway will be ignored and not used as expected\n\n400"
     );
 }
+
+/// A client that names the server by IP address in its TLS hello (Node's
+/// gRPC does) makes rustls warn on every connection; that stays out of
+/// the log unless the level asks for rustls.
+#[test]
+fn clients_naming_the_server_by_ip_do_not_fill_the_log() {
+    // SAFETY: the other tests in this binary only read it, at start-up
+    // (it makes every member keep a log beside its data dir).
+    unsafe { std::env::set_var("TERN_TEST_MEMBER_LOGS", "1") };
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let server = pki.leaf(&ca, "server", false);
+    let tls = [
+        "--cert-file".to_string(),
+        s(&server.cert),
+        "--key-file".into(),
+        s(&server.key),
+    ];
+    let warned = |level: &str| {
+        let mut flags = tls.to_vec();
+        flags.extend(["--log-level".to_string(), level.to_string()]);
+        let tern = Tern::start_tls(&as_strs(&flags), &etcdctl_tls(&ca.cert, None));
+        for _ in 0..3 {
+            let hello = std::process::Command::new("openssl")
+                .args(["s_client", "-brief", "-connect", &tern.endpoint])
+                .args(["-servername", "127.0.0.1"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("openssl s_client");
+            assert!(hello.status.success(), "{hello:?}");
+        }
+        let log = tern_tests::member_log(&["--data-dir".into(), s(&tern.data_dir)])
+            .expect("member logs are on");
+        // The handshakes are done; their lines reach the file within
+        // milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Illegal SNI") {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(
+        warned("info,rustls=warn"),
+        "asked for, rustls's warning is there (the probe triggers it)"
+    );
+    assert!(!warned("info"), "by default it is not");
+}
