@@ -66,6 +66,20 @@ fn get_forms_match_etcd() {
             "json",
         ],
         &["get", "--prefix", "foo", "--order=DESCEND"],
+        // A target without an order: etcd sorts only the first limit + 1
+        // keys.
+        &["get", "--from-key", "", "--sort-by=CREATE", "--limit=3"],
+        &[
+            "get",
+            "--from-key",
+            "",
+            "--sort-by=MODIFY",
+            "--limit=3",
+            "-w",
+            "json",
+        ],
+        &["get", "--from-key", "", "--sort-by=VALUE", "--limit=2"],
+        &["get", "--prefix", "foo", "--sort-by=VERSION", "--limit=1"],
         &["get", "foo", "--print-value-only"],
         &["get", "--prefix", "k", "--keys-only"],
         &["get", "--consistency=s", "foo"],
@@ -123,6 +137,8 @@ fn txn_matches_etcd() {
 #[test]
 fn compaction_matches_etcd() {
     let p = Pair::start();
+    // Nothing compacted yet: compacting at 0 is allowed.
+    p.same(&["compaction", "0"]);
     session_put(&p);
     p.same(&["put", "foo", "v2"]);
     p.same(&["compaction", "5"]);

@@ -118,6 +118,12 @@ async fn session(endpoint: &str) -> ById {
     tx.send(req(RequestUnion::CreateRequest(explicit)))
         .await
         .expect("send");
+    // Ranges that hold no key: refused, as the duplicate id is.
+    for (key, end) in [("w/b", "w/a"), ("w/a", "w/a")] {
+        tx.send(req(RequestUnion::CreateRequest(create(key, end, 0))))
+            .await
+            .expect("send");
+    }
     // grpc-go sends response headers with the first message, so the
     // requests must be queued before waiting for the stream to open.
     let mut inbound = WatchClient::new(ch.clone())
@@ -131,7 +137,7 @@ async fn session(endpoint: &str) -> ById {
     // Every create answered, and the history up to revision 6 replayed
     // to the watchers that start before it.
     read_until(&mut inbound, &mut by_id, |seen| {
-        seen.values().flatten().filter(|r| r.created).count() >= 7
+        seen.values().flatten().filter(|r| r.created).count() >= 9
             && has_event(seen, 0, 6)
             && has_event(seen, 3, 6)
     })

@@ -578,7 +578,11 @@ pub fn range(
         || r.max_create_revision != 0;
     let sorted =
         order != SortOrder::None && !(target == SortTarget::Key && order == SortOrder::Ascend);
-    let limit = if sorted || filtered || r.limit <= 0 {
+    // etcd fetches every row only when the request itself names an order:
+    // with none (etcdctl's default) it sorts the first `limit + 1` keys
+    // and cuts those, whatever the target.
+    let fetch_all = sorted && r.sort_order != SortOrder::None as i32;
+    let limit = if fetch_all || filtered || r.limit <= 0 {
         0
     } else {
         r.limit.saturating_add(1)
@@ -680,7 +684,11 @@ fn delete_range(
 
 fn compact(b: &mut Batch<'_>, c: &CompactionRequest) -> Result<CompactionResponse, ApplyError> {
     let state = b.state();
-    if c.revision <= state.compact_revision {
+    // etcd starts a store's compaction point at -1, so compacting at 0
+    // succeeds (and removes nothing) until something was compacted; here
+    // 0 stands for "never compacted".
+    let never_compacted = state.compact_revision == 0;
+    if c.revision <= state.compact_revision && !(c.revision == 0 && never_compacted) {
         return Err(ApplyError::Compacted);
     }
     if c.revision > state.revision {

@@ -38,13 +38,13 @@ pub async fn expire_leases(member: Arc<Member>) {
     }
 }
 
-/// Refresh the database size for the quota check and the metrics.
+/// Refresh the database size metrics (the quota check reads the size the
+/// Raft thread keeps after every write).
 pub async fn track_size(member: Arc<Member>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         if let Ok((total, in_use)) = member.db_size().await {
-            member.db_size.store(total, Ordering::Relaxed);
             member.metrics.db_total_size.set(total);
             member.metrics.db_in_use_size.set(in_use);
         }

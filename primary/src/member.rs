@@ -2,7 +2,7 @@
 //! the Raft thread, the read pool, the watch hub, the lessor, the member's
 //! identity and limits.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +45,6 @@ pub struct Member {
     pub data_dir: std::path::PathBuf,
     /// Users, roles and tokens; every handler checks its caller here.
     pub auth: Arc<AuthStore>,
-    /// Database file size, refreshed in the background for the quota check.
-    pub db_size: AtomicI64,
     ids: IdGenerator,
     leader_link: crate::forward::LeaderLink,
     /// A follower's read barrier (set by follow mode): its source's current
@@ -123,7 +121,6 @@ impl Member {
             limits,
             data_dir: data_dir.clone(),
             auth,
-            db_size: AtomicI64::new(0),
             ids: IdGenerator::new(member_id),
             leader_link: crate::forward::LeaderLink::new(leader_tls),
             source_revision: std::sync::OnceLock::new(),
@@ -188,7 +185,7 @@ impl Member {
     /// [`crate::disk_room::DISK_RESERVE_BYTES`] free, and raise the NOSPACE
     /// alarm through the log.
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
-        let size = self.db_size.load(Ordering::Relaxed).max(0) as u64;
+        let size = self.node.status.db_size.load(Ordering::Acquire).max(0) as u64;
         let within_quota = size + cost as u64 <= self.limits.quota_backend_bytes;
         if within_quota && self.disk_room.admit(cost) {
             return Ok(());

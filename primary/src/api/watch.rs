@@ -164,6 +164,22 @@ impl ClientStream {
                 })
                 .await;
         }
+        // etcd refuses a range that holds no key (its end at or before its
+        // start; an end of "\0" means "from the key on"), before it looks
+        // at the id.
+        let from_key = c.range_end.is_empty() || c.range_end == [0];
+        if !from_key && key.as_slice() >= c.range_end.as_slice() {
+            return self
+                .send(WatchResponse {
+                    header: Some(self.member.header(0)),
+                    watch_id: -1,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: "mvcc: watcher range is empty".into(),
+                    ..Default::default()
+                })
+                .await;
+        }
         let watch_id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
                 self.next_id += 1;

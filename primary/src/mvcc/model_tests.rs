@@ -686,6 +686,15 @@ fn serve_range(kvs: &Kvs, header_rev: i64, r: &RangeRequest) -> RangeResponse {
         .collect();
     let count = matching.len() as i64;
     let mut out = if r.count_only { Vec::new() } else { matching };
+    let filtered = r.max_mod_revision != 0
+        || r.min_mod_revision != 0
+        || r.max_create_revision != 0
+        || r.min_create_revision != 0;
+    // etcd reads only `limit + 1` rows, in key order, unless the request
+    // names an order or a filter; whatever sort it asked for comes after.
+    if r.sort_order == SortOrder::None as i32 && !filtered && r.limit > 0 {
+        out.truncate(r.limit as usize + 1);
+    }
     out.retain(|kv| {
         (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
             && (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)

@@ -44,6 +44,16 @@ impl MvccStore {
         &self.conn
     }
 
+    /// Bytes the database's pages take, as this connection sees it (no
+    /// I/O: SQLite keeps the page count in memory).
+    pub fn file_bytes(&self) -> Result<i64, MvccError> {
+        let pages: i64 = self
+            .conn
+            .prepare_cached("PRAGMA page_count")?
+            .query_row([], |r| r.get(0))?;
+        Ok(pages * super::schema::PAGE_SIZE)
+    }
+
     /// Start applying a group of entries. The transaction takes the write
     /// lock at once (IMMEDIATE): a deferred one would read first and then
     /// upgrade, and SQLite answers an upgrade that finds the lock held

@@ -222,6 +222,11 @@ pub struct NodeStatus {
     pub last_index: AtomicU64,
     pub revision: AtomicI64,
     pub compact_revision: AtomicI64,
+    /// Bytes the state file's pages take, as of the last write to it: what
+    /// the quota check adds a request to. Kept by the Raft thread after
+    /// every commit, so a burst of writes, or a defragment before a write,
+    /// is counted at once.
+    pub db_size: AtomicI64,
     /// Whether this member is a learner in the current configuration.
     pub is_learner: AtomicBool,
     /// A follower of an etcd cluster (`tern-learner --etcd-endpoints`),
@@ -533,6 +538,7 @@ impl RaftNode {
             .is_learner
             .store(conf.learners.contains(&config.id), Ordering::Release);
         status.set_store_state(&state);
+        note_db_size(&store, &status);
         status.election_timeout_ms.store(
             (config.tick * config.election_ticks as u32).as_millis() as u64,
             Ordering::Release,
@@ -724,6 +730,7 @@ impl RaftNode {
             NodeMsg::ReadIndex { reply } => self.reads_next.push(reply),
             NodeMsg::Defragment { reply } => {
                 let result = self.store.vacuum().map_err(|e| e.to_string());
+                self.note_db_size();
                 let _ = reply.send(result);
             }
             NodeMsg::Reseed { path, reply } => {
@@ -1111,6 +1118,7 @@ impl RaftNode {
         self.hub.set_compacted(state.compact_revision);
         self.hub.restored(state.revision);
         self.status.set_store_state(&state);
+        self.note_db_size();
         self.status.is_learner.store(
             meta.get_conf_state().learners.contains(&self.config.id),
             Ordering::Release,
@@ -1144,11 +1152,17 @@ impl RaftNode {
         self.hub.set_compacted(state.compact_revision);
         self.hub.restored(state.revision);
         self.status.set_store_state(&state);
+        self.note_db_size();
         tracing::info!(
             revision = state.revision,
             "state seeded again from the source"
         );
         Ok(state.revision)
+    }
+
+    /// See [`NodeStatus::db_size`].
+    fn note_db_size(&self) {
+        note_db_size(&self.store, &self.status);
     }
 
     fn on_role_change(&mut self) {
@@ -1343,6 +1357,14 @@ struct Applied {
     published: bool,
 }
 
+/// See [`NodeStatus::db_size`]. A failed reading keeps the last one (the
+/// housekeeping task's reading, once a second, covers it).
+fn note_db_size(store: &MvccStore, status: &NodeStatus) {
+    if let Ok(bytes) = store.file_bytes() {
+        status.db_size.store(bytes, Ordering::Release);
+    }
+}
+
 /// Tell the watchers about a batch committed to the state: what it
 /// compacted, then its events.
 fn publish(
@@ -1439,6 +1461,7 @@ impl StateMachine<'_> {
             self.status.caught_up_at_ms.load(Ordering::Acquire),
         )?;
         let events = batch.commit()?;
+        note_db_size(self.store, self.status);
         let published = conf_changes.is_empty() && !members_changed;
         if published {
             // Committed in the state: the watchers, then the clients, may
