@@ -279,6 +279,18 @@ async fn cluster_and_maintenance_match_etcd() {
     p.same(&["member", "list"]);
     p.same(&["member", "list", "-w", "json"]);
     p.same(&["member", "list", "-w", "table"]);
+    // The only voter cannot be removed; an unknown member is looked up
+    // before its URLs are.
+    let list = p.same(&["member", "list"]);
+    let id = list
+        .stdout
+        .split(',')
+        .next()
+        .expect("member id")
+        .to_string();
+    p.same(&["member", "remove", &id]);
+    p.same(&["member", "update", "ffff", "--peer-urls=not-a-url"]);
+    p.same(&["member", "list"]);
     p.same(&["endpoint", "health"]);
     p.same(&["endpoint", "health", "-w", "json"]);
     p.same(&["alarm", "list"]);

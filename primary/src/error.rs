@@ -35,6 +35,7 @@ pub enum EtcdError {
     MemberNotLearner,
     LearnerNotReady,
     TooManyLearners,
+    NotEnoughStartedMembers,
     NotLeader,
     BadLeaderTransferee,
     LeaderTransferTimeout,
@@ -78,7 +79,9 @@ impl EtcdError {
             | AuthOldRevision => Code::InvalidArgument,
             PermissionDenied => Code::PermissionDenied,
             InvalidAuthToken => Code::Unauthenticated,
-            NoPasswordUser => Code::Unknown,
+            // etcd 3.4 returns its client-side error type here, which gRPC
+            // sends as Unknown.
+            NoPasswordUser | NotEnoughStartedMembers => Code::Unknown,
             RequestTimeout | NoLeader | Stopped | NotCapable | NotSupportedForLearner => {
                 Code::Unavailable
             }
@@ -114,6 +117,9 @@ impl EtcdError {
                 "etcdserver: can only promote a learner member which is in sync with leader"
             }
             TooManyLearners => "etcdserver: too many learner members in cluster",
+            NotEnoughStartedMembers => {
+                "etcdserver: re-configuration failed due to not enough started members"
+            }
             NotLeader => "etcdserver: not leader",
             BadLeaderTransferee => "etcdserver: bad leader transferee",
             LeaderTransferTimeout => "etcdserver: request timed out, leader transfer took too long",

@@ -146,8 +146,18 @@ impl Cluster for ClusterService {
         // etcd's checkMembershipOperationPermission.
         self.member.require_root(&request).await?;
         let id = request.into_inner().id;
-        if !self.members().await?.iter().any(|m| m.0 == id) {
+        let existing = self.members().await?;
+        let Some(removed) = existing.iter().find(|m| m.0 == id) else {
             return Err(EtcdError::MemberNotFound.into());
+        };
+        // etcd's strict reconfiguration check (IsReadyToRemoveVotingMember):
+        // the voters left must make a quorum of themselves. The last voter
+        // cannot go; removing it would stop the cluster for good.
+        if !removed.4 {
+            let voters_left = existing.iter().filter(|m| !m.4 && m.0 != id).count();
+            if voters_left == 0 {
+                return Err(EtcdError::NotEnoughStartedMembers.into());
+            }
         }
         let change = MemberChange {
             id,
@@ -168,12 +178,13 @@ impl Cluster for ClusterService {
         // etcd's checkMembershipOperationPermission.
         self.member.require_root(&request).await?;
         let r = request.into_inner();
-        if !valid_urls(&r.peer_ur_ls) {
-            return Err(EtcdError::MemberBadUrls.into());
-        }
+        // etcd looks the member up before it looks at the URLs.
         let existing = self.members().await?;
         if !existing.iter().any(|m| m.0 == r.id) {
             return Err(EtcdError::MemberNotFound.into());
+        }
+        if !valid_urls(&r.peer_ur_ls) {
+            return Err(EtcdError::MemberBadUrls.into());
         }
         if existing
             .iter()

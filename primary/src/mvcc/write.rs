@@ -512,10 +512,9 @@ pub fn change_member(conn: &Connection, m: &MemberRow, removed: bool) -> Result<
 }
 
 pub fn members(conn: &Connection) -> Result<Vec<MemberRow>, MvccError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, name, peer_urls, client_urls, is_learner FROM members ORDER BY id",
-    )?;
-    let rows = stmt
+    let mut stmt =
+        conn.prepare_cached("SELECT id, name, peer_urls, client_urls, is_learner FROM members")?;
+    let mut rows: Vec<MemberRow> = stmt
         .query_map([], |r| {
             let peers: String = r.get(2)?;
             let clients: String = r.get(3)?;
@@ -528,6 +527,9 @@ pub fn members(conn: &Connection) -> Result<Vec<MemberRow>, MvccError> {
             ))
         })?
         .collect::<Result<_, _>>()?;
+    // By id as etcd sorts them, unsigned: SQLite orders the stored (signed)
+    // value, which puts ids at or above 2^63 first.
+    rows.sort_by_key(|m| m.0);
     Ok(rows)
 }
 
@@ -564,6 +566,22 @@ pub fn has_members(conn: &Connection) -> Result<bool, MvccError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_come_in_unsigned_id_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = MvccStore::open(&dir.path().join("state.db")).expect("open");
+        for id in [(1 << 63) + 5, 7, u64::MAX] {
+            let row: MemberRow = (id, format!("m{id}"), Vec::new(), Vec::new(), false);
+            upsert_member(store.connection(), &row).expect("member");
+        }
+        let ids: Vec<u64> = members(store.connection())
+            .expect("members")
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(ids, [7, (1 << 63) + 5, u64::MAX]);
+    }
 
     #[test]
     fn restoring_from_a_missing_file_is_refused_and_keeps_the_state() {
