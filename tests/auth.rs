@@ -644,3 +644,90 @@ fn a_put_returning_the_previous_value_needs_read_in_a_txn_too() {
     let out = etcdctl(&t.endpoint, &[wally, "txn"], Some(txn));
     assert_eq!(out.code, 0, "{out:?}");
 }
+
+/// What a request with a bad token, no token or too little permission gets
+/// back, where etcdctl does not show it: a watch's cancel (id -1, and the
+/// gRPC error's text for a reason), and the check of a token sent along
+/// with requests that need no permission (a lease grant, an alarm, a
+/// login). Compared with etcd's answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_name_their_cause_as_etcd_does() {
+    use tern_primary::proto::etcdserverpb::{
+        lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+        watch_client::WatchClient, watch_request::RequestUnion, AlarmRequest, LeaseGrantRequest,
+        WatchCreateRequest, WatchRequest,
+    };
+
+    fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = token {
+            let value = token.parse().expect("token is ASCII");
+            request.metadata_mut().insert("token", value);
+        }
+        request
+    }
+    fn outcome<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> String {
+        match r {
+            Ok(_) => "ok".into(),
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+
+    let p = tokio::task::spawn_blocking(|| {
+        let p = Pair::start();
+        set_up(&p);
+        p.same(&["user", "grant-role", "root", "root"]);
+        p.same(&["auth", "enable"]);
+        p
+    })
+    .await
+    .expect("set up");
+    let mut answers = Vec::new();
+    for endpoint in [&p.etcd.endpoint, &p.tern.endpoint] {
+        let alice = token(endpoint, "alice", "alicepw").await.expect("alice");
+        let ch = channel(endpoint).await;
+        let mut seen = Vec::new();
+        for token in [Some(alice.as_str()), None, Some("bogus")] {
+            let create = WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: b"/b/x".to_vec(),
+                    ..Default::default()
+                })),
+            };
+            let requests = tokio_stream::iter([create]);
+            let mut inbound = WatchClient::new(ch.clone())
+                .watch(with_token(requests, token))
+                .await
+                .expect("watch stream")
+                .into_inner();
+            let r = inbound.message().await.expect("answer").expect("open");
+            seen.push(format!(
+                "watch {token:?}: id {} created {} canceled {} reason {:?}",
+                r.watch_id, r.created, r.canceled, r.cancel_reason
+            ));
+        }
+        let grant = LeaseGrantRequest {
+            ttl: 60,
+            ..Default::default()
+        };
+        let granted = LeaseClient::new(ch.clone())
+            .lease_grant(with_token(grant, Some("bogus")))
+            .await;
+        seen.push(format!("grant: {}", outcome(granted)));
+        let alarms = MaintenanceClient::new(ch.clone())
+            .alarm(with_token(AlarmRequest::default(), Some("bogus")))
+            .await;
+        seen.push(format!("alarm: {}", outcome(alarms)));
+        let login = AuthenticateRequest {
+            name: "root".into(),
+            password: "rootpw".into(),
+        };
+        let logged_in = AuthClient::new(ch.clone())
+            .authenticate(with_token(login, Some("bogus")))
+            .await;
+        seen.push(format!("authenticate: {}", outcome(logged_in)));
+        answers.push(seen.join("\n").replace(&alice, "<alice's token>"));
+    }
+    assert!(answers[0].contains("id -1"), "{}", answers[0]);
+    assert_eq!(answers[0], answers[1], "etcd (left), tern (right)");
+}

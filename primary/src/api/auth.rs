@@ -178,6 +178,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
+        let credentials = crate::member::Credentials::of(&request);
         let r = request.into_inner();
         if self.member.node.status.is_learner() {
             return Ok(Response::new(self.authenticate_at_leader(r).await?));
@@ -187,6 +188,10 @@ impl Auth for AuthService {
         // token's entry, so a token never outlives the password it proves.
         loop {
             let checked = self.check_password(&r.name, r.password.clone()).await?;
+            // The token entry is replicated, and etcd checks the token a
+            // request carries (if any) on every one it replicates: a bad
+            // one fails a right password.
+            self.member.caller_from(&credentials).await?;
             let token = ternpb::AuthAssignToken {
                 name: r.name.clone(),
                 token: Tokens::prefix(),

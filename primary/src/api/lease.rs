@@ -66,6 +66,9 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        // Anyone may grant a lease, but a token that is sent must be valid
+        // (etcd checks it on every request it replicates).
+        self.member.caller(&request).await?;
         let mut r = request.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(EtcdError::LeaseTtlTooLarge.into());

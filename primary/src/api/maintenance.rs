@@ -63,6 +63,12 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        // No permission is needed, but a token that is sent must be valid;
+        // etcd 3.4 passes auth's error through untranslated here.
+        self.member
+            .caller_untranslated(&crate::member::Credentials::of(&request))
+            .await
+            .map_err(crate::error::auth_status_untranslated)?;
         let mut response: AlarmResponse = self
             .member
             .propose_for(RaftReq::Alarm(request.into_inner()), None)
@@ -273,8 +279,8 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        self.require_root(&request).await?;
-        let target = request.into_inner().target_id;
+        // etcd looks at the leader and the transferee before the caller.
+        let target = request.get_ref().target_id;
         if !self.member.is_leader() {
             return Err(EtcdError::NotLeader.into());
         }
@@ -285,6 +291,7 @@ impl Maintenance for MaintenanceService {
         if !voters.iter().any(|m| m.0 == target && !m.4) {
             return Err(EtcdError::BadLeaderTransferee.into());
         }
+        self.require_root(&request).await?;
         let status = &self.member.node.status;
         if target != self.member.member_id {
             self.member

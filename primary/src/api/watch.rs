@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::error::EtcdError;
 use crate::member::Member;
 use crate::mvcc::KeyRange;
 use crate::proto::etcdserverpb::{
@@ -129,16 +130,23 @@ impl ClientStream {
         }
     }
 
-    /// etcd's isWatchPermitted: read on the watched range.
-    async fn permitted(&self, key: &[u8], range_end: &[u8]) -> bool {
-        match self.member.caller_from(&self.credentials).await {
-            Ok(who) => self
-                .member
-                .auth
-                .check_range(who.as_ref(), key, range_end)
-                .is_ok(),
-            Err(_) => false,
-        }
+    /// etcd's isWatchPermitted: read on the watched range. A refusal is
+    /// the cancel reason etcd gives: the gRPC error's text.
+    async fn permitted(&self, key: &[u8], range_end: &[u8]) -> Result<(), String> {
+        let checked = match self.member.caller_untranslated(&self.credentials).await {
+            Ok(who) => self.member.auth.check_range(who.as_ref(), key, range_end),
+            Err(e) => Err(e),
+        };
+        checked.map_err(|e| {
+            use crate::auth::AuthError::*;
+            let (code, error) = match e {
+                InvalidAuthToken => ("Unauthenticated", EtcdError::InvalidAuthToken),
+                AuthOldRevision => ("InvalidArgument", EtcdError::AuthOldRevision),
+                UserEmpty => ("InvalidArgument", EtcdError::UserEmpty),
+                _ => ("PermissionDenied", EtcdError::PermissionDenied),
+            };
+            format!("rpc error: code = {code} desc = {}", error.message())
+        })
     }
 
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
@@ -148,18 +156,15 @@ impl ClientStream {
         } else {
             c.key.clone()
         };
-        if !self.permitted(&key, &c.range_end).await {
-            // etcd answers with a created-and-cancelled watcher carrying
-            // the gRPC error's text.
+        if let Err(cancel_reason) = self.permitted(&key, &c.range_end).await {
+            // etcd answers with a created-and-cancelled watcher, id -1.
             return self
                 .send(WatchResponse {
                     header: Some(self.member.header(0)),
-                    watch_id: c.watch_id,
+                    watch_id: -1,
                     created: true,
                     canceled: true,
-                    cancel_reason:
-                        "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
-                            .into(),
+                    cancel_reason,
                     ..Default::default()
                 })
                 .await;
