@@ -236,6 +236,11 @@ fn kv_routes_match_etcd() {
         format!(r#"{{"key":"{foo}","revision":"2"}}"#),
         format!(r#"{{"key":"{foo}","revision":"100"}}"#),
         format!(r#"{{"key":"{foo}","sortOrder":1,"bogus":7}}"#),
+        // Go's decoder: null is the default, a repeated key's last value
+        // counts.
+        format!(r#"{{"key":"{foo}","range_end":null,"limit":null}}"#),
+        format!(r#"{{"key":"{foo}","key":"{}"}}"#, b64("zoo")),
+        "null".to_string(),
         // Truncated and malformed bodies.
         format!(r#"{{"key":"{foo}""#),
     ] {

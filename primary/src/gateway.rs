@@ -405,13 +405,36 @@ async fn read_one<Req: DeserializeOwned + Default>(body: Body) -> Result<Req, to
         .await
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     match serde_json::Deserializer::from_slice(&bytes)
-        .into_iter::<Req>()
+        .into_iter::<serde_json::Value>()
         .next()
     {
         None => Ok(Req::default()),
-        Some(Ok(request)) => Ok(request),
+        Some(Ok(value)) => from_value(value),
         Some(Err(e)) => Err(json_error(&e)),
     }
+}
+
+/// A request from one JSON value, read as Go's `encoding/json` (behind
+/// etcd's gateway) reads it: `null` is the field's default (the whole
+/// request's too), and of a key given twice the last one counts.
+fn from_value<Req: DeserializeOwned + Default>(
+    mut value: serde_json::Value,
+) -> Result<Req, tonic::Status> {
+    fn drop_nulls(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                fields.retain(|_, v| !v.is_null());
+                fields.values_mut().for_each(drop_nulls);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+            _ => {}
+        }
+    }
+    if value.is_null() {
+        return Ok(Req::default());
+    }
+    drop_nulls(&mut value);
+    serde_json::from_value(value).map_err(|e| json_error(&e))
 }
 
 /// A JSON decoding failure, as etcd's gateway reports it (code 3).
@@ -434,11 +457,13 @@ fn request_frames<Req: Message + DeserializeOwned + Default + Send + 'static>(
         (body.into_data_stream(), Vec::<u8>::new(), false),
         |(mut data, mut pending, mut ended)| async move {
             loop {
-                let mut values = serde_json::Deserializer::from_slice(&pending).into_iter::<Req>();
+                let mut values =
+                    serde_json::Deserializer::from_slice(&pending).into_iter::<serde_json::Value>();
                 match values.next() {
-                    Some(Ok(request)) => {
+                    Some(Ok(value)) => {
                         let used = values.byte_offset();
                         pending.drain(..used);
+                        let request = from_value::<Req>(value).ok()?;
                         return Some((Ok(frame(&request)), (data, pending, ended)));
                     }
                     Some(Err(e)) if !e.is_eof() => return None,
@@ -659,6 +684,19 @@ mod tests {
         );
         let ttl: pb::LeaseTimeToLiveRequest = serde_json::from_str(r#"{"ID":"5"}"#).unwrap();
         assert_eq!(ttl.id, 5);
+    }
+
+    #[test]
+    fn null_is_the_default_and_the_last_key_counts() {
+        let value = serde_json::json!({"key": "Zm9v", "limit": null, "range_end": null});
+        let range: pb::RangeRequest = from_value(value).unwrap();
+        assert_eq!((range.key, range.limit), (b"foo".to_vec(), 0));
+        let twice = r#"{"key":"Zm9v","key":"YmFy"}"#;
+        let value: serde_json::Value = serde_json::from_str(twice).unwrap();
+        let range: pb::RangeRequest = from_value(value).unwrap();
+        assert_eq!(range.key, b"bar");
+        let range: pb::RangeRequest = from_value(serde_json::Value::Null).unwrap();
+        assert_eq!(range, pb::RangeRequest::default());
     }
 
     #[test]
