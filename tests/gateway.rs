@@ -423,6 +423,17 @@ fn auth_routes_match_etcd() {
         Some("bogus"),
         &[],
     );
+    // A stream refused before its first message: the error's HTTP status.
+    same(&p, "/maintenance/snapshot", "{}", &[]);
+    // A token sent where no permission is needed is still checked.
+    same_as(
+        &p,
+        "/lease/grant",
+        r#"{"TTL":"60"}"#,
+        Some("bogus"),
+        Some("bogus"),
+        &[],
+    );
     let token = |endpoint: &str, name: &str, password: &str| -> String {
         let a = post(
             endpoint,

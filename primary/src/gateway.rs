@@ -346,7 +346,11 @@ impl Gateway {
         if let Some(status) =
             tonic::Status::from_header_map(&head.headers).filter(|s| s.code() != Code::Ok)
         {
-            return ok_json(Body::from(stream_error_line(&status)));
+            // Failed before its first message: grpc-gateway has not written
+            // its header yet, and gives the error's HTTP status.
+            let mut response = ok_json(Body::from(stream_error_line(&status)));
+            *response.status_mut() = http_status(status.code());
+            return response;
         }
         ok_json(Body::from_stream(response_lines::<Resp>(body)))
     }
