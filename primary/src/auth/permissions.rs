@@ -18,6 +18,11 @@ fn open_ended(range_end: &[u8]) -> bool {
     range_end == [0]
 }
 
+/// Whether etcd accepts a permission on `[key, range_end)`.
+pub fn valid_range(key: &[u8], range_end: &[u8]) -> bool {
+    !key.is_empty() && (range_end.is_empty() || key < range_end || open_ended(range_end))
+}
+
 /// The interval a stored permission covers.
 fn interval(key: &[u8], range_end: &[u8]) -> (Vec<u8>, End) {
     if range_end.is_empty() {
@@ -125,5 +130,14 @@ mod tests {
         let split = role(&[("a", b"c", Read), ("c", b"e", Read)]);
         assert!(ok(&split, "a", b"e", Read));
         assert!(!ok(&split, "a", b"f", Read));
+    }
+
+    #[test]
+    fn valid_ranges() {
+        assert!(valid_range(b"a", b""));
+        assert!(valid_range(b"a", b"b"));
+        assert!(valid_range(b"a", &[0]));
+        assert!(!valid_range(b"b", b"a"));
+        assert!(!valid_range(b"", b"a"));
     }
 }

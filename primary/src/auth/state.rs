@@ -185,9 +185,12 @@ impl AuthState {
         &mut self,
         r: &AuthRoleGrantPermissionRequest,
     ) -> Result<(), AuthError> {
-        // etcd 3.4 takes any range, empty or inverted ones too (they grant
-        // nothing); 3.5 began refusing them.
         let perm = r.perm.as_ref().ok_or(AuthError::PermissionNotGiven)?;
+        // An empty or inverted range grants nothing; the 3.4 releases since
+        // 3.4.24 (and 3.5) refuse it, where 3.4.23 stored it.
+        if !super::permissions::valid_range(&perm.key, &perm.range_end) {
+            return Err(AuthError::InvalidAuthMgmt);
+        }
         let role = self.roles.get_mut(&r.name).ok_or(AuthError::RoleNotFound)?;
         let perms = &mut role.permissions;
         let at = perms.partition_point(|p| p.key < perm.key);
@@ -281,10 +284,10 @@ mod tests {
         assert_eq!(perms.len(), 2);
         assert_eq!(perms[0].key, b"a");
         assert_eq!(perms[0].perm_type, Type::Write as i32);
-        // etcd 3.4 stores an inverted range too (it grants nothing).
-        s.role_grant_permission(&perm("b", "a", Type::Read))
-            .unwrap();
-        assert_eq!(s.roles["r"].permissions.len(), 3);
+        assert_eq!(
+            s.role_grant_permission(&perm("b", "a", Type::Read)),
+            Err(AuthError::InvalidAuthMgmt)
+        );
         let revoke = AuthRoleRevokePermissionRequest {
             role: "r".into(),
             key: b"a".to_vec(),
