@@ -197,6 +197,8 @@ fn permissions_are_enforced_like_etcd() {
     // Any user may compact, as in etcd 3.4 (Kubernetes' API server
     // compacts as a user without the root role).
     p.same(&[ALICE, "compaction", "1"]);
+    // ...even with no user at all.
+    p.same(&["compaction", "2"]);
     // Read-write on one key.
     p.same(&[ALICE, "put", "/c", "6"]);
     p.same(&[ALICE, "get", "/c"]);

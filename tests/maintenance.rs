@@ -156,3 +156,77 @@ fn health_and_metrics_over_http() {
         }
     }
 }
+
+/// A CORRUPT alarm stops writes, as etcd's does (DATA_LOSS, "corrupt
+/// cluster"), while reads go on; disarmed, writes work again. Side by side
+/// with etcd: no etcdctl command raises it, so through the gRPC API.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_alarm_stops_writes_like_etcds() {
+    use tern_primary::proto::etcdserverpb::{
+        alarm_request::AlarmAction, kv_client::KvClient, lease_client::LeaseClient,
+        maintenance_client::MaintenanceClient, AlarmRequest, AlarmType, CompactionRequest,
+        DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest,
+    };
+
+    fn outcome<T>(r: Result<tonic::Response<T>, tonic::Status>) -> String {
+        match r {
+            Ok(_) => "ok".into(),
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+    let p = tokio::task::spawn_blocking(tern_tests::Pair::start)
+        .await
+        .expect("pair");
+    let mut answers = Vec::new();
+    for endpoint in [&p.etcd.endpoint, &p.tern.endpoint] {
+        let ch = tern_tests::channel(endpoint).await;
+        let (mut kv, mut alarms) = (
+            KvClient::new(ch.clone()),
+            MaintenanceClient::new(ch.clone()),
+        );
+        let put = || PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        };
+        let mut seen = vec![format!("put: {}", outcome(kv.put(put()).await))];
+        let alarm = |action: AlarmAction| AlarmRequest {
+            action: action as i32,
+            member_id: 12345,
+            alarm: AlarmType::Corrupt as i32,
+        };
+        let raised = alarms.alarm(alarm(AlarmAction::Activate)).await;
+        seen.push(format!("raise: {}", outcome(raised)));
+        seen.push(format!("put: {}", outcome(kv.put(put()).await)));
+        let delete = DeleteRangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        };
+        seen.push(format!(
+            "delete: {}",
+            outcome(kv.delete_range(delete).await)
+        ));
+        let compact = CompactionRequest {
+            revision: 1,
+            physical: false,
+        };
+        seen.push(format!("compact: {}", outcome(kv.compact(compact).await)));
+        let grant = LeaseGrantRequest {
+            ttl: 60,
+            ..Default::default()
+        };
+        let granted = LeaseClient::new(ch.clone()).lease_grant(grant).await;
+        seen.push(format!("grant: {}", outcome(granted)));
+        let range = RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        };
+        seen.push(format!("range: {}", outcome(kv.range(range).await)));
+        let disarmed = alarms.alarm(alarm(AlarmAction::Deactivate)).await;
+        seen.push(format!("disarm: {}", outcome(disarmed)));
+        seen.push(format!("put: {}", outcome(kv.put(put()).await)));
+        answers.push(seen.join("\n"));
+    }
+    assert!(answers[0].contains("DataLoss"), "{}", answers[0]);
+    assert_eq!(answers[0], answers[1], "etcd (left), tern (right)");
+}

@@ -94,6 +94,8 @@ pub enum ApplyError {
     KeyNotFound,
     #[error("mvcc: database space exceeded")]
     NoSpace,
+    #[error("corrupt cluster")]
+    Corrupt,
     #[error("mvcc: required revision has been compacted")]
     Compacted,
     #[error("mvcc: required revision is a future revision")]
@@ -176,13 +178,16 @@ pub struct Applier {
     auth: Arc<AuthStore>,
     /// Mirrors "a NOSPACE alarm is raised", so the check costs no query.
     nospace: bool,
+    /// Mirrors "a CORRUPT alarm is raised": writes are refused (etcd's
+    /// applierV3Corrupt) until it is disarmed.
+    corrupt: bool,
 }
 
 impl Applier {
     pub fn new(lessor: Arc<Lessor>, conn: &Connection) -> Result<Self, MvccError> {
-        let nospace = crate::mvcc::write::alarms(conn)?
-            .iter()
-            .any(|(_, a)| *a == AlarmType::Nospace as i32);
+        let alarms = crate::mvcc::write::alarms(conn)?;
+        let raised = |kind: AlarmType| alarms.iter().any(|(_, a)| *a == kind as i32);
+        let (nospace, corrupt) = (raised(AlarmType::Nospace), raised(AlarmType::Corrupt));
         let auth = Arc::new(AuthStore::new(
             auth::store::load(conn).map_err(MvccError::Sqlite)?,
             std::time::Duration::from_secs(300),
@@ -191,6 +196,7 @@ impl Applier {
             lessor,
             auth,
             nospace,
+            corrupt,
         })
     }
 
@@ -236,22 +242,34 @@ impl Applier {
         }
         match request {
             Request::Put(p) => {
+                self.check_corrupt()?;
                 self.check_space()?;
                 put(b, &p, false).map(ApplyResult::Put)
             }
-            Request::DeleteRange(d) => delete_range(b, &d).map(ApplyResult::DeleteRange),
+            Request::DeleteRange(d) => {
+                self.check_corrupt()?;
+                delete_range(b, &d).map(ApplyResult::DeleteRange)
+            }
             Request::Txn(t) => {
                 if txn_writes(&t) {
+                    self.check_corrupt()?;
                     self.check_space()?;
                 }
                 txn(b, &t).map(ApplyResult::Txn)
             }
-            Request::Compaction(c) => compact(b, &c).map(ApplyResult::Compaction),
+            Request::Compaction(c) => {
+                self.check_corrupt()?;
+                compact(b, &c).map(ApplyResult::Compaction)
+            }
             Request::LeaseGrant(g) => {
+                self.check_corrupt()?;
                 self.check_space()?;
                 self.lease_grant(b, &g).map(ApplyResult::LeaseGrant)
             }
-            Request::LeaseRevoke(r) => self.lease_revoke(b, &r).map(ApplyResult::LeaseRevoke),
+            Request::LeaseRevoke(r) => {
+                self.check_corrupt()?;
+                self.lease_revoke(b, &r).map(ApplyResult::LeaseRevoke)
+            }
             Request::Alarm(a) => self.alarm(b, &a).map(ApplyResult::Alarm),
             Request::MemberUpdate(u) => member_update(b, &u).map(ApplyResult::Membership),
             Request::MemberAttributes(a) => member_attributes(b, &a).map(ApplyResult::Membership),
@@ -385,6 +403,14 @@ impl Applier {
         Ok(ApplyResult::Auth(header(b.read_revision())))
     }
 
+    fn check_corrupt(&self) -> Result<(), ApplyError> {
+        if self.corrupt {
+            Err(ApplyError::Corrupt)
+        } else {
+            Ok(())
+        }
+    }
+
     fn check_space(&self) -> Result<(), ApplyError> {
         if self.nospace {
             Err(ApplyError::NoSpace)
@@ -478,10 +504,10 @@ impl Applier {
                 }
             }
         }
-        self.nospace = b
-            .alarms()?
-            .iter()
-            .any(|(_, t)| *t == AlarmType::Nospace as i32);
+        let raised = b.alarms()?;
+        let raised = |kind: AlarmType| raised.iter().any(|(_, t)| *t == kind as i32);
+        self.nospace = raised(AlarmType::Nospace);
+        self.corrupt = raised(AlarmType::Corrupt);
         Ok(AlarmResponse {
             header: Some(header(b.read_revision())),
             alarms,
@@ -518,8 +544,11 @@ fn leases_touched(request: &Request) -> Vec<i64> {
 fn needs_user(request: &Request) -> bool {
     !matches!(
         request,
+        // etcd's authApplierV3 leaves compaction to any caller, even one
+        // with no user.
         Request::LeaseGrant(_)
             | Request::LeaseRevoke(_)
+            | Request::Compaction(_)
             | Request::Alarm(_)
             | Request::MemberUpdate(_)
             | Request::MemberAttributes(_)
