@@ -368,6 +368,16 @@ async fn run_all(c: &mut Clients) -> Vec<(&'static str, Seen)> {
                 .await,
         ),
     ));
+    // At --max-request-bytes (1.5 MiB): etcd measures the request it
+    // replicates, header included, so these two values straddle it.
+    out.push((
+        "put just under the request limit",
+        seen(c.kv.put(put(b"big", vec![b'x'; 1_572_838])).await),
+    ));
+    out.push((
+        "put just over the request limit",
+        seen(c.kv.put(put(b"big", vec![b'x'; 1_572_839])).await),
+    ));
     out
 }
 

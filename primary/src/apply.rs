@@ -767,7 +767,14 @@ fn check_txn(
             if r.revision > state.revision {
                 return Err(ApplyError::FutureRevision);
             }
-            if r.revision < state.compact_revision {
+            // etcd compares with its first revision, which is -1 until
+            // something is compacted (here 0 stands for that).
+            let first = if state.compact_revision == 0 {
+                -1
+            } else {
+                state.compact_revision
+            };
+            if r.revision < first {
                 return Err(ApplyError::Compacted);
             }
             Ok(())
@@ -1048,6 +1055,8 @@ mod tests {
         let read = |revision| read_only_txn(store.connection(), store.state(), &txn(revision));
         assert!(read(0).is_ok());
         assert!(matches!(read(-5), Err(ApplyError::Compacted)));
+        // Nothing compacted yet: etcd's first revision is -1.
+        assert!(read(-1).is_ok());
         assert!(matches!(read(100), Err(ApplyError::FutureRevision)));
         // Puts are checked before ranges wherever they stand, as in etcd.
         let mut both = txn(-5);

@@ -81,6 +81,35 @@ fn valid_urls(urls: &[String]) -> bool {
         })
 }
 
+/// `urls` as etcd's `types.NewURLs` takes them for a new member: trimmed,
+/// the scheme in lower case, http(s) ones with a host and port and no
+/// path, unix(s) ones as given, all sorted; `None` if any is refused.
+fn normalized_peer_urls(urls: &[String]) -> Option<Vec<String>> {
+    if urls.is_empty() {
+        return None;
+    }
+    let mut normalized = urls
+        .iter()
+        .map(|u| {
+            let (scheme, rest) = u.trim().split_once("://")?;
+            let scheme = scheme.to_ascii_lowercase();
+            let url = format!("{scheme}://{rest}");
+            match scheme.as_str() {
+                "http" | "https" => {
+                    let parsed = url::Url::parse(&url).ok()?;
+                    let has_path = rest.contains('/');
+                    (parsed.host_str().is_some() && parsed.port().is_some() && !has_path)
+                        .then_some(url)
+                }
+                "unix" | "unixs" => Some(url),
+                _ => None,
+            }
+        })
+        .collect::<Option<Vec<String>>>()?;
+    normalized.sort();
+    Some(normalized)
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
@@ -90,10 +119,8 @@ impl Cluster for ClusterService {
         self.member.refuse_if_learner()?;
         // etcd's checkMembershipOperationPermission.
         self.member.require_root(&request).await?;
-        let r = request.into_inner();
-        if !valid_urls(&r.peer_ur_ls) {
-            return Err(EtcdError::MemberBadUrls.into());
-        }
+        let mut r = request.into_inner();
+        r.peer_ur_ls = normalized_peer_urls(&r.peer_ur_ls).ok_or(EtcdError::MemberBadUrls)?;
         let existing = self.members().await?;
         if existing
             .iter()
@@ -276,5 +303,36 @@ impl Cluster for ClusterService {
             header: Some(self.member.header_without_revision()),
             members,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(list: &[&str]) -> Vec<String> {
+        list.iter().map(|u| u.to_string()).collect()
+    }
+
+    #[test]
+    fn new_members_urls_are_read_as_etcd_reads_them() {
+        assert_eq!(
+            normalized_peer_urls(&urls(&["HTTP://127.0.0.1:2", " http://127.0.0.1:1"])),
+            Some(urls(&["http://127.0.0.1:1", "http://127.0.0.1:2"]))
+        );
+        assert_eq!(
+            normalized_peer_urls(&urls(&["unix://127.0.0.1:9"])),
+            Some(urls(&["unix://127.0.0.1:9"]))
+        );
+        for refused in [
+            &[][..],
+            &["http://127.0.0.1:1/"],
+            &["https://127.0.0.1:1/path"],
+            &["http://127.0.0.1"],
+            &["ftp://127.0.0.1:1"],
+            &["127.0.0.1:1"],
+        ] {
+            assert_eq!(normalized_peer_urls(&urls(refused)), None, "{refused:?}");
+        }
     }
 }

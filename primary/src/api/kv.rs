@@ -65,7 +65,7 @@ impl Kv for KvService {
         let who = self.member.caller(&request).await?;
         let r = request.into_inner();
         check_put(&r)?;
-        self.check_size(&r)?;
+        self.check_size(&r, who.as_ref())?;
         check_put_auth(&self.member.auth, who.as_ref(), &r).map_err(auth_status)?;
         self.member.check_quota(r.encoded_len()).await?;
         Ok(Response::new(
@@ -84,7 +84,7 @@ impl Kv for KvService {
         if r.key.is_empty() {
             return Err(EtcdError::EmptyKey.into());
         }
-        self.check_size(&r)?;
+        self.check_size(&r, who.as_ref())?;
         check_delete_auth(&self.member.auth, who.as_ref(), &r).map_err(auth_status)?;
         Ok(Response::new(
             self.member
@@ -101,7 +101,7 @@ impl Kv for KvService {
         let who = self.member.caller(&request).await?;
         let r = request.into_inner();
         check_txn(&r, self.member.limits.max_txn_ops, 0)?;
-        self.check_size(&r)?;
+        self.check_size(&r, who.as_ref())?;
         let permitted = || check_txn_auth(&self.member.auth, who.as_ref(), &r);
         if is_read_only(&r) {
             // etcd serves read-only txns without a proposal; serializable
@@ -146,9 +146,25 @@ impl Kv for KvService {
 }
 
 impl KvService {
-    /// etcd refuses a proposal larger than `--max-request-bytes`.
-    fn check_size(&self, m: &impl Message) -> Result<(), Status> {
-        if m.encoded_len() > self.member.limits.max_request_bytes {
+    /// etcd refuses a proposal larger than `--max-request-bytes`, measured
+    /// as the `InternalRaftRequest` it replicates: the request as a field,
+    /// and a header with the request's id (etcd's idutil, whose top bits
+    /// are the member id's low 16) and, with auth on, the caller.
+    fn check_size(&self, m: &impl Message, who: Option<&AuthInfo>) -> Result<(), Status> {
+        use prost::encoding::encoded_len_varint;
+        let request = m.encoded_len();
+        let id = ((self.member.member_id & 0xffff) << 48) | (1 << 47);
+        let mut header = 1 + encoded_len_varint(id);
+        if let Some(who) = who.filter(|_| self.member.auth.enabled()) {
+            header += 1 + encoded_len_varint(who.user.len() as u64) + who.user.len();
+            if who.revision != 0 {
+                header += 1 + encoded_len_varint(who.revision);
+            }
+        }
+        // Field 100 (the header) takes a 2-byte tag; the request's field 1.
+        let whole = (2 + encoded_len_varint(header as u64) + header)
+            + (1 + encoded_len_varint(request as u64) + request);
+        if whole > self.member.limits.max_request_bytes {
             return Err(EtcdError::RequestTooLarge.into());
         }
         Ok(())
