@@ -188,6 +188,36 @@ async fn session(endpoint: &str) -> ById {
     tx.send(req(RequestUnion::ProgressRequest(WatchProgressRequest {})))
         .await
         .expect("send");
+    // A negative start is before the first revision: compacted too. The
+    // id stays taken until it is cancelled, and the cancel is answered.
+    let mut negative = create("w/", "w0", -5);
+    negative.watch_id = 51;
+    tx.send(req(RequestUnion::CreateRequest(negative)))
+        .await
+        .expect("send");
+    read_until(&mut inbound, &mut by_id, |seen| {
+        seen.get(&51)
+            .into_iter()
+            .flatten()
+            .any(|r| r.compact_revision != 0)
+    })
+    .await;
+    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: 51,
+    })))
+    .await
+    .expect("send");
+    // Created, then cancelled at once: the answers keep that order.
+    let mut brief = create("w/", "w0", 0);
+    brief.watch_id = 60;
+    tx.send(req(RequestUnion::CreateRequest(brief)))
+        .await
+        .expect("send");
+    tx.send(req(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: 60,
+    })))
+    .await
+    .expect("send");
     // Whatever else comes, until the stream is quiet.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     while let Ok(Ok(Some(r))) = tokio::time::timeout_at(deadline, inbound.message()).await {

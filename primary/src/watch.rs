@@ -47,6 +47,10 @@ pub enum WatchMessage {
     },
     /// The watcher was created (sent before any of its events).
     Created { watch_id: i64, revision: i64 },
+    /// An answer of the stream itself (a cancel, a refusal, a progress
+    /// reply), queued behind what the stream already has to send, so the
+    /// client sees them in the order it asked (etcd's control stream).
+    Reply(crate::proto::etcdserverpb::WatchResponse),
     /// A progress notification: nothing happened up to `revision`.
     Progress {
         key: u64,
@@ -73,6 +77,11 @@ impl StreamSink {
             },
             StreamSource { rx, queued },
         )
+    }
+
+    /// Queue one of the stream's own answers; see [`WatchMessage::Reply`].
+    pub fn reply(&self, r: crate::proto::etcdserverpb::WatchResponse) -> Result<(), ()> {
+        self.send(WatchMessage::Reply(r))
     }
 
     fn send(&self, m: WatchMessage) -> Result<(), ()> {
@@ -198,7 +207,10 @@ impl WatchHub {
     /// hub key used to cancel it.
     pub fn watch(&self, spec: WatchSpec, sink: StreamSink) -> Result<u64, WatchError> {
         let mut st = self.lock();
-        if spec.start_revision != 0 && spec.start_revision < st.compacted {
+        // etcd's first revision, -1 until something is compacted (0 here):
+        // a start before it (a negative one too) is compacted away.
+        let first = if st.compacted == 0 { -1 } else { st.compacted };
+        if spec.start_revision != 0 && spec.start_revision < first {
             let _ = sink.send(WatchMessage::Created {
                 watch_id: spec.watch_id,
                 revision: st.published,
@@ -206,14 +218,15 @@ impl WatchHub {
             let _ = sink.send(WatchMessage::Compacted {
                 key: 0,
                 watch_id: spec.watch_id,
-                compact_revision: st.compacted,
+                compact_revision: first,
             });
-            return Err(WatchError::Compacted(st.compacted));
+            return Err(WatchError::Compacted(first));
         }
         let next_rev = if spec.start_revision == 0 {
             st.published + 1
         } else {
-            spec.start_revision
+            // -1 on a store never compacted: all of its history.
+            spec.start_revision.max(1)
         };
         let synced = next_rev > st.published;
         let _ = sink.send(WatchMessage::Created {

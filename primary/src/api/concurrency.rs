@@ -197,7 +197,11 @@ impl LocalWatch {
                     revision, events, ..
                 }) => return Ok((revision, events)),
                 Some(WatchMessage::Compacted { .. }) => return Err(EtcdError::Compacted.into()),
-                Some(WatchMessage::Created { .. } | WatchMessage::Progress { .. }) => {}
+                Some(
+                    WatchMessage::Created { .. }
+                    | WatchMessage::Progress { .. }
+                    | WatchMessage::Reply(_),
+                ) => {}
                 None => return Err(Status::unavailable("watcher closed")),
             }
         }

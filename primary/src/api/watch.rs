@@ -99,6 +99,12 @@ impl ClientStream {
         self.out.send(Ok(response)).await.is_ok()
     }
 
+    /// Answer after whatever the stream already has queued (a watcher's
+    /// `created`, say), as [`WatchMessage::Reply`].
+    fn queue(&self, response: WatchResponse) -> bool {
+        self.sink.reply(response).is_ok()
+    }
+
     async fn handle(&mut self, request: WatchRequest) -> bool {
         match request.request_union {
             Some(watch_request::RequestUnion::CreateRequest(c)) => self.create(c).await,
@@ -106,25 +112,22 @@ impl ClientStream {
                 if let Some(key) = self.watchers.remove(&c.watch_id) {
                     self.member.hub.cancel(key);
                     self.fragment.remove(&c.watch_id);
-                    return self
-                        .send(WatchResponse {
-                            header: Some(self.member.header(0)),
-                            watch_id: c.watch_id,
-                            canceled: true,
-                            ..Default::default()
-                        })
-                        .await;
+                    return self.queue(WatchResponse {
+                        header: Some(self.member.header(0)),
+                        watch_id: c.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    });
                 }
                 true
             }
             Some(watch_request::RequestUnion::ProgressRequest(_)) => {
                 let revision = self.member.hub.published();
-                self.send(WatchResponse {
+                self.queue(WatchResponse {
                     header: Some(self.member.header(revision)),
                     watch_id: -1,
                     ..Default::default()
                 })
-                .await
             }
             None => true,
         }
@@ -158,32 +161,28 @@ impl ClientStream {
         };
         if let Err(cancel_reason) = self.permitted(&key, &c.range_end).await {
             // etcd answers with a created-and-cancelled watcher, id -1.
-            return self
-                .send(WatchResponse {
-                    header: Some(self.member.header(0)),
-                    watch_id: -1,
-                    created: true,
-                    canceled: true,
-                    cancel_reason,
-                    ..Default::default()
-                })
-                .await;
+            return self.queue(WatchResponse {
+                header: Some(self.member.header(0)),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason,
+                ..Default::default()
+            });
         }
         // etcd refuses a range that holds no key (its end at or before its
         // start; an end of "\0" means "from the key on"), before it looks
         // at the id.
         let from_key = c.range_end.is_empty() || c.range_end == [0];
         if !from_key && key.as_slice() >= c.range_end.as_slice() {
-            return self
-                .send(WatchResponse {
-                    header: Some(self.member.header(0)),
-                    watch_id: -1,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: "mvcc: watcher range is empty".into(),
-                    ..Default::default()
-                })
-                .await;
+            return self.queue(WatchResponse {
+                header: Some(self.member.header(0)),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: "mvcc: watcher range is empty".into(),
+                ..Default::default()
+            });
         }
         let watch_id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
@@ -196,31 +195,30 @@ impl ClientStream {
         };
         if c.watch_id != 0 && self.watchers.contains_key(&watch_id) {
             // etcd reports the refused watcher with id -1.
-            return self
-                .send(WatchResponse {
-                    header: Some(self.member.header(0)),
-                    watch_id: -1,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
-                    ..Default::default()
-                })
-                .await;
+            return self.queue(WatchResponse {
+                header: Some(self.member.header(0)),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
+                ..Default::default()
+            });
         }
         let spec = WatchSpec {
             watch_id,
             range: KeyRange::new(&key, &c.range_end),
-            start_revision: c.start_revision.max(0),
+            start_revision: c.start_revision,
             no_put: c.filters.contains(&(FilterType::Noput as i32)),
             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: c.prev_kv,
             progress_notify: c.progress_notify,
         };
-        if let Ok(key) = self.member.hub.watch(spec, self.sink.clone()) {
-            self.watchers.insert(watch_id, key);
-            if c.fragment {
-                self.fragment.insert(watch_id);
-            }
+        // A watcher cancelled at once for compaction keeps its id (hub key
+        // 0: none) until the client cancels it, as in etcd.
+        let key = self.member.hub.watch(spec, self.sink.clone()).unwrap_or(0);
+        self.watchers.insert(watch_id, key);
+        if c.fragment && key != 0 {
+            self.fragment.insert(watch_id);
         }
         true
     }
@@ -233,6 +231,7 @@ impl ClientStream {
 
     async fn deliver(&mut self, message: WatchMessage) -> bool {
         match message {
+            WatchMessage::Reply(response) => self.send(response).await,
             WatchMessage::Created { watch_id, revision } => {
                 self.send(WatchResponse {
                     header: Some(self.member.header(revision)),
@@ -247,11 +246,10 @@ impl ClientStream {
                 watch_id,
                 compact_revision,
             } => {
-                if key != 0 {
-                    if !self.current(watch_id, key) {
-                        return true;
-                    }
-                    self.watchers.remove(&watch_id);
+                // The id stays taken until the client cancels it (etcd
+                // answers that cancel); only the hub forgot the watcher.
+                if key != 0 && !self.current(watch_id, key) {
+                    return true;
                 }
                 // etcd's compaction notice carries no revision.
                 self.send(WatchResponse {
