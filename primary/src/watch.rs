@@ -79,9 +79,10 @@ impl StreamSink {
         )
     }
 
-    /// Queue one of the stream's own answers; see [`WatchMessage::Reply`].
-    pub fn reply(&self, r: crate::proto::etcdserverpb::WatchResponse) -> Result<(), ()> {
-        self.send(WatchMessage::Reply(r))
+    /// Queue one of the stream's own answers (see [`WatchMessage::Reply`]);
+    /// false once the stream is gone.
+    pub fn reply(&self, r: crate::proto::etcdserverpb::WatchResponse) -> bool {
+        self.send(WatchMessage::Reply(r)).is_ok()
     }
 
     fn send(&self, m: WatchMessage) -> Result<(), ()> {

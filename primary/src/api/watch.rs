@@ -102,7 +102,7 @@ impl ClientStream {
     /// Answer after whatever the stream already has queued (a watcher's
     /// `created`, say), as [`WatchMessage::Reply`].
     fn queue(&self, response: WatchResponse) -> bool {
-        self.sink.reply(response).is_ok()
+        self.sink.reply(response)
     }
 
     async fn handle(&mut self, request: WatchRequest) -> bool {
