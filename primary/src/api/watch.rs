@@ -152,6 +152,19 @@ impl ClientStream {
         })
     }
 
+    /// etcd's answer to a watch it will not create: created and cancelled
+    /// at once, with id -1 and the reason.
+    fn refuse(&self, cancel_reason: String) -> bool {
+        self.queue(WatchResponse {
+            header: Some(self.member.header(0)),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason,
+            ..Default::default()
+        })
+    }
+
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
         // etcd: an empty key means "\0", the smallest key.
         let key = if c.key.is_empty() {
@@ -160,29 +173,14 @@ impl ClientStream {
             c.key.clone()
         };
         if let Err(cancel_reason) = self.permitted(&key, &c.range_end).await {
-            // etcd answers with a created-and-cancelled watcher, id -1.
-            return self.queue(WatchResponse {
-                header: Some(self.member.header(0)),
-                watch_id: -1,
-                created: true,
-                canceled: true,
-                cancel_reason,
-                ..Default::default()
-            });
+            return self.refuse(cancel_reason);
         }
         // etcd refuses a range that holds no key (its end at or before its
         // start; an end of "\0" means "from the key on"), before it looks
         // at the id.
         let from_key = c.range_end.is_empty() || c.range_end == [0];
         if !from_key && key.as_slice() >= c.range_end.as_slice() {
-            return self.queue(WatchResponse {
-                header: Some(self.member.header(0)),
-                watch_id: -1,
-                created: true,
-                canceled: true,
-                cancel_reason: "mvcc: watcher range is empty".into(),
-                ..Default::default()
-            });
+            return self.refuse("mvcc: watcher range is empty".into());
         }
         let watch_id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
@@ -194,15 +192,7 @@ impl ClientStream {
             c.watch_id
         };
         if c.watch_id != 0 && self.watchers.contains_key(&watch_id) {
-            // etcd reports the refused watcher with id -1.
-            return self.queue(WatchResponse {
-                header: Some(self.member.header(0)),
-                watch_id: -1,
-                created: true,
-                canceled: true,
-                cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
-                ..Default::default()
-            });
+            return self.refuse("mvcc: duplicate watch ID provided on the WatchStream".into());
         }
         let spec = WatchSpec {
             watch_id,
