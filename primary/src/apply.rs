@@ -713,11 +713,9 @@ fn delete_range(
 
 fn compact(b: &mut Batch<'_>, c: &CompactionRequest) -> Result<CompactionResponse, ApplyError> {
     let state = b.state();
-    // etcd starts a store's compaction point at -1, so compacting at 0
-    // succeeds (and removes nothing) until something was compacted; here
-    // 0 stands for "never compacted".
-    let never_compacted = state.compact_revision == 0;
-    if c.revision <= state.compact_revision && !(c.revision == 0 && never_compacted) {
+    // Compacting at 0 succeeds (and removes nothing) until something was
+    // compacted, as in etcd.
+    if c.revision <= crate::mvcc::write::compact_main_revision(state.compact_revision) {
         return Err(ApplyError::Compacted);
     }
     if c.revision > state.revision {
@@ -767,13 +765,9 @@ fn check_txn(
             if r.revision > state.revision {
                 return Err(ApplyError::FutureRevision);
             }
-            // etcd compares with its first revision, which is -1 until
-            // something is compacted (here 0 stands for that).
-            let first = if state.compact_revision == 0 {
-                -1
-            } else {
-                state.compact_revision
-            };
+            // etcd compares with its first revision, -1 until something
+            // is compacted.
+            let first = crate::mvcc::write::compact_main_revision(state.compact_revision);
             if r.revision < first {
                 return Err(ApplyError::Compacted);
             }

@@ -208,9 +208,9 @@ impl WatchHub {
     /// hub key used to cancel it.
     pub fn watch(&self, spec: WatchSpec, sink: StreamSink) -> Result<u64, WatchError> {
         let mut st = self.lock();
-        // etcd's first revision, -1 until something is compacted (0 here):
-        // a start before it (a negative one too) is compacted away.
-        let first = if st.compacted == 0 { -1 } else { st.compacted };
+        // A start before etcd's first revision (a negative one too) is
+        // compacted away.
+        let first = crate::mvcc::write::compact_main_revision(st.compacted);
         if spec.start_revision != 0 && spec.start_revision < first {
             let _ = sink.send(WatchMessage::Created {
                 watch_id: spec.watch_id,

@@ -24,6 +24,17 @@ pub struct StoreState {
     pub applied_term: u64,
 }
 
+/// etcd's `compactMainRev` for a stored compaction point: -1 until
+/// something is compacted (stored as 0 here). Requests at or before it
+/// are compacted away.
+pub fn compact_main_revision(compact_revision: i64) -> i64 {
+    if compact_revision == 0 {
+        -1
+    } else {
+        compact_revision
+    }
+}
+
 pub struct MvccStore {
     conn: Connection,
     state: StoreState,
