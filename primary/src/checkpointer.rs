@@ -190,13 +190,16 @@ fn run(
             continue;
         }
         waited = 0;
+        // Read before the pass: frames committed while it runs count as
+        // new, not as copied (they may not be).
+        let seen = frames.read();
         // A failure (a full disk, say) is the writer's to report: its own
         // commits fail the same way. Frames not copied stay in the WAL,
         // which is as durable as the database file.
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(file = name, error = %e, "checkpoint failed; retrying");
         }
-        frames.checkpointed();
+        frames.checkpointed(seen);
         sync_if_wanted(durability.as_deref(), conn, (name, path));
     }
 }
@@ -217,14 +220,16 @@ fn sibling(db: &Path, suffix: &str) -> PathBuf {
 }
 
 /// How many frames the WAL holds, read from the header of its index (the
-/// `-shm` file: `mxFrame`, a native-endian u32 at offset 16, in SQLite's
-/// documented WAL format). Only a hint of when to checkpoint: unreadable,
-/// it says "many", and the checkpoints run every interval as before.
+/// `-shm` file, in SQLite's documented WAL format: `mxFrame`, a
+/// native-endian u32 at offset 16, and the first salt at offset 32, which
+/// changes whenever the WAL starts over). Only a hint of when to
+/// checkpoint: unreadable, it says "many", and the checkpoints run every
+/// interval as before.
 struct WalFrames {
     shm: Option<std::fs::File>,
     path: PathBuf,
-    /// `mxFrame` right after the last checkpoint.
-    at_checkpoint: u32,
+    /// `(mxFrame, salt)` just before the last checkpoint.
+    at_checkpoint: Option<(u32, u32)>,
 }
 
 impl WalFrames {
@@ -232,32 +237,38 @@ impl WalFrames {
         WalFrames {
             shm: None,
             path: sibling(db, "-shm"),
-            at_checkpoint: 0,
+            at_checkpoint: None,
         }
     }
 
-    fn read(&mut self) -> Option<u32> {
+    /// `(mxFrame, salt)` now.
+    fn read(&mut self) -> Option<(u32, u32)> {
         use std::os::unix::fs::FileExt;
         if self.shm.is_none() {
             self.shm = std::fs::File::open(&self.path).ok();
         }
-        let mut word = [0u8; 4];
-        self.shm.as_ref()?.read_exact_at(&mut word, 16).ok()?;
-        Some(u32::from_ne_bytes(word))
+        let mut header = [0u8; 36];
+        self.shm.as_ref()?.read_exact_at(&mut header, 0).ok()?;
+        let word = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().unwrap());
+        Some((word(16), word(32)))
     }
 
     /// Frames written since the last checkpoint (all of them if the WAL
-    /// started over since).
+    /// started over since: a count alone cannot tell a new WAL of as many
+    /// frames from the old one).
     fn new_since_checkpoint(&mut self) -> u32 {
-        match self.read() {
-            Some(now) if now >= self.at_checkpoint => now - self.at_checkpoint,
-            Some(now) => now,
-            None => u32::MAX,
+        match (self.read(), self.at_checkpoint) {
+            (Some((now, salt)), Some((then, then_salt))) if salt == then_salt => {
+                now.saturating_sub(then)
+            }
+            (Some((now, _)), _) => now,
+            (None, _) => u32::MAX,
         }
     }
 
-    fn checkpointed(&mut self) {
-        self.at_checkpoint = self.read().unwrap_or(0);
+    /// A checkpoint ran; `seen` is what [`WalFrames::read`] said before it.
+    fn checkpointed(&mut self, seen: Option<(u32, u32)>) {
+        self.at_checkpoint = seen;
     }
 }
 
@@ -382,10 +393,11 @@ mod tests {
             after >= before + 10,
             "a 40 kB row is 10+ frames: {before} -> {after}"
         );
+        let seen = frames.read();
         writer
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .unwrap();
-        frames.checkpointed();
+        frames.checkpointed(seen);
         assert_eq!(frames.new_since_checkpoint(), 0);
         // The WAL starts over with the next commit: its frames are new.
         writer
@@ -393,6 +405,12 @@ mod tests {
             .unwrap();
         let restarted = frames.new_since_checkpoint();
         assert!((1..10).contains(&restarted), "{restarted}");
+        // A new WAL as long as the old one was is still all new (a commit
+        // between the pass and its count once made frames wait forever).
+        let (now, salt) = frames.read().unwrap();
+        assert_ne!(Some(salt), seen.map(|s| s.1), "the salt changed");
+        frames.checkpointed(seen.map(|(_, old_salt)| (now, old_salt)));
+        assert_eq!(frames.new_since_checkpoint(), now);
     }
 
     /// Sparse writes wait [`QUIET_FACTOR`] intervals for their checkpoint;
