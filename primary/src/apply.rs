@@ -181,6 +181,9 @@ pub struct Applier {
     /// Mirrors "a CORRUPT alarm is raised": writes are refused (etcd's
     /// applierV3Corrupt) until it is disarmed.
     corrupt: bool,
+    /// The log's last index when this process started: entries up to it
+    /// were proposed before the restart, and their tokens died with it.
+    replayed_through: u64,
 }
 
 impl Applier {
@@ -197,7 +200,15 @@ impl Applier {
             auth,
             nospace,
             corrupt,
+            replayed_through: 0,
         })
+    }
+
+    /// Entries up to `index` were in the log before this process started
+    /// (see [`Applier::assign_token`]).
+    pub fn replaying_through(mut self, index: u64) -> Self {
+        self.replayed_through = index;
+        self
     }
 
     /// Share `auth` with the API layer instead of a private one (loaded from
@@ -369,14 +380,21 @@ impl Applier {
     }
 
     /// etcd's Authenticate apply: the password was checked by the serving
-    /// member; here every member learns the token.
+    /// member; here every member learns the token. Tokens live in memory
+    /// only, so one from before a restart stays unknown even when its
+    /// entry is applied again after it (the state is committed every few
+    /// ms, and a kill in between applies the last entries once more).
     fn assign_token(
         &mut self,
         b: &mut Batch<'_>,
         t: &crate::proto::ternpb::AuthAssignToken,
     ) -> Result<ApplyResult, ApplyError> {
         self.auth.state().can_authenticate(&t.name)?;
-        let token = self.auth.tokens.assign(&t.token, b.entry_index(), &t.name);
+        let token = if b.entry_index() <= self.replayed_through {
+            String::new()
+        } else {
+            self.auth.tokens.assign(&t.token, b.entry_index(), &t.name)
+        };
         Ok(ApplyResult::Authenticate(
             crate::proto::etcdserverpb::AuthenticateResponse {
                 header: Some(header(b.read_revision())),

@@ -186,6 +186,7 @@ impl Check {
             Check::LinearizableRead => member
                 .linearizable_barrier()
                 .await
+                .map(|_| ())
                 .map_err(|s| s.message().to_string()),
         }
     }

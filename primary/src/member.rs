@@ -316,15 +316,18 @@ impl Member {
         Ok(response)
     }
 
-    /// Wait until every write committed before now is applied locally.
-    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+    /// Wait until every write committed before now is applied locally;
+    /// returns the Raft index reads must see for that (see
+    /// [`Member::read_seeing`]).
+    pub async fn linearizable_barrier(&self) -> Result<u64, Status> {
         if self.node.status.follows_source() {
             if let Some(source_revision) = self.source_revision.get() {
-                return self.source_barrier(source_revision).await;
+                self.source_barrier(source_revision).await?;
+                return Ok(self.node.status.applied_index());
             }
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, self.node.read_index()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(index)) => Ok(index),
             Ok(Err(e)) => Err(error::propose_status(e)),
             Err(_) => Err(EtcdError::RequestTimeout.into()),
         }
@@ -350,12 +353,24 @@ impl Member {
     }
 
     /// Run a read on the pool, off the async runtime, in one SQLite read
-    /// transaction; `f` gets the store state of that snapshot.
+    /// transaction; `f` gets the store state of that snapshot. It sees
+    /// every write applied here before the call (a put answered here, say).
     pub async fn read<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection, StoreState) -> Result<T, Status> + Send + 'static,
     {
+        self.read_seeing(self.node.status.applied_index(), f).await
+    }
+
+    /// [`Member::read`] of a state that has applied at least the Raft
+    /// index `applied` (a read index, after a linearizable barrier).
+    pub async fn read_seeing<T, F>(&self, applied: u64, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, StoreState) -> Result<T, Status> + Send + 'static,
+    {
+        self.visible(applied).await?;
         // Held until the read itself ends, even if its caller goes away.
         let slot = self
             .reads
@@ -378,17 +393,32 @@ impl Member {
     /// are free it runs right here, on the runtime's thread, sparing the
     /// two hand-offs to and from a blocking thread that take longer than
     /// the read itself.
-    pub async fn read_key<T, F>(&self, f: F) -> Result<T, Status>
+    pub async fn read_key_seeing<T, F>(&self, applied: u64, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection, StoreState) -> Result<T, Status> + Send + 'static,
     {
+        self.visible(applied).await?;
         if let Ok(_slot) = self.reads.clone().try_acquire_owned() {
             if let Some(conn) = self.reader.take_idle() {
                 return run_read(&self.reader, conn, f);
             }
         }
-        self.read(f).await
+        self.read_seeing(applied, f).await
+    }
+
+    /// Wait until the state file's readers see the Raft index `applied`:
+    /// the Raft thread commits what it applied when a reader asks (and
+    /// otherwise every few ms).
+    pub async fn visible(&self, applied: u64) -> Result<(), Status> {
+        if self.node.status.visible_index.load(Ordering::Acquire) >= applied {
+            return Ok(());
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.node.visible(applied)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(error::propose_status(e)),
+            Err(_) => Err(EtcdError::RequestTimeout.into()),
+        }
     }
 
     /// Database file size and bytes in use.

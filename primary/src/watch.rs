@@ -143,9 +143,9 @@ impl Watcher {
         self.spec.range.contains(key) && !filtered
     }
 
-    fn select(&self, events: &[Event]) -> Vec<Event> {
+    fn select<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> Vec<Event> {
         events
-            .iter()
+            .into_iter()
             .filter(|e| {
                 self.wants(e)
                     && e.kv
@@ -163,8 +163,23 @@ impl Watcher {
     }
 }
 
+/// The revision an event happened at.
+fn event_revision(e: &Event) -> i64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
+
 struct HubState {
     published: i64,
+    /// The revision reads of the state file see (published events wait a
+    /// few ms to be committed): history is replayed from the file up to
+    /// here, and from `recent` after it, as etcd's replays read its
+    /// backend's uncommitted buffer too.
+    committed: i64,
+    /// Every published event after revision `recent_from`, in order: those
+    /// not committed yet, and those of the last commit (a replay that read
+    /// the file just before a commit still finds what follows it here).
+    recent: std::collections::VecDeque<Event>,
+    recent_from: i64,
     compacted: i64,
     next_key: u64,
     watchers: HashMap<u64, Watcher>,
@@ -187,6 +202,9 @@ impl WatchHub {
         Arc::new(WatchHub {
             state: Mutex::new(HubState {
                 published: revision,
+                committed: revision,
+                recent: Default::default(),
+                recent_from: revision,
                 compacted,
                 next_key: 1,
                 watchers: HashMap::new(),
@@ -257,16 +275,20 @@ impl WatchHub {
         self.lock().watchers.remove(&key);
     }
 
-    /// Called by the Raft thread after a batch is committed: `events` are
+    /// Called by the Raft thread after a batch is applied: `events` are
     /// that batch's changes, `revision` the store revision after it.
-    pub fn publish(&self, events: &[Event], revision: i64) {
-        let mut st = self.lock();
+    pub fn publish(&self, events: Vec<Event>, revision: i64) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let start = st.recent.len();
+        st.recent.extend(events);
+        let events = st.recent.range(start..);
         let mut fell_behind = false;
         st.watchers.retain(|key, w| {
             if !w.synced {
                 return true;
             }
-            let selected = w.select(events);
+            let selected = w.select(events.clone());
             if selected.is_empty() {
                 // Never backwards: a watcher may start in the future.
                 w.next_rev = w.next_rev.max(revision + 1);
@@ -288,8 +310,30 @@ impl WatchHub {
             sent.is_ok()
         });
         st.published = revision;
-        drop(st);
+        drop(guard);
         if fell_behind {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The state file now holds everything up to `revision`: watchers
+    /// waiting for it to replay can go on.
+    pub fn committed(&self, revision: i64) {
+        let mut st = self.lock();
+        // Keep the last commit's events (see `HubState::recent`).
+        let keep_after = st.committed;
+        while st
+            .recent
+            .front()
+            .is_some_and(|e| event_revision(e) <= keep_after)
+        {
+            st.recent.pop_front();
+        }
+        st.recent_from = st.recent_from.max(keep_after);
+        st.committed = revision;
+        let waiting = st.watchers.values().any(|w| !w.synced);
+        drop(st);
+        if waiting {
             self.wake.notify_one();
         }
     }
@@ -308,6 +352,9 @@ impl WatchHub {
             w.synced = false;
         }
         st.published = revision;
+        st.committed = revision;
+        st.recent.clear();
+        st.recent_from = revision;
         drop(st);
         self.wake.notify_one();
     }
@@ -346,6 +393,7 @@ impl WatchHub {
         let pending: Vec<(u64, WatchSpec, i64, i64)> = {
             let mut st = self.lock();
             let (published, compacted) = (st.published, st.compacted);
+            let readable = published.min(st.committed);
             let mut out = Vec::new();
             st.watchers.retain(|key, w| {
                 if w.synced || w.sink.backlogged() {
@@ -359,7 +407,7 @@ impl WatchHub {
                     });
                     return false;
                 }
-                out.push((*key, w.spec.clone(), w.next_rev, published));
+                out.push((*key, w.spec.clone(), w.next_rev, readable));
                 true
             });
             out
@@ -376,7 +424,8 @@ impl WatchHub {
                 }
                 read::history(conn, &spec.range, from, to, REPLAY_BATCH, spec.prev_kv).map(Ok)
             })?;
-            let mut st = self.lock();
+            let mut guard = self.lock();
+            let st = &mut *guard;
             let published = st.published;
             let Some(w) = st.watchers.get_mut(&key) else {
                 continue;
@@ -396,7 +445,14 @@ impl WatchHub {
                     continue;
                 }
             };
-            let selected: Vec<Event> = events.iter().filter(|e| w.wants(e)).cloned().collect();
+            let mut selected: Vec<Event> = events.iter().filter(|e| w.wants(e)).cloned().collect();
+            let mut reached = reached.max(from - 1);
+            // Read from the file up to its last commit: the rest is in
+            // `recent`, unless a commit dropped part of it meanwhile.
+            if reached >= to && st.recent_from <= reached {
+                selected.extend(w.select(st.recent.iter().filter(|e| event_revision(e) > reached)));
+                reached = published;
+            }
             if !selected.is_empty() {
                 let revision = selected
                     .last()
@@ -441,5 +497,104 @@ impl WatchHub {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mvcc::MvccStore;
+
+    fn put(store: &mut MvccStore, index: u64, key: &[u8]) -> Batch {
+        let mut batch = store.batch().expect("batch");
+        batch
+            .entry(index, 1, |b| Ok(b.put(key, b"v", 0)?))
+            .expect("put");
+        let events = batch.end().expect("end");
+        Batch {
+            events,
+            revision: store.state().revision,
+        }
+    }
+
+    struct Batch {
+        events: Vec<Event>,
+        revision: i64,
+    }
+
+    fn from_start(watch_id: i64, start_revision: i64) -> WatchSpec {
+        WatchSpec {
+            watch_id,
+            range: KeyRange::new(b"k", b"\0"),
+            start_revision,
+            no_put: false,
+            no_delete: false,
+            prev_kv: false,
+            progress_notify: false,
+        }
+    }
+
+    /// Revisions of the events of the first `Events` message, and its
+    /// header revision.
+    async fn first_events(source: &mut StreamSource) -> (Vec<i64>, i64) {
+        loop {
+            match source.recv().await.expect("a message") {
+                WatchMessage::Events {
+                    events, revision, ..
+                } => return (events.iter().map(event_revision).collect(), revision),
+                WatchMessage::Created { .. } => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// A replay reads the state file up to its last commit and the
+    /// applied, published events after it from memory: one answer with
+    /// every event, as etcd's, and the watcher is in step after it.
+    #[tokio::test]
+    async fn a_replay_covers_events_applied_but_not_committed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let mut store = MvccStore::open(&path).expect("open");
+        let hub = WatchHub::new(
+            Arc::new(Reader::new(&path)),
+            store.state().revision,
+            store.state().compact_revision,
+        );
+        for (index, key) in [(1, b"k1"), (2, b"k2")] {
+            let b = put(&mut store, index, key);
+            hub.publish(b.events, b.revision);
+        }
+        store.commit().expect("commit");
+        hub.committed(store.committed().revision);
+        for (index, key) in [(3, b"k3"), (4, b"k4")] {
+            let b = put(&mut store, index, key);
+            hub.publish(b.events, b.revision);
+        }
+        assert_eq!(store.committed().revision, 3);
+        assert_eq!(store.state().revision, 5);
+
+        // From the start: the file's two, then memory's two.
+        let (sink, mut source) = StreamSink::new();
+        hub.watch(from_start(1, 1), sink).expect("watch");
+        // Inside the uncommitted part only: memory alone.
+        let (sink, mut late) = StreamSink::new();
+        hub.watch(from_start(2, 5), sink).expect("watch");
+        assert!(!hub.sync_step().expect("sync"), "both in step at once");
+        assert_eq!(first_events(&mut source).await, (vec![2, 3, 4, 5], 5));
+        assert_eq!(first_events(&mut late).await, (vec![5], 5));
+
+        // In step: the next event comes live.
+        let b = put(&mut store, 5, b"k5");
+        hub.publish(b.events, b.revision);
+        assert_eq!(first_events(&mut source).await, (vec![6], 6));
+
+        // A commit keeps its own events in memory a while (a replay that
+        // read the file just before it), then lets them go.
+        store.commit().expect("commit");
+        hub.committed(6);
+        assert_eq!(hub.lock().recent.len(), 3);
+        hub.committed(6);
+        assert!(hub.lock().recent.is_empty());
     }
 }

@@ -68,6 +68,12 @@ pub async fn take(
     settings: &Settings,
 ) -> Result<Manifest, BackupError> {
     let started = Utc::now();
+    // Everything applied so far is in the backup, as in etcd's snapshot
+    // (which commits its backend first).
+    member
+        .visible(member.node.status.applied_index())
+        .await
+        .map_err(|e| BackupError::Snapshot(e.message().to_string()))?;
     let (image, described) = {
         let state_path = member.data_dir.join("state.db");
         background::run("backup-read", move || open_image(&state_path))

@@ -41,9 +41,11 @@ impl Kv for KvService {
         // A learner gets its read index from the leader (raft-rs forwards a
         // learner's request), so it answers a linearizable read with a
         // voter's guarantee once it has applied up to that index.
-        if !r.serializable {
-            self.member.linearizable_barrier().await?;
-        }
+        let applied = if r.serializable {
+            self.member.node.status.applied_index()
+        } else {
+            self.member.linearizable_barrier().await?
+        };
         self.member
             .auth
             .check_range(who.as_ref(), &r.key, &r.range_end)
@@ -53,9 +55,9 @@ impl Kv for KvService {
             apply::range(conn, state, state.revision, &r).map_err(apply_status)
         };
         let mut resp = if one_key {
-            self.member.read_key(read).await?
+            self.member.read_key_seeing(applied, read).await?
         } else {
-            self.member.read(read).await?
+            self.member.read_seeing(applied, read).await?
         };
         self.member.fill(&mut resp.header);
         Ok(Response::new(resp))
@@ -107,13 +109,15 @@ impl Kv for KvService {
             // etcd serves read-only txns without a proposal; serializable
             // only when every range asks for it. As for Range, the read
             // index comes before the permission check.
-            if !all_serializable(&r) {
-                self.member.linearizable_barrier().await?;
-            }
+            let applied = if all_serializable(&r) {
+                self.member.node.status.applied_index()
+            } else {
+                self.member.linearizable_barrier().await?
+            };
             permitted().map_err(auth_status)?;
             let mut resp = self
                 .member
-                .read(move |conn, state| {
+                .read_seeing(applied, move |conn, state| {
                     apply::read_only_txn(conn, state, &r).map_err(apply_status)
                 })
                 .await?;

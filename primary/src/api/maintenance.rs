@@ -142,6 +142,10 @@ impl Maintenance for MaintenanceService {
             .map_err(|e| failed(&e))?;
         let path = dir.path().join("backend.db");
         let source = self.member.data_dir.join("state.db");
+        // etcd commits its backend first: everything applied is in it.
+        self.member
+            .visible(self.member.node.status.applied_index())
+            .await?;
         let (hash, revision) =
             tokio::task::spawn_blocking(move || -> Result<(u32, i64), Status> {
                 let mut conn = schema::open_reader(&source).map_err(mvcc_status)?;
@@ -215,6 +219,10 @@ impl Maintenance for MaintenanceService {
             .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
         let path = dir.path().join("snapshot.db");
         let dest = path.clone();
+        // etcd commits its backend first: everything applied is in it.
+        self.member
+            .visible(self.member.node.status.applied_index())
+            .await?;
         let source = self.member.data_dir.join("state.db");
         tokio::task::spawn_blocking(move || -> Result<(), Status> {
             let mut conn = schema::open_reader(&source).map_err(mvcc_status)?;

@@ -63,6 +63,10 @@ const REMOVED_GRACE: Duration = Duration::from_millis(1000);
 /// How many snapshot counts of entries the log keeps for a lagging
 /// archiver.
 const MAX_ARCHIVE_BACKLOG_COUNTS: u64 = 10;
+/// How long applied entries may wait to be committed to the state file
+/// when no reader asks for them (see [`crate::mvcc::write`]): at one client
+/// that is a few dozen puts a commit instead of one.
+const STATE_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 /// Messages drained per turn, bounding one round's batch.
 const MAX_BATCH: usize = 4096;
 /// How long a read index request may go unanswered before it is asked
@@ -91,8 +95,11 @@ pub enum NodeMsg {
     /// Linearizable read barrier: replies once the state machine has applied
     /// everything committed when the read arrived.
     ReadIndex {
-        reply: oneshot::Sender<Result<(), ProposeError>>,
+        reply: oneshot::Sender<Result<u64, ProposeError>>,
     },
+    /// A reader waits for applied entries to be committed to the state
+    /// ([`NodeStatus::commit_wanted`]); the node commits on this turn.
+    Commit,
     /// Rebuild the state file (etcd's defragment); blocks writes meanwhile.
     Defragment {
         reply: oneshot::Sender<Result<(), String>>,
@@ -219,6 +226,13 @@ pub struct NodeStatus {
     pub leader: AtomicU64,
     pub commit_index: AtomicU64,
     pub applied_index: AtomicU64,
+    /// Applied and committed to the state file: what reads see (see
+    /// [`crate::mvcc::write`] on why the two differ).
+    pub visible_index: AtomicU64,
+    /// Rung when `visible_index` moves.
+    pub visible: tokio::sync::Notify,
+    /// A reader waits for applied entries to become visible.
+    pub commit_wanted: AtomicBool,
     pub last_index: AtomicU64,
     pub revision: AtomicI64,
     pub compact_revision: AtomicI64,
@@ -333,12 +347,35 @@ impl NodeHandle {
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
-    pub async fn read_index(&self) -> Result<(), ProposeError> {
+    /// Linearizable read barrier; returns the read index, which the
+    /// state is applied up to and reads see.
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(NodeMsg::ReadIndex { reply })
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Wait until reads see the state applied up to `index`: the node
+    /// commits what it applied at once when asked.
+    pub async fn visible(&self, index: u64) -> Result<(), ProposeError> {
+        let status = &self.status;
+        loop {
+            let rung = status.visible.notified();
+            tokio::pin!(rung);
+            // Registered before the check, so a commit in between rings it.
+            rung.as_mut().enable();
+            if status.visible_index.load(Ordering::Acquire) >= index {
+                return Ok(());
+            }
+            if !status.commit_wanted.swap(true, Ordering::AcqRel) {
+                self.tx
+                    .send(NodeMsg::Commit)
+                    .map_err(|_| ProposeError::Stopped)?;
+            }
+            rung.await;
+        }
     }
 
     /// Hand peer messages to the node; fails only once it has stopped.
@@ -435,7 +472,7 @@ pub struct NodeConfig {
 }
 
 type Reply = oneshot::Sender<Result<ApplyResult, ProposeError>>;
-type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
+type ReadReply = oneshot::Sender<Result<u64, ProposeError>>;
 
 pub struct RaftNode {
     config: NodeConfig,
@@ -523,8 +560,9 @@ impl RaftNode {
         let conf = raw.store().conf_state().clone();
         // A lone voter need not wait an election timeout to lead.
         let lone_voter = conf.voters == vec![config.id];
-        let applier =
-            Applier::new(lessor.clone(), store.connection())?.with_auth_store(auth.clone());
+        let applier = Applier::new(lessor.clone(), store.connection())?
+            .with_auth_store(auth.clone())
+            .replaying_through(raw.raft.raft_log.last_index());
         let (tx, rx) = crossbeam_channel::unbounded();
         let transport = Arc::new(Transport::new(
             runtime,
@@ -538,6 +576,9 @@ impl RaftNode {
             .is_learner
             .store(conf.learners.contains(&config.id), Ordering::Release);
         status.set_store_state(&state);
+        status
+            .visible_index
+            .store(store.committed().applied_index, Ordering::Release);
         note_db_size(&store, &status);
         status.election_timeout_ms.store(
             (config.tick * config.election_ticks as u32).as_millis() as u64,
@@ -602,10 +643,13 @@ impl RaftNode {
         self.maybe_campaign()?;
         let mut next_tick = Instant::now() + self.config.tick;
         loop {
-            let wake = self
+            let mut wake = self
                 .commit_notices
                 .due()
                 .map_or(next_tick, |due| due.min(next_tick));
+            if let Some(since) = self.store.uncommitted_since() {
+                wake = wake.min(since + STATE_COMMIT_INTERVAL);
+            }
             let timeout = wake.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(timeout) {
                 Ok(msg) => {
@@ -618,7 +662,12 @@ impl RaftNode {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Not needed for what the log holds, but a clean
+                    // stop leaves nothing to apply again.
+                    self.store.commit()?;
+                    return Ok(());
+                }
             }
             if Instant::now() >= next_tick {
                 self.raw.tick();
@@ -629,6 +678,8 @@ impl RaftNode {
             self.resend_unanswered_reads();
             self.send_overdue_commits();
             self.on_ready()?;
+            self.maybe_commit_state()?;
+            self.publish_visible();
             self.maybe_campaign()?;
             self.maybe_compact_log()?;
             self.track_lag();
@@ -728,6 +779,8 @@ impl RaftNode {
                 reply,
             } => self.propose(request, auth, reply),
             NodeMsg::ReadIndex { reply } => self.reads_next.push(reply),
+            // Done at the end of this turn, by `commit_state`.
+            NodeMsg::Commit => {}
             NodeMsg::Defragment { reply } => {
                 let result = self.store.vacuum().map_err(|e| e.to_string());
                 self.note_db_size();
@@ -954,7 +1007,7 @@ impl RaftNode {
                 let entries = std::mem::take(&mut self.deferred);
                 self.apply(entries)?;
                 self.raw.advance_apply();
-                self.release_reads();
+                self.release_reads()?;
             }
             return Ok(());
         }
@@ -1005,7 +1058,7 @@ impl RaftNode {
         if self.role == StateRole::Leader {
             self.commit_notices.committed(committed, self.peers());
         }
-        self.release_reads();
+        self.release_reads()?;
         Ok(())
     }
 
@@ -1231,7 +1284,7 @@ impl RaftNode {
         }
         let state = self.store.state();
         if !applied.published {
-            publish(&self.hub, applied.compacted_before, &state, &applied.events);
+            publish(&self.hub, applied.compacted_before, &state, applied.events);
         }
         self.status.set_store_state(&state);
         self.metrics
@@ -1284,18 +1337,61 @@ impl RaftNode {
         Ok(())
     }
 
-    fn release_reads(&mut self) {
+    /// Answer the linearizable reads whose read index is applied, once
+    /// reads see it.
+    fn release_reads(&mut self) -> Result<(), NodeError> {
         let applied = self.store.state().applied_index;
+        if !self.reads_ready.iter().any(|(index, _)| *index <= applied) {
+            return Ok(());
+        }
+        self.commit_state()?;
         self.reads_ready.retain_mut(|(index, waiters)| {
             if *index <= applied {
                 for w in waiters.drain(..) {
-                    let _ = w.send(Ok(()));
+                    let _ = w.send(Ok(*index));
                 }
                 false
             } else {
                 true
             }
         });
+        Ok(())
+    }
+
+    /// Commit the applied batches to the state file (see
+    /// [`crate::mvcc::write`]) when a reader asked for them or they have
+    /// waited [`STATE_COMMIT_INTERVAL`], and let the readers know.
+    fn maybe_commit_state(&mut self) -> Result<(), NodeError> {
+        let wanted = self.status.commit_wanted.swap(false, Ordering::AcqRel);
+        let due = self
+            .store
+            .uncommitted_since()
+            .is_some_and(|since| since.elapsed() >= STATE_COMMIT_INTERVAL);
+        if wanted || due {
+            self.commit_state()?;
+        }
+        Ok(())
+    }
+
+    /// Commit what is applied, and tell the readers and the watchers.
+    fn commit_state(&mut self) -> Result<(), NodeError> {
+        self.store.commit()?;
+        self.publish_visible();
+        Ok(())
+    }
+
+    /// Mirror what reads see after the store committed (here, or inside a
+    /// snapshot's restore, a reseed or a defragment).
+    fn publish_visible(&self) {
+        let committed = self.store.committed();
+        let before = self
+            .status
+            .visible_index
+            .swap(committed.applied_index, Ordering::AcqRel);
+        if before != committed.applied_index {
+            self.hub.committed(committed.revision);
+            self.status.visible.notify_waiters();
+        }
     }
 
     /// Drop the log behind the applied index once it grows past
@@ -1365,13 +1461,13 @@ fn note_db_size(store: &MvccStore, status: &NodeStatus) {
     }
 }
 
-/// Tell the watchers about a batch committed to the state: what it
+/// Tell the watchers about a batch applied to the state: what it
 /// compacted, then its events.
 fn publish(
     hub: &WatchHub,
     compacted_before: i64,
     state: &crate::mvcc::StoreState,
-    events: &[crate::proto::mvccpb::Event],
+    events: Vec<crate::proto::mvccpb::Event>,
 ) {
     if state.compact_revision != compacted_before {
         hub.set_compacted(state.compact_revision);
@@ -1460,11 +1556,11 @@ impl StateMachine<'_> {
             self.status.leader_commit.load(Ordering::Acquire),
             self.status.caught_up_at_ms.load(Ordering::Acquire),
         )?;
-        let events = batch.commit()?;
+        let mut events = batch.end()?;
         note_db_size(self.store, self.status);
         let published = conf_changes.is_empty() && !members_changed;
         if published {
-            // Committed in the state: the watchers, then the clients, may
+            // Applied to the state: the watchers, then the clients, may
             // know now. When the log's next fsync runs beside this apply,
             // the rest of `finish_apply` waits for it, and a reply need not
             // (at 1000 puts/s that wait was most of a put's latency). The
@@ -1472,7 +1568,12 @@ impl StateMachine<'_> {
             // has returned starts after it. Membership replies wait until
             // the Raft node and transport know.
             let state = self.store.state();
-            publish(self.hub, compacted_before, &state, &events);
+            publish(
+                self.hub,
+                compacted_before,
+                &state,
+                std::mem::take(&mut events),
+            );
             self.status.set_store_state(&state);
             for (reply, result) in replies.drain(..) {
                 let _ = reply.send(result);
