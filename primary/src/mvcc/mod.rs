@@ -10,7 +10,9 @@
 //!
 //! - [`schema`]: opening a database file, pragmas and tables.
 //! - [`write`]: [`MvccStore`], the single writer (owned by the Raft thread),
-//!   and [`Batch`], one SQLite transaction applying many Raft entries.
+//!   and [`Batch`], many Raft entries applied in one savepoint of the
+//!   writer's open transaction (committed every few ms, or when a reader
+//!   needs it).
 //! - [`read`]: range queries and history scans over any connection, so the
 //!   writer (inside a transaction) and the read pool share one implementation.
 //! - [`image`]: the state file as one read transaction sees it, page by

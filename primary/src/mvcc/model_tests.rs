@@ -356,7 +356,7 @@ enum Via {
 
 #[derive(Debug, Clone)]
 enum Step {
-    /// Entries applied in one batch (one SQLite transaction).
+    /// Entries applied in one batch.
     Batch(Vec<Write>),
     Range(GRange, Via),
     /// A txn without writes, served like the API does (`read_only_txn`).

@@ -1271,7 +1271,7 @@ impl RaftNode {
         )
     }
 
-    /// After a batch is committed to the state: membership changes reach
+    /// After a batch is applied to the state: membership changes reach
     /// the Raft node and the transport, events the watchers, results the
     /// clients.
     fn finish_apply(&mut self, applied: Applied) -> Result<(), NodeError> {
@@ -1441,7 +1441,7 @@ struct StateMachine<'a> {
     hub: &'a WatchHub,
 }
 
-/// A batch committed to the state, with what is left to do on the node.
+/// A batch applied to the state, with what is left to do on the node.
 struct Applied {
     started: Instant,
     compacted_before: i64,
@@ -1476,9 +1476,9 @@ fn publish(
 }
 
 impl StateMachine<'_> {
-    /// Apply `entries` to the state in one SQLite transaction (no fsync:
-    /// the log is the durability boundary) and collect the waiting
-    /// proposals' results.
+    /// Apply `entries` to the state as one batch, left in the store's open
+    /// transaction (see [`crate::mvcc::write`]; the log is the durability
+    /// boundary), and collect the waiting proposals' results.
     fn apply_batch(self, entries: Vec<Entry>) -> Result<Applied, NodeError> {
         let started = Instant::now();
         let compacted_before = self.store.state().compact_revision;
