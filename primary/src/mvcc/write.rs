@@ -54,7 +54,6 @@ pub struct MvccStore {
 }
 
 /// The SQLite transaction holding applied batches not yet committed.
-#[derive(Default)]
 struct OpenTransaction {
     /// When it began; `None` when none is open.
     since: Option<std::time::Instant>,
