@@ -1,7 +1,6 @@
 //! WAL checkpoints off the commit path.
 //!
-//! Both of a member's SQLite files (`raft.db`, `state.db`) run in WAL
-//! mode. Left to itself SQLite checkpoints inside whichever commit pushes
+//! A member's SQLite state file (`state.db`) runs in WAL mode. Left to itself SQLite checkpoints inside whichever commit pushes
 //! the WAL past 1000 pages: that commit copies the pages back and fsyncs
 //! the database file before it returns, and the proposals waiting on it
 //! see a latency spike of several milliseconds. A [`Checkpointer`] runs

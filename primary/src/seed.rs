@@ -64,7 +64,7 @@ pub fn into_data_dir(state: &Path, data_dir: &Path, who: &Identity) -> anyhow::R
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;")?;
     drop(conn);
     {
-        let mut log = LogStore::open(&built.join("raft.db"), None)?;
+        let mut log = LogStore::open(&built, None)?;
         let alone = crate::raft::takeover::Plan::new(member_id, &Default::default(), &[]);
         log.force_new_cluster(member_id, &alone, state.applied_index, state.applied_term)?;
     }

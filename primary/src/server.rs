@@ -164,7 +164,7 @@ pub async fn run_with(
     };
     drop(store);
     let mut store = MvccStore::open(&state_path)?;
-    let mut log = LogStore::open(&data_dir.join("raft.db"), bootstrap.as_ref())?;
+    let mut log = LogStore::open(&data_dir, bootstrap.as_ref())?;
     let sole_voter = log.conf_state().voters == [member_id];
     if config.force_new_cluster && sole_voter {
         // Already taken over (the flag was left on): redoing it would drop

@@ -18,8 +18,8 @@
 //! than that, entries are compacted away, the archiver logs the gap and
 //! counts it, and its chain restarts at the first entry it can still read.
 
+use protobuf::Message as _;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,10 +300,13 @@ impl Archiver {
     /// store them; returns the range stored. `revision` is the store's
     /// revision after entry `to`.
     async fn ship(&self, from: u64, to: u64, revision: i64) -> anyhow::Result<Option<(u64, u64)>> {
-        let raft_db = self.member.data_dir.join("raft.db");
+        let log_dir = self
+            .member
+            .data_dir
+            .join(tern_primary::raft::log_store::LOG_DIR);
         let settings = self.settings.clone();
         let encoded =
-            tokio::task::spawn_blocking(move || encode_segment(raft_db, from, to, &settings))
+            tokio::task::spawn_blocking(move || encode_segment(&log_dir, from, to, &settings))
                 .await??;
         let Some((first, last, bytes)) = encoded else {
             return Ok(None);
@@ -322,39 +325,24 @@ impl Archiver {
     }
 }
 
-/// Entries from `raft.db` (read-only, beside the node's writer) in
-/// `from..=to`, framed, compressed and encrypted.
+/// Entries from the node's log (read beside its writer) in `from..=to`,
+/// framed, compressed and encrypted.
 fn encode_segment(
-    raft_db: PathBuf,
+    log_dir: &std::path::Path,
     from: u64,
     to: u64,
     settings: &Settings,
 ) -> anyhow::Result<Option<(u64, u64, Vec<u8>)>> {
-    let conn = rusqlite::Connection::open_with_flags(
-        &raft_db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    let mut stmt =
-        conn.prepare("SELECT idx, entry FROM entries WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx")?;
-    let mut rows = stmt.query([from as i64, to as i64])?;
+    let entries = tern_primary::raft::wal::read_entries(log_dir, from, to)?;
     let mut plain = Vec::with_capacity(64 * 1024);
     plain.extend_from_slice(MAGIC);
     let mut range: Option<(u64, u64)> = None;
-    while let Some(row) = rows.next()? {
-        let idx: i64 = row.get(0)?;
-        let entry: Vec<u8> = row.get(1)?;
-        let idx = idx as u64;
-        // Entries are contiguous in the log; stop at any hole.
-        if let Some((_, last)) = range {
-            if idx != last + 1 {
-                break;
-            }
-        }
-        plain.extend_from_slice(&idx.to_be_bytes());
-        plain.extend_from_slice(&(entry.len() as u32).to_be_bytes());
-        plain.extend_from_slice(&entry);
-        range = Some((range.map_or(idx, |r| r.0), idx));
+    for entry in entries {
+        let bytes = entry.write_to_bytes()?;
+        plain.extend_from_slice(&entry.index.to_be_bytes());
+        plain.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        plain.extend_from_slice(&bytes);
+        range = Some((range.map_or(entry.index, |r| r.0), entry.index));
         if plain.len() >= MAX_SEGMENT_BYTES {
             break;
         }

@@ -1,11 +1,8 @@
 //! The durable Raft log: entries, hard state, conf state and the snapshot
-//! marker, in their own SQLite file (`raft.db`).
+//! marker, in the member's log directory ([`LOG_DIR`], see [`super::wal`]).
 //!
-//! `synchronous=FULL` in WAL mode makes every commit one fsync of the WAL, so
 //! [`LogStore::persist`], called once per `Ready` with every entry of that
-//! round, is the group commit: many proposals, one fsync. SQLite's own
-//! journaling means a crash mid-write leaves the previous commit intact, so a
-//! member can always start again.
+//! round, is the group commit: many proposals, one `fdatasync`.
 //!
 //! Entries since the last log compaction are also kept in memory, which is
 //! what raft-rs reads through the [`Storage`] trait; compaction bounds them.
@@ -14,7 +11,7 @@
 //! lifetime ([`LogWriter`]) while the caller applies committed entries:
 //! under load nearly every `Ready` has both, and a thread started per
 //! `Ready` (as before) cost a `clone` and an exit per batch. The one
-//! connection sits behind a mutex that the two threads never contend for:
+//! [`Wal`] sits behind a mutex that the two threads never contend for:
 //! the node always waits for the writer before it touches the log again.
 
 use std::path::Path;
@@ -23,49 +20,34 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::snapshot::Snapshots;
+use super::wal::{self, Record, Wal, WalError};
 
 use crossbeam_channel::{Receiver, Sender};
-use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use rusqlite::{Connection, OptionalExtension};
+
+/// The log's directory in a data dir.
+pub const LOG_DIR: &str = "raft-log";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
     #[error("raft log: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Legacy(#[from] super::legacy_log::LegacyError),
     #[error("raft log: corrupt record {what}: {source}")]
     Decode {
         what: String,
         source: protobuf::ProtobufError,
     },
-    #[error("raft log: entries are not contiguous (expected index {expected}, found {found})")]
-    Gap { expected: u64, found: u64 },
     #[error("raft log: cannot start its writer thread: {0}")]
     Thread(std::io::Error),
     #[error("raft log: its writer thread stopped")]
     WriterStopped,
 }
 
-/// Rows a write deletes, at most, of those a compaction left on disk. A
-/// compaction drops thousands of entries (5,000 at the default
-/// `snapshot-count`); deleting them at once took 9-15 ms of the Raft
-/// thread, a stall for every put meanwhile. This many rows cost a write a
-/// fraction of its fsync.
-const COMPACTED_ROWS_PER_WRITE: u64 = 128;
-
-/// How far the file has caught up with compactions done in memory.
-struct Compaction {
-    /// The snapshot marker changed and is not written yet.
-    marker_pending: bool,
-    /// Every row up to this index is gone from the file (rows above it and
-    /// up to the marker are dead: nothing reads them, the next writes
-    /// delete them).
-    deleted_through: u64,
-}
-
 pub struct LogStore {
-    conn: Arc<Mutex<Connection>>,
+    wal: Arc<Mutex<Wal>>,
     writer: LogWriter,
     hard_state: HardState,
     conf_state: ConfState,
@@ -73,35 +55,26 @@ pub struct LogStore {
     snapshot: SnapshotMetadata,
     /// Entries after `snapshot.index`, in order.
     entries: Vec<Entry>,
-    /// Compaction on disk, which follows the in-memory one (see
-    /// [`LogStore::compact`]).
-    on_disk: Compaction,
+    /// The snapshot marker moved (a compaction) and is not written yet: the
+    /// next write records it (see [`LogStore::compact`]).
+    marker_pending: bool,
     /// Where state snapshots for lagging followers come from.
     snapshots: Option<Arc<Snapshots>>,
 }
 
 impl LogStore {
-    /// Open the log at `path`. A brand-new log of a new cluster is
-    /// bootstrapped with `bootstrap` as if a snapshot at index 1 (term 1,
-    /// like etcd's bootstrap entries, so the first leader has term 2) had
-    /// set the membership; a member joining an existing cluster starts
-    /// empty (`None`) and receives the leader's snapshot.
-    pub fn open(path: &Path, bootstrap: Option<&ConfState>) -> Result<Self, LogError> {
-        crate::mvcc::page_cache::install();
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
-        )?;
-        let existing: Option<HardState> = load(&conn, "hard_state")?;
-        let (hard_state, snapshot, conf_state) = match (existing, bootstrap) {
-            (Some(hs), _) => (
-                hs,
-                load(&conn, "snapshot")?.unwrap_or_default(),
-                load(&conn, "conf_state")?.unwrap_or_default(),
-            ),
+    /// Open the log of the data dir `data_dir` (a `raft.db` of an older
+    /// version is migrated first, see [`super::legacy_log`]). A brand-new
+    /// log of a new cluster is bootstrapped with `bootstrap` as if a
+    /// snapshot at index 1 (term 1, like etcd's bootstrap entries, so the
+    /// first leader has term 2) had set the membership; a member joining
+    /// an existing cluster starts empty (`None`) and receives the leader's
+    /// snapshot.
+    pub fn open(data_dir: &Path, bootstrap: Option<&ConfState>) -> Result<Self, LogError> {
+        let dir = data_dir.join(LOG_DIR);
+        super::legacy_log::migrate(data_dir, &dir)?;
+        let (mut wal, replayed) = Wal::open(&dir)?;
+        let (hard_state, snapshot, conf_state, entries) = match (replayed.hard_state, bootstrap) {
             (None, Some(cs)) => {
                 let hs = HardState {
                     term: 1,
@@ -114,63 +87,31 @@ impl LogStore {
                     conf_state: Some(cs.clone()).into(),
                     ..Default::default()
                 };
-                let tx = conn.unchecked_transaction()?;
-                store(&tx, "snapshot", &meta)?;
-                store(&tx, "conf_state", cs)?;
-                store(&tx, "hard_state", &hs)?;
-                tx.commit()?;
-                (hs, meta, cs.clone())
+                wal.restart(&[
+                    Record::Restart(meta.clone()),
+                    Record::ConfState(cs.clone()),
+                    Record::HardState(hs.clone()),
+                ])?;
+                (hs, meta, cs.clone(), Vec::new())
             }
-            (None, None) => Default::default(),
+            (hs, _) => (
+                hs.unwrap_or_default(),
+                replayed.marker.unwrap_or_default(),
+                replayed.conf_state.unwrap_or_default(),
+                replayed.entries,
+            ),
         };
-        let mut entries = Vec::new();
-        {
-            let mut stmt =
-                conn.prepare("SELECT idx, entry FROM entries WHERE idx > ?1 ORDER BY idx")?;
-            let mut rows = stmt.query([snapshot.index as i64])?;
-            let mut expected = snapshot.index + 1;
-            while let Some(row) = rows.next()? {
-                let idx: i64 = row.get(0)?;
-                let bytes: Vec<u8> = row.get(1)?;
-                let entry = Entry::parse_from_bytes(&bytes).map_err(|source| LogError::Decode {
-                    what: format!("entry {idx}"),
-                    source,
-                })?;
-                if entry.index != expected {
-                    return Err(LogError::Gap {
-                        expected,
-                        found: entry.index,
-                    });
-                }
-                expected += 1;
-                entries.push(entry);
-            }
-        }
-        // Rows at or below the marker that a crash left: the next writes
-        // delete them.
-        let lowest: Option<i64> =
-            conn.query_row("SELECT min(idx) FROM entries", [], |r| r.get(0))?;
-        let deleted_through = lowest.map_or(snapshot.index, |i| (i as u64).saturating_sub(1));
-        let conn = Arc::new(Mutex::new(conn));
+        let wal = Arc::new(Mutex::new(wal));
         Ok(LogStore {
-            writer: LogWriter::spawn(conn.clone())?,
-            conn,
+            writer: LogWriter::spawn(wal.clone())?,
+            wal,
             hard_state,
             conf_state,
             snapshot,
             entries,
-            on_disk: Compaction {
-                marker_pending: false,
-                deleted_through,
-            },
+            marker_pending: false,
             snapshots: None,
         })
-    }
-
-    /// The log's SQLite connection (the node hands its checkpoints to a
-    /// [`crate::checkpointer::Checkpointer`]).
-    pub fn connection(&self) -> MutexGuard<'_, Connection> {
-        lock(&self.conn)
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -204,8 +145,8 @@ impl LogStore {
     }
 
     /// Append `entries` (replacing any conflicting suffix) and record
-    /// `hard_state`, in one fsynced transaction, unless there is nothing
-    /// to [sync](Self::must_sync).
+    /// `hard_state`, with one fsync, unless there is nothing to
+    /// [sync](Self::must_sync).
     pub fn persist(
         &mut self,
         entries: &[Entry],
@@ -213,8 +154,9 @@ impl LogStore {
     ) -> Result<(), LogError> {
         if self.must_sync(entries, hard_state) {
             let batch = self.batch(entries, hard_state)?;
-            write_batch(&mut lock(&self.conn), &batch)?;
-            self.note_compacted(batch.compaction());
+            let compacted = batch.compacted;
+            write_batch(&mut lock(&self.wal), batch)?;
+            self.note_written(compacted);
         }
         self.remember(entries, hard_state);
         Ok(())
@@ -238,12 +180,12 @@ impl LogStore {
             Ok(batch) => batch,
             Err(e) => return (Err(e), work()),
         };
-        let compaction = batch.compaction();
+        let compacted = batch.compacted;
         let started = self.writer.begin(batch);
         let out = work();
         let written = started.and_then(|()| self.writer.finish());
         if written.is_ok() {
-            self.note_compacted(compaction);
+            self.note_written(compacted);
             self.remember(entries, hard_state);
         }
         (written.map(Some), out)
@@ -251,40 +193,41 @@ impl LogStore {
 
     /// What [`write_batch`] writes for `entries` and `hard_state`. Always
     /// the whole hard state, so a commit index held back by
-    /// [`persist`](Self::persist) goes out with the next write.
+    /// [`persist`](Self::persist) goes out with the next write; and the
+    /// snapshot marker if a compaction moved it.
     fn batch(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<Batch, LogError> {
-        let entries = entries
-            .iter()
-            .map(|e| {
-                e.write_to_bytes()
-                    .map(|bytes| (e.index, bytes))
-                    .map_err(|source| LogError::Decode {
-                        what: format!("entry {}", e.index),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let delete_through = (self.on_disk.deleted_through < self.snapshot.index).then(|| {
-            self.snapshot
-                .index
-                .min(self.on_disk.deleted_through + COMPACTED_ROWS_PER_WRITE)
-        });
+        let hard_state = hard_state.unwrap_or(&self.hard_state).clone();
+        let mut frames = Vec::with_capacity(
+            entries
+                .iter()
+                .map(|e| e.data.len() + e.context.len() + 32)
+                .sum::<usize>()
+                + 64,
+        );
+        let marker = self.marker_pending.then(|| self.snapshot.clone());
+        if let Some(marker) = &marker {
+            Record::Compacted(marker.clone()).encode_into(&mut frames)?;
+        }
+        for entry in entries {
+            wal::encode_entry(entry, &mut frames)?;
+        }
+        Record::HardState(hard_state.clone()).encode_into(&mut frames)?;
         Ok(Batch {
-            entries,
-            hard_state: hard_state.unwrap_or(&self.hard_state).clone(),
-            marker: self.on_disk.marker_pending.then(|| self.snapshot.clone()),
-            delete_through,
+            frames,
+            last_index: entries.last().map_or(0, |e| e.index),
+            compacted: marker.as_ref().map(|m| m.index),
+            header: [
+                Record::Compacted(self.snapshot.clone()),
+                Record::ConfState(self.conf_state.clone()),
+                Record::HardState(hard_state),
+            ],
         })
     }
 
-    /// A batch is written: what it did of the pending compaction (see
-    /// [`Batch::compaction`]) is done.
-    fn note_compacted(&mut self, (marker, delete_through): (bool, Option<u64>)) {
-        if marker {
-            self.on_disk.marker_pending = false;
-        }
-        if let Some(through) = delete_through {
-            self.on_disk.deleted_through = self.on_disk.deleted_through.max(through);
+    /// A batch is written: the marker it carried is on disk.
+    fn note_written(&mut self, compacted: Option<u64>) {
+        if compacted == Some(self.snapshot.index) {
+            self.marker_pending = false;
         }
     }
 
@@ -308,18 +251,23 @@ impl LogStore {
     }
 
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), LogError> {
-        store(&lock(&self.conn), "conf_state", &cs)?;
+        let mut frames = Vec::new();
+        Record::ConfState(cs.clone()).encode_into(&mut frames)?;
+        let header = [
+            Record::Compacted(self.snapshot.clone()),
+            Record::ConfState(cs.clone()),
+            Record::HardState(self.hard_state.clone()),
+        ];
+        lock(&self.wal).append(&frames, 0, || header.to_vec())?;
         self.conf_state = cs;
         Ok(())
     }
 
     /// Drop the entries up to `index` (applied, and durable in the state).
-    /// Memory lets them go at once; the file follows with the next writes,
-    /// which record the new marker and delete the rows a few at a time
-    /// ([`COMPACTED_ROWS_PER_WRITE`]), in their own transaction and fsync.
-    /// Until then a row at or below the marker is dead: opening the log
-    /// reads only what follows the marker on disk, which is at or below
-    /// this one, so at worst a restart keeps more entries than it needs.
+    /// Memory lets them go at once; the file follows with the next write,
+    /// which records the new marker, after which the segments holding only
+    /// entries up to it are removed. Until then a restart reads the entries
+    /// after the old marker: at worst it keeps more entries than it needs.
     pub fn compact(&mut self, index: u64) -> Result<(), LogError> {
         if index < self.first() || index > self.last() {
             return Ok(());
@@ -334,7 +282,7 @@ impl LogStore {
         let drop = (index + 1 - self.first()) as usize;
         self.entries.drain(..drop);
         self.snapshot = meta;
-        self.on_disk.marker_pending = true;
+        self.marker_pending = true;
         Ok(())
     }
 
@@ -348,18 +296,12 @@ impl LogStore {
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
         let cs = meta.get_conf_state().clone();
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        store(&tx, "snapshot", meta)?;
-        store(&tx, "conf_state", &cs)?;
-        store(&tx, "hard_state", &hs)?;
-        tx.execute("DELETE FROM entries", [])?;
-        tx.commit()?;
-        drop(conn);
-        self.on_disk = Compaction {
-            marker_pending: false,
-            deleted_through: meta.index,
-        };
+        lock(&self.wal).restart(&[
+            Record::Restart(meta.clone()),
+            Record::ConfState(cs.clone()),
+            Record::HardState(hs.clone()),
+        ])?;
+        self.marker_pending = false;
         self.entries.clear();
         self.snapshot = meta.clone();
         self.conf_state = cs;
@@ -397,20 +339,20 @@ impl LogStore {
         self.persist(&entries, Some(&hs))
     }
 
-    /// A second handle on this log's file (the node builds a new Raft node
-    /// on it after a takeover; raft-rs owns the first).
+    /// A second handle on this log, in the same state (the node builds a
+    /// new Raft node on it after a takeover; raft-rs owns the first, which
+    /// is dropped without writing anything).
     pub fn reopen(&self) -> Result<LogStore, LogError> {
-        let (path, autocheckpoint) = {
-            let conn = lock(&self.conn);
-            let autocheckpoint: i64 =
-                conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))?;
-            (conn.path().unwrap_or_default().to_owned(), autocheckpoint)
-        };
-        let mut log = LogStore::open(Path::new(&path), None)?;
-        log.connection()
-            .pragma_update(None, "wal_autocheckpoint", autocheckpoint)?;
-        log.snapshots = self.snapshots.clone();
-        Ok(log)
+        Ok(LogStore {
+            wal: self.wal.clone(),
+            writer: LogWriter::spawn(self.wal.clone())?,
+            hard_state: self.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+            snapshot: self.snapshot.clone(),
+            entries: self.entries.clone(),
+            marker_pending: self.marker_pending,
+            snapshots: self.snapshots.clone(),
+        })
     }
 
     /// Entries in memory since the last compaction.
@@ -423,51 +365,36 @@ impl LogStore {
     }
 }
 
-/// Entries (index, encoded) and the hard state, written in one
-/// transaction.
+/// The encoded records of one write, with what a new segment would start
+/// with if they do not fit the current one.
 struct Batch {
-    entries: Vec<(u64, Vec<u8>)>,
-    hard_state: HardState,
-    /// A compaction's new marker, not written yet.
-    marker: Option<SnapshotMetadata>,
-    /// Delete the compacted rows up to this index.
-    delete_through: Option<u64>,
+    frames: Vec<u8>,
+    /// The highest entry index among them (0 for none).
+    last_index: u64,
+    /// The compaction marker they carry, if any.
+    compacted: Option<u64>,
+    /// The state after them, as a segment header.
+    header: [Record; 3],
 }
 
-impl Batch {
-    /// What this batch does of a pending compaction: whether it writes
-    /// the marker, and through which index it deletes rows.
-    fn compaction(&self) -> (bool, Option<u64>) {
-        (self.marker.is_some(), self.delete_through)
+fn write_batch(wal: &mut Wal, batch: Batch) -> Result<(), LogError> {
+    let Batch {
+        frames,
+        last_index,
+        compacted,
+        header,
+    } = batch;
+    wal.append(&frames, last_index, || header.to_vec())?;
+    if let Some(index) = compacted {
+        wal.compacted(index);
     }
-}
-
-fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<(), LogError> {
-    let tx = conn.transaction()?;
-    if let Some((first, _)) = batch.entries.first() {
-        tx.prepare_cached("DELETE FROM entries WHERE idx >= ?1")?
-            .execute([*first as i64])?;
-        let mut stmt = tx.prepare_cached("INSERT INTO entries (idx, entry) VALUES (?1, ?2)")?;
-        for (index, bytes) in &batch.entries {
-            stmt.execute((*index as i64, bytes))?;
-        }
-    }
-    store(&tx, "hard_state", &batch.hard_state)?;
-    if let Some(marker) = &batch.marker {
-        store(&tx, "snapshot", marker)?;
-    }
-    if let Some(through) = batch.delete_through {
-        tx.prepare_cached("DELETE FROM entries WHERE idx <= ?1")?
-            .execute([through as i64])?;
-    }
-    tx.commit()?;
     Ok(())
 }
 
-/// The connection, also after a thread panicked holding it (SQLite's own
-/// transaction is what keeps the file consistent).
-fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    conn.lock().unwrap_or_else(|e| e.into_inner())
+/// The log, also after a thread panicked holding it (a write that did not
+/// finish is a torn tail, cut off when the log is opened).
+fn lock(wal: &Mutex<Wal>) -> MutexGuard<'_, Wal> {
+    wal.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The thread that writes batches for [`LogStore::persist_beside`]: one
@@ -479,7 +406,7 @@ struct LogWriter {
 }
 
 impl LogWriter {
-    fn spawn(conn: Arc<Mutex<Connection>>) -> Result<Self, LogError> {
+    fn spawn(wal: Arc<Mutex<Wal>>) -> Result<Self, LogError> {
         let (batches, jobs) = crossbeam_channel::bounded::<Batch>(1);
         let (done, outcomes) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
@@ -487,7 +414,7 @@ impl LogWriter {
             .spawn(move || {
                 for batch in jobs {
                     let started = Instant::now();
-                    let outcome = write_batch(&mut lock(&conn), &batch).map(|()| started.elapsed());
+                    let outcome = write_batch(&mut lock(&wal), batch).map(|()| started.elapsed());
                     if done.send(outcome).is_err() {
                         return;
                     }
@@ -524,33 +451,6 @@ impl Drop for LogWriter {
             let _ = thread.join();
         }
     }
-}
-
-fn load<M: protobuf::Message>(conn: &Connection, name: &str) -> Result<Option<M>, LogError> {
-    let bytes: Option<Vec<u8>> = conn
-        .query_row("SELECT value FROM state WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    bytes
-        .map(|b| {
-            M::parse_from_bytes(&b).map_err(|source| LogError::Decode {
-                what: name.to_string(),
-                source,
-            })
-        })
-        .transpose()
-}
-
-fn store<M: protobuf::Message>(conn: &Connection, name: &str, m: &M) -> Result<(), LogError> {
-    let bytes = m.write_to_bytes().map_err(|source| LogError::Decode {
-        what: name.to_string(),
-        source,
-    })?;
-    // Cached: the log writes its hard state with every append.
-    conn.prepare_cached("INSERT OR REPLACE INTO state (name, value) VALUES (?1, ?2)")?
-        .execute((name, bytes))?;
-    Ok(())
 }
 
 impl Storage for LogStore {
@@ -631,8 +531,8 @@ mod tests {
     #[test]
     fn survives_reopen_and_truncates_conflicts() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.db");
-        let mut log = LogStore::open(&path, None).unwrap();
+        let path = dir.path();
+        let mut log = LogStore::open(path, None).unwrap();
         let hs = HardState {
             term: 2,
             commit: 2,
@@ -643,7 +543,7 @@ mod tests {
         log.persist(&[entry(3, 2), entry(4, 2)], None).unwrap();
         assert_eq!(log.term(3).unwrap(), 2);
         drop(log);
-        let mut log = LogStore::open(&path, None).unwrap();
+        let mut log = LogStore::open(path, None).unwrap();
         assert_eq!(log.hard_state().term, 2);
         assert_eq!(log.last_index().unwrap(), 4);
         assert_eq!(log.term(3).unwrap(), 2);
@@ -656,7 +556,7 @@ mod tests {
         // The file follows with the next write.
         log.persist(&[entry(5, 2)], None).unwrap();
         drop(log);
-        let log = LogStore::open(&path, None).unwrap();
+        let log = LogStore::open(path, None).unwrap();
         assert_eq!(log.first_index().unwrap(), 3);
         assert_eq!(
             log.entries(3, 6, None, GetEntriesContext::empty(false))
@@ -666,81 +566,37 @@ mod tests {
         );
     }
 
-    fn rows_on_disk(path: &Path) -> (i64, Option<i64>) {
-        Connection::open(path)
-            .unwrap()
-            .query_row("SELECT count(*), min(idx) FROM entries", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .unwrap()
-    }
-
-    /// A compaction costs the Raft thread no disk work: the rows go with
-    /// the next writes, a few at a time, and a restart in between (or
-    /// without any write) loses nothing and reads no dead row.
+    /// A compaction costs the Raft thread no disk work: the marker goes
+    /// with the next write, and a restart before it reads the entries
+    /// after the old marker.
     #[test]
-    fn compacted_rows_leave_the_file_with_the_next_writes() {
+    fn a_compaction_reaches_the_disk_with_the_next_write() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.db");
-        let mut log = LogStore::open(&path, None).unwrap();
-        let total = 3 * COMPACTED_ROWS_PER_WRITE + 10;
-        let batch: Vec<Entry> = (1..=total).map(|i| entry(i, 1)).collect();
+        let path = dir.path();
+        let mut log = LogStore::open(path, None).unwrap();
+        let batch: Vec<Entry> = (1..=20).map(|i| entry(i, 1)).collect();
         log.persist(&batch, None).unwrap();
-        let upto = 3 * COMPACTED_ROWS_PER_WRITE;
-        log.compact(upto).unwrap();
-        assert_eq!(log.first_index().unwrap(), upto + 1);
-        assert_eq!(rows_on_disk(&path).0, total as i64, "nothing deleted yet");
-
-        // A restart before any write: the old marker, every row still
-        // there, and the entries after the new marker intact.
+        log.compact(10).unwrap();
+        assert_eq!(log.first_index().unwrap(), 11);
         drop(log);
-        let mut log = LogStore::open(&path, None).unwrap();
-        assert_eq!(log.first_index().unwrap(), 1);
-        assert_eq!(log.last_index().unwrap(), total);
-        log.compact(upto).unwrap();
-
-        let mut next = total + 1;
-        for round in 1..=3u64 {
-            log.persist(&[entry(next, 1)], None).unwrap();
-            next += 1;
-            let (_, lowest) = rows_on_disk(&path);
-            assert_eq!(
-                lowest,
-                Some((round * COMPACTED_ROWS_PER_WRITE + 1) as i64),
-                "write {round} deletes the next rows"
-            );
-        }
-        // Beside other work too, and nothing left to delete after.
-        let (written, ()) = log.persist_beside(&[entry(next, 1)], None, || ());
+        let mut log = LogStore::open(path, None).unwrap();
+        assert_eq!(log.first_index().unwrap(), 1, "the marker was not written");
+        assert_eq!(log.last_index().unwrap(), 20);
+        log.compact(10).unwrap();
+        let (written, ()) = log.persist_beside(&[entry(21, 1)], None, || ());
         written.unwrap();
-        assert_eq!(
-            rows_on_disk(&path),
-            ((next - upto) as i64, Some(upto as i64 + 1))
-        );
-
-        // A restart midway reads from the marker on, and finishes the job.
-        log.compact(upto + 5).unwrap();
         drop(log);
-        let mut log = LogStore::open(&path, None).unwrap();
-        assert_eq!(
-            log.first_index().unwrap(),
-            upto + 1,
-            "the marker was not written"
-        );
-        log.compact(upto + 5).unwrap();
-        log.persist(&[entry(next + 1, 1)], None).unwrap();
-        drop(log);
-        let log = LogStore::open(&path, None).unwrap();
-        assert_eq!(log.first_index().unwrap(), upto + 6);
-        assert_eq!(log.last_index().unwrap(), next + 1);
-        assert_eq!(rows_on_disk(&path).1, Some(upto as i64 + 6));
+        let log = LogStore::open(path, None).unwrap();
+        assert_eq!(log.first_index().unwrap(), 11);
+        assert_eq!(log.term(10).unwrap(), 1);
+        assert_eq!(log.last_index().unwrap(), 21);
     }
 
     #[test]
     fn entries_written_beside_other_work_are_durable_and_in_memory() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.db");
-        let mut log = LogStore::open(&path, None).unwrap();
+        let path = dir.path();
+        let mut log = LogStore::open(path, None).unwrap();
         let hs = HardState {
             term: 2,
             commit: 1,
@@ -762,7 +618,7 @@ mod tests {
         let (written, ()) = log.persist_beside(&[], None, || ());
         assert!(written.unwrap().is_none());
         drop(log);
-        let log = LogStore::open(&path, None).unwrap();
+        let log = LogStore::open(path, None).unwrap();
         assert_eq!(log.hard_state().term, 2);
         assert_eq!((log.last_index().unwrap(), log.term(5).unwrap()), (5, 3));
         assert_eq!(log.term(4).unwrap(), 2);
@@ -771,8 +627,8 @@ mod tests {
     #[test]
     fn a_commit_only_hard_state_waits_for_the_next_write() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.db");
-        let mut log = LogStore::open(&path, None).unwrap();
+        let path = dir.path();
+        let mut log = LogStore::open(path, None).unwrap();
         let mut hs = HardState {
             term: 2,
             vote: 1,
@@ -784,19 +640,19 @@ mod tests {
         log.persist(&[], Some(&hs)).unwrap();
         assert_eq!(log.hard_state().commit, 2, "known in memory at once");
         drop(log);
-        let mut log = LogStore::open(&path, None).unwrap();
+        let mut log = LogStore::open(path, None).unwrap();
         assert_eq!(log.hard_state().commit, 1, "not written on its own");
         log.set_commit(2);
         log.persist(&[entry(3, 2)], None).unwrap();
         drop(log);
-        let mut log = LogStore::open(&path, None).unwrap();
+        let mut log = LogStore::open(path, None).unwrap();
         assert_eq!(log.hard_state().commit, 2, "written with the next entries");
         // A new term or vote is written at once, entries or not.
         hs.term = 3;
         hs.vote = 2;
         log.persist(&[], Some(&hs)).unwrap();
         drop(log);
-        let log = LogStore::open(&path, None).unwrap();
+        let log = LogStore::open(path, None).unwrap();
         assert_eq!((log.hard_state().term, log.hard_state().vote), (3, 2));
     }
 }

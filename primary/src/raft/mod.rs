@@ -8,7 +8,9 @@
 //!   without a message of its own per put.
 //! - [`read_context`]: naming read index requests so that no
 //!   acknowledgement of one can confirm another.
-//! - [`log_store`]: [`LogStore`], the fsynced Raft log (raft-rs `Storage`).
+//! - [`log_store`]: [`LogStore`], the fsynced Raft log (raft-rs `Storage`);
+//!   [`wal`]: its segment files; [`legacy_log`]: migrating the SQLite log
+//!   of earlier versions.
 //! - [`transport`]: sending messages and snapshots to peers over gRPC;
 //!   [`peer_service`]: receiving them (the `ternpb.Peer` service).
 //! - [`snapshot`]: state snapshots for members too far behind the log.
@@ -16,6 +18,7 @@
 //!   tell the other learners.
 
 pub mod commit_notice;
+pub mod legacy_log;
 pub mod log_store;
 pub mod node;
 pub mod peer_service;
@@ -23,6 +26,7 @@ pub mod read_context;
 pub mod snapshot;
 pub mod takeover;
 pub mod transport;
+pub mod wal;
 
 pub use log_store::LogStore;
 pub use node::{NodeHandle, NodeStatus, ProposeError, RaftNode};

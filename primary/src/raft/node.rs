@@ -516,8 +516,8 @@ pub struct RaftNode {
     deferred: Vec<Entry>,
     /// The commit index each member was last sent (a leader's).
     commit_notices: CommitNotices,
-    /// Checkpoints of the log's and the state's WAL, off this thread.
-    _checkpoints: [Checkpointer; 2],
+    /// Checkpoints of the state's WAL, off this thread.
+    _checkpoint: Checkpointer,
     /// Up to which applied index the state file is durable: the log is
     /// compacted no further.
     state_durability: Arc<Durability>,
@@ -543,11 +543,9 @@ impl RaftNode {
                 .map(|applied| applied as u64)
                 .map_err(|e| e.to_string())
         });
-        let checkpoints = [
-            Checkpointer::take_over(&log.connection()).map_err(LogError::Sqlite)?,
+        let checkpoint =
             Checkpointer::take_over_with(store.connection(), Some(state_durability.clone()))
-                .map_err(MvccError::Sqlite)?,
-        ];
+                .map_err(MvccError::Sqlite)?;
         let state = store.state();
         // Every applied entry was committed; the persisted commit index may
         // lag because light-ready commits are persisted lazily.
@@ -617,7 +615,7 @@ impl RaftNode {
                 campaign_when_applied: lone_voter,
                 deferred: Vec::new(),
                 commit_notices: CommitNotices::default(),
-                _checkpoints: checkpoints,
+                _checkpoint: checkpoint,
                 state_durability,
             },
             handle,

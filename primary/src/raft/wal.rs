@@ -1,0 +1,694 @@
+//! The Raft log's files: a directory of preallocated segments, each a
+//! sequence of checksummed records, appended and `fdatasync`ed, as etcd's
+//! WAL is.
+//!
+//! A put's append was a SQLite transaction: a b-tree insert, every page it
+//! touched (the entry's leaf, the hard state's) written whole to SQLite's
+//! WAL, and a checkpoint copying them again later. Here it is one `pwrite`
+//! of the encoded records into space allocated ahead (so the file's size
+//! does not change and `fdatasync` has no size to journal) and one
+//! `fdatasync`.
+//!
+//! What the records mean is the replay's business ([`Replayed`]): an entry
+//! at or below the last one replaces it and everything after (a follower's
+//! conflicting suffix), [`Record::Compacted`] drops entries up to its index,
+//! [`Record::Restart`] drops them all (the state was replaced by a
+//! snapshot), the last hard state and conf state win. So appends never
+//! rewrite what is on disk.
+//!
+//! Every segment starts with the state at its creation (snapshot marker,
+//! conf state, hard state), so a segment whose entries are all compacted
+//! can go once the compaction is durable: the segments after it hold all
+//! the rest. Only the last segment is ever written, so only its tail can be
+//! torn by a crash; opening the log cuts a torn tail off. A bad record
+//! anywhere else is corruption and the log refuses to open.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, SnapshotMetadata};
+
+/// Bytes allocated for a segment when it is created. A batch that does not
+/// fit starts a new segment (a batch bigger than this makes its segment
+/// grow). etcd's are 64 MiB; at the default `snapshot-count` of 5,000 a
+/// compaction covers less than a segment of 1 KiB entries, and a data dir
+/// on a small disk is not handed 64 MiB at a time.
+pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The first bytes of every segment: the format, for a later one to be
+/// told apart.
+const MAGIC: &[u8; 8] = b"TERNWAL1";
+
+/// A record's frame: payload length (type byte included), CRC-32C of the
+/// type and payload, both little-endian. A zero length is the end of the
+/// written part (the rest of a segment is preallocated zeros).
+const FRAME_HEADER: usize = 8;
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Entry(Entry),
+    HardState(HardState),
+    ConfState(ConfState),
+    /// Entries up to this index are compacted away.
+    Compacted(SnapshotMetadata),
+    /// The state was replaced by a snapshot at this index: the log starts
+    /// again after it.
+    Restart(SnapshotMetadata),
+}
+
+impl Record {
+    fn kind(&self) -> u8 {
+        match self {
+            Record::Entry(_) => 1,
+            Record::HardState(_) => 2,
+            Record::ConfState(_) => 3,
+            Record::Compacted(_) => 4,
+            Record::Restart(_) => 5,
+        }
+    }
+
+    /// Append this record's frame to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), WalError> {
+        match self {
+            Record::Entry(m) => encode_frame(out, self.kind(), m),
+            Record::HardState(m) => encode_frame(out, self.kind(), m),
+            Record::ConfState(m) => encode_frame(out, self.kind(), m),
+            Record::Compacted(m) | Record::Restart(m) => encode_frame(out, self.kind(), m),
+        }
+    }
+
+    fn decode(body: &[u8]) -> Option<Record> {
+        let (kind, payload) = body.split_first()?;
+        Some(match kind {
+            1 => Record::Entry(Entry::parse_from_bytes(payload).ok()?),
+            2 => Record::HardState(HardState::parse_from_bytes(payload).ok()?),
+            3 => Record::ConfState(ConfState::parse_from_bytes(payload).ok()?),
+            4 => Record::Compacted(SnapshotMetadata::parse_from_bytes(payload).ok()?),
+            5 => Record::Restart(SnapshotMetadata::parse_from_bytes(payload).ok()?),
+            _ => return None,
+        })
+    }
+}
+
+/// Append an entry's record to `out` (as [`Record::encode_into`], without
+/// a copy of the entry).
+pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> Result<(), WalError> {
+    encode_frame(out, 1, entry)
+}
+
+fn encode_frame(
+    out: &mut Vec<u8>,
+    kind: u8,
+    message: &impl protobuf::Message,
+) -> Result<(), WalError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    out.push(kind);
+    message
+        .write_to_vec(out)
+        .map_err(|source| WalError::Encode { source })?;
+    let body = &out[start + FRAME_HEADER..];
+    let len = body.len() as u32;
+    let crc = crc32c::crc32c(body);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("raft log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("raft log: cannot encode a record: {source}")]
+    Encode { source: protobuf::ProtobufError },
+    #[error(
+        "raft log {path}: corrupt record at byte {offset} (only the last segment's tail may be torn)"
+    )]
+    Corrupt { path: PathBuf, offset: u64 },
+    #[error("raft log {path}: not a Tern log segment of this version (expected {expected:?})")]
+    Format { path: PathBuf, expected: String },
+    #[error("raft log: entries are not contiguous (expected index {expected}, found {found})")]
+    Gap { expected: u64, found: u64 },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What the records of a log add up to.
+#[derive(Debug, Default, Clone)]
+pub struct Replayed {
+    pub hard_state: Option<HardState>,
+    pub conf_state: Option<ConfState>,
+    /// The last compaction or restart point.
+    pub marker: Option<SnapshotMetadata>,
+    /// Entries after the marker, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+impl Replayed {
+    pub fn apply(&mut self, record: Record) {
+        match record {
+            Record::Entry(entry) => self.push(entry),
+            Record::HardState(hs) => self.hard_state = Some(hs),
+            Record::ConfState(cs) => self.conf_state = Some(cs),
+            Record::Compacted(meta) => {
+                let keep_from = self.entries.partition_point(|e| e.index <= meta.index);
+                self.entries.drain(..keep_from);
+                self.marker = Some(meta);
+            }
+            Record::Restart(meta) => {
+                self.entries.clear();
+                self.conf_state = Some(meta.get_conf_state().clone());
+                self.marker = Some(meta);
+            }
+        }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if let Some(first) = self.entries.first().map(|e| e.index) {
+            let last = first + self.entries.len() as u64 - 1;
+            if entry.index <= last {
+                // A conflicting suffix, replaced.
+                self.entries
+                    .truncate(entry.index.saturating_sub(first) as usize);
+            } else if entry.index > last + 1 {
+                // Entries before a gap are ones whose segment was removed
+                // after their compaction: a later marker covers them.
+                self.entries.clear();
+            }
+        }
+        self.entries.push(entry);
+    }
+
+    /// Check what the replay ends with: entries start right after the
+    /// marker.
+    fn finish(mut self) -> Result<Self, WalError> {
+        let marker = self.marker.as_ref().map_or(0, |m| m.index);
+        let keep_from = self.entries.partition_point(|e| e.index <= marker);
+        self.entries.drain(..keep_from);
+        if let Some(first) = self.entries.first() {
+            if first.index != marker + 1 {
+                return Err(WalError::Gap {
+                    expected: marker + 1,
+                    found: first.index,
+                });
+            }
+        }
+        Ok(self)
+    }
+}
+
+struct Segment {
+    path: PathBuf,
+    seq: u64,
+    /// The highest entry index written to it (0 for none).
+    last_index: u64,
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:016x}.wal")
+}
+
+/// The segments in `dir`, oldest first.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut found = Vec::new();
+    for item in std::fs::read_dir(dir).map_err(io(dir))? {
+        let item = item.map_err(io(dir))?;
+        let name = item.file_name();
+        let Some(seq) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| u64::from_str_radix(n, 16).ok())
+        else {
+            continue;
+        };
+        found.push((seq, item.path()));
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Read one segment's records, handing each to `visit`; returns where the
+/// valid records end. `torn_ok`: a bad record ends the segment (its tail
+/// was torn by a crash, or is being written) instead of being an error.
+fn read_segment(
+    path: &Path,
+    torn_ok: bool,
+    mut visit: impl FnMut(Record),
+) -> Result<u64, WalError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io(path))?;
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        if torn_ok && bytes.iter().all(|b| *b == 0) {
+            // Created, not yet written when the process stopped.
+            return Ok(0);
+        }
+        return Err(WalError::Format {
+            path: path.to_owned(),
+            expected: String::from_utf8_lossy(MAGIC).into_owned(),
+        });
+    }
+    let mut at = MAGIC.len();
+    while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        if len == 0 {
+            break;
+        }
+        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        let body = bytes.get(at + FRAME_HEADER..at + FRAME_HEADER + len);
+        let record = body
+            .filter(|body| crc32c::crc32c(body) == crc)
+            .and_then(Record::decode);
+        match record {
+            Some(record) => visit(record),
+            None if torn_ok => break,
+            None => {
+                return Err(WalError::Corrupt {
+                    path: path.to_owned(),
+                    offset: at as u64,
+                })
+            }
+        }
+        at += FRAME_HEADER + len;
+    }
+    Ok(at as u64)
+}
+
+/// Read the log in `dir` without opening it for writing (a learner's
+/// archiver, beside the node): the entries of `from..=to` it holds, from
+/// the first one at or after `from`, contiguous. A segment removed meanwhile
+/// held only compacted entries; a tail being written ends its segment.
+pub fn read_entries(dir: &Path, from: u64, to: u64) -> Result<Vec<Entry>, WalError> {
+    let mut replayed = Replayed::default();
+    for (_, path) in list_segments(dir)? {
+        // Only the range is kept: entries up to `to` are committed, so no
+        // later record rewrites them.
+        let read = read_segment(&path, true, |record| match record {
+            Record::Entry(e) if e.index < from || e.index > to => {}
+            record => replayed.apply(record),
+        });
+        match read {
+            Err(WalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => {
+                other?;
+            }
+        }
+    }
+    Ok(replayed.entries)
+}
+
+/// The log directory, open for appending.
+pub struct Wal {
+    dir: PathBuf,
+    /// Oldest first; the last is the one written.
+    segments: Vec<Segment>,
+    file: File,
+    /// Where the next record goes in the last segment.
+    offset: u64,
+    /// Bytes allocated for the last segment.
+    allocated: u64,
+}
+
+impl Wal {
+    /// Open (creating if missing) the log in `dir` and replay it. A torn
+    /// tail of the last segment is cut off.
+    pub fn open(dir: &Path) -> Result<(Wal, Replayed), WalError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let listed = list_segments(dir)?;
+        let mut replayed = Replayed::default();
+        let mut segments = Vec::new();
+        let mut end = 0;
+        for (i, (seq, path)) in listed.iter().enumerate() {
+            let last = i + 1 == listed.len();
+            let mut last_index = 0;
+            end = read_segment(path, last, |record| {
+                if let Record::Entry(e) = &record {
+                    last_index = last_index.max(e.index);
+                }
+                replayed.apply(record);
+            })?;
+            segments.push(Segment {
+                path: path.clone(),
+                seq: *seq,
+                last_index,
+            });
+        }
+        let replayed = replayed.finish()?;
+        let wal = match segments.last() {
+            None => {
+                let mut wal = Wal {
+                    dir: dir.to_owned(),
+                    segments: Vec::new(),
+                    file: File::open(dir).map_err(io(dir))?,
+                    offset: 0,
+                    allocated: 0,
+                };
+                wal.start_segment(0, &[])?;
+                wal
+            }
+            Some(segment) => {
+                let path = segment.path.clone();
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                let mut wal = Wal {
+                    dir: dir.to_owned(),
+                    segments,
+                    file,
+                    offset: end,
+                    allocated: 0,
+                };
+                if end == 0 {
+                    // Its magic never made it to disk.
+                    wal.file.write_all_at(MAGIC, 0).map_err(io(&path))?;
+                    wal.offset = MAGIC.len() as u64;
+                }
+                // Whatever follows the last good record (a torn one) goes,
+                // and the space after it is zeros again.
+                wal.file.set_len(wal.offset).map_err(io(&path))?;
+                wal.allocated = wal.offset;
+                wal.preallocate()?;
+                wal.file.sync_all().map_err(io(&path))?;
+                wal
+            }
+        };
+        Ok((wal, replayed))
+    }
+
+    /// Allocate the last segment's space up to [`SEGMENT_BYTES`]. Best
+    /// effort: a filesystem without `fallocate`, or without room for a
+    /// whole segment, gets appends that grow the file.
+    fn preallocate(&mut self) -> Result<(), WalError> {
+        if self.allocated >= SEGMENT_BYTES {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            SEGMENT_BYTES,
+        ) {
+            Ok(()) => self.allocated = SEGMENT_BYTES,
+            Err(e) => tracing::debug!(error = %e, "raft log: no preallocation"),
+        }
+        Ok(())
+    }
+
+    /// Start a new segment holding `records` first, durable (file and
+    /// directory entry) before it returns.
+    fn start_segment(&mut self, last_index: u64, records: &[u8]) -> Result<(), WalError> {
+        let seq = self.segments.last().map_or(0, |s| s.seq + 1);
+        let path = self.dir.join(segment_name(seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        self.file = file;
+        self.allocated = 0;
+        self.preallocate()?;
+        let mut bytes = Vec::with_capacity(MAGIC.len() + records.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(records);
+        self.file.write_all_at(&bytes, 0).map_err(io(&path))?;
+        self.file.sync_all().map_err(io(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        self.offset = bytes.len() as u64;
+        self.segments.push(Segment {
+            path,
+            seq,
+            last_index,
+        });
+        Ok(())
+    }
+
+    /// Append `records` (encoded frames, their highest entry index
+    /// `last_index`) and `fdatasync`. When they do not fit the segment,
+    /// they start a new one after `header`'s records (the state they
+    /// leave, so that older segments can go).
+    pub fn append(
+        &mut self,
+        records: &[u8],
+        last_index: u64,
+        header: impl FnOnce() -> Vec<Record>,
+    ) -> Result<(), WalError> {
+        if self.offset + records.len() as u64 > SEGMENT_BYTES && self.offset > MAGIC.len() as u64 {
+            let mut bytes = Vec::with_capacity(records.len() + 256);
+            for record in header() {
+                record.encode_into(&mut bytes)?;
+            }
+            bytes.extend_from_slice(records);
+            return self.start_segment(last_index, &bytes);
+        }
+        let path = &self.segments.last().expect("a segment is open").path;
+        self.file
+            .write_all_at(records, self.offset)
+            .map_err(io(path))?;
+        self.offset += records.len() as u64;
+        if self.offset > self.allocated {
+            self.allocated = self.offset;
+        }
+        self.file.sync_data().map_err(io(path))?;
+        let segment = self.segments.last_mut().expect("a segment is open");
+        segment.last_index = segment.last_index.max(last_index);
+        Ok(())
+    }
+
+    /// Start a new segment with `records` and remove every older one: the
+    /// log starts again (a snapshot replaced the state).
+    pub fn restart(&mut self, records: &[Record]) -> Result<(), WalError> {
+        let mut bytes = Vec::new();
+        let mut last_index = 0;
+        for record in records {
+            if let Record::Entry(e) = record {
+                last_index = last_index.max(e.index);
+            }
+            record.encode_into(&mut bytes)?;
+        }
+        self.start_segment(last_index, &bytes)?;
+        self.remove_older(u64::MAX);
+        Ok(())
+    }
+
+    /// A compaction through `index` is durable: segments before the last
+    /// whose entries are all at or below it are no longer read.
+    pub fn compacted(&mut self, index: u64) {
+        self.remove_older(index);
+    }
+
+    fn remove_older(&mut self, index: u64) {
+        let current = self.segments.len() - 1;
+        let mut removed = 0;
+        for segment in &self.segments[..current] {
+            if segment.last_index > index {
+                break;
+            }
+            if let Err(e) = std::fs::remove_file(&segment.path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    // Kept: replaying it again is harmless.
+                    tracing::warn!(path = %segment.path.display(), error = %e, "cannot remove a compacted raft log segment");
+                    break;
+                }
+            }
+            removed += 1;
+        }
+        self.segments.drain(..removed);
+    }
+
+    /// Segments on disk (for tests and the bench's disk figures).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Record {
+        Record::Entry(Entry {
+            index,
+            term,
+            data: vec![index as u8; 100].into(),
+            ..Default::default()
+        })
+    }
+
+    fn frames(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            r.encode_into(&mut out).unwrap();
+        }
+        out
+    }
+
+    fn indexes(replayed: &Replayed) -> Vec<(u64, u64)> {
+        replayed.entries.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    #[test]
+    fn records_replay_with_conflicts_compactions_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, replayed) = Wal::open(dir.path()).unwrap();
+        assert!(replayed.entries.is_empty() && replayed.hard_state.is_none());
+        wal.append(
+            &frames(&[entry(1, 1), entry(2, 1), entry(3, 1)]),
+            3,
+            Vec::new,
+        )
+        .unwrap();
+        // A conflicting suffix from a new leader.
+        wal.append(&frames(&[entry(2, 2)]), 2, Vec::new).unwrap();
+        let hs = HardState {
+            term: 2,
+            commit: 1,
+            ..Default::default()
+        };
+        wal.append(&frames(&[Record::HardState(hs.clone())]), 0, Vec::new)
+            .unwrap();
+        drop(wal);
+        let (mut wal, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(1, 1), (2, 2)]);
+        assert_eq!(replayed.hard_state, Some(hs));
+        let marker = SnapshotMetadata {
+            index: 1,
+            term: 1,
+            ..Default::default()
+        };
+        wal.append(
+            &frames(&[Record::Compacted(marker.clone()), entry(3, 2)]),
+            3,
+            Vec::new,
+        )
+        .unwrap();
+        drop(wal);
+        let (mut wal, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(2, 2), (3, 2)]);
+        assert_eq!(replayed.marker, Some(marker));
+        let restart = SnapshotMetadata {
+            index: 10,
+            term: 3,
+            ..Default::default()
+        };
+        wal.restart(&[Record::Restart(restart.clone())]).unwrap();
+        assert_eq!(wal.segment_count(), 1, "the older segment is gone");
+        wal.append(&frames(&[entry(11, 3)]), 11, Vec::new).unwrap();
+        drop(wal);
+        let (_, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(11, 3)]);
+        assert_eq!(replayed.marker.unwrap().index, 10);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_corruption_elsewhere_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        wal.append(&frames(&[entry(1, 1), entry(2, 1)]), 2, Vec::new)
+            .unwrap();
+        let end = wal.offset;
+        drop(wal);
+        let path = dir.path().join(segment_name(0));
+        // Half of a third record, as a crash mid-write leaves it.
+        let torn = frames(&[entry(3, 1)]);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&torn[..torn.len() / 2], end).unwrap();
+        drop(file);
+        let (mut wal, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(1, 1), (2, 1)]);
+        assert_eq!(wal.offset, end, "writes go where the torn record was");
+        wal.append(&frames(&[entry(3, 2)]), 3, Vec::new).unwrap();
+        drop(wal);
+        let (_, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(1, 1), (2, 1), (3, 2)]);
+
+        // A flipped byte in a segment that is not the last is corruption.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir2.path()).unwrap();
+        wal.append(&frames(&[entry(1, 1)]), 1, Vec::new).unwrap();
+        wal.start_segment(0, &frames(&[entry(2, 1)])).unwrap();
+        drop(wal);
+        let first = dir2.path().join(segment_name(0));
+        let file = OpenOptions::new().write(true).open(&first).unwrap();
+        file.write_all_at(&[0xff], MAGIC.len() as u64 + 20).unwrap();
+        drop(file);
+        let err = Wal::open(dir2.path()).err().expect("refused");
+        assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn full_segments_roll_with_a_header_and_compacted_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        let big = |index: u64| {
+            Record::Entry(Entry {
+                index,
+                term: 1,
+                data: vec![7; 3 * 1024 * 1024].into(),
+                ..Default::default()
+            })
+        };
+        let hs = HardState {
+            term: 1,
+            commit: 7,
+            ..Default::default()
+        };
+        for i in 1..=12 {
+            let header = || {
+                vec![
+                    Record::Compacted(SnapshotMetadata::default()),
+                    Record::HardState(hs.clone()),
+                ]
+            };
+            wal.append(&frames(&[big(i)]), i, header).unwrap();
+        }
+        assert!(wal.segment_count() >= 3, "{}", wal.segment_count());
+        let marker = SnapshotMetadata {
+            index: 9,
+            term: 1,
+            ..Default::default()
+        };
+        wal.append(&frames(&[Record::Compacted(marker)]), 0, Vec::new)
+            .unwrap();
+        wal.compacted(9);
+        let left = wal.segment_count();
+        assert!(left < 3, "{left} segments left");
+        drop(wal);
+        assert_eq!(list_segments(dir.path()).unwrap().len(), left);
+        let (_, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(
+            replayed.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![10, 11, 12]
+        );
+        assert_eq!(replayed.hard_state, Some(hs));
+        assert_eq!(
+            read_entries(dir.path(), 11, 11)
+                .unwrap()
+                .iter()
+                .map(|e| e.index)
+                .collect::<Vec<_>>(),
+            vec![11]
+        );
+    }
+}
