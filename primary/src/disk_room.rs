@@ -30,7 +30,7 @@ pub const DISK_RESERVE_BYTES: u64 = 32 * 1024 * 1024;
 const FRESH_FOR: Duration = Duration::from_millis(10);
 
 /// Disk a request takes per byte, as the estimate counts it: its entry in
-/// the log and its WAL frame, the state row and that row's WAL frame.
+/// the log, the state row and that row's WAL frame, with room to spare.
 const DISK_BYTES_PER_REQUEST_BYTE: u64 = 4;
 
 pub struct DiskRoom {

@@ -24,7 +24,7 @@
 //! anywhere else is corruption and the log refuses to open.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -242,49 +242,71 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
 /// Read one segment's records, handing each to `visit`; returns where the
 /// valid records end. `torn_ok`: a bad record ends the segment (its tail
 /// was torn by a crash, or is being written) instead of being an error.
+/// Reading stops at the end of the written part, not of the preallocation.
 fn read_segment(
     path: &Path,
     torn_ok: bool,
     mut visit: impl FnMut(Record),
 ) -> Result<u64, WalError> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io(path))?;
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        if torn_ok && bytes.iter().all(|b| *b == 0) {
-            // Created, not yet written when the process stopped.
-            return Ok(0);
+    let file = File::open(path).map_err(io(path))?;
+    let size = file.metadata().map_err(io(path))?.len();
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let mut magic = [0u8; MAGIC.len()];
+    match reader.read_exact(&mut magic) {
+        Ok(()) if &magic == MAGIC => {}
+        // Created, not yet written when the process stopped.
+        Ok(()) if torn_ok && magic == [0; MAGIC.len()] => return Ok(0),
+        Err(e) if torn_ok && e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
+        Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+            return Err(io(path)(e));
         }
-        return Err(WalError::Format {
-            path: path.to_owned(),
-            expected: String::from_utf8_lossy(MAGIC).into_owned(),
-        });
+        _ => {
+            return Err(WalError::Format {
+                path: path.to_owned(),
+                expected: String::from_utf8_lossy(MAGIC).into_owned(),
+            })
+        }
     }
-    let mut at = MAGIC.len();
-    while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
-        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let mut at = MAGIC.len() as u64;
+    let mut header = [0u8; FRAME_HEADER];
+    let mut body = Vec::new();
+    loop {
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io(path)(e)),
+        }
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
         if len == 0 {
             break;
         }
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        let body = bytes.get(at + FRAME_HEADER..at + FRAME_HEADER + len);
-        let record = body
-            .filter(|body| crc32c::crc32c(body) == crc)
-            .and_then(Record::decode);
+        let record = if at + (FRAME_HEADER as u64) + len <= size {
+            body.resize(len as usize, 0);
+            match reader.read_exact(&mut body) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => body.clear(),
+                Err(e) => return Err(io(path)(e)),
+            }
+            (body.len() as u64 == len && crc32c::crc32c(&body) == crc)
+                .then(|| Record::decode(&body))
+                .flatten()
+        } else {
+            None
+        };
         match record {
             Some(record) => visit(record),
             None if torn_ok => break,
             None => {
                 return Err(WalError::Corrupt {
                     path: path.to_owned(),
-                    offset: at as u64,
+                    offset: at,
                 })
             }
         }
-        at += FRAME_HEADER + len;
+        at += FRAME_HEADER as u64 + len;
     }
-    Ok(at as u64)
+    Ok(at)
 }
 
 /// Read the log in `dir` without opening it for writing (a learner's
@@ -635,6 +657,28 @@ mod tests {
         drop(file);
         let err = Wal::open(dir2.path()).err().expect("refused");
         assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+
+        // A segment created but never written (a crash between its
+        // creation and its first write) is taken as empty and written.
+        let dir3 = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir3.path()).unwrap();
+        wal.append(&frames(&[entry(1, 1)]), 1, Vec::new).unwrap();
+        drop(wal);
+        let blank = File::create(dir3.path().join(segment_name(1))).unwrap();
+        blank.set_len(4096).unwrap();
+        drop(blank);
+        let (mut wal, replayed) = Wal::open(dir3.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(1, 1)]);
+        wal.append(&frames(&[entry(2, 1)]), 2, Vec::new).unwrap();
+        drop(wal);
+        let (_, replayed) = Wal::open(dir3.path()).unwrap();
+        assert_eq!(indexes(&replayed), vec![(1, 1), (2, 1)]);
+
+        // Something else under a segment's name is refused, by name.
+        std::fs::write(dir3.path().join(segment_name(0)), b"SQLite format 3\0").unwrap();
+        let err = Wal::open(dir3.path()).err().expect("refused");
+        assert!(matches!(err, WalError::Format { .. }), "{err}");
+        assert!(err.to_string().contains("0000000000000000.wal"), "{err}");
     }
 
     #[test]
