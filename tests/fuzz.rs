@@ -10,6 +10,7 @@
 //! | `config` | TOML documents and flag vectors | `PrimaryConfig::load` and `LearnerConfig::load` in-process |
 //! | `manifest` | backup manifests: JSON trees with fields removed, retyped and out of range, and bytes mutated | `serde_json` into `Manifest`, which `tern-restore` and the learner's retention use |
 //! | `segment` | log segment names and decrypted segment bodies (frames truncated, bit-flipped, lengths and indexes out of range) | `SegmentName::parse`, `decode_segment` |
+//! | `raft log` | a member's Raft log segment (entries, hard states, compactions), then its bytes truncated, bit-flipped, overwritten, cut and extended | `Wal::open`: it replays (cutting a torn tail, the same way on a second open) or refuses with a message; replayed entries are contiguous |
 //! | `replay` | forged log entries (what a segment that decrypts could hold): arbitrary `RaftRequest`s | the `Applier` over an `MvccStore`, as `tern-restore`'s replay runs it |
 //! | `restore` | a real backup store whose objects are truncated, bit-flipped, re-encrypted after their plaintext was mutated, decrypted with the wrong key, or whose manifests and segment names are mutated | the `tern-restore` binary (`list`, `verify`, `restore --to-revision`) |
 //!
@@ -1841,6 +1842,144 @@ fn log_segment_names_and_bodies_are_checked_and_never_panic() {
         panic!("{e}");
     }
     bodies.report("segment bodies", started);
+}
+
+/// What a member's log holds, step by step: entries appended (some after
+/// a rewind, as a follower's conflicting suffix is replaced), hard states,
+/// compactions up to an entry written.
+#[derive(Clone, Debug)]
+enum LogStep {
+    Append(Vec<usize>),
+    Rewind(u64),
+    HardState(u64),
+    Compact(prop::sample::Index),
+}
+
+/// A member's Raft log segment as a crash or a bad disk leaves it: the
+/// bytes of a real log's records, then mutated.
+fn damaged_raft_log() -> impl Strategy<Value = (Vec<u8>, Vec<Mutation>)> {
+    use tern_primary::raft::wal::{Record, MAGIC};
+    let step = prop_oneof![
+        6 => prop::collection::vec(0usize..1500, 1..6).prop_map(LogStep::Append),
+        1 => (1u64..4).prop_map(LogStep::Rewind),
+        1 => (0u64..5).prop_map(LogStep::HardState),
+        1 => any::<prop::sample::Index>().prop_map(LogStep::Compact),
+    ];
+    (
+        prop::collection::vec(step, 1..12),
+        prop::collection::vec(mutation(), 0..4),
+    )
+        .prop_map(|(steps, mutations)| {
+            let mut bytes = MAGIC.to_vec();
+            let (mut next, mut term) = (1u64, 1u64);
+            for step in steps {
+                let record = |r: Record, out: &mut Vec<u8>| r.encode_into(out).expect("encode");
+                match step {
+                    LogStep::Append(sizes) => {
+                        for size in sizes {
+                            let entry = raft::eraftpb::Entry {
+                                index: next,
+                                term,
+                                data: vec![(next % 251) as u8 + 1; size].into(),
+                                ..Default::default()
+                            };
+                            record(Record::Entry(entry), &mut bytes);
+                            next += 1;
+                        }
+                    }
+                    LogStep::Rewind(by) => {
+                        next = next.saturating_sub(by).max(1);
+                        term += 1;
+                    }
+                    LogStep::HardState(commit) => record(
+                        Record::HardState(raft::eraftpb::HardState {
+                            term,
+                            commit,
+                            ..Default::default()
+                        }),
+                        &mut bytes,
+                    ),
+                    LogStep::Compact(at) => {
+                        let index = at.index(next as usize) as u64;
+                        record(
+                            Record::Compacted(raft::eraftpb::SnapshotMetadata {
+                                index,
+                                ..Default::default()
+                            }),
+                            &mut bytes,
+                        )
+                    }
+                }
+            }
+            (bytes, mutations)
+        })
+}
+
+#[test]
+fn raft_log_files_are_replayed_or_refused_and_never_panic() {
+    use tern_primary::raft::wal::Wal;
+    let started = Instant::now();
+    let logs = Tally::default();
+    let result = runner(cases(1500)).run(&damaged_raft_log(), |(mut bytes, mutations)| {
+        mutate(&mut bytes, &mutations);
+        let outcome = bounded("Wal::open", move || {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("0000000000000000.wal"), &bytes).expect("write");
+            let first = Wal::open(dir.path()).map(|(_, replayed)| replayed);
+            // What an open accepted (a torn tail cut off) opens the same
+            // way again.
+            let again = Wal::open(dir.path()).map(|(_, replayed)| replayed);
+            match (first, again) {
+                (Ok(a), Ok(b)) => Ok((
+                    a.entries
+                        .iter()
+                        .map(|e| (e.index, e.term))
+                        .collect::<Vec<_>>(),
+                    b.entries
+                        .iter()
+                        .map(|e| (e.index, e.term))
+                        .collect::<Vec<_>>(),
+                    a.hard_state == b.hard_state && a.marker == b.marker,
+                )),
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(_), Err(e)) => Err(format!("opened once, then refused: {e}")),
+            }
+        })?;
+        match outcome {
+            Ok((entries, again, same_state)) => {
+                prop_assert_eq!(&entries, &again, "a second open replays the same entries");
+                prop_assert!(same_state, "a second open replays the same state");
+                prop_assert!(
+                    entries.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+                    "replayed entries are contiguous: {:?}",
+                    entries
+                );
+                logs.record(if entries.is_empty() {
+                    "opened, no entries"
+                } else {
+                    "opened"
+                });
+            }
+            Err(message) => {
+                prop_assert!(!message.contains("opened once"), "{}", message);
+                prop_assert!(message.starts_with("raft log"), "{}", message);
+                let kind: String = message
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split(' ')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                logs.record(format!("refused: {kind}"));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    logs.report("raft log files", started);
 }
 
 /// Found by the segment fuzzer: a decrypted segment whose entry at index

@@ -20,8 +20,8 @@
 //! conf state, hard state), so a segment whose entries are all compacted
 //! can go once the compaction is durable: the segments after it hold all
 //! the rest. Only the last segment is ever written, so only its tail can be
-//! torn by a crash; opening the log cuts a torn tail off. A bad record
-//! anywhere else is corruption and the log refuses to open.
+//! torn by a crash; opening the log cuts a torn tail off (see [`Tail`]). A
+//! bad record anywhere else is corruption and the log refuses to open.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -41,7 +41,7 @@ pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The first bytes of every segment: the format, for a later one to be
 /// told apart.
-const MAGIC: &[u8; 8] = b"TERNWAL1";
+pub const MAGIC: &[u8; 8] = b"TERNWAL1";
 
 /// The name a segment's file is zeroed under before it is used.
 const SPARE_NAME: &str = "spare.tmp";
@@ -243,24 +243,56 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
     Ok(found)
 }
 
+/// How a segment's records may end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tail {
+    /// A segment before the last: it was complete and synced before the
+    /// next one began, so a bad record in it is corruption.
+    Sealed,
+    /// The last segment, after a crash: its last write may be torn. As
+    /// etcd's WAL decides it: a bad record that runs past the end of the
+    /// file, or one with a disk sector of nothing but zeros in it (a
+    /// sector the write never reached), ends the log; any other is
+    /// corruption.
+    Crashed,
+    /// A segment being written now (read beside the writer): a bad record
+    /// is one not finished yet.
+    Live,
+}
+
+/// The sector a torn write leaves whole or untouched.
+const SECTOR: u64 = 512;
+
+/// Whether the frame `bytes`, which starts at file offset `at`, has a
+/// sector-aligned piece that is all zeros.
+fn has_zero_sector(at: u64, bytes: &[u8]) -> bool {
+    let mut start = 0usize;
+    while start < bytes.len() {
+        let offset = at + start as u64;
+        let to_boundary = (SECTOR - offset % SECTOR) as usize;
+        let end = (start + to_boundary).min(bytes.len());
+        if bytes[start..end].iter().all(|b| *b == 0) {
+            return true;
+        }
+        start = end;
+    }
+    false
+}
+
 /// Read one segment's records, handing each to `visit`; returns where the
-/// valid records end. `torn_ok`: a bad record ends the segment (its tail
-/// was torn by a crash, or is being written) instead of being an error.
-/// Reading stops at the end of the written part, not of the preallocation.
-fn read_segment(
-    path: &Path,
-    torn_ok: bool,
-    mut visit: impl FnMut(Record),
-) -> Result<u64, WalError> {
+/// valid records end (see [`Tail`] for how they may end). Reading stops at
+/// the end of the written part, not of the preallocation.
+fn read_segment(path: &Path, tail: Tail, mut visit: impl FnMut(Record)) -> Result<u64, WalError> {
     let file = File::open(path).map_err(io(path))?;
     let size = file.metadata().map_err(io(path))?.len();
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut magic = [0u8; MAGIC.len()];
+    let unwritten_ok = tail != Tail::Sealed;
     match reader.read_exact(&mut magic) {
         Ok(()) if &magic == MAGIC => {}
         // Created, not yet written when the process stopped.
-        Ok(()) if torn_ok && magic == [0; MAGIC.len()] => return Ok(0),
-        Err(e) if torn_ok && e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
+        Ok(()) if unwritten_ok && magic == [0; MAGIC.len()] => return Ok(0),
+        Err(e) if unwritten_ok && e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
         Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
             return Err(io(path)(e));
         }
@@ -272,40 +304,47 @@ fn read_segment(
         }
     }
     let mut at = MAGIC.len() as u64;
-    let mut header = [0u8; FRAME_HEADER];
-    let mut body = Vec::new();
+    let mut frame = Vec::new();
     loop {
-        match reader.read_exact(&mut header) {
+        frame.resize(FRAME_HEADER, 0);
+        match reader.read_exact(&mut frame) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(io(path)(e)),
         }
-        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as u64;
+        let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes")) as u64;
         if len == 0 {
             break;
         }
-        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        let record = if at + (FRAME_HEADER as u64) + len <= size {
-            body.resize(len as usize, 0);
-            match reader.read_exact(&mut body) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => body.clear(),
-                Err(e) => return Err(io(path)(e)),
-            }
-            (body.len() as u64 == len && crc32c::crc32c(&body) == crc)
-                .then(|| Record::decode(&body))
+        let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
+        let complete = at + FRAME_HEADER as u64 + len <= size;
+        let record = if complete {
+            frame.resize(FRAME_HEADER + len as usize, 0);
+            reader
+                .read_exact(&mut frame[FRAME_HEADER..])
+                .map_err(io(path))?;
+            let body = &frame[FRAME_HEADER..];
+            (crc32c::crc32c(body) == crc)
+                .then(|| Record::decode(body))
                 .flatten()
         } else {
             None
         };
         match record {
             Some(record) => visit(record),
-            None if torn_ok => break,
             None => {
+                let torn = match tail {
+                    Tail::Sealed => false,
+                    Tail::Crashed => !complete || has_zero_sector(at, &frame),
+                    Tail::Live => true,
+                };
+                if torn {
+                    break;
+                }
                 return Err(WalError::Corrupt {
                     path: path.to_owned(),
                     offset: at,
-                })
+                });
             }
         }
         at += FRAME_HEADER as u64 + len;
@@ -322,7 +361,7 @@ pub fn read_entries(dir: &Path, from: u64, to: u64) -> Result<Vec<Entry>, WalErr
     for (_, path) in list_segments(dir)? {
         // Only the range is kept: entries up to `to` are committed, so no
         // later record rewrites them.
-        let read = read_segment(&path, true, |record| match record {
+        let read = read_segment(&path, Tail::Live, |record| match record {
             Record::Entry(e) if e.index < from || e.index > to => {}
             record => replayed.apply(record),
         });
@@ -370,7 +409,8 @@ impl Wal {
         for (i, (seq, path)) in listed.iter().enumerate() {
             let last = i + 1 == listed.len();
             let mut last_index = 0;
-            end = read_segment(path, last, |record| {
+            let tail = if last { Tail::Crashed } else { Tail::Sealed };
+            end = read_segment(path, tail, |record| {
                 if let Record::Entry(e) = &record {
                     last_index = last_index.max(e.index);
                 }
@@ -752,10 +792,17 @@ mod tests {
         let end = wal.offset;
         drop(wal);
         let path = dir.path().join(segment_name(0));
-        // Half of a third record, as a crash mid-write leaves it.
-        let torn = frames(&[entry(3, 1)]);
+        // A third record of several sectors, of which a crash let only
+        // the first reach the disk.
+        let torn = frames(&[Record::Entry(Entry {
+            index: 3,
+            term: 1,
+            data: vec![9; 3000].into(),
+            ..Default::default()
+        })]);
+        let reached = (SECTOR - end % SECTOR) as usize;
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&torn[..torn.len() / 2], end).unwrap();
+        file.write_all_at(&torn[..reached], end).unwrap();
         drop(file);
         let (mut wal, replayed) = Wal::open(dir.path()).unwrap();
         assert_eq!(indexes(&replayed), vec![(1, 1), (2, 1)]);
@@ -764,6 +811,17 @@ mod tests {
         drop(wal);
         let (_, replayed) = Wal::open(dir.path()).unwrap();
         assert_eq!(indexes(&replayed), vec![(1, 1), (2, 1), (3, 2)]);
+
+        // A flipped byte inside the last segment, with no sector left
+        // unwritten, is corruption, not a torn write.
+        let (wal, _) = Wal::open(dir.path()).unwrap();
+        let end = wal.offset;
+        drop(wal);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0x55], end - 3).unwrap();
+        drop(file);
+        let err = Wal::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
 
         // A flipped byte in a segment that is not the last is corruption.
         let dir2 = tempfile::tempdir().unwrap();
