@@ -128,6 +128,14 @@ impl From<MvccError> for ApplyError {
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FORMAT),
                 Some(e.to_string()),
             )),
+            // The batch cannot be kept: stop applying, as for a failed
+            // write (see `Batch::entry_checked_first`).
+            e @ MvccError::FailedAfterWriting { .. } => {
+                ApplyError::Storage(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some(e.to_string()),
+                ))
+            }
             e @ MvccError::MissingState { .. } => {
                 ApplyError::Storage(rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),

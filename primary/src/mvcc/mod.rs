@@ -64,4 +64,9 @@ pub enum MvccError {
     /// wipe the keyspace.
     #[error("{}: the state file to restore from is missing", path.display())]
     MissingState { path: std::path::PathBuf },
+    /// An entry applied without a savepoint failed after a write (see
+    /// `Batch::entry_checked_first`): its batch is rolled back and the
+    /// node stops, as for a storage failure.
+    #[error("mvcc: entry {index} failed after its first write; its batch is rolled back")]
+    FailedAfterWriting { index: u64 },
 }

@@ -297,7 +297,36 @@ impl Batch<'_> {
         term: u64,
         f: impl FnOnce(&mut Self) -> Result<T, crate::apply::ApplyError>,
     ) -> Result<T, crate::apply::ApplyError> {
-        self.exec_cached("SAVEPOINT entry")?;
+        self.apply_entry(index, term, true, f)
+    }
+
+    /// [`entry`](Self::entry) without the savepoint, for a request whose
+    /// apply checks everything before its one write (a put): a failure
+    /// after that write can only be the storage's, which stops the node
+    /// and rolls the whole batch back. The savepoint copies every page the
+    /// entry touches into SQLite's statement journal; without it a put
+    /// cost ~7% less CPU at 100 clients. Should such an entry still fail
+    /// after writing, the batch is rolled back with it
+    /// ([`MvccError::FailedAfterWriting`]).
+    pub fn entry_checked_first<T>(
+        &mut self,
+        index: u64,
+        term: u64,
+        f: impl FnOnce(&mut Self) -> Result<T, crate::apply::ApplyError>,
+    ) -> Result<T, crate::apply::ApplyError> {
+        self.apply_entry(index, term, false, f)
+    }
+
+    fn apply_entry<T>(
+        &mut self,
+        index: u64,
+        term: u64,
+        savepoint: bool,
+        f: impl FnOnce(&mut Self) -> Result<T, crate::apply::ApplyError>,
+    ) -> Result<T, crate::apply::ApplyError> {
+        if savepoint {
+            self.exec_cached("SAVEPOINT entry")?;
+        }
         let saved = (self.state, self.events.len());
         self.changed = false;
         self.sub = 0;
@@ -305,14 +334,22 @@ impl Batch<'_> {
         let result = f(self);
         match &result {
             Ok(_) => {
-                self.exec_cached("RELEASE entry")?;
+                if savepoint {
+                    self.exec_cached("RELEASE entry")?;
+                }
                 if self.changed {
                     self.state.revision += 1;
                 }
             }
+            Err(crate::apply::ApplyError::Storage(_)) if !savepoint => {}
+            Err(_) if !savepoint && self.changed => {
+                return Err(MvccError::FailedAfterWriting { index }.into());
+            }
             Err(_) => {
-                self.exec_cached("ROLLBACK TO entry")?;
-                self.exec_cached("RELEASE entry")?;
+                if savepoint {
+                    self.exec_cached("ROLLBACK TO entry")?;
+                    self.exec_cached("RELEASE entry")?;
+                }
                 self.state = saved.0;
                 self.events.truncate(saved.1);
             }
@@ -706,6 +743,47 @@ mod tests {
         assert_eq!(store.state(), before);
         let kept = read::get_live(store.connection(), b"k").expect("read");
         assert_eq!(kept.map(|kv| kv.value), Some(b"v".to_vec()));
+    }
+
+    /// An entry applied without its savepoint: a put, a refusal before any
+    /// write (nothing changes), and a failure after a write (refused as a
+    /// storage failure, and the batch rolled back with it).
+    #[test]
+    fn entries_checked_first_need_no_savepoint() {
+        use crate::apply::ApplyError;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = MvccStore::open(&dir.path().join("state.db")).expect("open");
+        let mut batch = store.batch().expect("batch");
+        batch
+            .entry_checked_first(1, 2, |b| Ok(b.put(b"a", b"1", 0)?))
+            .expect("put");
+        let refused = batch.entry_checked_first(2, 2, |_| -> Result<(), _> {
+            Err(ApplyError::LeaseNotFound)
+        });
+        assert!(matches!(refused, Err(ApplyError::LeaseNotFound)));
+        batch.end().expect("end");
+        let state = store.state();
+        assert_eq!((state.applied_index, state.revision), (2, 2));
+
+        let mut batch = store.batch().expect("batch");
+        let failed = batch.entry_checked_first(3, 2, |b| -> Result<(), _> {
+            b.put(b"b", b"2", 0)?;
+            Err(ApplyError::LeaseNotFound)
+        });
+        match failed {
+            Err(ApplyError::Storage(e)) => {
+                assert!(
+                    e.to_string()
+                        .contains("entry 3 failed after its first write"),
+                    "{e}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(batch);
+        assert_eq!(store.state().revision, 2);
+        assert!(read::get_live(store.connection(), b"b").unwrap().is_none());
+        assert!(read::get_live(store.connection(), b"a").unwrap().is_some());
     }
 
     fn put_at<'a>(store: &'a mut MvccStore, index: u64, key: &[u8]) -> Batch<'a> {

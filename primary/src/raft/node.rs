@@ -1498,6 +1498,11 @@ impl StateMachine<'_> {
                         }
                     };
                     let result = match request.request {
+                        // A put checks its lease, auth and space before
+                        // its one write (`apply::put`).
+                        Some(r @ Request::Put(_)) => batch.entry_checked_first(index, term, |b| {
+                            self.applier.apply_as(b, r, request.auth.as_ref())
+                        }),
                         Some(r) => batch.entry(index, term, |b| {
                             self.applier.apply_as(b, r, request.auth.as_ref())
                         }),
