@@ -663,13 +663,10 @@ impl Wal {
         }
     }
 
-    /// Segments on disk (for tests and the bench's disk figures).
-    pub fn segment_count(&self) -> usize {
+    /// Segments on disk.
+    #[cfg(test)]
+    fn segment_count(&self) -> usize {
         self.segments.len()
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
