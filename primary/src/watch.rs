@@ -37,7 +37,7 @@ pub enum WatchMessage {
         key: u64,
         watch_id: i64,
         revision: i64,
-        events: Vec<Event>,
+        events: WatchEvents,
     },
     /// The watcher's start revision was compacted away; it is gone.
     Compacted {
@@ -57,6 +57,52 @@ pub enum WatchMessage {
         watch_id: i64,
         revision: i64,
     },
+}
+
+/// One watcher's events, shared with the other watchers that get them: the
+/// Raft thread hands each watcher references under the hub lock, and the
+/// watcher's stream copies them into its answer on its own task. With 100
+/// watchers of a key, the copies of each event no longer hold up the next
+/// apply.
+#[derive(Debug, Clone, Default)]
+pub struct WatchEvents {
+    events: Vec<Arc<Event>>,
+    /// The watcher asked for each event's previous key-value.
+    prev_kv: bool,
+}
+
+impl WatchEvents {
+    pub fn iter(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter().map(|e| &**e)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The events as the watcher's answer carries them.
+    pub fn into_events(self) -> Vec<Event> {
+        self.events
+            .into_iter()
+            .map(|e| match Arc::try_unwrap(e) {
+                Ok(mut e) => {
+                    if !self.prev_kv {
+                        e.prev_kv = None;
+                    }
+                    e
+                }
+                Err(shared) => Event {
+                    r#type: shared.r#type,
+                    kv: shared.kv.clone(),
+                    prev_kv: if self.prev_kv {
+                        shared.prev_kv.clone()
+                    } else {
+                        None
+                    },
+                },
+            })
+            .collect()
+    }
 }
 
 /// A stream's end of the hub: where its watchers' messages go.
@@ -143,7 +189,7 @@ impl Watcher {
         self.spec.range.contains(key) && !filtered
     }
 
-    fn select<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> Vec<Event> {
+    fn select<'a>(&self, events: impl IntoIterator<Item = &'a Arc<Event>>) -> Vec<Arc<Event>> {
         events
             .into_iter()
             .filter(|e| {
@@ -152,14 +198,15 @@ impl Watcher {
                         .as_ref()
                         .is_some_and(|kv| kv.mod_revision >= self.next_rev)
             })
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.spec.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
-            })
+            .cloned()
             .collect()
+    }
+
+    fn events(&self, events: Vec<Arc<Event>>) -> WatchEvents {
+        WatchEvents {
+            events,
+            prev_kv: self.spec.prev_kv,
+        }
     }
 }
 
@@ -178,7 +225,7 @@ struct HubState {
     /// Every published event after revision `recent_from`, in order: those
     /// not committed yet, and those of the last commit (a replay that read
     /// the file just before a commit still finds what follows it here).
-    recent: std::collections::VecDeque<Event>,
+    recent: std::collections::VecDeque<Arc<Event>>,
     recent_from: i64,
     compacted: i64,
     next_key: u64,
@@ -281,7 +328,7 @@ impl WatchHub {
         let mut guard = self.lock();
         let st = &mut *guard;
         let start = st.recent.len();
-        st.recent.extend(events);
+        st.recent.extend(events.into_iter().map(Arc::new));
         let events = st.recent.range(start..);
         let mut fell_behind = false;
         st.watchers.retain(|key, w| {
@@ -303,7 +350,7 @@ impl WatchHub {
                 key: *key,
                 watch_id: w.spec.watch_id,
                 revision,
-                events: selected,
+                events: w.events(selected),
             });
             w.next_rev = revision + 1;
             w.last_sent = Instant::now();
@@ -445,7 +492,11 @@ impl WatchHub {
                     continue;
                 }
             };
-            let mut selected: Vec<Event> = events.iter().filter(|e| w.wants(e)).cloned().collect();
+            let mut selected: Vec<Arc<Event>> = events
+                .into_iter()
+                .filter(|e| w.wants(e))
+                .map(Arc::new)
+                .collect();
             let mut reached = reached.max(from - 1);
             // Read from the file up to its last commit: the rest is in
             // `recent`, unless a commit dropped part of it meanwhile.
@@ -463,7 +514,7 @@ impl WatchHub {
                         key,
                         watch_id: w.spec.watch_id,
                         revision: revision.max(reached),
-                        events: selected,
+                        events: w.events(selected),
                     })
                     .is_err()
                 {
@@ -596,5 +647,39 @@ mod tests {
         assert_eq!(hub.lock().recent.len(), 3);
         hub.committed(6);
         assert!(hub.lock().recent.is_empty());
+    }
+
+    /// Watchers share each event; each answer still carries the previous
+    /// key-value only for a watcher that asked for it.
+    #[test]
+    fn shared_events_keep_prev_kv_only_when_asked() {
+        use crate::proto::mvccpb::KeyValue;
+        let kv = |value: &[u8], mod_revision| KeyValue {
+            key: b"k".to_vec(),
+            value: value.to_vec(),
+            mod_revision,
+            ..Default::default()
+        };
+        let event = Arc::new(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv(b"new", 3)),
+            prev_kv: Some(kv(b"old", 2)),
+        });
+        let with = WatchEvents {
+            events: vec![event.clone()],
+            prev_kv: true,
+        };
+        let without = WatchEvents {
+            events: vec![event.clone()],
+            prev_kv: false,
+        };
+        let plain = without.into_events();
+        assert_eq!(plain[0].kv, event.kv);
+        assert_eq!(plain[0].prev_kv, None);
+        // The last holder takes the event itself rather than a copy.
+        drop(event);
+        let full = with.into_events();
+        assert_eq!(full[0].kv, Some(kv(b"new", 3)));
+        assert_eq!(full[0].prev_kv, Some(kv(b"old", 2)));
     }
 }

@@ -195,7 +195,7 @@ impl LocalWatch {
             match self.source.recv().await {
                 Some(WatchMessage::Events {
                     revision, events, ..
-                }) => return Ok((revision, events)),
+                }) => return Ok((revision, events.into_events())),
                 Some(WatchMessage::Compacted { .. }) => return Err(EtcdError::Compacted.into()),
                 Some(
                     WatchMessage::Created { .. }

@@ -278,7 +278,7 @@ impl ClientStream {
                 let response = WatchResponse {
                     header: Some(self.member.header(revision)),
                     watch_id,
-                    events,
+                    events: events.into_events(),
                     ..Default::default()
                 };
                 let limit = self.member.limits.max_request_bytes;
