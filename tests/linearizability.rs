@@ -378,6 +378,71 @@ async fn watchers_see_every_event_once_across_leader_kills() {
     );
 }
 
+/// A lone voter answers a linearizable read from its applied index, with
+/// no read index from its Raft thread (`NodeStatus::sole_leader`). Under
+/// gets, puts and compare-and-sets it is killed with SIGKILL and restarted
+/// (reads arrive while it replays its log and before it has a commit of
+/// its new term), then a second voter joins (reads take the Raft read
+/// index again from the turn that applies it): the history must stay
+/// linearizable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_voter_stays_linearizable_across_a_restart_and_a_new_voter() {
+    let _turn = HEAVY.lock().await;
+    let seed = Rng::seed_from_env("TERN_NEMESIS_SEED");
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1, SNAPSHOTS))
+        .await
+        .expect("cluster");
+    let member = members(&cluster, &[0]);
+    let clock = Clock::start();
+    let recorder = Recorder::new(clock);
+    let workload = Workload {
+        prefix: PREFIX.to_string(),
+        members: member.clone(),
+        clients: 6,
+        readers: member,
+        reader_clients: 4,
+        keys: 3,
+        ops_per_key: 150,
+        reads: Reads::Linearizable,
+        timeout: Duration::from_secs(3),
+    };
+    let run = {
+        let (workload, recorder) = (workload.clone(), recorder.clone());
+        tokio::spawn(async move { workload.run(recorder, seed, Duration::from_secs(10)).await })
+    };
+    let faults = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.nodes[0].kill9();
+        cluster.nodes[0].restart();
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.add_member(false, &[]);
+        cluster
+    });
+    run.await.expect("workload");
+    let _cluster = faults.await.expect("faults");
+    let history = recorder.operations();
+    let report = check(&history);
+    eprintln!("lone voter: {report}");
+    assert!(report.is_linearizable(), "{report}");
+    let ok = |get: bool| {
+        history
+            .iter()
+            .filter(|o| (o.input == Input::Get) == get && matches!(o.outcome, Outcome::Ok(_)))
+            .count()
+    };
+    assert!(
+        ok(true) >= 100,
+        "only {} reads answered: {report}",
+        ok(true)
+    );
+    assert!(
+        ok(false) >= 100,
+        "only {} writes acknowledged: {report}",
+        ok(false)
+    );
+}
+
 /// The checker can fail: a follower cut off from its peers still answers
 /// serializable reads from its own state, so after a write through the
 /// leader it returns the value before. The history shows a read that

@@ -243,6 +243,11 @@ pub struct NodeStatus {
     pub db_size: AtomicI64,
     /// Whether this member is a learner in the current configuration.
     pub is_learner: AtomicBool,
+    /// This member is the only voter, its leader, and has applied an entry
+    /// of its own term: every write acknowledged anywhere is applied here,
+    /// so a linearizable read needs no read index from the Raft thread
+    /// (see [`NodeHandle::read_index`]).
+    pub sole_leader: AtomicBool,
     /// A follower of an etcd cluster (`tern-learner --etcd-endpoints`),
     /// until a takeover: the sole voter of its own log, fed by its source,
     /// it serves clients as a learner does and never writes on its own
@@ -349,7 +354,19 @@ impl NodeHandle {
 
     /// Linearizable read barrier; returns the read index, which the
     /// state is applied up to and reads see.
+    ///
+    /// A sole voter's read index is its applied index, read here: it
+    /// answers a write only once applied, and no other member can lead
+    /// (and take writes) before this one has applied the configuration
+    /// that adds a voter, which clears [`NodeStatus::sole_leader`] on the
+    /// same turn; the vote that would elect another leader is handled on
+    /// a later one. raft-rs would answer the same index for it
+    /// (`ReadState` at the commit index, once its term has a commit), but
+    /// only after two hand-offs to and from the Raft thread.
     pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        if self.status.sole_leader.load(Ordering::Acquire) {
+            return Ok(self.status.applied_index());
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(NodeMsg::ReadIndex { reply })
@@ -681,6 +698,7 @@ impl RaftNode {
             self.maybe_campaign()?;
             self.maybe_compact_log()?;
             self.track_lag();
+            self.note_sole_leader();
             if self
                 .removed_at
                 .is_some_and(|t| t.elapsed() >= REMOVED_GRACE)
@@ -692,6 +710,18 @@ impl RaftNode {
                 self.sweep_abandoned();
             }
         }
+    }
+
+    /// See [`NodeStatus::sole_leader`]. Set at the end of each turn;
+    /// cleared there too, on the turn that applies a second voter (see
+    /// [`NodeHandle::read_index`] for why that is soon enough).
+    fn note_sole_leader(&self) {
+        let raft = &self.raw.raft;
+        let sole = self.role == StateRole::Leader
+            && !self.status.is_learner()
+            && raft.prs().is_singleton()
+            && raft.raft_log.term(raft.raft_log.applied).ok() == Some(raft.term);
+        self.status.sole_leader.store(sole, Ordering::Release);
     }
 
     /// A lone voter campaigns at once instead of after an election
