@@ -476,6 +476,10 @@ pub enum NodeError {
     Apply { index: u64, source: ApplyError },
 }
 
+/// A turn of the Raft loop longer than this is logged, with where its time
+/// went (etcd warns of an apply over 100 ms the same way).
+const SLOW_TURN: Duration = Duration::from_millis(100);
+
 /// Settings the node needs from the member's configuration.
 pub struct NodeConfig {
     pub id: u64,
@@ -666,7 +670,9 @@ impl RaftNode {
                 wake = wake.min(since + STATE_COMMIT_INTERVAL);
             }
             let timeout = wake.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(timeout) {
+            let received = self.rx.recv_timeout(timeout);
+            let turn = Instant::now();
+            match received {
                 Ok(msg) => {
                     self.handle(msg)?;
                     for _ in 0..MAX_BATCH {
@@ -692,13 +698,25 @@ impl RaftNode {
             self.request_read_index();
             self.resend_unanswered_reads();
             self.send_overdue_commits();
+            let handled = turn.elapsed();
             self.on_ready()?;
+            let ready = turn.elapsed();
             self.maybe_commit_state()?;
             self.publish_visible();
             self.maybe_campaign()?;
             self.maybe_compact_log()?;
             self.track_lag();
             self.note_sole_leader();
+            if turn.elapsed() >= SLOW_TURN {
+                // Every proposal, read and peer message waited this long.
+                tracing::warn!(
+                    took = ?turn.elapsed(),
+                    messages = ?handled,
+                    ready = ?ready.saturating_sub(handled),
+                    commit_and_compaction = ?turn.elapsed().saturating_sub(ready),
+                    "raft turn took too long"
+                );
+            }
             if self
                 .removed_at
                 .is_some_and(|t| t.elapsed() >= REMOVED_GRACE)
