@@ -149,7 +149,10 @@ fn rtt_applies_to_live_connections() {
 
 /// The bench reads a learner's lag to the millisecond behind this proxy,
 /// so the delay must be the one set, not rounded up to tokio's timer tick
-/// (which added about 1 ms each way).
+/// (which added about 1 ms each way, to every round trip). The fastest of
+/// 25 round trips is judged: rounding delays them all, while the other
+/// tests of this file running beside it (on 2 cores in CI) only delay
+/// some (a CI run saw a median of 779 µs over the 20 ms).
 #[test]
 fn a_delay_is_the_latency_set_to_well_under_a_millisecond() {
     let proxy = Proxy::start(echo_server());
@@ -166,10 +169,10 @@ fn a_delay_is_the_latency_set_to_well_under_a_millisecond() {
         })
         .collect();
     over.sort();
-    let median = over[over.len() / 2];
+    let fastest = over[0];
     assert!(
-        median < Duration::from_micros(600),
-        "median round trip {median:?} over the 20 ms set"
+        fastest < Duration::from_micros(600),
+        "fastest round trip {fastest:?} over the 20 ms set (all: {over:?})"
     );
 }
 

@@ -217,6 +217,7 @@ pub fn propose_status(e: ProposeError) -> Status {
     match e {
         ProposeError::NoLeader => EtcdError::NoLeader.into(),
         ProposeError::Stopped => EtcdError::Stopped.into(),
+        ProposeError::Unknown => EtcdError::RequestTimeout.into(),
         ProposeError::Apply(e) => apply_status(e),
     }
 }

@@ -80,6 +80,10 @@ pub enum ProposeError {
     NoLeader,
     #[error("server stopped")]
     Stopped,
+    /// The proposal may or may not have been applied: a leader's snapshot
+    /// replaced the state before this member saw its entry.
+    #[error("outcome unknown: the state was replaced by a snapshot")]
+    Unknown,
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }
@@ -1218,6 +1222,15 @@ impl RaftNode {
         self.hub.restored(state.revision);
         self.status.set_store_state(&state);
         self.note_db_size();
+        // This member's proposals waiting for their entries may be inside
+        // the snapshot, whose entries it never applies one by one: they
+        // would only learn so by timing out (a new learner's first publish
+        // of its attributes waited 7 s for that). Their outcome is told
+        // as unknown now, as a timeout's would be.
+        for (_, reply) in self.waiting.drain() {
+            self.metrics.proposals_pending.dec();
+            let _ = reply.send(Err(ProposeError::Unknown));
+        }
         self.status.is_learner.store(
             meta.get_conf_state().learners.contains(&self.config.id),
             Ordering::Release,
