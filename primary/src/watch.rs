@@ -64,7 +64,7 @@ pub enum WatchMessage {
 /// watcher's stream copies them into its answer on its own task. With 100
 /// watchers of a key, the copies of each event no longer hold up the next
 /// apply.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WatchEvents {
     events: Vec<Arc<Event>>,
     /// The watcher asked for each event's previous key-value.
@@ -74,10 +74,6 @@ pub struct WatchEvents {
 impl WatchEvents {
     pub fn iter(&self) -> impl Iterator<Item = &Event> {
         self.events.iter().map(|e| &**e)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
     }
 
     /// The events as the watcher's answer carries them.
