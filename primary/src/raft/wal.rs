@@ -868,18 +868,21 @@ mod tests {
         assert!(err.to_string().contains("0000000000000000.wal"), "{err}");
     }
 
+    /// An entry of term 1 carrying `mib` MiB, to fill segments quickly.
+    fn big_entry(index: u64, mib: usize) -> Record {
+        Record::Entry(Entry {
+            index,
+            term: 1,
+            data: vec![7; mib * 1024 * 1024].into(),
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn full_segments_roll_with_a_header_and_compacted_ones_go() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
-        let big = |index: u64| {
-            Record::Entry(Entry {
-                index,
-                term: 1,
-                data: vec![7; 3 * 1024 * 1024].into(),
-                ..Default::default()
-            })
-        };
+        let big = |index: u64| big_entry(index, 3);
         let hs = HardState {
             term: 1,
             commit: 7,
@@ -930,14 +933,7 @@ mod tests {
     fn a_roll_does_not_wait_for_the_spare() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
-        let entry = |index: u64| {
-            Record::Entry(Entry {
-                index,
-                term: 1,
-                data: vec![1; 6 * 1024 * 1024].into(),
-                ..Default::default()
-            })
-        };
+        let entry = |index: u64| big_entry(index, 6);
         // A spare whose zeroing goes on until the test lets it finish.
         let (finish, finished) = std::sync::mpsc::channel::<()>();
         let spare_path = dir.path().join(SPARE_NAME);
