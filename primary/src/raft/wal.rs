@@ -54,6 +54,13 @@ const SPARE_NAME: &str = "spare.tmp";
 const ZERO_CHUNK: usize = 256 * 1024;
 const ZERO_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// A segment whose blocks were only reserved (the first of a new log, or
+/// the last one after a restart) gets a zeroed spare once this much of it
+/// is written, and moves to it as soon as the spare is ready, instead of
+/// paying for unwritten blocks until it is full (see [`Wal::start_spare`]).
+/// Not at once: a member that writes little never costs a spare.
+const UNZEROED_SPARE_AFTER: u64 = 1024 * 1024;
+
 /// A record's frame: payload length (type byte included), CRC-32C of the
 /// type and payload, both little-endian. A zero length is the end of the
 /// written part (the rest of a segment is preallocated zeros).
@@ -393,6 +400,10 @@ pub struct Wal {
     offset: u64,
     /// Bytes allocated for the last segment.
     allocated: u64,
+    /// The last segment's blocks were only reserved, not zeroed: it gets
+    /// a spare early and is left for it once that is ready. Not after a
+    /// spare failed (a full disk): the next would too.
+    leave_early: bool,
     /// The next segment's file, being zeroed (see [`Wal::start_spare`]).
     spare: Option<JoinHandle<std::io::Result<File>>>,
     /// Compacted segments being deleted.
@@ -439,6 +450,7 @@ impl Wal {
                     file: File::open(dir).map_err(io(dir))?,
                     offset: 0,
                     allocated: 0,
+                    leave_early: true,
                     spare: None,
                     purge: None,
                 };
@@ -458,6 +470,7 @@ impl Wal {
                     file,
                     offset: end,
                     allocated: 0,
+                    leave_early: true,
                     spare: None,
                     purge: None,
                 };
@@ -505,6 +518,7 @@ impl Wal {
         let seq = self.segments.last().map_or(0, |s| s.seq + 1);
         let path = self.dir.join(segment_name(seq));
         let ready = self.spare.take_if(|zeroing| zeroing.is_finished());
+        let mut spare_failed = false;
         let spare = match ready.map(|zeroing| zeroing.join()) {
             Some(Ok(Ok(file))) => {
                 let spare = self.dir.join(SPARE_NAME);
@@ -513,9 +527,13 @@ impl Wal {
             }
             Some(Ok(Err(e))) => {
                 tracing::debug!(error = %e, "raft log: no zeroed segment");
+                spare_failed = true;
                 None
             }
-            Some(Err(_)) => None,
+            Some(Err(_)) => {
+                spare_failed = true;
+                None
+            }
             None => None,
         };
         let zeroed = spare.is_some();
@@ -529,6 +547,7 @@ impl Wal {
                 .map_err(io(&path))?,
         };
         self.allocated = if zeroed { SEGMENT_BYTES } else { 0 };
+        self.leave_early = !zeroed && !spare_failed;
         self.preallocate()?;
         let mut bytes = Vec::with_capacity(MAGIC.len() + records.len());
         bytes.extend_from_slice(MAGIC);
@@ -558,10 +577,17 @@ impl Wal {
     /// inode as well (the extent turns from unwritten to written), a
     /// second I/O; blocks written with zeros beforehand need no such
     /// change. etcd prepares its next WAL file ahead too (its
-    /// `filePipeline`). A spare that cannot be made (a full disk) is
-    /// skipped: the roll allocates the file itself.
+    /// `filePipeline`), but fallocated only. A segment that was not zeroed
+    /// gets its spare after [`UNZEROED_SPARE_AFTER`] and is left for it
+    /// early ([`Wal::append`]). A spare that cannot be made (a full disk)
+    /// is skipped: the roll allocates the file itself.
     fn start_spare(&mut self) {
-        if self.spare.is_some() || self.offset < SEGMENT_BYTES / 2 {
+        let due = if self.leave_early {
+            UNZEROED_SPARE_AFTER
+        } else {
+            SEGMENT_BYTES / 2
+        };
+        if self.spare.is_some() || self.offset < due {
             return;
         }
         let path = self.dir.join(SPARE_NAME);
@@ -581,16 +607,19 @@ impl Wal {
     }
 
     /// Append `records` (encoded frames, their highest entry index
-    /// `last_index`) and `fdatasync`. When they do not fit the segment,
-    /// they start a new one after `header`'s records (the state they
-    /// leave, so that older segments can go).
+    /// `last_index`) and `fdatasync`. When they do not fit the segment, or
+    /// it was not zeroed and a zeroed spare is ready, they start a new one
+    /// after `header`'s records (the state they leave, so that older
+    /// segments can go).
     pub fn append(
         &mut self,
         records: &[u8],
         last_index: u64,
         header: impl FnOnce() -> Vec<Record>,
     ) -> Result<(), WalError> {
-        if self.offset + records.len() as u64 > SEGMENT_BYTES && self.offset > MAGIC.len() as u64 {
+        let full = self.offset + records.len() as u64 > SEGMENT_BYTES;
+        let spare_ready = || self.spare.as_ref().is_some_and(|s| s.is_finished());
+        if (full || (self.leave_early && spare_ready())) && self.offset > MAGIC.len() as u64 {
             let mut bytes = Vec::with_capacity(records.len() + 256);
             for record in header() {
                 record.encode_into(&mut bytes)?;
@@ -905,9 +934,15 @@ mod tests {
         };
         wal.append(&frames(&[Record::Compacted(marker)]), 0, Vec::new)
             .unwrap();
+        let before = wal.segment_count();
         wal.compacted(9);
         let left = wal.segment_count();
-        assert!(left < 3, "{left} segments left");
+        assert!(left < before, "{left} of {before} segments left");
+        // Only segments holding entries past 9 are kept (a segment rolls
+        // early to a spare, so how many that is depends on the timing).
+        let (last, kept) = wal.segments.split_last().unwrap();
+        assert!(kept.iter().all(|s| s.last_index > 9));
+        assert!(last.last_index >= 12);
         drop(wal);
         assert_eq!(list_segments(dir.path()).unwrap().len(), left);
         let (_, replayed) = Wal::open(dir.path()).unwrap();
@@ -960,6 +995,39 @@ mod tests {
         }
         assert_eq!(wal.segment_count(), 3);
         assert!(!spare_path.exists(), "the next roll took the spare");
+        drop(wal);
+        let (_, replayed) = Wal::open(dir.path()).unwrap();
+        assert_eq!(
+            replayed.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+    }
+
+    /// A new log's first segment was only fallocated: once a megabyte of
+    /// it is written it gets a zeroed spare, and the next append after that
+    /// is ready starts the spare; a zeroed segment is kept until it is full.
+    #[test]
+    fn an_unzeroed_segment_is_left_for_a_spare_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        let small = |index: u64| entry(index, 1);
+        wal.append(&frames(&[small(1)]), 1, Vec::new).unwrap();
+        assert!(wal.spare.is_none(), "no spare for a log that writes little");
+        wal.append(&frames(&[big_entry(2, 1)]), 2, Vec::new)
+            .unwrap();
+        assert!(wal.spare.is_some(), "a spare past the first megabyte");
+        while !wal.spare.as_ref().unwrap().is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        wal.append(&frames(&[small(3)]), 3, Vec::new).unwrap();
+        assert_eq!(wal.segment_count(), 2, "left for the spare");
+        assert!(!dir.path().join(SPARE_NAME).exists(), "the spare was taken");
+        assert!(!wal.leave_early);
+        wal.append(&frames(&[big_entry(4, 1)]), 4, Vec::new)
+            .unwrap();
+        wal.append(&frames(&[small(5)]), 5, Vec::new).unwrap();
+        assert_eq!(wal.segment_count(), 2, "a zeroed segment is kept");
+        assert!(wal.spare.is_none());
         drop(wal);
         let (_, replayed) = Wal::open(dir.path()).unwrap();
         assert_eq!(
