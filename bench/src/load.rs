@@ -501,6 +501,7 @@ pub async fn watch_delivery(
         settings,
     )
     .await?;
+    eprintln!("WATCHPUTS done in {:?}", start.elapsed());
     if put_result.errors > 0 {
         // A failed put may or may not have been applied, so the number of
         // events to wait for is unknown: fail rather than guess.

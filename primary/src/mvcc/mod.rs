@@ -10,9 +10,8 @@
 //!
 //! - [`schema`]: opening a database file, pragmas and tables.
 //! - [`write`]: [`MvccStore`], the single writer (owned by the Raft thread),
-//!   and [`Batch`], many Raft entries applied in one savepoint of the
-//!   writer's open transaction (committed every few ms, or when a reader
-//!   needs it).
+//!   and [`Batch`], many Raft entries applied together in the writer's
+//!   open transaction (committed every few ms, or when a reader needs it).
 //! - [`read`]: range queries and history scans over any connection, so the
 //!   writer (inside a transaction) and the read pool share one implementation.
 //! - [`image`]: the state file as one read transaction sees it, page by
@@ -65,8 +64,10 @@ pub enum MvccError {
     #[error("{}: the state file to restore from is missing", path.display())]
     MissingState { path: std::path::PathBuf },
     /// An entry applied without a savepoint failed after a write (see
-    /// `Batch::entry_checked_first`): its batch is rolled back and the
-    /// node stops, as for a storage failure.
-    #[error("mvcc: entry {index} failed after its first write; its batch is rolled back")]
+    /// `Batch::entry_checked_first`): the node stops, as for a storage
+    /// failure, and the state goes back to its last commit.
+    #[error(
+        "mvcc: entry {index} failed after its first write; the state goes back to its last commit"
+    )]
     FailedAfterWriting { index: u64 },
 }
