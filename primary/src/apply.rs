@@ -591,6 +591,27 @@ pub fn header(revision: i64) -> ResponseHeader {
     }
 }
 
+/// Whether applying `request` checks everything that can refuse it before
+/// its first write, so that only a storage failure can stop it halfway and
+/// it needs no savepoint (`Batch::entry_checked_first`): a Put, and a Txn
+/// whose branches hold only puts and ranges (Kubernetes' writes: compare,
+/// then put, else get). `check_txn` validates those puts and ranges before
+/// any of them runs, as etcd's checkRequests does; a delete or a nested
+/// txn keeps the savepoint.
+pub fn checked_before_writing(request: &Request) -> bool {
+    match request {
+        Request::Put(_) => true,
+        Request::Txn(t) => t.success.iter().chain(&t.failure).all(|op| {
+            matches!(
+                op.request,
+                Some(request_op::Request::RequestPut(_) | request_op::Request::RequestRange(_))
+                    | None
+            )
+        }),
+        _ => false,
+    }
+}
+
 /// Whether a txn may write in either branch (for the NOSPACE check).
 fn txn_writes(t: &TxnRequest) -> bool {
     t.success
@@ -1093,6 +1114,62 @@ mod tests {
             check_txn(store.connection(), store.state(), &both, &path),
             Err(ApplyError::LeaseNotFound)
         ));
+    }
+
+    /// A txn of puts and ranges is applied without a savepoint
+    /// (`checked_before_writing`), so whatever refuses it must do so
+    /// before its first write: a later put's unknown lease, a later
+    /// range's future or compacted revision. A refusal after a write would
+    /// be a `FailedAfterWriting` storage error, which stops the node.
+    #[test]
+    fn txns_without_a_savepoint_are_refused_before_their_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut applier) = store_and_applier(&dir);
+        let put = |key: &[u8], lease: i64| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.to_vec(),
+                lease,
+                ..Default::default()
+            })),
+        };
+        let range = |revision: i64| RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: b"a".to_vec(),
+                revision,
+                ..Default::default()
+            })),
+        };
+        let cases = [
+            (vec![put(b"a", 0), put(b"b", 77)], "lease"),
+            (vec![put(b"a", 0), range(100)], "future"),
+            (vec![put(b"a", 0), range(-5)], "compacted"),
+        ];
+        for (index, (success, what)) in cases.into_iter().enumerate() {
+            let request = Request::Txn(TxnRequest {
+                success,
+                ..Default::default()
+            });
+            assert!(checked_before_writing(&request), "{what}");
+            let mut b = store.batch().unwrap();
+            let result =
+                b.entry_checked_first(index as u64 + 1, 1, |b| applier.apply_as(b, request, None));
+            match (what, result) {
+                ("lease", Err(ApplyError::LeaseNotFound))
+                | ("future", Err(ApplyError::FutureRevision))
+                | ("compacted", Err(ApplyError::Compacted)) => {}
+                (what, other) => panic!("{what}: {other:?}"),
+            }
+            b.commit().unwrap();
+            assert_eq!(store.state().revision, 1, "{what}");
+        }
+        // A delete or a nested txn keeps the savepoint.
+        let delete = RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(Default::default())),
+        };
+        assert!(!checked_before_writing(&Request::Txn(TxnRequest {
+            failure: vec![delete],
+            ..Default::default()
+        })));
     }
 
     /// etcd's authApplierV3 at apply time: with auth on, a client's write

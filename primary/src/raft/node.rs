@@ -1559,11 +1559,12 @@ impl StateMachine<'_> {
                         }
                     };
                     let result = match request.request {
-                        // A put checks its lease, auth and space before
-                        // its one write (`apply::put`).
-                        Some(r @ Request::Put(_)) => batch.entry_checked_first(index, term, |b| {
-                            self.applier.apply_as(b, r, request.auth.as_ref())
-                        }),
+                        // A put, and a txn of puts and ranges, check their
+                        // leases, auth and space before the first write.
+                        Some(r) if crate::apply::checked_before_writing(&r) => batch
+                            .entry_checked_first(index, term, |b| {
+                                self.applier.apply_as(b, r, request.auth.as_ref())
+                            }),
                         Some(r) => batch.entry(index, term, |b| {
                             self.applier.apply_as(b, r, request.auth.as_ref())
                         }),
