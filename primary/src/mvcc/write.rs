@@ -418,24 +418,76 @@ impl Batch<'_> {
         self.write(kv.clone(), prev)
     }
 
-    /// Write `kv` as the key's new value; `prev` is its live value, which
-    /// the caller read from this transaction.
+    /// Add `key`'s row at revision `rev` to the history: its create
+    /// revision, version and lease, its value, whether it is a tombstone.
     ///
-    /// Plain `INSERT` and `UPDATE`, not `INSERT OR REPLACE`: a REPLACE may
-    /// delete a conflicting row as well as insert, so SQLite gives each
-    /// such statement inside a transaction a statement journal, a copy of
-    /// every page it touches, kept in case it has to undo half of itself.
-    /// That copying was 11% of the Raft thread at 100 clients of puts. A
-    /// key is written at most once per revision (a txn with a key twice
-    /// is refused), so here nothing can conflict.
+    /// A plain `INSERT`, not `INSERT OR REPLACE`: a REPLACE may delete a
+    /// conflicting row as well as insert, so SQLite gives each such
+    /// statement inside a transaction a statement journal, a copy of every
+    /// page it touches, kept in case it has to undo half of itself. That
+    /// copying was 11% of the Raft thread at 100 clients of puts. A key is
+    /// written once per revision (the API refuses a txn naming it twice),
+    /// so nothing conflicts, except in a log entry that did not come
+    /// through the API (a forged one, or an older member's): its later
+    /// write of the key replaces the earlier one, as it always did. A
+    /// plain INSERT checks its constraints before it changes anything, so
+    /// the refused one left nothing behind.
+    fn insert_history(
+        &mut self,
+        key: &[u8],
+        rev: i64,
+        (create_revision, version, lease): (i64, i64, i64),
+        value: &[u8],
+        tombstone: bool,
+    ) -> Result<(), MvccError> {
+        macro_rules! history_row {
+            () => {
+                "kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            };
+        }
+        let params = (
+            key,
+            rev,
+            self.sub,
+            create_revision,
+            version,
+            lease,
+            value,
+            tombstone,
+        );
+        let inserted = self
+            .tx
+            .prepare_cached(concat!("INSERT INTO ", history_row!()))?
+            .execute(params);
+        match inserted {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if self.sub > 0 && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                self.tx
+                    .prepare_cached(concat!("INSERT OR REPLACE INTO ", history_row!()))?
+                    .execute(params)?;
+            }
+            other => {
+                other?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `kv` as the key's new value; `prev` is its live value, which
+    /// the caller read from this transaction. The key row is updated in
+    /// place (or inserted, for a new key) rather than replaced, for the
+    /// reason [`Batch::insert_history`] gives.
     fn write(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<(), MvccError> {
         let rev = kv.mod_revision;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
-            )?
-            .execute((&kv.key, rev, self.sub, kv.create_revision, kv.version, kv.lease, &kv.value))?;
+        self.insert_history(
+            &kv.key,
+            rev,
+            (kv.create_revision, kv.version, kv.lease),
+            &kv.value,
+            false,
+        )?;
         let history_id = self.tx.last_insert_rowid();
         let sql = if prev.is_some() {
             "UPDATE kv_keys SET create_revision = ?2, mod_revision = ?3, version = ?4, lease = ?5, \
@@ -499,12 +551,7 @@ impl Batch<'_> {
 
     fn delete_key(&mut self, prev: &KeyValue) -> Result<(), MvccError> {
         let rev = self.write_revision();
-        self.tx
-            .prepare_cached(
-                "INSERT INTO kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
-                 VALUES (?1, ?2, ?3, 0, 0, 0, x'', 1)",
-            )?
-            .execute((&prev.key, rev, self.sub))?;
+        self.insert_history(&prev.key, rev, (0, 0, 0), b"", true)?;
         self.tx
             .prepare_cached("DELETE FROM kv_keys WHERE key = ?1")?
             .execute([&prev.key])?;
