@@ -588,10 +588,11 @@ async fn throughput_workloads(
     )
     .await?;
     eprintln!(
-        "[{system}] {what}: {} events in {:.2?} = {:.0} events/s",
+        "[{system}] {what}: {} events in {:.2?} = {:.0} events/s (the puts took {:.2?})",
         w.events,
         w.elapsed,
-        w.events_per_second()
+        w.events_per_second(),
+        w.puts_elapsed
     );
     metrics.push(Metric::new(
         format!("{what} (events/s)"),
