@@ -13,6 +13,7 @@ use tern_primary::server::{Extension, Role};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    tern_primary::launch::without_transparent_huge_pages();
     // Before any SQLite connection opens.
     tern_primary::mvcc::page_cache::install();
     let mut config = LearnerConfig::load(std::env::args_os()).unwrap_or_else(|e| e.exit());
