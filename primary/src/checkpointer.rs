@@ -33,8 +33,9 @@ use rusqlite::Connection;
 /// under full load, rare enough that an idle member does nothing.
 pub const INTERVAL: Duration = Duration::from_millis(100);
 
-/// How soon the next pass comes after one that found the WAL busy (at
-/// least [`BUSY_FRAMES`] new frames). When the backstop fires, the commit
+/// How soon the next pass comes after one that found the WAL busy (new
+/// frames at a rate of at least [`BUSY_FRAMES`] an interval). When the
+/// backstop fires, the commit
 /// that runs it copies and syncs whatever arrived since the last pass: at
 /// 100 clients of 1 KiB puts, with a pass every [`INTERVAL`], that was up
 /// to 100 ms of writes, and those commits took 8–22 ms, the puts' p99
@@ -198,7 +199,8 @@ fn run(
         }
         waited += 1;
         let new = frames.new_since_checkpoint();
-        busy = new >= BUSY_FRAMES;
+        // Busy is a rate: BUSY_FRAMES an interval, whatever this wait was.
+        busy = u128::from(new) * interval.as_micros() >= u128::from(BUSY_FRAMES) * wait.as_micros();
         if !busy && (new == 0 || waited < QUIET_FACTOR) {
             // Nothing, or little: a durability asked for still gets its
             // syncs (what little there is, is in the WAL they sync).
