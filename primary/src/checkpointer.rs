@@ -35,12 +35,11 @@ pub const INTERVAL: Duration = Duration::from_millis(100);
 
 /// How soon the next pass comes after one that found the WAL busy (new
 /// frames at a rate of at least [`BUSY_FRAMES`] an interval). When the
-/// backstop fires, the commit
-/// that runs it copies and syncs whatever arrived since the last pass: at
-/// 100 clients of 1 KiB puts, with a pass every [`INTERVAL`], that was up
-/// to 100 ms of writes, and those commits took 8–22 ms, the puts' p99
-/// (20–23 ms against 14–15 ms with a pass every 10 ms while busy, three
-/// runs each of etcd's `benchmark put`).
+/// backstop fires, the commit that runs it copies and syncs whatever
+/// arrived since the last pass: at 100 clients of 1 KiB puts, with a pass
+/// every [`INTERVAL`], that was up to 100 ms of writes, and those commits
+/// took 8–22 ms, the puts' p99 (20–23 ms against 14–15 ms with a pass
+/// every 10 ms while busy, three runs each of etcd's `benchmark put`).
 const BUSY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// `wal_autocheckpoint` of the writer connections: a commit finishes the
