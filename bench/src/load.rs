@@ -62,6 +62,9 @@ pub enum Budget {
 pub struct Settings {
     pub budget: Budget,
     pub value_size: usize,
+    /// Keys the put steps choose from at random (etcd's `benchmark put
+    /// --key-space-size`); 0: every put writes a new key, in order.
+    pub key_space: u64,
     /// A request that takes longer counts as an error, so a hung server
     /// cannot hang the benchmark.
     pub request_timeout: Duration,
@@ -274,9 +277,35 @@ pub fn random_value(n: u64, size: usize) -> Vec<u8> {
     out
 }
 
-/// Single-key puts from `clients` concurrent clients.
+/// Single-key puts from `clients` concurrent clients, to new keys in
+/// order or, with a key space, to keys drawn from it.
 pub async fn puts(pool: &Pool, clients: usize, settings: &Settings) -> Result<StepResult> {
-    puts_under(pool, clients, settings.budget, PUT_PREFIX, settings).await
+    puts_under(
+        pool,
+        clients,
+        settings.budget,
+        PUT_PREFIX,
+        settings.key_space,
+        settings,
+    )
+    .await
+}
+
+/// The key number the `seq`th put writes: `seq` itself, or with a key
+/// space a pseudo-random one of it, the same sequence on every run and
+/// for both systems. New keys in order append at the right edge of every
+/// b-tree; keys spread over a key space, as a Kubernetes store's updates
+/// are, land on random leaves, which an SQLite state feels and etcd's
+/// revision-keyed bbolt does not.
+pub fn put_key_number(seq: u64, key_space: u64) -> u64 {
+    if key_space == 0 {
+        return seq;
+    }
+    // splitmix64's finaliser: every bit of `seq` moves every bit out.
+    let mut z = seq.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % key_space
 }
 
 /// Single-key puts under `prefix`, within `budget`.
@@ -285,6 +314,7 @@ async fn puts_under(
     clients: usize,
     budget: Budget,
     prefix: u8,
+    key_space: u64,
     settings: &Settings,
 ) -> Result<StepResult> {
     let value = value(settings.value_size);
@@ -295,7 +325,7 @@ async fn puts_under(
         settings.request_timeout,
         move |mut kv, seq| {
             let request = PutRequest {
-                key: key(prefix, seq),
+                key: key(prefix, put_key_number(seq, key_space)),
                 value: value.to_vec(),
                 ..Default::default()
             };
@@ -502,6 +532,7 @@ pub async fn watch_delivery(
         load.put_clients,
         Budget::Requests(load.puts),
         WATCH_PREFIX,
+        0,
         settings,
     )
     .await?;
@@ -648,5 +679,32 @@ impl WatchStream {
             }
         }
         Ok((total, Instant::now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_keys_are_new_in_order_without_a_key_space() {
+        for seq in [0, 1, 2, 99_999, 5_000_000] {
+            assert_eq!(put_key_number(seq, 0), seq);
+        }
+    }
+
+    #[test]
+    fn put_keys_spread_over_the_key_space_the_same_way_every_run() {
+        let space = 1_000;
+        let drawn: Vec<u64> = (0..10_000).map(|seq| put_key_number(seq, space)).collect();
+        assert!(drawn.iter().all(|&n| n < space));
+        let again: Vec<u64> = (0..10_000).map(|seq| put_key_number(seq, space)).collect();
+        assert_eq!(drawn, again);
+        // 10 draws a key on average: random draws leave e^-10 of the keys
+        // unhit, a handful at most, and no run of keys in order.
+        let distinct: std::collections::HashSet<u64> = drawn.iter().copied().collect();
+        assert!(distinct.len() > 990, "{} keys hit", distinct.len());
+        let ascending = drawn.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(ascending < 100, "{ascending} steps to the next key");
     }
 }

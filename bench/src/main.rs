@@ -98,6 +98,11 @@ struct Args {
     /// Bytes per value (keys are always 8 bytes).
     #[arg(long, default_value_t = 256)]
     value_size: usize,
+    /// Keys the put steps (single server and cluster) choose from at
+    /// random, as etcd's `benchmark put --key-space-size`; 0 writes a new
+    /// key with every put, in order.
+    #[arg(long, default_value_t = 0)]
+    key_space: u64,
     /// Watchers on the watched prefix.
     #[arg(long, default_value_t = 100)]
     watchers: usize,
@@ -213,6 +218,10 @@ impl Args {
                 "{flag} must be between 1 and {MAX_KEYS} (8-byte keys)"
             );
         }
+        ensure!(
+            self.key_space <= MAX_KEYS,
+            "--key-space must be at most {MAX_KEYS} (8-byte keys)"
+        );
         if let Some(n) = self.requests {
             ensure!(n > 0, "--requests must be positive");
         }
@@ -282,6 +291,7 @@ impl Args {
                 None => Budget::Time(self.duration),
             },
             value_size: self.value_size,
+            key_space: self.key_space,
             request_timeout: self.request_timeout,
         }
     }
@@ -359,8 +369,13 @@ impl Args {
             None => format!("{:?}", self.duration),
         };
         let mut parts = vec![format!(
-            "{step} per put/get step; 8-byte keys, {}-byte values; up to {} connections",
-            self.value_size, self.connections
+            "{step} per put/get step; 8-byte keys, {}-byte values; up to {} connections; {}",
+            self.value_size,
+            self.connections,
+            match self.key_space {
+                0 => "puts to new keys in order".to_string(),
+                n => format!("puts to random keys of {n}"),
+            }
         )];
         if self.single_server() {
             parts.push(format!(
@@ -759,6 +774,12 @@ mod tests {
         args.validate().expect("the defaults pass validation");
         assert_eq!(args.put_clients, [1, 16, 256]);
         assert!(args.single_server() && !args.cluster() && !args.backup());
+        assert_eq!(args.key_space, 0, "puts write new keys in order by default");
+        let args = Args::parse_from(["tern-bench", "--key-space", "100000000"]);
+        assert!(
+            args.validate().is_err(),
+            "more keys than 8-byte keys can name"
+        );
     }
 
     #[test]
