@@ -64,18 +64,15 @@ const REMOVED_GRACE: Duration = Duration::from_millis(1000);
 /// archiver.
 const MAX_ARCHIVE_BACKLOG_COUNTS: u64 = 10;
 /// How long applied entries may wait to be committed to the state file
-/// when no reader asks for them (see [`crate::mvcc::write`]); reads,
-/// watch replays, snapshots and backups commit at once, and watchers get
-/// events as they are applied, so only the state file waits. Each commit
-/// writes every page it dirtied into the state's WAL once, and puts to
-/// keys spread over the key space (a Kubernetes store's updates) dirty a
-/// leaf of `kv_keys` and one of `kv_history_by_key` each: the longer the
-/// interval, the more puts share a leaf. With etcd's `benchmark put` at
-/// 100 clients, 1 KiB values over 100,000 random keys, one member, eight
-/// alternated runs each: 15.3k puts/s on average at 10 ms (13.6–18.0k),
-/// 17.2k at 50 ms (14.3–19.3k), CPU per put 0.063 against 0.057 ms; at
-/// 256 clients 16.7/20.7k against 19.5/25.1k. One client: no change.
-const STATE_COMMIT_INTERVAL: Duration = Duration::from_millis(50);
+/// when no reader asks for them (see [`crate::mvcc::write`]): at one client
+/// that is a few dozen puts a commit instead of one. Longer intervals let
+/// puts to keys spread over the key space share more of the leaves each
+/// commit writes (50 ms: 15.3k → 17.2k puts/s on average with etcd's
+/// `benchmark put` over 100,000 random keys, eight runs each), but each
+/// commit then holds the Raft thread longer: with the bench's client the
+/// same change gave no more puts and a put p99 10–15% higher, so the
+/// interval stays short (README, "Latest").
+const STATE_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 /// Messages drained per turn, bounding one round's batch.
 const MAX_BATCH: usize = 4096;
 /// How long a read index request may go unanswered before it is asked
