@@ -268,13 +268,17 @@ pub fn random_value(n: u64, size: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(size + 8);
     while out.len() < size {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        out.extend_from_slice(&splitmix64_mix(state).to_le_bytes());
     }
     out.truncate(size);
     out
+}
+
+/// splitmix64's finaliser: every bit in moves every bit out.
+fn splitmix64_mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Single-key puts from `clients` concurrent clients, to new keys in
@@ -301,11 +305,7 @@ pub fn put_key_number(seq: u64, key_space: u64) -> u64 {
     if key_space == 0 {
         return seq;
     }
-    // splitmix64's finaliser: every bit of `seq` moves every bit out.
-    let mut z = seq.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) % key_space
+    splitmix64_mix(seq.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % key_space
 }
 
 /// Single-key puts under `prefix`, within `budget`.
