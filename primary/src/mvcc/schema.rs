@@ -215,8 +215,8 @@ fn configure(conn: &Connection) -> Result<(), MvccError> {
 /// read transaction (a backup streaming to a slow store) keeps every frame
 /// written meanwhile, and without a limit the file would keep that size
 /// for good. Well above what steady writes leave in it (the checkpointer's
-/// backstop is 16 MiB).
-pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
+/// backstop is 64 MiB).
+pub const WAL_SIZE_LIMIT: i64 = 128 << 20;
 
 #[cfg(test)]
 mod tests {
