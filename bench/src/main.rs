@@ -152,8 +152,9 @@ struct Args {
     /// they go on for --duration.
     #[arg(long, default_value_t = 1000)]
     learner_rate: u64,
-    /// How often the learner's revision is read: the lag's resolution.
-    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    /// How often the learner's revision is read: the lag's resolution (a
+    /// write's lag includes up to one period of waiting for the next poll).
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
     learner_poll: Duration,
     /// After the other sections, run the backup section: the time to back
     /// up the same data set with `etcdctl snapshot save` from an etcd and
