@@ -230,7 +230,7 @@ impl Server {
     /// Bytes of the key-value state on disk, the file the quota counts:
     /// etcd's bbolt file (`member/snap/db`), Tern's `state.db`. Neither
     /// counts its log (etcd's `member/wal`, Tern's `raft-log` and the
-    /// state's WAL, at most 64 MiB).
+    /// state's WAL, 64 MiB under steady writes).
     pub fn state_bytes(&self) -> Result<u64> {
         let data = data_dir(self._dir.path());
         let files = match self.system {

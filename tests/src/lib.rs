@@ -460,7 +460,7 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
 /// Run a long-running etcdctl command (watch, keep-alive) for `for_how_long`
 /// and return what it printed by then.
 pub fn etcdctl_for(endpoint: &str, args: &[&str], for_how_long: Duration) -> Output {
-    let child = Command::new("etcdctl")
+    let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(endpoint)
@@ -471,9 +471,22 @@ pub fn etcdctl_for(endpoint: &str, args: &[&str], for_how_long: Duration) -> Out
         .spawn()
         .expect("spawn etcdctl");
     std::thread::sleep(for_how_long);
-    // SAFETY: plain kill(2) on a child we own.
+    // SIGTERM, not SIGINT: a shell starts background jobs with SIGINT
+    // ignored, and a Go program keeps an inherited ignored SIGINT, so under
+    // `.ci/run &` an interrupted etcdctl went on watching and this waited
+    // for it forever. SIGKILL if it still has not gone after a grace
+    // period, so a stuck etcdctl fails the test instead of hanging it.
+    // SAFETY: plain kill(2) on a child we own, not yet waited for.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("etcdctl status").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     let out = child.wait_with_output().expect("etcdctl output");
     Output {
