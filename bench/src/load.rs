@@ -284,15 +284,7 @@ fn splitmix64_mix(mut z: u64) -> u64 {
 /// Single-key puts from `clients` concurrent clients, to new keys in
 /// order or, with a key space, to keys drawn from it.
 pub async fn puts(pool: &Pool, clients: usize, settings: &Settings) -> Result<StepResult> {
-    puts_under(
-        pool,
-        clients,
-        settings.budget,
-        PUT_PREFIX,
-        settings.key_space,
-        settings,
-    )
-    .await
+    puts_under(pool, clients, PUT_PREFIX, settings).await
 }
 
 /// The key number the `seq`th put writes: `seq` itself, or with a key
@@ -308,20 +300,19 @@ pub fn put_key_number(seq: u64, key_space: u64) -> u64 {
     splitmix64_mix(seq.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % key_space
 }
 
-/// Single-key puts under `prefix`, within `budget`.
+/// Single-key puts under `prefix`, within `settings`' budget and key space.
 async fn puts_under(
     pool: &Pool,
     clients: usize,
-    budget: Budget,
     prefix: u8,
-    key_space: u64,
     settings: &Settings,
 ) -> Result<StepResult> {
     let value = value(settings.value_size);
+    let key_space = settings.key_space;
     run_clients(
         pool,
         clients,
-        budget,
+        settings.budget,
         settings.request_timeout,
         move |mut kv, seq| {
             let request = PutRequest {
@@ -527,15 +518,14 @@ pub async fn watch_delivery(
 
     // Every watcher is created before the first put, so each must see them all.
     let start = Instant::now();
-    let put_result = puts_under(
-        pool,
-        load.put_clients,
-        Budget::Requests(load.puts),
-        WATCH_PREFIX,
-        0,
-        settings,
-    )
-    .await?;
+    // Exactly `load.puts` puts, each to a new key: every watcher counts on
+    // that many events.
+    let watched_puts = Settings {
+        budget: Budget::Requests(load.puts),
+        key_space: 0,
+        ..settings.clone()
+    };
+    let put_result = puts_under(pool, load.put_clients, WATCH_PREFIX, &watched_puts).await?;
     let puts_elapsed = start.elapsed();
     if put_result.errors > 0 {
         // A failed put may or may not have been applied, so the number of
