@@ -195,11 +195,23 @@ fn build_state(db: &bbolt::Reader, path: &Path) -> anyhow::Result<Built> {
             "INSERT INTO kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
+        // Keys changed in the revision being read: each once at most.
+        let mut in_revision = std::collections::HashSet::new();
         for entry in bucket(db, b"key")? {
             let entry = entry?;
             let row = etcd_snapshot::history_row(&entry.key, &entry.value)
                 .map_err(|e| anyhow::anyhow!("key bucket: {e}"))?;
-            let inserted = insert.execute((
+            if row.mod_revision != highest {
+                in_revision.clear();
+            }
+            if !in_revision.insert(row.key.clone()) {
+                bail!(
+                    "key bucket: key {:?} changes twice in revision {}",
+                    String::from_utf8_lossy(&row.key),
+                    row.mod_revision
+                );
+            }
+            insert.execute((
                 &row.key,
                 row.mod_revision,
                 row.sub,
@@ -208,26 +220,19 @@ fn build_state(db: &bbolt::Reader, path: &Path) -> anyhow::Result<Built> {
                 row.lease,
                 &row.value,
                 row.tombstone,
-            ));
-            if let Err(rusqlite::Error::SqliteFailure(e, _)) = &inserted {
-                if e.code == rusqlite::ErrorCode::ConstraintViolation {
-                    bail!(
-                        "key bucket: key {:?} changes twice in revision {}",
-                        String::from_utf8_lossy(&row.key),
-                        row.mod_revision
-                    );
-                }
-            }
-            inserted?;
+            ))?;
             // The bucket is in revision order.
             highest = row.mod_revision;
         }
     }
+    // Link each key's rows, and point each live key at its newest row.
+    crate::mvcc::schema::link_history(&tx)?;
     tx.execute(
         "INSERT INTO kv_keys (key, create_revision, mod_revision, version, lease, history_id) \
-         SELECT key, create_revision, mod_revision, version, lease, id FROM kv_history h \
-         WHERE tombstone = 0 AND mod_revision = \
-           (SELECT max(mod_revision) FROM kv_history h2 WHERE h2.key = h.key)",
+         SELECT h.key, h.create_revision, h.mod_revision, h.version, h.lease, h.id \
+         FROM (SELECT id, row_number() OVER (PARTITION BY key ORDER BY mod_revision DESC) AS n \
+               FROM kv_history) newest \
+         JOIN kv_history h ON h.id = newest.id WHERE newest.n = 1 AND h.tombstone = 0",
         [],
     )?;
 

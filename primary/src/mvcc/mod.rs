@@ -6,7 +6,9 @@
 //! only keys that exist now and points at the history row with the current
 //! value (the `kv_live` view joins the two). Reads at the current revision
 //! walk `kv_keys`; reads at older revisions, watch replay and HashKV use
-//! `kv_history`, which keeps every change until compaction.
+//! `kv_history`, which keeps every change until compaction, each row linked
+//! to its key's previous one (`prev_id`), so a put touches one random
+//! b-tree leaf (its key's `kv_keys` row) rather than two.
 //!
 //! - [`schema`]: opening a database file, pragmas and tables.
 //! - [`write`]: [`MvccStore`], the single writer (owned by the Raft thread),

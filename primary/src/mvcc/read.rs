@@ -118,46 +118,29 @@ pub fn range(
     if query.range.is_empty() {
         return Ok(RangeResult::default());
     }
+    if query.revision < current {
+        return range_at(conn, query);
+    }
     let (a, b) = query.range.params();
-    let at_head = query.revision >= current;
-    // The rows, and the same condition for counting them: at the head the
-    // count needs only `kv_keys`, never the values.
-    let (source, count_source) = if at_head {
-        let condition = query.range.condition("k.key");
-        let columns = if query.keys_only {
-            "k.key, k.create_revision, k.mod_revision, k.version, k.lease"
-        } else {
-            LIVE_COLUMNS
-        };
-        let from = if query.keys_only {
-            "kv_keys k"
-        } else {
-            LIVE_SOURCE
-        };
-        (
-            format!("SELECT {columns} FROM {from} WHERE {condition} ORDER BY k.key"),
-            format!("SELECT count(*) FROM kv_keys k WHERE {condition}"),
-        )
+    // The rows, and the same condition for counting them: the count needs
+    // only `kv_keys`, never the values.
+    let condition = query.range.condition("k.key");
+    let columns = if query.keys_only {
+        "k.key, k.create_revision, k.mod_revision, k.version, k.lease"
     } else {
-        // Per key, the newest change at or before the revision, unless it
-        // is a deletion.
-        let condition = format!(
-            "{} AND h.tombstone = 0 AND h.mod_revision = \
-             (SELECT max(mod_revision) FROM kv_history h2 WHERE h2.key = h.key AND h2.mod_revision <= ?3)",
-            query.range.condition("h.key")
-        );
-        (
-            format!("SELECT {KV_COLUMNS} FROM kv_history h WHERE {condition} ORDER BY h.key"),
-            format!("SELECT count(*) FROM kv_history h WHERE {condition}"),
-        )
+        LIVE_COLUMNS
     };
+    let from = if query.keys_only {
+        "kv_keys k"
+    } else {
+        LIVE_SOURCE
+    };
+    let source = format!("SELECT {columns} FROM {from} WHERE {condition} ORDER BY k.key");
+    let count_source = format!("SELECT count(*) FROM kv_keys k WHERE {condition}");
     let bind = |stmt: &mut rusqlite::Statement<'_>| -> rusqlite::Result<()> {
         stmt.raw_bind_parameter(1, a)?;
         if matches!(query.range, KeyRange::Between(..)) {
             stmt.raw_bind_parameter(2, b)?;
-        }
-        if !at_head {
-            stmt.raw_bind_parameter(3, query.revision)?;
         }
         Ok(())
     };
@@ -196,6 +179,111 @@ pub fn range(
     Ok(RangeResult { kvs, count })
 }
 
+/// [`range`] at a revision older than the store's.
+fn range_at(conn: &Connection, query: &RangeQuery) -> Result<RangeResult, MvccError> {
+    let mut kvs = Vec::new();
+    let mut count = 0;
+    walk_at(conn, &query.range, query.revision, |row| {
+        count += 1;
+        if !query.count_only && (query.limit <= 0 || (kvs.len() as i64) < query.limit) {
+            kvs.push(kv_from_row(row, query.keys_only)?);
+        }
+        Ok(true)
+    })?;
+    Ok(RangeResult { kvs, count })
+}
+
+/// Whether any key exists at `revision`.
+fn any_live_at(conn: &Connection, revision: i64) -> Result<bool, MvccError> {
+    let mut any = false;
+    walk_at(conn, &KeyRange::From(Vec::new()), revision, |_| {
+        any = true;
+        Ok(false)
+    })?;
+    Ok(any)
+}
+
+/// The id of `key`'s newest history row at or before `revision`, if any
+/// (a deletion included).
+fn newest_at(conn: &Connection, key: &[u8], revision: i64) -> Result<Option<i64>, MvccError> {
+    let live: Option<i64> = conn
+        .prepare_cached("SELECT history_id FROM kv_keys WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    let mut id = match live {
+        Some(id) => Some(id),
+        None => newest_deletion(conn, key)?.map(|(id, _)| id),
+    };
+    let mut row_by_id =
+        conn.prepare_cached("SELECT mod_revision, prev_id FROM kv_history WHERE id = ?1")?;
+    while let Some(this) = id {
+        let Some((mod_revision, prev_id)) = row_by_id
+            .query_row([this], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        if mod_revision <= revision {
+            return Ok(Some(this));
+        }
+        id = prev_id;
+    }
+    Ok(None)
+}
+
+/// Call `each` with the row (as [`KV_COLUMNS`]) of every key in `range`
+/// that exists at `revision`, in key order, until it returns false: per
+/// key, its newest row at or before the revision, unless a deletion. The
+/// keys that may have existed then are those live now and those deleted
+/// since (their newest deletion is after it); each key's rows are
+/// followed back from its newest one (see `schema::KV_TABLES`).
+fn walk_at(
+    conn: &Connection,
+    range: &KeyRange,
+    revision: i64,
+    mut each: impl FnMut(&Row<'_>) -> Result<bool, MvccError>,
+) -> Result<(), MvccError> {
+    if range.is_empty() {
+        return Ok(());
+    }
+    let (a, b) = range.params();
+    let mut heads = conn.prepare_cached(&format!(
+        "SELECT key, history_id FROM kv_keys k WHERE {live}
+         UNION ALL
+         SELECT t.key, t.id FROM (SELECT d.key, d.id, max(d.mod_revision) AS newest
+             FROM kv_history d WHERE d.tombstone = 1 AND {deleted} GROUP BY d.key) t
+         WHERE t.newest > ?3 AND NOT EXISTS (SELECT 1 FROM kv_keys l WHERE l.key = t.key)
+         ORDER BY 1",
+        live = range.condition("k.key"),
+        deleted = range.condition("d.key"),
+    ))?;
+    heads.raw_bind_parameter(1, a)?;
+    if matches!(range, KeyRange::Between(..)) {
+        heads.raw_bind_parameter(2, b)?;
+    }
+    heads.raw_bind_parameter(3, revision)?;
+    let mut row_by_id = conn.prepare_cached(&format!(
+        "SELECT {KV_COLUMNS}, h.tombstone, h.prev_id FROM kv_history h WHERE h.id = ?1"
+    ))?;
+    let mut keys = heads.raw_query();
+    while let Some(head) = keys.next()? {
+        let mut id: Option<i64> = head.get(1)?;
+        while let Some(this) = id {
+            let mut found = row_by_id.query([this])?;
+            let Some(row) = found.next()? else { break };
+            if row.get::<_, i64>(2)? > revision {
+                id = row.get(7)?;
+                continue;
+            }
+            if !row.get::<_, bool>(6)? && !each(row)? {
+                return Ok(());
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// The live row of one key, if it exists.
 pub fn get_live(conn: &Connection, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
     let mut stmt = conn.prepare_cached(&format!(
@@ -203,6 +291,28 @@ pub fn get_live(conn: &Connection, key: &[u8]) -> Result<Option<KeyValue>, MvccE
     ))?;
     Ok(stmt
         .query_row([key], |r| kv_from_row(r, false))
+        .optional()?)
+}
+
+/// The live row of one key with the id of the history row holding its
+/// value.
+pub fn get_live_row(conn: &Connection, key: &[u8]) -> Result<Option<(KeyValue, i64)>, MvccError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {LIVE_COLUMNS}, k.history_id FROM {LIVE_SOURCE} WHERE k.key = ?1"
+    ))?;
+    Ok(stmt
+        .query_row([key], |r| Ok((kv_from_row(r, false)?, r.get(6)?)))
+        .optional()?)
+}
+
+/// The id and revision of the key's newest deletion still in the history.
+pub fn newest_deletion(conn: &Connection, key: &[u8]) -> Result<Option<(i64, i64)>, MvccError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, mod_revision FROM kv_history WHERE key = ?1 AND tombstone = 1 \
+         ORDER BY mod_revision DESC LIMIT 1",
+    )?;
+    Ok(stmt
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
 }
 
@@ -295,15 +405,17 @@ fn history_rows(
     Ok(events)
 }
 
-/// The key's state just before `revision`, if it existed then.
+/// The key's state just before its change at `revision`, if it existed
+/// then.
 pub fn previous(
     conn: &Connection,
     key: &[u8],
     revision: i64,
 ) -> Result<Option<KeyValue>, MvccError> {
+    // The key's row at `revision` links to the one before it.
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {KV_COLUMNS}, h.tombstone FROM kv_history h WHERE h.key = ?1 AND h.mod_revision < ?2 \
-         ORDER BY h.mod_revision DESC LIMIT 1"
+        "SELECT {KV_COLUMNS}, h.tombstone FROM kv_history e JOIN kv_history h ON h.id = e.prev_id \
+         WHERE e.mod_revision = ?2 AND e.key = ?1"
     ))?;
     let row = stmt
         .query_row((key, revision), |r| {
@@ -326,6 +438,43 @@ pub fn previous(
 /// Tern's history also keeps a deletion at exactly the compaction
 /// revision, which etcd's compaction drops; it is never counted.
 pub fn hash(conn: &Connection, revision: i64, compact_revision: i64) -> Result<u32, MvccError> {
+    if super::schema::stored_format(conn)?.is_some_and(|f| f < 3) {
+        return hash_indexed_by_key(conn, revision, compact_revision);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, mod_revision, sub, create_revision, version, lease, value, tombstone, id \
+         FROM kv_history h WHERE h.mod_revision <= ?1 AND (h.mod_revision > ?2 OR h.tombstone = 0) \
+         ORDER BY h.mod_revision, h.sub",
+    )?;
+    let mut keeps_none = None;
+    let mut hasher = EtcdKvHash::default();
+    let mut rows = stmt.query((revision, compact_revision))?;
+    while let Some(row) = rows.next()? {
+        let counted = {
+            let mod_revision: i64 = row.get(1)?;
+            mod_revision > compact_revision || {
+                let keeps_none = match keeps_none {
+                    Some(known) => known,
+                    None => *keeps_none.insert(!any_live_at(conn, revision)?),
+                };
+                let key: Vec<u8> = row.get(0)?;
+                keeps_none || newest_at(conn, &key, revision)? == Some(row.get(8)?)
+            }
+        };
+        if counted {
+            hasher.add(history_row(row)?);
+        }
+    }
+    Ok(hasher.finish())
+}
+
+/// [`hash`] over a format 1 or 2 file (an older backup being verified),
+/// whose history is indexed by (key, revision).
+fn hash_indexed_by_key(
+    conn: &Connection,
+    revision: i64,
+    compact_revision: i64,
+) -> Result<u32, MvccError> {
     let newest_by_then = "NOT EXISTS (SELECT 1 FROM kv_history n WHERE n.key = h.key \
          AND n.mod_revision > h.mod_revision AND n.mod_revision <= ?1)";
     let keeps_none: bool = conn

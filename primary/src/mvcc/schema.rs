@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension};
 use super::MvccError;
 
 /// Bumped whenever a table changes meaning or layout.
-pub const FORMAT_VERSION: i64 = 2;
+pub const FORMAT_VERSION: i64 = 3;
 
 const TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS about (
@@ -39,13 +39,53 @@ CREATE TABLE IF NOT EXISTS alarms (
 );
 "#;
 
-/// The key-value tables of format 2. Each value is stored once, in its
+/// The key-value tables of format 3. Each value is stored once, in its
 /// `kv_history` row: a rowid table, whose b-tree keeps rows of up to ~4 KB
 /// on the leaf page (a WITHOUT ROWID table spills anything over ~1 KB to a
 /// mostly empty overflow page), and whose rows arrive in `id` order, so
 /// its pages fill completely. `kv_keys` is the small per-key index that
 /// points at the row holding the current value.
+///
+/// A key's rows are linked newest to oldest by `prev_id`, rather than
+/// indexed by (key, revision) as in format 2: such an index took a put of
+/// a key already written to a random leaf of its own, beside the one of
+/// `kv_keys`, and with keys spread over the key space (a Kubernetes
+/// store's updates) each dirty leaf is a whole page written into the WAL
+/// and copied back by the checkpointer. A read at an older revision
+/// starts from the key's newest row (its `kv_keys` row, or for a deleted
+/// key its newest deletion, found by the small `kv_history_deletions`
+/// index) and follows the links back.
 const KV_TABLES: &str = r#"
+CREATE TABLE IF NOT EXISTS kv_history (
+    id              INTEGER PRIMARY KEY,
+    key             BLOB    NOT NULL,
+    mod_revision    INTEGER NOT NULL,
+    sub             INTEGER NOT NULL,
+    create_revision INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    lease           INTEGER NOT NULL,
+    value           BLOB    NOT NULL,
+    tombstone       INTEGER NOT NULL,
+    prev_id         INTEGER
+);
+CREATE INDEX IF NOT EXISTS kv_history_by_revision ON kv_history (mod_revision);
+CREATE INDEX IF NOT EXISTS kv_history_deletions ON kv_history (key, mod_revision) WHERE tombstone = 1;
+CREATE TABLE IF NOT EXISTS kv_keys (
+    key             BLOB    PRIMARY KEY,
+    create_revision INTEGER NOT NULL,
+    mod_revision    INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    lease           INTEGER NOT NULL,
+    history_id      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_keys_by_lease ON kv_keys (lease) WHERE lease != 0;
+CREATE VIEW IF NOT EXISTS kv_live (key, create_revision, mod_revision, version, lease, value) AS
+    SELECT k.key, k.create_revision, k.mod_revision, k.version, k.lease, h.value
+    FROM kv_keys k JOIN kv_history h ON h.id = k.history_id;
+"#;
+
+/// Format 2's key-value tables, which format 1 is first rebuilt into.
+const KV_TABLES_2: &str = r#"
 CREATE TABLE IF NOT EXISTS kv_history (
     id              INTEGER PRIMARY KEY,
     key             BLOB    NOT NULL,
@@ -96,11 +136,37 @@ DROP TABLE kv_history_v1;
 UPDATE meta SET value = 2 WHERE name = 'format_version';
 "#;
 
+/// Format 2 indexed the history by (key, revision). The links that replace
+/// that index are filled in from it, then it is dropped, in one
+/// transaction.
+const MIGRATE_2_TO_3: &str = r#"
+ALTER TABLE kv_history ADD COLUMN prev_id INTEGER;
+"#;
+const MIGRATE_2_TO_3_LINK: &str = r#"
+DROP INDEX kv_history_by_key;
+CREATE INDEX IF NOT EXISTS kv_history_deletions ON kv_history (key, mod_revision) WHERE tombstone = 1;
+UPDATE meta SET value = 3 WHERE name = 'format_version';
+"#;
+
+/// Set every row's `prev_id` to its key's previous row, in one pass that
+/// sorts the history by key (no index by key is needed). Used when a
+/// history is written whole rather than put by put: migrating format 2,
+/// importing an etcd snapshot.
+pub fn link_history(conn: &Connection) -> Result<(), MvccError> {
+    conn.execute_batch(
+        "UPDATE kv_history SET prev_id = linked.prev_id FROM (
+             SELECT id, lag(id) OVER (PARTITION BY key ORDER BY mod_revision, sub) AS prev_id
+             FROM kv_history) AS linked
+         WHERE kv_history.id = linked.id AND kv_history.prev_id IS NOT linked.prev_id;",
+    )?;
+    Ok(())
+}
+
 const ABOUT: &[(&str, &str)] = &[
     ("format", "Tern MVCC state, an etcd v3 compatible key-value store. Integers that are etcd ids (lease, member) are stored as signed 64-bit two's complement."),
     ("kv_live", "A view: keys that exist at the current revision, one row each: create/mod revision, version (number of puts since creation), attached lease id (0: none), value."),
     ("kv_keys", "The table behind kv_live: one row per existing key, pointing (history_id) at the kv_history row that holds its current value."),
-    ("kv_history", "Every change to every key since the last compaction, one row each, numbered (id) in revision order; (key, mod_revision) is unique; tombstone=1 rows are deletions. The state at revision R is, per key, the newest row with mod_revision <= R if it is not a tombstone."),
+    ("kv_history", "Every change to every key since the last compaction, one row each, numbered (id) in revision order; (key, mod_revision) is unique; tombstone=1 rows are deletions; prev_id is the id of the key's previous row (NULL, or a row compaction removed: none). The state at revision R is, per key, the newest row with mod_revision <= R if it is not a tombstone."),
     ("meta", "revision: the store's current revision; compact_revision: history before it is gone; applied_index/applied_term: the last Raft entry applied; cluster_id, member_id."),
     ("leases", "Granted leases: id and TTL in seconds. Keys attached to a lease are deleted when it expires or is revoked."),
     ("members", "Cluster membership: member id, name, peer and client URLs (JSON arrays), learner flag."),
@@ -119,7 +185,11 @@ pub fn open(path: &Path) -> Result<Connection, MvccError> {
     let found = stored_format(&conn)?;
     match found {
         None => {}
-        Some(1) => migrate_1_to_2(&mut conn)?,
+        Some(1) => {
+            migrate_1_to_2(&mut conn)?;
+            migrate_2_to_3(&mut conn)?;
+        }
+        Some(2) => migrate_2_to_3(&mut conn)?,
         Some(FORMAT_VERSION) => {}
         Some(other) => {
             return Err(MvccError::Format {
@@ -167,8 +237,18 @@ fn migrate_1_to_2(conn: &mut Connection) -> Result<(), MvccError> {
     tracing::info!("migrating the state file from format 1 to format 2");
     let tx = conn.transaction()?;
     tx.execute_batch(MIGRATE_1_TO_2)?;
-    tx.execute_batch(KV_TABLES)?;
+    tx.execute_batch(KV_TABLES_2)?;
     tx.execute_batch(MIGRATE_1_TO_2_COPY)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn migrate_2_to_3(conn: &mut Connection) -> Result<(), MvccError> {
+    tracing::info!("migrating the state file from format 2 to format 3");
+    let tx = conn.transaction()?;
+    tx.execute_batch(MIGRATE_2_TO_3)?;
+    link_history(&tx)?;
+    tx.execute_batch(MIGRATE_2_TO_3_LINK)?;
     tx.commit()?;
     Ok(())
 }
@@ -305,6 +385,86 @@ mod tests {
         // Opening again finds format 2 and changes nothing.
         let conn = open(&path).unwrap();
         assert_eq!(everything(&conn, 6).len(), 2);
+    }
+
+    /// Format 2's key-value tables hold the same history as [`FORMAT_1`]'s,
+    /// compacted at 3 (`b`'s put at 3 and `a`'s first put were kept; a
+    /// format 2 compaction keeps the newest change at or before it).
+    fn format_2() -> String {
+        format!(
+            "{TABLES}{KV_TABLES_2}
+            INSERT INTO meta VALUES ('format_version', 2), ('revision', 6), ('compact_revision', 3);
+            INSERT INTO kv_history VALUES
+                (1, CAST('a' AS BLOB), 2, 0, 2, 1, 0, CAST('a1' AS BLOB), 0),
+                (2, CAST('b' AS BLOB), 3, 0, 3, 1, 0, CAST('b1' AS BLOB), 0),
+                (3, CAST('a' AS BLOB), 4, 0, 2, 2, 0, CAST('a2' AS BLOB), 0),
+                (4, CAST('b' AS BLOB), 5, 0, 0, 0, 0, x'', 1),
+                (5, CAST('c' AS BLOB), 6, 0, 6, 1, 7, CAST('c1' AS BLOB), 0);
+            INSERT INTO kv_keys VALUES
+                (CAST('a' AS BLOB), 2, 4, 2, 0, 3),
+                (CAST('c' AS BLOB), 6, 6, 1, 7, 5);"
+        )
+    }
+
+    #[test]
+    fn format_2_is_migrated_on_open_and_its_history_linked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(&format_2()).unwrap();
+        let hash_before = read::hash(&old, 6, 3).unwrap();
+        let hash_at_5 = read::hash(&old, 5, 3).unwrap();
+        drop(old);
+
+        let mut store = crate::mvcc::MvccStore::open(&path).unwrap();
+        let conn = store.connection();
+        assert_eq!(stored_format(conn).unwrap(), Some(FORMAT_VERSION));
+        let links: Vec<(i64, Option<i64>)> = conn
+            .prepare("SELECT id, prev_id FROM kv_history ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            links,
+            [(1, None), (2, None), (3, Some(1)), (4, Some(2)), (5, None)]
+        );
+        assert_eq!(
+            everything(conn, 3),
+            [
+                (b"a".to_vec(), b"a1".to_vec(), 2, 0),
+                (b"b".to_vec(), b"b1".to_vec(), 3, 0)
+            ]
+        );
+        assert_eq!(everything(conn, 5), [(b"a".to_vec(), b"a2".to_vec(), 4, 0)]);
+        assert_eq!(read::hash(conn, 6, 3).unwrap(), hash_before);
+        assert_eq!(read::hash(conn, 5, 3).unwrap(), hash_at_5);
+        let (events, _) = read::history(conn, &KeyRange::From(Vec::new()), 4, 6, 10, true).unwrap();
+        let prev: Vec<Option<Vec<u8>>> = events
+            .iter()
+            .map(|e| e.prev_kv.as_ref().map(|kv| kv.value.clone()))
+            .collect();
+        assert_eq!(prev, [Some(b"a1".to_vec()), Some(b"b1".to_vec()), None]);
+
+        // A compaction at 5 follows the links: `a`'s first put and `b`'s
+        // put go; `b`'s deletion at 5 itself stays, as before.
+        let mut batch = store.batch().unwrap();
+        batch.entry(1, 1, |b| Ok(b.compact(5)?)).unwrap();
+        batch.commit().unwrap();
+        let ids: Vec<i64> = store
+            .connection()
+            .prepare("SELECT id FROM kv_history ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ids, [3, 4, 5]);
+        assert_eq!(
+            everything(store.connection(), 5),
+            [(b"a".to_vec(), b"a2".to_vec(), 4, 0)]
+        );
     }
 
     /// A reader held open while the writer goes on lets the WAL grow past

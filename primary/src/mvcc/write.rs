@@ -254,6 +254,18 @@ impl MvccStore {
     }
 }
 
+/// A live row read for a write: the key's value, and its history row's
+/// id and revision (the new row links to it).
+fn split_live(row: Option<(KeyValue, i64)>) -> (Option<KeyValue>, Option<(i64, i64)>) {
+    match row {
+        Some((kv, id)) => {
+            let newest = (id, kv.mod_revision);
+            (Some(kv), Some(newest))
+        }
+        None => (None, None),
+    }
+}
+
 /// What [`MvccStore::replace_from`] takes from the new state file.
 enum Replace {
     /// A leader's snapshot: all of it, members and Raft position included.
@@ -396,7 +408,7 @@ impl Batch<'_> {
         value: &[u8],
         lease: i64,
     ) -> Result<Option<KeyValue>, MvccError> {
-        let prev = read::get_live(self.tx, key)?;
+        let (prev, newest) = split_live(read::get_live_row(self.tx, key)?);
         let rev = self.write_revision();
         let kv = KeyValue {
             key: key.to_vec(),
@@ -406,7 +418,7 @@ impl Batch<'_> {
             value: value.to_vec(),
             lease,
         };
-        self.write(kv, prev.clone())?;
+        self.write(kv, prev.clone(), newest)?;
         Ok(prev)
     }
 
@@ -414,25 +426,20 @@ impl Batch<'_> {
     /// revision fields and the lease kept, at this entry's revision
     /// (which is `kv.mod_revision`: the caller checked).
     pub fn put_exact(&mut self, kv: &KeyValue) -> Result<(), MvccError> {
-        let prev = read::get_live(self.tx, &kv.key)?;
-        self.write(kv.clone(), prev)
+        let (prev, newest) = split_live(read::get_live_row(self.tx, &kv.key)?);
+        self.write(kv.clone(), prev, newest)
     }
 
     /// Add `key`'s row at revision `rev` to the history: its create
-    /// revision, version and lease, its value, whether it is a tombstone.
+    /// revision, version and lease, its value, whether it is a tombstone,
+    /// linked (`prev_id`) to the key's newest row so far, `newest` (its
+    /// id and revision; `None` to look it up: a key that is not live may
+    /// have been deleted). Returns the new row's id.
     ///
-    /// A plain `INSERT`, not `INSERT OR REPLACE`: a REPLACE may delete a
-    /// conflicting row as well as insert, so SQLite gives each such
-    /// statement inside a transaction a statement journal, a copy of every
-    /// page it touches, kept in case it has to undo half of itself (with
-    /// the batch's savepoint, since removed, such copies were 11% of the
-    /// Raft thread at 100 clients of puts). A key is
-    /// written once per revision (the API refuses a txn naming it twice),
-    /// so nothing conflicts, except in a log entry that did not come
-    /// through the API (a forged one, or an older member's): its later
-    /// write of the key replaces the earlier one, as it always did. A
-    /// plain INSERT checks its constraints before it changes anything, so
-    /// the refused one left nothing behind.
+    /// A key is written once per revision (the API refuses a txn naming it
+    /// twice), except in a log entry that did not come through the API (a
+    /// forged one, or an older member's): its later write of the key
+    /// replaces the earlier one, as it always did, and links past it.
     fn insert_history(
         &mut self,
         key: &[u8],
@@ -440,56 +447,81 @@ impl Batch<'_> {
         (create_revision, version, lease): (i64, i64, i64),
         value: &[u8],
         tombstone: bool,
-    ) -> Result<(), MvccError> {
-        macro_rules! history_row {
-            () => {
-                "kv_history (key, mod_revision, sub, create_revision, version, lease, value, tombstone) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-            };
-        }
-        let params = (
-            key,
-            rev,
-            self.sub,
-            create_revision,
-            version,
-            lease,
-            value,
-            tombstone,
-        );
-        let inserted = self
-            .tx
-            .prepare_cached(concat!("INSERT INTO ", history_row!()))?
-            .execute(params);
-        match inserted {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if self.sub > 0 && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
-            {
+        newest: Option<Option<(i64, i64)>>,
+    ) -> Result<i64, MvccError> {
+        let newest = match newest {
+            Some(known) => known,
+            None => self.newest_row(key)?,
+        };
+        let prev_id = match newest {
+            Some((id, mod_revision)) if mod_revision == rev => {
+                let prev_id: Option<i64> = self
+                    .tx
+                    .prepare_cached("SELECT prev_id FROM kv_history WHERE id = ?1")?
+                    .query_row([id], |r| r.get(0))?;
                 self.tx
-                    .prepare_cached(concat!("INSERT OR REPLACE INTO ", history_row!()))?
-                    .execute(params)?;
+                    .prepare_cached("DELETE FROM kv_history WHERE id = ?1")?
+                    .execute([id])?;
+                prev_id
             }
-            other => {
-                other?;
-            }
+            Some((id, _)) => Some(id),
+            None => None,
+        };
+        self.tx
+            .prepare_cached(
+                "INSERT INTO kv_history (key, mod_revision, sub, create_revision, version, lease, \
+                 value, tombstone, prev_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute((
+                key,
+                rev,
+                self.sub,
+                create_revision,
+                version,
+                lease,
+                value,
+                tombstone,
+                prev_id,
+            ))?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    /// The id and revision of `key`'s newest history row: its live row,
+    /// or else its newest deletion.
+    fn newest_row(&self, key: &[u8]) -> Result<Option<(i64, i64)>, MvccError> {
+        let live = self
+            .tx
+            .prepare_cached("SELECT history_id, mod_revision FROM kv_keys WHERE key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match live {
+            Some(row) => Ok(Some(row)),
+            None => read::newest_deletion(self.tx, key),
         }
-        Ok(())
     }
 
     /// Write `kv` as the key's new value; `prev` is its live value, which
     /// the caller read from this transaction. The key row is updated in
     /// place (or inserted, for a new key) rather than replaced, for the
     /// reason [`Batch::insert_history`] gives.
-    fn write(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<(), MvccError> {
+    /// `newest` is the id and revision of its live row, if it has one.
+    fn write(
+        &mut self,
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+        newest: Option<(i64, i64)>,
+    ) -> Result<(), MvccError> {
         let rev = kv.mod_revision;
-        self.insert_history(
+        // A key that is not live is looked up again: it may have been
+        // deleted, and its new row links to the deletion.
+        let history_id = self.insert_history(
             &kv.key,
             rev,
             (kv.create_revision, kv.version, kv.lease),
             &kv.value,
             false,
+            newest.map(Some),
         )?;
-        let history_id = self.tx.last_insert_rowid();
         let sql = if prev.is_some() {
             "UPDATE kv_keys SET create_revision = ?2, mod_revision = ?3, version = ?4, lease = ?5, \
              history_id = ?6 WHERE key = ?1"
@@ -552,7 +584,7 @@ impl Batch<'_> {
 
     fn delete_key(&mut self, prev: &KeyValue) -> Result<(), MvccError> {
         let rev = self.write_revision();
-        self.insert_history(&prev.key, rev, (0, 0, 0), b"", true)?;
+        self.insert_history(&prev.key, rev, (0, 0, 0), b"", true, None)?;
         self.tx
             .prepare_cached("DELETE FROM kv_keys WHERE key = ?1")?
             .execute([&prev.key])?;
@@ -571,11 +603,19 @@ impl Batch<'_> {
     }
 
     /// Drop history before `revision`: per key, keep the newest change at
-    /// or before it (unless a deletion) and everything after.
+    /// or before it (unless a deletion) and everything after. A row is
+    /// superseded at `revision` when a later row links to it at or before
+    /// `revision`; rows up to the previous compaction were already
+    /// dropped if superseded by then, so only links from rows written
+    /// since need following.
     pub fn compact(&mut self, revision: i64) -> Result<(), MvccError> {
         self.tx.execute(
-            "DELETE FROM kv_history WHERE mod_revision < ?1 AND (tombstone = 1 OR mod_revision < \
-             (SELECT max(h2.mod_revision) FROM kv_history h2 WHERE h2.key = kv_history.key AND h2.mod_revision <= ?1))",
+            "DELETE FROM kv_history WHERE id IN (SELECT prev_id FROM kv_history \
+             WHERE mod_revision > ?1 AND mod_revision <= ?2 AND prev_id IS NOT NULL)",
+            [self.state.compact_revision, revision],
+        )?;
+        self.tx.execute(
+            "DELETE FROM kv_history WHERE tombstone = 1 AND mod_revision < ?1",
             [revision],
         )?;
         self.state.compact_revision = revision;
@@ -856,6 +896,78 @@ mod tests {
         assert_eq!(store.state().revision, 2);
         assert!(read::get_live(store.connection(), b"b").unwrap().is_none());
         assert!(read::get_live(store.connection(), b"a").unwrap().is_some());
+    }
+
+    /// A log entry that did not come through the API may write a key
+    /// twice in one revision: the later write replaces the earlier one and
+    /// links past it, so reads at every revision, watch history with
+    /// `prev_kv` and compaction see one change per revision.
+    #[test]
+    fn a_key_written_twice_in_one_revision_keeps_the_later_write() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = MvccStore::open(&dir.path().join("state.db")).expect("open");
+        let a = || read::KeyRange::Single(b"a".to_vec());
+        let mut batch = store.batch().expect("batch");
+        batch.entry(1, 1, |b| Ok(b.put(b"a", b"1", 0)?)).unwrap();
+        batch
+            .entry(2, 1, |b| {
+                b.put(b"a", b"2", 0)?;
+                Ok(b.put(b"a", b"3", 0)?)
+            })
+            .unwrap();
+        batch
+            .entry(3, 1, |b| {
+                b.delete_range(&a())?;
+                Ok(b.put(b"a", b"4", 0)?)
+            })
+            .unwrap();
+        batch.entry(4, 1, |b| Ok(b.put(b"a", b"5", 0)?)).unwrap();
+        batch.commit().unwrap();
+        let conn = store.connection();
+        let at = |revision| {
+            let query = read::RangeQuery {
+                range: a(),
+                revision,
+                limit: 0,
+                count_only: false,
+                keys_only: false,
+            };
+            let kvs = read::range(conn, &query, 5).unwrap().kvs;
+            kvs.into_iter()
+                .map(|kv| (kv.value, kv.version))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(2), [(b"1".to_vec(), 1)]);
+        assert_eq!(at(3), [(b"3".to_vec(), 3)]);
+        assert_eq!(at(4), [(b"4".to_vec(), 1)]);
+        assert_eq!(at(5), [(b"5".to_vec(), 2)]);
+        let (events, _) = read::history(conn, &a(), 2, 5, 100, true).unwrap();
+        let seen: Vec<_> = events
+            .iter()
+            .map(|e| {
+                let value = |kv: &Option<KeyValue>| kv.as_ref().map(|kv| kv.value.clone());
+                (value(&e.kv), value(&e.prev_kv))
+            })
+            .collect();
+        let some = |v: &[u8]| Some(v.to_vec());
+        assert_eq!(
+            seen,
+            [
+                (some(b"1"), None),
+                (some(b"3"), some(b"1")),
+                (some(b"4"), some(b"3")),
+                (some(b"5"), some(b"4")),
+            ]
+        );
+
+        let mut batch = store.batch().expect("batch");
+        batch.entry(5, 1, |b| Ok(b.compact(4)?)).unwrap();
+        batch.commit().unwrap();
+        let rows: i64 = store
+            .connection()
+            .query_row("SELECT count(*) FROM kv_history", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2, "the changes at revisions 4 and 5 are left");
     }
 
     fn put_at<'a>(store: &'a mut MvccStore, index: u64, key: &[u8]) -> Batch<'a> {
