@@ -433,8 +433,7 @@ impl Batch<'_> {
     /// Add `key`'s row at revision `rev` to the history: its create
     /// revision, version and lease, its value, whether it is a tombstone,
     /// linked (`prev_id`) to the key's newest row so far, `newest` (its
-    /// id and revision; `None` to look it up: a key that is not live may
-    /// have been deleted). Returns the new row's id.
+    /// id and revision, if it has one). Returns the new row's id.
     ///
     /// A key is written once per revision (the API refuses a txn naming it
     /// twice), except in a log entry that did not come through the API (a
@@ -447,12 +446,8 @@ impl Batch<'_> {
         (create_revision, version, lease): (i64, i64, i64),
         value: &[u8],
         tombstone: bool,
-        newest: Option<Option<(i64, i64)>>,
+        newest: Option<(i64, i64)>,
     ) -> Result<i64, MvccError> {
-        let newest = match newest {
-            Some(known) => known,
-            None => self.newest_row(key)?,
-        };
         let prev_id = match newest {
             Some((id, mod_revision)) if mod_revision == rev => {
                 let prev_id: Option<i64> = self
@@ -512,15 +507,19 @@ impl Batch<'_> {
         newest: Option<(i64, i64)>,
     ) -> Result<(), MvccError> {
         let rev = kv.mod_revision;
-        // A key that is not live is looked up again: it may have been
-        // deleted, and its new row links to the deletion.
+        // A key that is not live may have been deleted: its new row links
+        // to the deletion.
+        let newest = match newest {
+            Some(live) => Some(live),
+            None => read::newest_deletion(self.tx, &kv.key)?,
+        };
         let history_id = self.insert_history(
             &kv.key,
             rev,
             (kv.create_revision, kv.version, kv.lease),
             &kv.value,
             false,
-            newest.map(Some),
+            newest,
         )?;
         let sql = if prev.is_some() {
             "UPDATE kv_keys SET create_revision = ?2, mod_revision = ?3, version = ?4, lease = ?5, \
@@ -584,7 +583,8 @@ impl Batch<'_> {
 
     fn delete_key(&mut self, prev: &KeyValue) -> Result<(), MvccError> {
         let rev = self.write_revision();
-        self.insert_history(&prev.key, rev, (0, 0, 0), b"", true, None)?;
+        let newest = self.newest_row(&prev.key)?;
+        self.insert_history(&prev.key, rev, (0, 0, 0), b"", true, newest)?;
         self.tx
             .prepare_cached("DELETE FROM kv_keys WHERE key = ?1")?
             .execute([&prev.key])?;
