@@ -374,3 +374,39 @@ pub fn report(imported: &Imported, json: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// etcd never changes a key twice in one revision; a `key` bucket that
+    /// does is refused by name rather than imported as a history with two
+    /// rows at one revision.
+    #[test]
+    fn a_key_changed_twice_in_one_revision_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = MvccStore::open(&dir.path().join("source.db")).unwrap();
+        let mut batch = store.batch().unwrap();
+        batch.entry(1, 1, |b| Ok(b.put(b"a", b"1", 0)?)).unwrap();
+        batch.commit().unwrap();
+        store
+            .connection()
+            .execute(
+                "INSERT INTO kv_history (key, mod_revision, sub, create_revision, version, lease, \
+                 value, tombstone) VALUES (CAST('a' AS BLOB), 2, 1, 2, 2, 0, CAST('2' AS BLOB), 0)",
+                [],
+            )
+            .unwrap();
+        let snapshot = dir.path().join("etcd.db");
+        etcd_snapshot::write_etcd_snapshot(store.connection(), &snapshot).unwrap();
+
+        let Err(refused) = state_file(&snapshot, &dir.path().join("state.db")) else {
+            panic!("a key changed twice in one revision was imported");
+        };
+        let message = format!("{refused:#}");
+        assert!(
+            message.contains("key bucket: key \"a\" changes twice in revision 2"),
+            "{message}"
+        );
+    }
+}
