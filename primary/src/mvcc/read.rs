@@ -206,14 +206,7 @@ fn any_live_at(conn: &Connection, revision: i64) -> Result<bool, MvccError> {
 /// The id of `key`'s newest history row at or before `revision`, if any
 /// (a deletion included).
 fn newest_at(conn: &Connection, key: &[u8], revision: i64) -> Result<Option<i64>, MvccError> {
-    let live: Option<i64> = conn
-        .prepare_cached("SELECT history_id FROM kv_keys WHERE key = ?1")?
-        .query_row([key], |r| r.get(0))
-        .optional()?;
-    let mut id = match live {
-        Some(id) => Some(id),
-        None => newest_deletion(conn, key)?.map(|(id, _)| id),
-    };
+    let mut id = newest_row(conn, key)?.map(|(id, _)| id);
     let mut row_by_id =
         conn.prepare_cached("SELECT mod_revision, prev_id FROM kv_history WHERE id = ?1")?;
     while let Some(this) = id {
@@ -303,6 +296,19 @@ pub fn get_live_row(conn: &Connection, key: &[u8]) -> Result<Option<(KeyValue, i
     Ok(stmt
         .query_row([key], |r| Ok((kv_from_row(r, false)?, r.get(6)?)))
         .optional()?)
+}
+
+/// The id and revision of the key's newest history row: its live row, or
+/// else its newest deletion.
+pub fn newest_row(conn: &Connection, key: &[u8]) -> Result<Option<(i64, i64)>, MvccError> {
+    let live = conn
+        .prepare_cached("SELECT history_id, mod_revision FROM kv_keys WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match live {
+        Some(row) => Ok(Some(row)),
+        None => newest_deletion(conn, key),
+    }
 }
 
 /// The id and revision of the key's newest deletion still in the history.

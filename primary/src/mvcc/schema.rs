@@ -84,56 +84,29 @@ CREATE VIEW IF NOT EXISTS kv_live (key, create_revision, mod_revision, version, 
     FROM kv_keys k JOIN kv_history h ON h.id = k.history_id;
 "#;
 
-/// Format 2's key-value tables, which format 1 is first rebuilt into.
-const KV_TABLES_2: &str = r#"
-CREATE TABLE IF NOT EXISTS kv_history (
-    id              INTEGER PRIMARY KEY,
-    key             BLOB    NOT NULL,
-    mod_revision    INTEGER NOT NULL,
-    sub             INTEGER NOT NULL,
-    create_revision INTEGER NOT NULL,
-    version         INTEGER NOT NULL,
-    lease           INTEGER NOT NULL,
-    value           BLOB    NOT NULL,
-    tombstone       INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS kv_history_by_key ON kv_history (key, mod_revision);
-CREATE INDEX IF NOT EXISTS kv_history_by_revision ON kv_history (mod_revision);
-CREATE TABLE IF NOT EXISTS kv_keys (
-    key             BLOB    PRIMARY KEY,
-    create_revision INTEGER NOT NULL,
-    mod_revision    INTEGER NOT NULL,
-    version         INTEGER NOT NULL,
-    lease           INTEGER NOT NULL,
-    history_id      INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS kv_keys_by_lease ON kv_keys (lease) WHERE lease != 0;
-CREATE VIEW IF NOT EXISTS kv_live (key, create_revision, mod_revision, version, lease, value) AS
-    SELECT k.key, k.create_revision, k.mod_revision, k.version, k.lease, h.value
-    FROM kv_keys k JOIN kv_history h ON h.id = k.history_id;
-"#;
-
 /// Format 1 kept every value twice (in `kv_history` and in a `kv_live`
 /// table) and spilled 1 KB values to overflow pages: about 4.5 KB on disk
-/// per 1 KB value. Rebuilt into format 2 in one transaction, so a crash
-/// midway leaves format 1 as it was.
-const MIGRATE_1_TO_2: &str = r#"
+/// per 1 KB value. Rebuilt into the current tables in one transaction, so
+/// a crash midway leaves format 1 as it was.
+const MIGRATE_1: &str = r#"
 DROP INDEX IF EXISTS kv_history_by_revision;
 DROP INDEX IF EXISTS kv_live_by_lease;
 ALTER TABLE kv_history RENAME TO kv_history_v1;
 ALTER TABLE kv_live RENAME TO kv_live_v1;
 "#;
-const MIGRATE_1_TO_2_COPY: &str = r#"
+/// A key's live row is found among the rows of its revision (by the
+/// revision index; the history has no index by key).
+const MIGRATE_1_COPY: &str = r#"
 INSERT INTO kv_history (id, key, mod_revision, sub, create_revision, version, lease, value, tombstone)
     SELECT row_number() OVER (ORDER BY mod_revision, sub), key, mod_revision, sub,
            create_revision, version, lease, value, tombstone
     FROM kv_history_v1 ORDER BY mod_revision, sub;
 INSERT INTO kv_keys (key, create_revision, mod_revision, version, lease, history_id)
     SELECT l.key, l.create_revision, l.mod_revision, l.version, l.lease, h.id
-    FROM kv_live_v1 l JOIN kv_history h ON h.key = l.key AND h.mod_revision = l.mod_revision;
+    FROM kv_live_v1 l JOIN kv_history h ON h.mod_revision = l.mod_revision AND h.key = l.key;
 DROP TABLE kv_live_v1;
 DROP TABLE kv_history_v1;
-UPDATE meta SET value = 2 WHERE name = 'format_version';
+UPDATE meta SET value = 3 WHERE name = 'format_version';
 "#;
 
 /// Format 2 indexed the history by (key, revision). The links that replace
@@ -150,8 +123,8 @@ UPDATE meta SET value = 3 WHERE name = 'format_version';
 
 /// Set every row's `prev_id` to its key's previous row, in one pass that
 /// sorts the history by key (no index by key is needed). Used when a
-/// history is written whole rather than put by put: migrating format 2,
-/// importing an etcd snapshot.
+/// history is written whole rather than put by put: migrating format 1 or
+/// 2, importing an etcd snapshot.
 pub fn link_history(conn: &Connection) -> Result<(), MvccError> {
     conn.execute_batch(
         "UPDATE kv_history SET prev_id = linked.prev_id FROM (
@@ -185,10 +158,7 @@ pub fn open(path: &Path) -> Result<Connection, MvccError> {
     let found = stored_format(&conn)?;
     match found {
         None => {}
-        Some(1) => {
-            migrate_1_to_2(&mut conn)?;
-            migrate_2_to_3(&mut conn)?;
-        }
+        Some(1) => migrate_1(&mut conn)?,
         Some(2) => migrate_2_to_3(&mut conn)?,
         Some(FORMAT_VERSION) => {}
         Some(other) => {
@@ -233,12 +203,13 @@ pub fn stored_format(conn: &Connection) -> Result<Option<i64>, MvccError> {
         .optional()?)
 }
 
-fn migrate_1_to_2(conn: &mut Connection) -> Result<(), MvccError> {
-    tracing::info!("migrating the state file from format 1 to format 2");
+fn migrate_1(conn: &mut Connection) -> Result<(), MvccError> {
+    tracing::info!("migrating the state file from format 1 to format {FORMAT_VERSION}");
     let tx = conn.transaction()?;
-    tx.execute_batch(MIGRATE_1_TO_2)?;
-    tx.execute_batch(KV_TABLES_2)?;
-    tx.execute_batch(MIGRATE_1_TO_2_COPY)?;
+    tx.execute_batch(MIGRATE_1)?;
+    tx.execute_batch(KV_TABLES)?;
+    tx.execute_batch(MIGRATE_1_COPY)?;
+    link_history(&tx)?;
     tx.commit()?;
     Ok(())
 }
@@ -382,17 +353,46 @@ mod tests {
             .unwrap();
         assert_eq!(value, b"a2");
         drop(conn);
-        // Opening again finds format 2 and changes nothing.
+        // Opening again finds the current format and changes nothing.
         let conn = open(&path).unwrap();
         assert_eq!(everything(&conn, 6).len(), 2);
     }
+
+    /// Format 2's key-value tables: the history indexed by (key, revision).
+    const FORMAT_2_TABLES: &str = r#"
+CREATE TABLE IF NOT EXISTS kv_history (
+    id              INTEGER PRIMARY KEY,
+    key             BLOB    NOT NULL,
+    mod_revision    INTEGER NOT NULL,
+    sub             INTEGER NOT NULL,
+    create_revision INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    lease           INTEGER NOT NULL,
+    value           BLOB    NOT NULL,
+    tombstone       INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS kv_history_by_key ON kv_history (key, mod_revision);
+CREATE INDEX IF NOT EXISTS kv_history_by_revision ON kv_history (mod_revision);
+CREATE TABLE IF NOT EXISTS kv_keys (
+    key             BLOB    PRIMARY KEY,
+    create_revision INTEGER NOT NULL,
+    mod_revision    INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    lease           INTEGER NOT NULL,
+    history_id      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_keys_by_lease ON kv_keys (lease) WHERE lease != 0;
+CREATE VIEW IF NOT EXISTS kv_live (key, create_revision, mod_revision, version, lease, value) AS
+    SELECT k.key, k.create_revision, k.mod_revision, k.version, k.lease, h.value
+    FROM kv_keys k JOIN kv_history h ON h.id = k.history_id;
+"#;
 
     /// Format 2's key-value tables hold the same history as [`FORMAT_1`]'s,
     /// compacted at 3 (`b`'s put at 3 and `a`'s first put were kept; a
     /// format 2 compaction keeps the newest change at or before it).
     fn format_2() -> String {
         format!(
-            "{TABLES}{KV_TABLES_2}
+            "{TABLES}{FORMAT_2_TABLES}
             INSERT INTO meta VALUES ('format_version', 2), ('revision', 6), ('compact_revision', 3);
             INSERT INTO kv_history VALUES
                 (1, CAST('a' AS BLOB), 2, 0, 2, 1, 0, CAST('a1' AS BLOB), 0),

@@ -481,25 +481,12 @@ impl Batch<'_> {
         Ok(self.tx.last_insert_rowid())
     }
 
-    /// The id and revision of `key`'s newest history row: its live row,
-    /// or else its newest deletion.
-    fn newest_row(&self, key: &[u8]) -> Result<Option<(i64, i64)>, MvccError> {
-        let live = self
-            .tx
-            .prepare_cached("SELECT history_id, mod_revision FROM kv_keys WHERE key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        match live {
-            Some(row) => Ok(Some(row)),
-            None => read::newest_deletion(self.tx, key),
-        }
-    }
-
     /// Write `kv` as the key's new value; `prev` is its live value, which
-    /// the caller read from this transaction. The key row is updated in
-    /// place (or inserted, for a new key) rather than replaced, for the
-    /// reason [`Batch::insert_history`] gives.
-    /// `newest` is the id and revision of its live row, if it has one.
+    /// the caller read from this transaction, and `newest` the id and
+    /// revision of its history row. The key row is updated in place (or
+    /// inserted, for a new key) rather than replaced: a REPLACE may delete
+    /// as well as insert, so SQLite gives each such statement inside a
+    /// transaction a statement journal (a copy of every page it touches).
     fn write(
         &mut self,
         kv: KeyValue,
@@ -583,7 +570,7 @@ impl Batch<'_> {
 
     fn delete_key(&mut self, prev: &KeyValue) -> Result<(), MvccError> {
         let rev = self.write_revision();
-        let newest = self.newest_row(&prev.key)?;
+        let newest = read::newest_row(self.tx, &prev.key)?;
         self.insert_history(&prev.key, rev, (0, 0, 0), b"", true, newest)?;
         self.tx
             .prepare_cached("DELETE FROM kv_keys WHERE key = ?1")?
