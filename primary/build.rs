@@ -31,7 +31,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".v3lockpb",
             ".v3electionpb",
         ])?;
+    // Sizes each message's buffer before encoding it (see src/codec.rs).
     tonic_prost_build::configure()
+        .codec_path("crate::codec::SizedProstCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

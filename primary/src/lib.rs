@@ -53,6 +53,7 @@ pub mod auth;
 pub mod authority_shim;
 pub mod bbolt;
 pub mod checkpointer;
+pub mod codec;
 pub mod disk_room;
 pub mod error;
 pub mod forward;
