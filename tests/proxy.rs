@@ -170,7 +170,8 @@ fn rtt_applies_to_live_connections() {
 /// CI machine, and every timer of the kernel wakes late (a 10 ms
 /// `thread::sleep` overshot by 150–350 µs on the 2-core VM, and a delayed
 /// round trip sleeps twice). So undelayed round trips, delayed ones and plain
-/// sleeps are interleaved and their medians compared; the test runs alone
+/// sleeps are interleaved and their medians compared, with 700 µs of
+/// slack (under the ~1 ms that tokio's rounding adds); the test runs alone
 /// (`EXCLUSIVE`), so the other tests of this file do not load some samples
 /// and not others.
 #[test]
@@ -210,12 +211,12 @@ fn a_delay_is_the_latency_set_to_well_under_a_millisecond() {
         samples[samples.len() / 2]
     };
     let (base, wake) = (median(&mut undelayed), median(&mut late));
-    let allowed = base + 2 * wake + Duration::from_micros(500);
+    let allowed = base + 2 * wake + Duration::from_micros(700);
     let delayed = median(&mut over);
     assert!(
         delayed < allowed,
         "median round trip {delayed:?} over the {set:?} set; allowed {allowed:?} \
-         ({base:?} undelayed + 2 × {wake:?} late timer + 500 µs) \
+         ({base:?} undelayed + 2 × {wake:?} late timer + 700 µs) \
          (over: {over:?}; undelayed: {undelayed:?}; late: {late:?})"
     );
 }
