@@ -457,22 +457,19 @@ async fn async_round_trip() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
 
-#[test]
-fn usable_from_a_multi_thread_runtime() {
+/// [`async_round_trip`] on a runtime from `builder`, beside the other tests.
+fn round_trip_on(mut builder: tokio::runtime::Builder) {
     let _beside = shared();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = builder.enable_all().build().expect("runtime");
     runtime.block_on(async_round_trip());
 }
 
 #[test]
+fn usable_from_a_multi_thread_runtime() {
+    round_trip_on(tokio::runtime::Builder::new_multi_thread());
+}
+
+#[test]
 fn usable_from_a_current_thread_runtime() {
-    let _beside = shared();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async_round_trip());
+    round_trip_on(tokio::runtime::Builder::new_current_thread());
 }
