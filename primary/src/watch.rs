@@ -10,7 +10,7 @@
 //! state is committed before its events are published, no event is lost or
 //! sent twice (etcd's synced/unsynced design).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +24,12 @@ use crate::proto::mvccpb::{event::EventType, Event};
 const STREAM_BACKLOG: usize = 1024;
 /// Events read from history per replay step.
 const REPLAY_BATCH: usize = 1000;
+/// Most events one watcher's held answers merge into (etcd sends a watcher
+/// that lags up to 1,000 revisions an answer).
+const MERGED_EVENTS: usize = 1000;
+/// Most key and value bytes one merged answer carries: far under the 4 MiB
+/// most gRPC clients accept in a message by default.
+const MERGED_BYTES: usize = 1 << 20;
 /// etcd's default progress notification interval.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -76,6 +82,17 @@ impl WatchEvents {
         self.events.iter().map(|e| &**e)
     }
 
+    /// The key and value bytes the watcher's answer carries.
+    fn bytes(&self) -> usize {
+        let size = |kv: &Option<crate::proto::mvccpb::KeyValue>| {
+            kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len())
+        };
+        self.events
+            .iter()
+            .map(|e| size(&e.kv) + if self.prev_kv { size(&e.prev_kv) } else { 0 })
+            .sum()
+    }
+
     /// The events as the watcher's answer carries them.
     pub fn into_events(self) -> Vec<Event> {
         self.events
@@ -117,7 +134,14 @@ impl StreamSink {
                 tx,
                 queued: queued.clone(),
             },
-            StreamSource { rx, queued },
+            StreamSource {
+                rx,
+                queued,
+                held: VecDeque::new(),
+                open: HashMap::new(),
+                popped: 0,
+                notices: 0,
+            },
         )
     }
 
@@ -137,18 +161,127 @@ impl StreamSink {
     }
 }
 
+/// A stream's end of the hub. Messages taken off the channel are held
+/// until the client can take another answer; while they wait, a watcher's
+/// next events join its held ones, so a client that lags gets fewer,
+/// larger answers rather than one per apply (as etcd batches the
+/// revisions of a watcher that fell behind). Held messages count toward
+/// the stream's backlog until they are popped, merged ones each, so a
+/// stream falls back to replay after as much as before.
 pub struct StreamSource {
     rx: mpsc::UnboundedReceiver<WatchMessage>,
     queued: Arc<AtomicUsize>,
+    /// Each with the number of the hub's messages it carries.
+    held: VecDeque<(WatchMessage, usize)>,
+    /// Hub key -> the watcher's last held `Events` (its position counted
+    /// from the stream's first message) and the bytes it carries, while
+    /// later events may still join it: no other kind of message was held
+    /// after it, so merging reorders nothing a client could see.
+    open: HashMap<u64, (usize, usize)>,
+    /// Messages popped so far: `held[0]`'s position.
+    popped: usize,
+    /// Held messages that are not events.
+    notices: usize,
 }
 
 impl StreamSource {
+    /// The next message, held ones first.
     pub async fn recv(&mut self) -> Option<WatchMessage> {
+        if let Some(m) = self.pop() {
+            return Some(m);
+        }
         let m = self.rx.recv().await;
         if m.is_some() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
         }
         m
+    }
+
+    /// Wait for the hub's next message and hold it; false once the hub
+    /// dropped the stream. Cancel-safe.
+    pub async fn hold_next(&mut self) -> bool {
+        match self.rx.recv().await {
+            Some(m) => {
+                self.hold(m);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Whether what is held should go without waiting for a budget: a
+    /// reply or notice (and the events before it), or a backlog half way
+    /// to the hub's fallback to replay, which costs more than answers.
+    pub fn is_urgent(&self) -> bool {
+        self.notices > 0 || self.queued.load(Ordering::Relaxed) >= STREAM_BACKLOG / 2
+    }
+
+    /// The oldest held message.
+    pub fn pop(&mut self) -> Option<WatchMessage> {
+        let (m, carried) = self.held.pop_front()?;
+        self.queued.fetch_sub(carried, Ordering::Relaxed);
+        if let WatchMessage::Events { key, .. } = &m {
+            if self.open.get(key).is_some_and(|(at, _)| *at == self.popped) {
+                self.open.remove(key);
+            }
+        } else {
+            self.notices -= 1;
+        }
+        self.popped += 1;
+        Some(m)
+    }
+
+    fn hold(&mut self, m: WatchMessage) {
+        let WatchMessage::Events {
+            key,
+            watch_id,
+            revision,
+            events,
+        } = m
+        else {
+            // A reply or notice must follow every event held before it.
+            self.open.clear();
+            self.notices += 1;
+            self.held.push_back((m, 1));
+            return;
+        };
+        let bytes = events.bytes();
+        if let Some((at, held_bytes)) = self.open.get_mut(&key) {
+            if let Some((
+                WatchMessage::Events {
+                    revision: held_revision,
+                    events: held,
+                    ..
+                },
+                carried,
+            )) = self.held.get_mut(*at - self.popped)
+            {
+                if held.events.len() + events.events.len() <= MERGED_EVENTS
+                    && *held_bytes + bytes <= MERGED_BYTES
+                {
+                    held.events.extend(events.events);
+                    *held_revision = revision;
+                    *held_bytes += bytes;
+                    *carried += 1;
+                    return;
+                }
+            }
+        }
+        self.open
+            .insert(key, (self.popped + self.held.len(), bytes));
+        self.held.push_back((
+            WatchMessage::Events {
+                key,
+                watch_id,
+                revision,
+                events,
+            },
+            1,
+        ));
     }
 }
 
@@ -221,7 +354,7 @@ struct HubState {
     /// Every published event after revision `recent_from`, in order: those
     /// not committed yet, and those of the last commit (a replay that read
     /// the file just before a commit still finds what follows it here).
-    recent: std::collections::VecDeque<Arc<Event>>,
+    recent: VecDeque<Arc<Event>>,
     recent_from: i64,
     compacted: i64,
     next_key: u64,
@@ -643,6 +776,123 @@ mod tests {
         assert_eq!(hub.lock().recent.len(), 3);
         hub.committed(6);
         assert!(hub.lock().recent.is_empty());
+    }
+
+    fn events_message(key: u64, revisions: &[i64], value_size: usize) -> WatchMessage {
+        use crate::proto::mvccpb::KeyValue;
+        let events = revisions
+            .iter()
+            .map(|&mod_revision| {
+                Arc::new(Event {
+                    r#type: EventType::Put as i32,
+                    kv: Some(KeyValue {
+                        key: b"k".to_vec(),
+                        value: vec![b'v'; value_size],
+                        mod_revision,
+                        ..Default::default()
+                    }),
+                    prev_kv: None,
+                })
+            })
+            .collect();
+        WatchMessage::Events {
+            key,
+            watch_id: key as i64,
+            revision: *revisions.last().expect("a revision"),
+            events: WatchEvents {
+                events,
+                prev_kv: false,
+            },
+        }
+    }
+
+    /// A held message as (hub key, header revision, event revisions); a
+    /// reply as key 0.
+    fn shape(m: WatchMessage) -> (u64, i64, Vec<i64>) {
+        match m {
+            WatchMessage::Events {
+                key,
+                revision,
+                events,
+                ..
+            } => (key, revision, events.iter().map(event_revision).collect()),
+            WatchMessage::Reply(r) => (0, r.header.map_or(0, |h| h.revision), Vec::new()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// While a stream cannot send, a watcher's next events join its held
+    /// ones; a reply held after them is a fence: later events go behind
+    /// it. Each message stays in the stream's backlog until it is sent.
+    #[tokio::test]
+    async fn held_events_merge_per_watcher_up_to_a_reply() {
+        let (sink, mut source) = StreamSink::new();
+        let reply = crate::proto::etcdserverpb::WatchResponse {
+            header: Some(crate::proto::etcdserverpb::ResponseHeader {
+                revision: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let sent = [
+            events_message(1, &[2], 10),
+            events_message(2, &[2], 10),
+            events_message(1, &[3], 10),
+            WatchMessage::Reply(reply),
+            events_message(1, &[4], 10),
+            events_message(2, &[5], 10),
+            events_message(1, &[6], 10),
+        ];
+        let n = sent.len();
+        for m in sent {
+            sink.send(m).expect("open");
+        }
+        for _ in 0..n {
+            assert!(source.hold_next().await);
+        }
+        assert!(source.is_urgent());
+        assert_eq!(source.queued.load(Ordering::Relaxed), n);
+        let mut popped = Vec::new();
+        while let Some(m) = source.pop() {
+            popped.push(shape(m));
+        }
+        assert_eq!(
+            popped,
+            vec![
+                (1, 3, vec![2, 3]),
+                (2, 2, vec![2]),
+                (0, 3, vec![]),
+                (1, 6, vec![4, 6]),
+                (2, 5, vec![5]),
+            ]
+        );
+        assert!(!source.is_urgent());
+        assert_eq!(source.queued.load(Ordering::Relaxed), 0);
+    }
+
+    /// A merged answer stays under MERGED_EVENTS events and MERGED_BYTES of
+    /// keys and values; what does not fit starts the next one.
+    #[tokio::test]
+    async fn a_merged_answer_is_bounded() {
+        let (sink, mut source) = StreamSink::new();
+        for revision in 1..=MERGED_EVENTS as i64 + 1 {
+            sink.send(events_message(1, &[revision], 1)).expect("open");
+        }
+        // Two fill an answer exactly: the key is one byte.
+        let big = MERGED_BYTES / 2 - 1;
+        for revision in [5000, 5001, 5002] {
+            sink.send(events_message(2, &[revision], big))
+                .expect("open");
+        }
+        for _ in 0..MERGED_EVENTS + 4 {
+            assert!(source.hold_next().await);
+        }
+        assert!(source.is_urgent(), "a long backlog does not wait");
+        let sizes: Vec<(u64, usize)> = std::iter::from_fn(|| source.pop())
+            .map(shape)
+            .map(|(key, _, revisions)| (key, revisions.len()))
+            .collect();
+        assert_eq!(sizes, vec![(1, MERGED_EVENTS), (1, 1), (2, 2), (2, 1)]);
     }
 
     /// Watchers share each event; each answer still carries the previous
