@@ -30,6 +30,10 @@ const MERGED_EVENTS: usize = 1000;
 /// Most key and value bytes one merged answer carries: far under the 4 MiB
 /// most gRPC clients accept in a message by default.
 const MERGED_BYTES: usize = 1 << 20;
+/// Longest a held message waits for the stream's answer budget: what a
+/// batch may add to an event's delivery, whatever the load (etcd retries
+/// the watchers it could not send to every 10 ms).
+pub const HOLD_AT_MOST: Duration = Duration::from_millis(10);
 /// etcd's default progress notification interval.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -161,6 +165,14 @@ impl StreamSink {
     }
 }
 
+/// A message taken off a stream's channel and not sent yet.
+struct Held {
+    message: WatchMessage,
+    /// How many of the hub's messages it carries (merged ones).
+    carried: usize,
+    since: Instant,
+}
+
 /// A stream's end of the hub. Messages taken off the channel are held
 /// until the client can take another answer; while they wait, a watcher's
 /// next events join its held ones, so a client that lags gets fewer,
@@ -171,8 +183,7 @@ impl StreamSink {
 pub struct StreamSource {
     rx: mpsc::UnboundedReceiver<WatchMessage>,
     queued: Arc<AtomicUsize>,
-    /// Each with the number of the hub's messages it carries.
-    held: VecDeque<(WatchMessage, usize)>,
+    held: VecDeque<Held>,
     /// Hub key -> the watcher's last held `Events` (its position counted
     /// from the stream's first message) and the bytes it carries, while
     /// later events may still join it: no other kind of message was held
@@ -214,15 +225,27 @@ impl StreamSource {
     }
 
     /// Whether what is held should go without waiting for a budget: a
-    /// reply or notice (and the events before it), or a backlog half way
-    /// to the hub's fallback to replay, which costs more than answers.
-    pub fn is_urgent(&self) -> bool {
-        self.notices > 0 || self.queued.load(Ordering::Relaxed) >= STREAM_BACKLOG / 2
+    /// reply or notice (and the events before it), a message held for
+    /// [`HOLD_AT_MOST`], or a backlog half way to the hub's fallback to
+    /// replay, which costs more than answers.
+    pub fn is_urgent(&self, now: Instant) -> bool {
+        self.notices > 0
+            || self.deadline().is_some_and(|d| d <= now)
+            || self.queued.load(Ordering::Relaxed) >= STREAM_BACKLOG / 2
+    }
+
+    /// When the oldest held message has waited [`HOLD_AT_MOST`].
+    pub fn deadline(&self) -> Option<Instant> {
+        self.held.front().map(|h| h.since + HOLD_AT_MOST)
     }
 
     /// The oldest held message.
     pub fn pop(&mut self) -> Option<WatchMessage> {
-        let (m, carried) = self.held.pop_front()?;
+        let Held {
+            message: m,
+            carried,
+            ..
+        } = self.held.pop_front()?;
         self.queued.fetch_sub(carried, Ordering::Relaxed);
         if let WatchMessage::Events { key, .. } = &m {
             if self.open.get(key).is_some_and(|(at, _)| *at == self.popped) {
@@ -246,19 +269,25 @@ impl StreamSource {
             // A reply or notice must follow every event held before it.
             self.open.clear();
             self.notices += 1;
-            self.held.push_back((m, 1));
+            self.held.push_back(Held {
+                message: m,
+                carried: 1,
+                since: Instant::now(),
+            });
             return;
         };
         let bytes = events.bytes();
         if let Some((at, held_bytes)) = self.open.get_mut(&key) {
-            if let Some((
-                WatchMessage::Events {
-                    revision: held_revision,
-                    events: held,
-                    ..
-                },
+            if let Some(Held {
+                message:
+                    WatchMessage::Events {
+                        revision: held_revision,
+                        events: held,
+                        ..
+                    },
                 carried,
-            )) = self.held.get_mut(*at - self.popped)
+                ..
+            }) = self.held.get_mut(*at - self.popped)
             {
                 if held.events.len() + events.events.len() <= MERGED_EVENTS
                     && *held_bytes + bytes <= MERGED_BYTES
@@ -273,15 +302,16 @@ impl StreamSource {
         }
         self.open
             .insert(key, (self.popped + self.held.len(), bytes));
-        self.held.push_back((
-            WatchMessage::Events {
+        self.held.push_back(Held {
+            message: WatchMessage::Events {
                 key,
                 watch_id,
                 revision,
                 events,
             },
-            1,
-        ));
+            carried: 1,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -850,7 +880,8 @@ mod tests {
         for _ in 0..n {
             assert!(source.hold_next().await);
         }
-        assert!(source.is_urgent());
+        let now = Instant::now();
+        assert!(source.is_urgent(now));
         assert_eq!(source.queued.load(Ordering::Relaxed), n);
         let mut popped = Vec::new();
         while let Some(m) = source.pop() {
@@ -866,8 +897,29 @@ mod tests {
                 (2, 5, vec![5]),
             ]
         );
-        assert!(!source.is_urgent());
+        assert!(!source.is_urgent(now));
         assert_eq!(source.queued.load(Ordering::Relaxed), 0);
+    }
+
+    /// Held events wait for the stream's budget at most HOLD_AT_MOST,
+    /// counted from the oldest held message.
+    #[tokio::test]
+    async fn held_events_become_urgent_after_hold_at_most() {
+        let (sink, mut source) = StreamSink::new();
+        let before = Instant::now();
+        sink.send(events_message(1, &[2], 10)).expect("open");
+        sink.send(events_message(2, &[3], 10)).expect("open");
+        assert!(source.hold_next().await && source.hold_next().await);
+        let deadline = source.deadline().expect("a held message");
+        assert!(deadline >= before + HOLD_AT_MOST);
+        assert!(deadline <= Instant::now() + HOLD_AT_MOST);
+        assert!(!source.is_urgent(deadline - Duration::from_micros(1)));
+        assert!(source.is_urgent(deadline));
+        source.pop();
+        assert!(source.deadline().expect("one more") >= deadline);
+        source.pop();
+        assert_eq!(source.deadline(), None);
+        assert!(!source.is_urgent(deadline + HOLD_AT_MOST));
     }
 
     /// A merged answer stays under MERGED_EVENTS events and MERGED_BYTES of
@@ -887,7 +939,8 @@ mod tests {
         for _ in 0..MERGED_EVENTS + 4 {
             assert!(source.hold_next().await);
         }
-        assert!(source.is_urgent(), "a long backlog does not wait");
+        let now = Instant::now();
+        assert!(source.is_urgent(now), "a long backlog does not wait");
         let sizes: Vec<(u64, usize)> = std::iter::from_fn(|| source.pop())
             .map(shape)
             .map(|(key, _, revisions)| (key, revisions.len()))

@@ -31,8 +31,8 @@ impl WatchService {
 }
 
 /// Answers of events a stream sends a second before it batches: beyond
-/// this rate, events wait for budget and a watcher's events merge into one
-/// answer meanwhile. etcd gets the same effect by moving a watcher whose
+/// this rate, events wait for budget (at most `watch::HOLD_AT_MOST`) and a
+/// watcher's events merge into one answer meanwhile. etcd gets the same effect by moving a watcher whose
 /// channel is full to its unsynced set, replayed in batches every
 /// 10–100 ms. Measured with etcd's `benchmark watch` (100 watchers of one
 /// key on 4 streams, 16 put clients): unbatched, Tern sent its 2 M events
@@ -101,13 +101,21 @@ impl ClientStream {
         tokio::pin!(refill);
         let mut waiting = false;
         loop {
+            let now = Instant::now();
             if !waiting && source.is_holding() {
-                if let Err(at) = budget.check(Instant::now()) {
+                if let Err(at) = budget.check(now) {
                     waiting = true;
-                    refill.as_mut().reset(at.into());
+                    // Wake for the budget, or for the oldest held message's
+                    // deadline if that comes first (once passed, it is
+                    // urgent and goes at once; no wake-up is needed for it).
+                    let wake = match source.deadline() {
+                        Some(deadline) if deadline > now => at.min(deadline),
+                        _ => at,
+                    };
+                    refill.as_mut().reset(wake.into());
                 }
             }
-            let sendable = source.is_holding() && (!waiting || source.is_urgent());
+            let sendable = source.is_holding() && (!waiting || source.is_urgent(now));
             tokio::select! {
                 () = &mut refill, if waiting => waiting = false,
                 request = inbound.message(), if requests_open => match request {
@@ -124,6 +132,8 @@ impl ClientStream {
                             budget.spend();
                         }
                         if !self.deliver(m, permit).await { break }
+                        // The next message's deadline is a new wake-up.
+                        waiting = false;
                     }
                     _ => break,
                 },
