@@ -596,9 +596,21 @@ impl Cluster {
         self.members.push(server);
         let index = self.members.len() - 1;
         // A learner behind a capped link receives the log (or a snapshot)
-        // at its budget before it serves: give it the catch-up deadline.
+        // at its budget before it serves: give it the catch-up deadline,
+        // and the time the state takes to cross the cap twice over (after
+        // the put steps at 4 KiB it is hundreds of MB: minutes at 1 MB/s).
+        let crossing = match cap {
+            Some(cap) => {
+                let mut state = 0;
+                for voter in &self.members[..self.voters] {
+                    state = state.max(voter.state_bytes()?);
+                }
+                Duration::from_secs_f64(2.0 * state as f64 / cap as f64)
+            }
+            None => Duration::ZERO,
+        };
         self.members[index]
-            .wait_ready_within(Probe::Serializable, CATCH_UP_TIMEOUT)
+            .wait_ready_within(Probe::Serializable, CATCH_UP_TIMEOUT + crossing)
             .await?;
         Ok(index)
     }
