@@ -12,6 +12,11 @@
 //! watches, and a learner's lag, would wait for it. So the leader notes the
 //! commit index each member was last sent, and a member still behind
 //! [`PIGGYBACK_WAIT`] after the commit moved gets an append of its own.
+//!
+//! A member that forwarded a proposal (its client put through it) does not
+//! wait: its client's answer waits for that member to learn the commit and
+//! apply the entry, so it is told as soon as the entry commits, as raft-rs
+//! would without `skip_bcast_commit`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -35,6 +40,9 @@ pub struct CommitNotices {
     /// Later commits wait their own turn: under steady load there is
     /// always a newer one not sent yet.
     waits: HashMap<u64, (Instant, u64)>,
+    /// Members whose forwarded proposals are not committed yet: the
+    /// highest index among them.
+    proposed: HashMap<u64, u64>,
 }
 
 impl CommitNotices {
@@ -54,19 +62,34 @@ impl CommitNotices {
         }
     }
 
+    /// Member `from` forwarded a proposal the leader appended at `index`.
+    pub fn proposed(&mut self, from: u64, index: u64) {
+        let highest = self.proposed.entry(from).or_default();
+        *highest = (*highest).max(index);
+    }
+
     /// The leader's commit index is `committed`: each of `peers` (id, and
     /// whether it is a learner) not told it and not waiting already starts
-    /// to wait.
+    /// to wait; a learner, or a member whose forwarded proposal is now
+    /// committed, is due at once.
     pub fn committed(&mut self, committed: u64, peers: impl IntoIterator<Item = (u64, bool)>) {
         let now = Instant::now();
         for (id, learner) in peers {
+            let its_proposal_committed = self
+                .proposed
+                .get(&id)
+                .is_some_and(|index| *index <= committed);
+            if its_proposal_committed {
+                self.proposed.remove(&id);
+            }
             if self.told.get(&id).copied().unwrap_or(0) < committed {
-                let wait = if learner {
+                let wait = if learner || its_proposal_committed {
                     Duration::ZERO
                 } else {
                     PIGGYBACK_WAIT
                 };
-                self.waits.entry(id).or_insert((now + wait, committed));
+                let (at, _) = self.waits.entry(id).or_insert((now + wait, committed));
+                *at = (*at).min(now + wait);
             }
         }
     }
@@ -95,6 +118,7 @@ impl CommitNotices {
     pub fn reset(&mut self) {
         self.told.clear();
         self.waits.clear();
+        self.proposed.clear();
     }
 }
 
@@ -159,6 +183,20 @@ mod tests {
         notices.committed(3, [(2, false), (4, true)]);
         assert_eq!(notices.overdue(), vec![4]);
         assert!(notices.due().is_some(), "voter 2 still waits");
+    }
+
+    #[test]
+    fn a_member_whose_proposal_committed_is_told_at_once() {
+        let mut notices = CommitNotices::default();
+        notices.proposed(2, 6);
+        notices.committed(5, [(2, false), (3, false)]);
+        assert!(notices.overdue().is_empty(), "its entry 6 is not committed");
+        notices.committed(6, [(2, false), (3, false)]);
+        assert_eq!(notices.overdue(), vec![2], "member 2 waits for entry 6");
+        assert!(notices.due().is_some(), "member 3 still waits");
+        notices.sent(&[append(2, 6)]);
+        notices.committed(7, [(2, false)]);
+        assert!(notices.overdue().is_empty(), "entry 7 is not member 2's");
     }
 
     #[test]

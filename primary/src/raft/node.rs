@@ -864,6 +864,11 @@ impl RaftNode {
                     let (from, kind) = (m.from, m.get_msg_type());
                     if let Err(e) = self.raw.step(m) {
                         tracing::debug!(from = format!("{from:x}"), ?kind, error = %e, "peer message ignored");
+                    } else if kind == MessageType::MsgPropose && self.role == StateRole::Leader {
+                        // A member's own client waits for this entry: it
+                        // learns the commit at once, not a wait later.
+                        let last = self.raw.raft.raft_log.last_index();
+                        self.commit_notices.proposed(from, last);
                     }
                 }
             }
