@@ -864,7 +864,9 @@ impl RaftNode {
                     let (from, kind) = (m.from, m.get_msg_type());
                     if let Err(e) = self.raw.step(m) {
                         tracing::debug!(from = format!("{from:x}"), ?kind, error = %e, "peer message ignored");
-                    } else if kind == MessageType::MsgPropose && self.role == StateRole::Leader {
+                    } else if kind == MessageType::MsgPropose
+                        && self.raw.raft.state == StateRole::Leader
+                    {
                         // A member's own client waits for this entry: it
                         // learns the commit at once, not a wait later.
                         let last = self.raw.raft.raft_log.last_index();
@@ -1038,6 +1040,15 @@ impl RaftNode {
     /// An index from a later request is just as good for the waiting reads
     /// (they were invoked before it was asked for); a late answer to the
     /// first request finds nothing left to wake.
+    ///
+    /// The new request always has a new context. Asking again under the
+    /// old one is not safe on a leader: if the first request was answered
+    /// meanwhile (its read state not yet taken), raft-rs queues the old
+    /// context anew, behind requests made since, and a late
+    /// acknowledgement of the first heartbeat then confirms it and every
+    /// request queued before it (`ReadOnly::advance`). A leader paused
+    /// and deposed would answer a read that arrived after the pause at its
+    /// old commit index; the nemesis found one.
     fn resend_unanswered_reads(&mut self) {
         if self.reads_inflight.is_empty()
             || self.raw.raft.leader_id == raft::INVALID_ID
@@ -1046,12 +1057,13 @@ impl RaftNode {
             return;
         }
         let now = Instant::now();
-        for (seq, (sent, _)) in self.reads_inflight.iter_mut() {
-            if now.duration_since(*sent) >= READ_INDEX_RESEND {
-                *sent = now;
-                self.raw.read_index(self.read_contexts.encode(*seq));
-            }
+        let waiters = take_unanswered(&mut self.reads_inflight, now, READ_INDEX_RESEND);
+        if waiters.is_empty() {
+            return;
         }
+        let (seq, ctx) = self.read_contexts.issue();
+        self.raw.read_index(ctx);
+        self.reads_inflight.insert(seq, (now, waiters));
     }
 
     fn on_ready(&mut self) -> Result<(), NodeError> {
@@ -1147,7 +1159,10 @@ impl RaftNode {
     /// (see [`super::commit_notice`]) get one of their own here, which
     /// this turn's `Ready` sends.
     fn send_overdue_commits(&mut self) {
-        if self.role != StateRole::Leader || self.commit_notices.due().is_none() {
+        // raft-rs's own state, not `self.role`: a message stepped this
+        // turn may have made this member a follower, and a follower must
+        // not send appends (its peers would take it for the leader).
+        if self.raw.raft.state != StateRole::Leader || self.commit_notices.due().is_none() {
             return;
         }
         for id in self.commit_notices.overdue() {
@@ -1700,6 +1715,25 @@ fn raw_node(
     Ok(RawNode::new(&raft_config, log, &logger)?)
 }
 
+/// The waiters of every read index request in `inflight` last asked for
+/// `resend_after` or longer before `now`, taken out of it to be asked for
+/// again under a new context (see `RaftNode::resend_unanswered_reads`).
+fn take_unanswered<W>(
+    inflight: &mut HashMap<u64, (Instant, Vec<W>)>,
+    now: Instant,
+    resend_after: Duration,
+) -> Vec<W> {
+    let mut waiters = Vec::new();
+    inflight.retain(|_, (sent, w)| {
+        let unanswered = now.duration_since(*sent) >= resend_after;
+        if unanswered {
+            waiters.append(w);
+        }
+        !unanswered
+    });
+    waiters
+}
+
 fn conf_change_kind(entry: &Entry) -> Result<ConfChangeType, NodeError> {
     let decode_err = |e| LogError::Decode {
         what: format!("conf change at {}", entry.index),
@@ -1725,4 +1759,26 @@ fn boot_sequence() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unanswered_reads_are_taken_out_together_and_answered_ones_stay() {
+        let start = Instant::now();
+        let resend = Duration::from_millis(500);
+        let mut inflight = HashMap::new();
+        inflight.insert(1, (start, vec!["a", "b"]));
+        inflight.insert(2, (start + Duration::from_millis(100), vec!["c"]));
+        inflight.insert(3, (start + Duration::from_millis(400), vec!["d"]));
+        let mut taken = take_unanswered(&mut inflight, start + resend, resend);
+        assert_eq!(taken, vec!["a", "b"]);
+        assert_eq!(inflight.len(), 2, "asked for less than 500 ms ago");
+        taken = take_unanswered(&mut inflight, start + Duration::from_secs(1), resend);
+        taken.sort();
+        assert_eq!(taken, vec!["c", "d"]);
+        assert!(inflight.is_empty(), "their old contexts wake nothing now");
+    }
 }

@@ -42,7 +42,7 @@ impl ReadContexts {
         (seq, self.encode(seq))
     }
 
-    /// The context of sequence number `seq` (to ask again for an index).
+    /// The context of sequence number `seq`.
     pub fn encode(&self, seq: u64) -> Vec<u8> {
         let mut ctx = Vec::with_capacity(16);
         ctx.extend_from_slice(&self.member.to_be_bytes());
@@ -89,17 +89,12 @@ mod tests {
         assert!(restarted.next > second);
     }
 
-    /// Three raft-rs members in memory: member 1 leads; member 2 asks for
-    /// a read index (`follower_ctx`) and member 3's acknowledgement
-    /// answers it while member 2's is held back, as if the leader had
-    /// been paused with it on the wire. Then the leader asks for its own
-    /// read index (`leader_ctx`) and the held acknowledgement arrives.
-    /// Whether that alone gives the leader a read state.
-    fn late_ack_confirms(follower_ctx: Vec<u8>, leader_ctx: Vec<u8>) -> bool {
-        use raft::eraftpb::{ConfState, Message, MessageType};
-        use raft::storage::MemStorage;
-        use raft::RawNode;
+    use raft::eraftpb::{ConfState, Message, MessageType};
+    use raft::storage::MemStorage;
+    use raft::RawNode;
 
+    /// Three raft-rs members in memory, member 1 elected leader.
+    fn three_members(read_states: &mut [Vec<raft::ReadState>]) -> Vec<RawNode<MemStorage>> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut nodes: Vec<RawNode<MemStorage>> = (1..=3)
             .map(|id| {
@@ -114,55 +109,69 @@ mod tests {
                 RawNode::new(&config, storage, &logger).expect("raw node")
             })
             .collect();
-        let mut read_states = vec![Vec::new(); 3];
-        // Deliver messages until none are left; `hold` picks which stay
-        // on the wire (returned).
-        fn pump(
-            nodes: &mut [RawNode<MemStorage>],
-            read_states: &mut [Vec<raft::ReadState>],
-            hold: &dyn Fn(&Message) -> bool,
-        ) -> Vec<Message> {
-            let mut held = Vec::new();
-            loop {
-                let mut wire = Vec::new();
-                for (i, node) in nodes.iter_mut().enumerate() {
-                    if !node.has_ready() {
-                        continue;
-                    }
-                    let mut ready = node.ready();
-                    wire.extend(ready.take_messages());
-                    read_states[i].extend(ready.take_read_states());
-                    let store = node.store().clone();
-                    store.wl().append(ready.entries()).expect("append");
-                    if let Some(hs) = ready.hs() {
-                        store.wl().set_hardstate(hs.clone());
-                    }
-                    wire.extend(ready.take_persisted_messages());
-                    let mut light = node.advance(ready);
-                    if let Some(commit) = light.commit_index() {
-                        store.wl().mut_hard_state().set_commit(commit);
-                    }
-                    wire.extend(light.take_messages());
-                    node.advance_apply();
+        nodes[0].campaign().expect("campaign");
+        pump(&mut nodes, read_states, &|_| false);
+        assert_eq!(nodes[0].raft.state, raft::StateRole::Leader);
+        nodes
+    }
+
+    /// Deliver messages until none are left; `hold` picks which stay on
+    /// the wire (returned).
+    fn pump(
+        nodes: &mut [RawNode<MemStorage>],
+        read_states: &mut [Vec<raft::ReadState>],
+        hold: &dyn Fn(&Message) -> bool,
+    ) -> Vec<Message> {
+        let mut held = Vec::new();
+        loop {
+            let mut wire = Vec::new();
+            for (i, node) in nodes.iter_mut().enumerate() {
+                if !node.has_ready() {
+                    continue;
                 }
-                if wire.is_empty() {
-                    return held;
+                let mut ready = node.ready();
+                wire.extend(ready.take_messages());
+                read_states[i].extend(ready.take_read_states());
+                let store = node.store().clone();
+                store.wl().append(ready.entries()).expect("append");
+                if let Some(hs) = ready.hs() {
+                    store.wl().set_hardstate(hs.clone());
                 }
-                for m in wire {
-                    if hold(&m) {
-                        held.push(m);
-                    } else {
-                        nodes[m.to as usize - 1].step(m).expect("step");
-                    }
+                wire.extend(ready.take_persisted_messages());
+                let mut light = node.advance(ready);
+                if let Some(commit) = light.commit_index() {
+                    store.wl().mut_hard_state().set_commit(commit);
+                }
+                wire.extend(light.take_messages());
+                node.advance_apply();
+            }
+            if wire.is_empty() {
+                return held;
+            }
+            for m in wire {
+                if hold(&m) {
+                    held.push(m);
+                } else {
+                    nodes[m.to as usize - 1].step(m).expect("step");
                 }
             }
         }
-        nodes[0].campaign().expect("campaign");
-        pump(&mut nodes, &mut read_states, &|_| false);
-        assert_eq!(nodes[0].raft.state, raft::StateRole::Leader);
+    }
 
-        let ack_from_2 =
-            |m: &Message| m.get_msg_type() == MessageType::MsgHeartbeatResponse && m.from == 2;
+    fn heartbeat_ack(m: &Message) -> bool {
+        m.get_msg_type() == MessageType::MsgHeartbeatResponse
+    }
+
+    /// Member 1 leads; member 2 asks for a read index (`follower_ctx`)
+    /// and member 3's acknowledgement answers it while member 2's is held
+    /// back, as if the leader had been paused with it on the wire. Then
+    /// the leader asks for its own read index (`leader_ctx`) and the held
+    /// acknowledgement arrives. Whether that alone gives the leader a
+    /// read state.
+    fn late_ack_confirms(follower_ctx: Vec<u8>, leader_ctx: Vec<u8>) -> bool {
+        let mut read_states = vec![Vec::new(); 3];
+        let mut nodes = three_members(&mut read_states);
+        let ack_from_2 = |m: &Message| heartbeat_ack(m) && m.from == 2;
         nodes[1].read_index(follower_ctx);
         let late = pump(&mut nodes, &mut read_states, &ack_from_2);
         assert_eq!(
@@ -173,8 +182,7 @@ mod tests {
         assert_eq!(late.len(), 1);
 
         nodes[0].read_index(leader_ctx);
-        let any_ack = |m: &Message| m.get_msg_type() == MessageType::MsgHeartbeatResponse;
-        let fresh = pump(&mut nodes, &mut read_states, &any_ack);
+        let fresh = pump(&mut nodes, &mut read_states, &heartbeat_ack);
         assert!(
             read_states[0].is_empty(),
             "no acknowledgement has arrived yet"
@@ -182,7 +190,7 @@ mod tests {
         for m in late {
             nodes[0].step(m).expect("step");
         }
-        pump(&mut nodes, &mut read_states, &any_ack);
+        pump(&mut nodes, &mut read_states, &heartbeat_ack);
         let confirmed_by_late_ack = !read_states[0].is_empty();
         // The fresh acknowledgements confirm it in any case.
         for m in fresh {
@@ -191,6 +199,50 @@ mod tests {
         pump(&mut nodes, &mut read_states, &|_| false);
         assert_eq!(read_states[0].len(), 1);
         confirmed_by_late_ack
+    }
+
+    /// The leader asks for a read index (`first`); member 2's
+    /// acknowledgement answers it while member 3's is held on the wire.
+    /// A read arrives and the leader asks for it (`later`), then asks
+    /// again for the first read (`again`, a resend), no acknowledgement
+    /// of either in yet. Then member 3's held acknowledgement arrives:
+    /// whether it alone confirms the later read.
+    fn late_ack_confirms_a_later_read(first: Vec<u8>, later: Vec<u8>, again: Vec<u8>) -> bool {
+        let mut read_states = vec![Vec::new(); 3];
+        let mut nodes = three_members(&mut read_states);
+        let ack_from_3 = |m: &Message| heartbeat_ack(m) && m.from == 3;
+        nodes[0].read_index(first);
+        let late = pump(&mut nodes, &mut read_states, &ack_from_3);
+        assert_eq!(read_states[0].len(), 1, "member 2 answered the first");
+        assert_eq!(late.len(), 1);
+
+        nodes[0].read_index(later.clone());
+        nodes[0].read_index(again);
+        pump(&mut nodes, &mut read_states, &heartbeat_ack);
+        assert_eq!(read_states[0].len(), 1, "nothing acknowledged yet");
+        for m in late {
+            nodes[0].step(m).expect("step");
+        }
+        pump(&mut nodes, &mut read_states, &heartbeat_ack);
+        read_states[0].iter().any(|rs| rs.request_ctx == later)
+    }
+
+    #[test]
+    fn a_resend_under_a_new_context_is_not_confirmed_by_a_late_ack() {
+        let mut contexts = ReadContexts::starting_at(1, 7);
+        let (_, first) = contexts.issue();
+        let (_, later) = contexts.issue();
+        // Asked again under the context already answered, raft-rs queues
+        // it behind the later read, and the late acknowledgement of the
+        // first heartbeat confirms both: what the resend used to do.
+        assert!(late_ack_confirms_a_later_read(
+            first.clone(),
+            later.clone(),
+            first.clone()
+        ));
+        // Under a context of its own, as the resend does now.
+        let (_, again) = contexts.issue();
+        assert!(!late_ack_confirms_a_later_read(first, later, again));
     }
 
     #[test]
