@@ -1766,7 +1766,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unanswered_reads_are_taken_out_together_and_answered_ones_stay() {
+    fn unanswered_reads_are_taken_out_together_and_recent_ones_stay() {
         let start = Instant::now();
         let resend = Duration::from_millis(500);
         let mut inflight = HashMap::new();
