@@ -43,7 +43,7 @@ impl ReadContexts {
     }
 
     /// The context of sequence number `seq`.
-    pub fn encode(&self, seq: u64) -> Vec<u8> {
+    fn encode(&self, seq: u64) -> Vec<u8> {
         let mut ctx = Vec::with_capacity(16);
         ctx.extend_from_slice(&self.member.to_be_bytes());
         ctx.extend_from_slice(&seq.to_be_bytes());
